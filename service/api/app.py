@@ -1,0 +1,114 @@
+"""The FastAPI application factory. `create_app(settings)` wires the store, the routes, problem
+details, the request-size limit and (in `serve`) the embedded worker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import problems
+from service.api.routes import plans, system
+from service.config import Settings, get_settings
+from service.store.crud import problem
+from service.store.db import make_engine, make_session_factory, upgrade
+
+DESCRIPTION = """Plans PyTorch training jobs: the largest micro-batch that fits (exact, by OOM
+bisection on a real or simulated GPU), gradient accumulation to reach the global batch, the scaled
+learning rate, and where the memory goes. Errors are RFC 9457 problem details."""
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with a 413 before reading them all."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        import json
+
+        body = json.dumps(problem("too-large", "Request too large",
+                                  f"request bodies are limited to {self.limit} bytes",
+                                  413)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/problem+json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None, *, embedded_worker: bool | None = None,
+               migrate: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    run_worker = settings.embedded_worker if embedded_worker is None else embedded_worker
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            upgrade(settings.database_url)
+        engine = make_engine(settings.database_url)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.session_factory = make_session_factory(engine)
+        stop = threading.Event()
+        threads = []
+        if run_worker:
+            from workers.loop import PlanWorker
+
+            for _ in range(settings.worker_concurrency):
+                worker = PlanWorker(settings, app.state.session_factory)
+                thread = threading.Thread(target=worker.run, args=(stop,), daemon=True,
+                                          name=f"worker-{worker.worker_id}")
+                thread.start()
+                threads.append(thread)
+        try:
+            yield
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=15)
+            engine.dispose()
+
+    app = FastAPI(title="trainplan", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    problems.install(app)
+    app.include_router(plans.router)
+    app.include_router(system.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # type: ignore[arg-type]
+    return app
+
+
+def app_from_env() -> Any:
+    """ASGI factory for `uvicorn --factory service.api.app:app_from_env`."""
+    return create_app()

@@ -1,0 +1,218 @@
+"""/v1/plans: submit, read (with long poll), list, cancel, and follow trial by trial over SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.api.deps import FactoryDep, SessionDep, SettingsDep, require_auth
+from service.api.problems import ProblemException, validation_problem
+from service.schemas.examples import PLAN_EXAMPLES
+from service.schemas.plan import PlanOut, PlanPage, PlanSummary
+from service.schemas.spec import PlanSpec
+from service.store import crud
+from service.store.models import FINAL, Plan
+
+router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=[Depends(require_auth)])
+
+NOT_FOUND = {404: {"description": "No such plan (problem details)"}}
+
+
+def plan_out(plan: Plan, session: Session | None = None) -> PlanOut:
+    trials: list[Any] = []
+    if session is not None and plan.status in ("running", "failed", "cancelled"):
+        trials = [_trial_json(t) for t in crud.trials_of(session, plan.id, plan.attempts)]
+    return PlanOut(id=plan.id, status=plan.status,  # type: ignore[arg-type]
+                   created_at=crud.aware(plan.created_at),  # type: ignore[arg-type]
+                   started_at=crud.aware(plan.started_at),
+                   finished_at=crud.aware(plan.finished_at), spec=plan.spec,
+                   spec_hash=plan.spec_hash, attempts=plan.attempts, worker_id=plan.worker_id,
+                   cancel_requested=plan.cancel_requested, error=plan.error,
+                   result=plan.result, trials=trials)  # type: ignore[arg-type]
+
+
+def _trial_json(trial: Any) -> dict[str, Any]:
+    return {"batch_size": trial.batch_size, "fits": trial.fits, "peak_bytes": trial.peak_bytes,
+            "duration_s": trial.duration_s, "reason": trial.reason, "phase": trial.phase}
+
+
+def _check_buildable(spec: PlanSpec) -> None:
+    """Build the model on the meta device: a shape that does not chain, an unknown torchvision
+    name or kwargs its factory rejects become a 422 now, not a failed plan later."""
+    from workers.engine.errors import SpecError
+    from workers.engine.models import build_model
+
+    try:
+        build_model(spec)
+    except SpecError as exc:
+        errors = [{"loc": list(exc.loc), "field": ".".join(str(p) for p in exc.loc),
+                   "msg": exc.message, "type": "spec_error"}]
+        raise ProblemException(**_as_kwargs(validation_problem(errors))) from None
+    except ImportError as exc:
+        errors = [{"loc": ["model", "source"], "field": "model.source",
+                   "msg": f"this server lacks the package for this source: {exc.name}",
+                   "type": "missing_dependency"}]
+        raise ProblemException(**_as_kwargs(validation_problem(errors))) from None
+
+
+def _as_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    extra = {k: v for k, v in body.items() if k not in ("type", "title", "status", "detail")}
+    return {"status": body["status"], "kind": body["type"].rsplit("/", 1)[-1],
+            "title": body["title"], "detail": body["detail"], **extra}
+
+
+@router.post("", status_code=202, response_model=PlanOut, summary="Submit a plan",
+             responses={200: {"description": "The stored plan of the same spec (no new plan)"},
+                        422: {"description": "Invalid spec (problem details naming the field)"}})
+def submit_plan(
+    response: Response,
+    session: SessionDep,
+    spec: Annotated[PlanSpec, Body(openapi_examples=PLAN_EXAMPLES)],
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> PlanOut:
+    if idempotency_key:
+        existing = crud.find_by_idempotency_key(session, idempotency_key)
+        if existing is not None:
+            return _existing(response, existing, session)
+    spec_hash = spec.spec_hash
+    if not spec.refresh:
+        existing = crud.find_by_hash(session, spec_hash)
+        if existing is not None:
+            return _existing(response, existing, session)
+    _check_buildable(spec)
+    for _ in range(5):  # seq is unique; two concurrent submits may race for the next one
+        try:
+            plan = crud.create_plan(session, spec.canonical(), spec_hash, idempotency_key)
+            session.commit()
+            break
+        except IntegrityError:
+            session.rollback()
+            if idempotency_key and (found := crud.find_by_idempotency_key(session,
+                                                                          idempotency_key)):
+                return _existing(response, found, session)
+    else:
+        raise ProblemException(503, "busy", "Busy", "could not enqueue the plan; retry")
+    response.headers["Location"] = f"/v1/plans/{plan.id}"
+    return plan_out(plan)
+
+
+def _existing(response: Response, plan: Plan, session: Session) -> PlanOut:
+    response.status_code = 200
+    response.headers["Location"] = f"/v1/plans/{plan.id}"
+    return plan_out(plan, session)
+
+
+@router.get("", response_model=PlanPage, summary="List plans, newest first")
+def list_plans(
+    session: SessionDep,
+    settings: SettingsDep,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
+                      ] = None,
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
+) -> PlanPage:
+    page = crud.list_plans(session, status, model, min(limit, settings.page_size_max),
+                           int(cursor) if cursor else None)
+    items = [PlanSummary(id=p.id, status=p.status,  # type: ignore[arg-type]
+                         created_at=crud.aware(p.created_at),  # type: ignore[arg-type]
+                         finished_at=crud.aware(p.finished_at), model=p.model_name,
+                         spec_hash=p.spec_hash,
+                         max_micro_batch_size=(p.result or {}).get("max_micro_batch_size"))
+             for p in page.items]
+    return PlanPage(items=items, next_cursor=page.next_cursor)
+
+
+@router.get("/{plan_id}", response_model=PlanOut, responses=NOT_FOUND,
+            summary="Read a plan; ?wait=N long-polls until it ends")
+async def get_plan(
+    plan_id: Annotated[str, ...],
+    factory: FactoryDep,
+    settings: SettingsDep,
+    wait: Annotated[float, Query(ge=0, le=3600)] = 0,
+) -> PlanOut:
+    deadline = time.monotonic() + min(wait, settings.max_wait_seconds)
+    while True:
+        out = await run_in_threadpool(_read, factory, plan_id)
+        if out.status in FINAL or time.monotonic() >= deadline:
+            return out
+        await asyncio.sleep(0.25)
+
+
+def _read(factory: Any, plan_id: str) -> PlanOut:
+    with factory() as session:
+        plan = crud.get_plan(session, plan_id)
+        if plan is None:
+            raise ProblemException(404, "not-found", "Not found", f"no plan {plan_id!r}")
+        return plan_out(plan, session)
+
+
+@router.post("/{plan_id}/cancel", response_model=PlanOut, status_code=202, responses=NOT_FOUND,
+             summary="Cancel: a queued plan at once, a running one at its next trial")
+def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
+    plan = crud.request_cancel(session, plan_id)
+    if plan is None:
+        raise ProblemException(404, "not-found", "Not found", f"no plan {plan_id!r}")
+    session.commit()
+    return plan_out(plan, session)
+
+
+@router.get("/{plan_id}/events", responses=NOT_FOUND,
+            summary="Server-sent events: one `trial` per probe, then one `end`",
+            response_class=StreamingResponse)
+async def plan_events(plan_id: str, request: Request, factory: FactoryDep) -> StreamingResponse:
+    await run_in_threadpool(_read, factory, plan_id)  # 404 before the stream starts
+    return StreamingResponse(_event_stream(plan_id, request, factory),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _poll(factory: Any, plan_id: str, attempt_seen: int, after: int
+          ) -> tuple[Plan | None, list[Any]]:
+    with factory() as session:
+        plan = crud.get_plan(session, plan_id)
+        if plan is None:
+            return None, []
+        trials = crud.trials_of(session, plan_id, plan.attempts,
+                                after if plan.attempts == attempt_seen else -1)
+        return plan, trials
+
+
+async def _event_stream(plan_id: str, request: Request, factory: Any) -> AsyncIterator[bytes]:
+    attempt, last = -1, -1
+    event_id = 0
+    while True:
+        plan, trials = await run_in_threadpool(_poll, factory, plan_id, attempt, last)
+        if plan is None:
+            return
+        if plan.attempts != attempt:
+            if attempt != -1:
+                yield _sse("retry", {"attempt": plan.attempts}, event_id)
+                event_id += 1
+            attempt, last = plan.attempts, -1
+        for trial in trials:
+            last = trial.index
+            yield _sse("trial", _trial_json(trial) | {"index": trial.index,
+                                                     "attempt": trial.attempt}, event_id)
+            event_id += 1
+        if plan.status in FINAL:
+            yield _sse("end", {"status": plan.status, "error": plan.error,
+                               "max_micro_batch_size": (plan.result or {}).get(
+                                   "max_micro_batch_size")}, event_id)
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(0.25)
+
+
+def _sse(event: str, data: dict[str, Any], event_id: int) -> bytes:
+    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data)}\n\n".encode()

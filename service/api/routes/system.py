@@ -1,0 +1,74 @@
+"""GPU catalogue, workers, health, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sqlalchemy import func, select, text
+
+from service.api.deps import SessionDep, SettingsDep
+from service.store import crud
+from service.store.models import Trial
+from workers.engine.catalogue import GPU_CATALOGUE
+
+router = APIRouter()
+
+
+@router.get("/v1/gpus", tags=["catalogue"], summary="The simulated device's GPU catalogue")
+def gpus() -> dict[str, Any]:
+    return {"items": [g.as_json() for g in GPU_CATALOGUE.values()]}
+
+
+@router.get("/v1/workers", tags=["workers"], summary="Workers, with their last heartbeat")
+def workers(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    stale = timedelta(seconds=max(settings.lease_seconds, settings.heartbeat_seconds * 3))
+    now = crud.now()
+    items = []
+    for w in crud.list_workers(session):
+        beat = crud.aware(w.heartbeat_at)
+        assert beat is not None
+        alive = not w.stopped and now - beat < stale
+        items.append({"id": w.id, "hostname": w.hostname, "devices": w.devices,
+                      "started_at": crud.aware(w.started_at), "heartbeat_at": beat,
+                      "current_plan_id": w.current_plan_id, "plans_done": w.plans_done,
+                      "state": "alive" if alive else ("stopped" if w.stopped else "lost")})
+    return {"items": items}
+
+
+@router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: the database answers and is migrated",
+            responses={503: {"description": "Not ready (problem details)"}})
+def readyz(session: SessionDep, response: Response) -> dict[str, Any]:
+    try:
+        version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except Exception as exc:
+        response.status_code = 503
+        return {"status": "unavailable", "detail": str(exc).splitlines()[0][:200]}
+    return {"status": "ready", "schema": version}
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics",
+            response_class=Response)
+def metrics(session: SessionDep) -> Response:
+    depth = crud.queue_depth(session)
+    lines = ["# HELP trainplan_plans Plans in the store by status",
+             "# TYPE trainplan_plans gauge"]
+    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+        lines.append(f'trainplan_plans{{status="{status}"}} {depth.get(status, 0)}')
+    trials = session.execute(select(Trial.fits, func.count()).group_by(Trial.fits)).all()
+    counts = {bool(fits): n for fits, n in trials}
+    lines += ["# HELP trainplan_store_trials Trials recorded in the store",
+              "# TYPE trainplan_store_trials gauge",
+              f'trainplan_store_trials{{fits="true"}} {counts.get(True, 0)}',
+              "# HELP trainplan_store_ooms Trials that did not fit (OOM) recorded in the store",
+              "# TYPE trainplan_store_ooms gauge",
+              f"trainplan_store_ooms {counts.get(False, 0)}"]
+    body = generate_latest(REGISTRY) + ("\n".join(lines) + "\n").encode()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

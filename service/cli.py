@@ -1,0 +1,217 @@
+"""The `trainplan` command line: serve, worker, db upgrade, plan (remote or --local), gpus."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="Plan PyTorch training jobs: max micro-batch, accumulation, LR, memory.",
+                  no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+err = Console(stderr=True)
+
+
+@app.command()
+def serve(host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+          port: Annotated[int | None, typer.Option(help="Port.")] = None,
+          worker: Annotated[bool, typer.Option(help="Run the embedded worker.")] = True) -> None:
+    """Migrate the store, then serve the API with one embedded worker."""
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.config import get_settings
+
+    settings = get_settings()
+    application = create_app(settings, embedded_worker=worker)
+    uvicorn.run(application, host=host or settings.host, port=port or settings.port,
+                log_level="info")
+
+
+@app.command("worker")
+def worker_cmd(max_plans: Annotated[int | None, typer.Option(help="Stop after N plans.")] = None,
+               migrate: Annotated[bool, typer.Option(help="Upgrade the store first.")] = False
+               ) -> None:
+    """A standalone worker for a shared store (many GPU nodes on one PostgreSQL)."""
+    import signal
+
+    from service.config import get_settings
+    from service.store.db import make_engine, make_session_factory, upgrade
+    from workers.loop import PlanWorker
+
+    settings = get_settings()
+    if migrate:
+        upgrade(settings.database_url)
+    factory = make_session_factory(make_engine(settings.database_url))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker = PlanWorker(settings, factory)
+    err.print(f"worker {worker.worker_id} on {settings.database_url.split('@')[-1]}, "
+              f"devices: {', '.join(worker.kinds)}")
+    done = worker.run(stop, max_plans=max_plans)
+    err.print(f"worker stopped after {done} plan(s)")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all migrations to TRAINPLAN_DATABASE_URL."""
+    from service.config import get_settings
+    from service.store.db import upgrade
+
+    upgrade(get_settings().database_url)
+    err.print("database is at the latest revision")
+
+
+@app.command()
+def gpus() -> None:
+    """List the GPU catalogue of the simulated device."""
+    from workers.engine.catalogue import GIB, GPU_CATALOGUE
+
+    table = Table("name", "memory GiB", "fp32 TF", "fp16 TF", "bf16 TF", "GB/s")
+    for g in GPU_CATALOGUE.values():
+        table.add_row(g.name, f"{g.memory_bytes / GIB:g}", f"{g.tflops_fp32:g}",
+                      f"{g.tflops_fp16:g}", f"{g.tflops_bf16 or '-'}", f"{g.bandwidth_gbs:g}")
+    Console().print(table)
+
+
+@app.command()
+def plan(spec_file: Annotated[Path, typer.Argument(help="Plan spec (JSON); - for stdin.")],
+         local: Annotated[bool, typer.Option("--local", help="Run in process, no server.")] = False,
+         server: Annotated[str, typer.Option(help="Server URL.")] = "http://127.0.0.1:8000",
+         as_json: Annotated[bool, typer.Option("--json", help="Print the plan's JSON only.")]
+         = False,
+         refresh: Annotated[bool, typer.Option(help="Plan again even if stored.")] = False,
+         token: Annotated[str | None, typer.Option(envvar="TRAINPLAN_TOKEN")] = None) -> None:
+    """Plan SPEC.json: on a server (following its progress) or --local."""
+    raw = sys.stdin.read() if str(spec_file) == "-" else spec_file.read_text()
+    if local:
+        body = _plan_local(raw, as_json)
+    else:
+        body = _plan_remote(raw, server, token, refresh, as_json)
+    if as_json:
+        sys.stdout.write(json.dumps(body, indent=2) + "\n")
+    else:
+        _print_plan(body)
+    if body.get("status") != "succeeded":
+        raise typer.Exit(1)
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[last]}"),
+                    TimeElapsedColumn(), console=err, disable=quiet and not err.is_terminal)
+
+
+def _trial_text(trial: dict[str, Any]) -> str:
+    mark = "fits" if trial["fits"] else "OOM "
+    return f"batch {trial['batch_size']:>6} {mark} peak {trial['peak_bytes'] / 2**30:7.2f} GiB"
+
+
+def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
+    from pydantic import ValidationError
+
+    from service.schemas.spec import PlanSpec
+    from workers.engine.errors import SpecError
+    from workers.engine.profile import ProfileHooks, run_plan
+
+    try:
+        spec = PlanSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        for e in exc.errors():
+            err.print(f"[red]invalid[/red] {'.'.join(map(str, e['loc']))}: {e['msg']}")
+        raise typer.Exit(2) from None
+    with _progress(quiet) as progress:
+        task = progress.add_task("probing", total=None, last="")
+
+        def on_trial(trial: Any) -> None:
+            progress.update(task, advance=1, last=_trial_text(trial.model_dump()))
+            if not progress.disable:
+                progress.console.print("  " + _trial_text(trial.model_dump()))
+
+        try:
+            result = run_plan(spec, ProfileHooks(on_trial=on_trial))
+        except SpecError as exc:
+            err.print(f"[red]invalid[/red] {'.'.join(map(str, exc.loc))}: {exc.message}")
+            raise typer.Exit(2) from None
+    return {"id": None, "status": "succeeded", "spec": spec.canonical(),
+            "spec_hash": spec.spec_hash, "result": result.model_dump(mode="json")}
+
+
+def _plan_remote(raw: str, server: str, token: str | None, refresh: bool,
+                 quiet: bool) -> dict[str, Any]:
+    from service.client import TrainplanClient, TrainplanError
+
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]not JSON[/red]: {exc}")
+        raise typer.Exit(2) from None
+    with TrainplanClient(server, token) as client:
+        try:
+            submitted = client.submit(spec, refresh=refresh)
+            err.print(f"plan {submitted['id']} ({submitted['status']})")
+            with _progress(quiet) as progress:
+                task = progress.add_task("probing", total=None, last="")
+                for event, data in client.events(submitted["id"]):
+                    if event == "trial":
+                        progress.update(task, advance=1, last=_trial_text(data))
+            return client.get(submitted["id"])
+        except TrainplanError as exc:
+            err.print(f"[red]{exc.problem.get('title', 'error')}[/red]: {exc}")
+            for e in exc.problem.get("errors", []):
+                err.print(f"  {e.get('field')}: {e.get('msg')}")
+            raise typer.Exit(2) from None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _print_plan(body: dict[str, Any]) -> None:
+    console = Console()
+    result = body.get("result")
+    if body.get("status") != "succeeded" or result is None:
+        console.print(f"[red]{body.get('status')}[/red]: {json.dumps(body.get('error'))}")
+        return
+    dev = result["device"]
+    summary = Table(show_header=False, title=f"plan on {dev['name']} ({dev['backend']})")
+    rows = [("feasible", str(result["feasible"])),
+            ("max micro-batch", str(result["max_micro_batch_size"])),
+            ("micro-batch x accumulation", f"{result['micro_batch_size']} x "
+                                           f"{result['accumulation_steps']}"),
+            ("effective global batch", str(result["effective_global_batch_size"])),
+            ("learning rate", f"{result['learning_rate']:.6g} ({result['lr_scaling']['rule']}, "
+                              f"x{result['lr_scaling']['factor']:.4g}, warm-up "
+                              f"{result['lr_scaling']['warmup_steps']} steps)"),
+            ("iterations / epoch", str(result["iterations_per_epoch"])),
+            ("optimizer steps / epoch, total", f"{result['optimizer_steps_per_epoch']}, "
+                                               f"{result['total_optimizer_steps']}"),
+            ("trials", str(len(result["trials"])))]
+    for key, value in rows:
+        summary.add_row(key, value)
+    console.print(summary)
+    memory = result["memory"]
+    mem = Table("memory at the chosen micro-batch", "bytes", "share", title=None)
+    peak = max(memory["peak"], 1)
+    for key in ("parameters", "gradients", "optimizer_state", "input_batch", "activations",
+                "temporary", "overhead"):
+        share = memory[key] / peak
+        mem.add_row(key, _gib(memory[key]), f"{'█' * round(share * 30):<30} {share:5.1%}")
+    mem.add_row("peak / capacity", f"{_gib(memory['peak'])} / {_gib(memory['capacity'])}", "")
+    console.print(mem)
+    for w in result.get("warnings", []):
+        console.print(f"[yellow]warning[/yellow] {w['code']}: {w['message']}")
+    for s in result.get("suggestions", []):
+        console.print(f"[cyan]suggestion[/cyan] {s}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

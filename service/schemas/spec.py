@@ -1,0 +1,290 @@
+"""The plan request of DESIGN.md, strict and bounded.
+
+Every bound here exists so that a hostile or mistaken spec is refused with a 422 naming the field,
+instead of hanging a worker or exhausting its memory. Nothing in a spec is ever executed: model
+sources name things from allow-lists (torch.nn classes, torchvision names, presets, entry points).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.schemas.layers import LAYER_TYPES
+
+Scalar = int | float | bool | str | None
+KwargValue = Scalar | list[int] | list[float]
+
+MAX_KWARGS = 32
+MAX_STR = 128
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
+
+# Keyword arguments that would make a model factory fetch weights over the network.
+FORBIDDEN_KWARGS = frozenset({"weights", "weights_backbone", "pretrained", "pretrained_backbone",
+                              "progress", "model_dir", "file_name", "cache_dir"})
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    if len(kwargs) > MAX_KWARGS:
+        raise ValueError(f"at most {MAX_KWARGS} keyword arguments")
+    for key, value in kwargs.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key):
+            raise ValueError(f"{key!r} is not a keyword argument name")
+        if key in FORBIDDEN_KWARGS:
+            raise ValueError(f"{key!r} is not accepted: trainplan never downloads weights")
+        if isinstance(value, str) and len(value) > MAX_STR:
+            raise ValueError(f"{key!r}: strings are at most {MAX_STR} characters")
+        if isinstance(value, list) and len(value) > 8:
+            raise ValueError(f"{key!r}: lists are at most 8 items")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key!r}: numbers must be finite")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1 << 20:
+            raise ValueError(f"{key!r}: integers are bounded by 2**20")
+    return kwargs
+
+
+class LayerSpec(BaseModel):
+    """One `torch.nn` layer: `type` from the allow-list, the other keys its keyword arguments."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str = Field(description="A torch.nn class name from the allow-list.",
+                      examples=["Conv2d"])
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in LAYER_TYPES:
+            raise ValueError(f"unknown layer type {value!r}; allowed: {', '.join(sorted(LAYER_TYPES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_args(self) -> LayerSpec:
+        extra = dict(self.model_extra or {})
+        _check_kwargs(extra)
+        for key, value in extra.items():
+            if not isinstance(value, (int, float, bool, str, list, type(None))):
+                raise ValueError(f"{key!r}: only numbers, booleans, strings and lists of numbers")
+            if isinstance(value, list) and not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            ):
+                raise ValueError(f"{key!r}: lists hold numbers only")
+        allowed = LAYER_TYPES[self.type]
+        unknown = set(extra) - allowed
+        if unknown:
+            raise ValueError(f"{self.type} does not take {sorted(unknown)}; it takes {sorted(allowed)}")
+        return self
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LayersModel(StrictModel):
+    source: Literal["layers"]
+    layers: list[LayerSpec] = Field(min_length=1, max_length=256)
+
+
+class TorchvisionModel(StrictModel):
+    source: Literal["torchvision"]
+    name: str = Field(pattern=r"^[a-z0-9_]{1,64}$", examples=["resnet50"])
+    kwargs: dict[str, KwargValue] = Field(default_factory=dict)
+
+    _kw = field_validator("kwargs")(classmethod(lambda cls, v: _check_kwargs(v)))
+
+
+class TransformersModel(StrictModel):
+    source: Literal["transformers"]
+    preset: str | None = Field(default=None, pattern=NAME_PATTERN, examples=["llama-3-8b"])
+    architecture: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{1,64}$")
+    config: dict[str, KwargValue] = Field(default_factory=dict)
+
+    _cfg = field_validator("config")(classmethod(lambda cls, v: _check_kwargs(v)))
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TransformersModel:
+        if (self.preset is None) == (self.architecture is None):
+            raise ValueError("give exactly one of 'preset' or 'architecture'")
+        return self
+
+
+class RegisteredModel(StrictModel):
+    source: Literal["registered"]
+    name: str = Field(pattern=NAME_PATTERN)
+    kwargs: dict[str, KwargValue] = Field(default_factory=dict)
+
+    _kw = field_validator("kwargs")(classmethod(lambda cls, v: _check_kwargs(v)))
+
+
+ModelSpec = Annotated[
+    LayersModel | TorchvisionModel | TransformersModel | RegisteredModel,
+    Field(discriminator="source"),
+]
+
+MAX_SAMPLE_ELEMENTS = 1 << 26  # one sample: at most 64 Mi elements (8192x8192 RGB is 201M: refused)
+
+
+class _DataBase(StrictModel):
+    num_samples: int = Field(default=1, ge=1, le=10**12, description="Samples in one epoch.")
+    target: Literal["classification", "regression"] = "classification"
+    num_classes: int | None = Field(default=None, ge=1, le=1 << 20)
+    num_outputs: int = Field(default=1, ge=1, le=1 << 16, description="Regression outputs.")
+
+
+class ImageData(_DataBase):
+    kind: Literal["image"]
+    channels: Literal[1, 3, 4] = Field(description="1 grayscale, 3 RGB, 4 RGBA/RGB-D.")
+    height: int = Field(ge=1, le=8192)
+    width: int = Field(ge=1, le=8192)
+    layout: Literal["channels_first", "channels_last"] = "channels_first"
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ImageData:
+        if self.channels * self.height * self.width > MAX_SAMPLE_ELEMENTS:
+            raise ValueError("one image is larger than 64 Mi elements")
+        return self
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.height, self.width)
+
+
+class TokensData(_DataBase):
+    kind: Literal["tokens"]
+    seq_len: int = Field(ge=1, le=131072)
+    vocab_size: int | None = Field(default=None, ge=2, le=1 << 22)
+
+
+class TensorData(_DataBase):
+    kind: Literal["tensor"]
+    shape: list[int] = Field(min_length=1, max_length=4, description="One sample's shape.")
+
+    @field_validator("shape")
+    @classmethod
+    def _bounded(cls, shape: list[int]) -> list[int]:
+        if any(d < 1 or d > 1 << 20 for d in shape):
+            raise ValueError("each dimension is between 1 and 2**20")
+        if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+            raise ValueError("one sample is larger than 64 Mi elements")
+        return shape
+
+
+DataSpec = Annotated[ImageData | TokensData | TensorData, Field(discriminator="kind")]
+
+Optimizer = Literal["sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad",
+                    "adafactor"]
+Precision = Literal["fp32", "fp16-mixed", "bf16-mixed", "bf16"]
+LrScaling = Literal["linear", "sqrt", "none", "auto"]
+
+
+class TrainingSpec(StrictModel):
+    optimizer: Optimizer = "adamw"
+    precision: Precision = "fp32"
+    gradient_checkpointing: bool = False
+    global_batch_size: int = Field(default=256, ge=1, le=1 << 24)
+    base_lr: float = Field(default=1e-3, gt=0, le=100)
+    base_batch_size: int = Field(default=256, ge=1, le=1 << 24)
+    lr_scaling: LrScaling = "auto"
+    epochs: float = Field(default=1, gt=0, le=100_000)
+    world_size: int = Field(default=1, ge=1, le=1 << 16)
+    trainable: Literal["all"] | list[str] = Field(
+        default="all",
+        description="'all', or the parameter-name prefixes to FREEZE (no gradient, no state).")
+
+    @field_validator("trainable")
+    @classmethod
+    def _prefixes(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not 1 <= len(value) <= 256:
+                raise ValueError("between 1 and 256 prefixes")
+            for prefix in value:
+                if not re.fullmatch(r"[A-Za-z0-9_.]{1,128}", prefix):
+                    raise ValueError(f"{prefix!r} is not a parameter-name prefix")
+        return value
+
+    @model_validator(mode="after")
+    def _world_fits(self) -> TrainingSpec:
+        if self.global_batch_size < self.world_size:
+            raise ValueError("global_batch_size must be at least world_size (one sample per rank)")
+        return self
+
+
+class CudaDevice(StrictModel):
+    kind: Literal["cuda"]
+    memory_gib: float | None = Field(default=None, gt=0, le=4096,
+                                     description="Plan for a smaller card than the worker's.")
+
+
+class SimulatedDevice(StrictModel):
+    kind: Literal["simulated"]
+    gpu: str | None = Field(default=None, pattern=NAME_PATTERN, examples=["A100-80GB"])
+    memory_gib: float | None = Field(default=None, gt=0, le=4096)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SimulatedDevice:
+        if self.gpu is None and self.memory_gib is None:
+            raise ValueError("give 'gpu' (see GET /v1/gpus) or 'memory_gib'")
+        if self.gpu is not None:
+            from workers.engine.catalogue import GPU_CATALOGUE
+
+            if self.gpu not in GPU_CATALOGUE:
+                raise ValueError(f"unknown gpu {self.gpu!r}; known: {', '.join(GPU_CATALOGUE)}")
+        return self
+
+
+class CpuDevice(StrictModel):
+    kind: Literal["cpu"]
+    memory_gib: float = Field(default=2.0, gt=0, le=64, description="Memory budget of the probe.")
+
+
+DeviceSpec = Annotated[CudaDevice | SimulatedDevice | CpuDevice, Field(discriminator="kind")]
+
+
+class SearchSpec(StrictModel):
+    max_batch_size: int = Field(default=65536, ge=1, le=1 << 20)
+    headroom: float = Field(default=0.05, ge=0, le=0.5,
+                            description="Fraction of device memory kept free.")
+    micro_batch: Literal["power_of_two", "max", "divisor"] = "power_of_two"
+
+
+class PlanSpec(StrictModel):
+    """Everything a plan depends on; its canonical JSON is hashed into `spec_hash`."""
+
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    device: DeviceSpec = Field(default_factory=lambda: SimulatedDevice(kind="simulated",
+                                                                        gpu="A100-80GB"))
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    refresh: bool = Field(default=False, description="Plan again even if this spec has a plan.")
+
+    @model_validator(mode="after")
+    def _compatible(self) -> PlanSpec:
+        kind = self.data.kind
+        if self.model.source == "layers" and kind == "tokens":
+            first = self.model.layers[0].type
+            if first != "Embedding":
+                raise ValueError("token data needs a layers model that starts with Embedding")
+        if self.data.target == "classification" and self.data.num_classes is None \
+                and kind != "tokens":
+            raise ValueError("data.num_classes is required for classification")
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"refresh"})
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()

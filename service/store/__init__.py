@@ -1,0 +1,1 @@
+"""The SQL store: tables (models), engine and sessions (db), queries (crud)."""

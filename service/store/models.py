@@ -1,0 +1,76 @@
+"""Tables: plans (the queue and the results), their trials, and the workers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Plan(Base):
+    __tablename__ = "plans"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    # Submission order, for FIFO claims and cursors.
+    seq: Mapped[int] = mapped_column(Integer, index=True, unique=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spec_hash: Mapped[str] = mapped_column(String(64), index=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    device_kind: Mapped[str] = mapped_column(String(16))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(100))
+    lease_until: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    trials: Mapped[list[Trial]] = relationship(back_populates="plan", order_by="Trial.index",
+                                               cascade="all, delete-orphan")
+
+    __table_args__ = (Index("ix_plans_status_seq", "status", "seq"),)
+
+
+class Trial(Base):
+    __tablename__ = "trials"
+
+    plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    fits: Mapped[bool] = mapped_column(Boolean)
+    peak_bytes: Mapped[int] = mapped_column(BigInteger)
+    duration_s: Mapped[float] = mapped_column(Float)
+    phase: Mapped[str] = mapped_column(String(16), default="search")
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+    plan: Mapped[Plan] = relationship(back_populates="trials")
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200))
+    devices: Mapped[dict[str, Any]] = mapped_column(JSON)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    current_plan_id: Mapped[str | None] = mapped_column(String(36))
+    plans_done: Mapped[int] = mapped_column(Integer, default=0)
+    stopped: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -1,0 +1,25 @@
+"""Devices behind one interface: `open_device(spec)` gives a `ProbeDevice` whose `session` probes
+micro-batches of one job. `simulated` traces on fake tensors, `cpu` and `cuda` run for real."""
+
+from __future__ import annotations
+
+from service.schemas.spec import PlanSpec
+from workers.engine.devices.base import ProbeDevice, TrialOutcome
+
+
+def open_device(spec: PlanSpec) -> ProbeDevice:
+    device = spec.device
+    if device.kind == "simulated":
+        from workers.engine.devices.simulated import SimulatedDevice
+
+        return SimulatedDevice.from_spec(device)
+    if device.kind == "cpu":
+        from workers.engine.devices.cpu import CpuDevice
+
+        return CpuDevice(device.memory_gib)
+    from workers.engine.devices.cuda import CudaDevice
+
+    return CudaDevice(device.memory_gib)
+
+
+__all__ = ["ProbeDevice", "TrialOutcome", "open_device"]

@@ -1,0 +1,274 @@
+"""One training job materialised on a device: forward + loss + backward + optimizer step.
+
+The model is materialised once and the optimizer's state primed once, so every trial measures a
+steady-state iteration (the second iteration onward: optimizer state exists, gradients are created
+in backward and freed by `zero_grad(set_to_none=True)`), at any micro-batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from service.schemas.spec import PlanSpec
+from workers.engine.data import sample_input, sample_target
+from workers.engine.models import BuiltModel
+from workers.engine.tracker import MemoryTracker
+
+ADAPTIVE_OPTIMIZERS = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adafactor"})
+LOW_PRECISION = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float,
+                   foreach: bool | None) -> torch.optim.Optimizer:
+    """The optimizers of the spec. `foreach=True` reproduces CUDA's default multi-tensor kernels,
+    whose temporaries count in the peak."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, foreach=foreach)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=foreach)
+    if name == "nesterov":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, foreach=foreach)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, foreach=foreach)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, foreach=foreach)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, foreach=foreach)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, foreach=foreach)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, foreach=foreach)
+    raise ValueError(f"unknown optimizer {name}")
+
+
+class Checkpointed(nn.Module):
+    """Recomputes its inner module's activations in backward instead of keeping them."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.inner(*args)
+        return checkpoint(self.inner, *args, use_reentrant=False)
+
+
+def apply_checkpointing(model: nn.Module) -> int:
+    """Checkpoint every block of every `nn.Sequential` (a block: a child that has children); for a
+    flat Sequential of plain layers, checkpoint segments of about sqrt(n) layers. Returns the
+    number of checkpointed segments."""
+    count = 0
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential) or isinstance(parent, Checkpointed):
+            continue
+        children = list(parent.named_children())
+        if any(len(list(c.children())) > 0 for _, c in children):
+            for name, child in children:
+                if len(list(child.children())) > 0 and any(True for _ in child.parameters()):
+                    setattr(parent, name, Checkpointed(child))
+                    count += 1
+    if count == 0 and isinstance(model, nn.Sequential):
+        layers = list(model.children())
+        size = max(1, round(len(layers) ** 0.5))
+        segments = [nn.Sequential(*layers[i:i + size]) for i in range(0, len(layers), size)]
+        for index in range(len(layers) - 1, -1, -1):
+            del model[index]
+        for segment in segments:
+            model.append(Checkpointed(segment))
+        count = len(segments)
+    return count
+
+
+def compute_loss(out: Any, target: torch.Tensor, family: str) -> torch.Tensor:
+    """The loss a user of this model family would train with; auxiliary heads add to it."""
+    outputs = _tensors(out)
+    loss: torch.Tensor | None = None
+    for index, logits in enumerate(outputs):
+        part = _one_loss(logits, target, family)
+        weight = 1.0 if index == 0 else 0.4
+        loss = part * weight if loss is None else loss + part * weight
+    assert loss is not None
+    return loss
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return [out.logits]
+    if isinstance(out, dict):
+        return [v for v in out.values() if isinstance(v, torch.Tensor)]
+    if isinstance(out, (tuple, list)):
+        return [v for v in out if isinstance(v, torch.Tensor)]
+    raise TypeError(f"cannot find the model's output tensor in {type(out).__name__}")
+
+
+def _one_loss(logits: torch.Tensor, target: torch.Tensor, family: str) -> torch.Tensor:
+    if family == "regression":
+        return F.mse_loss(logits.float().reshape(target.shape), target)
+    if family == "lm":
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+    return F.cross_entropy(logits.float(), target)
+
+
+@dataclass
+class IterationTimes:
+    forward_backward_s: float
+    step_s: float
+
+
+class TrainingJob:
+    """A materialised model + optimizer that runs steady-state iterations at any micro-batch."""
+
+    def __init__(self, spec: PlanSpec, built: BuiltModel, device: str, tracker: MemoryTracker,
+                 *, fake: bool, fill: Callable[[torch.Tensor], None] | None = None) -> None:
+        self.spec = spec
+        self.family = built.family
+        self.device = device
+        self.tracker = tracker
+        self.fake = fake
+        training = spec.training
+        self.precision = training.precision
+        self.autocast_dtype = LOW_PRECISION.get(self.precision)
+        self.param_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.checkpointed_segments = 0
+        model = built.module
+        if training.gradient_checkpointing:
+            self.checkpointed_segments = apply_checkpointing(model)
+        self.frozen = self._freeze(model)
+        with tracker.in_phase("parameters"):
+            model = self._materialise(model, fill)
+        if spec.data.kind == "image" and spec.data.layout == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.train()
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("every parameter is frozen: nothing to train")
+        self.classes = self._output_classes()
+        # CUDA's default is the multi-tensor (foreach) path; traced on CPU we ask for it explicitly.
+        foreach = True if fake or device.startswith("cuda") else None
+        self.optimizer = make_optimizer(training.optimizer, self.trainable, training.base_lr,
+                                        foreach)
+        self.scaler = self._make_scaler()
+        self._prime_optimizer()
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _freeze(self, model: nn.Module) -> list[str]:
+        prefixes = self.spec.training.trainable
+        if prefixes == "all":
+            return []
+        frozen = []
+        for name, param in model.named_parameters():
+            if any(name.startswith(p) for p in prefixes):
+                param.requires_grad_(False)
+                frozen.append(name)
+        return frozen
+
+    def _materialise(self, model: nn.Module, fill: Callable[[torch.Tensor], None] | None
+                     ) -> nn.Module:
+        dtype = self.param_dtype
+        device = self.device
+
+        def empty(t: torch.Tensor) -> torch.Tensor:
+            target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            out = torch.empty(t.size(), dtype=target, device=device)
+            if fill is not None:
+                fill(out)
+            return out
+
+        return model._apply(empty)
+
+    def _output_classes(self) -> int | None:
+        data = self.spec.data
+        return data.num_classes or getattr(data, "vocab_size", None)
+
+    def _make_scaler(self) -> Any:
+        if self.precision != "fp16-mixed" or self.fake:
+            return None
+        return torch.amp.GradScaler(self.device.split(":")[0])
+
+    def _prime_optimizer(self) -> None:
+        """Create the optimizer state the way the first real step would, without a forward."""
+        with self.tracker.in_phase("optimizer"):
+            for p in self.trainable:
+                p.grad = torch.zeros_like(p)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.tracker.mark(self.optimizer_state_tensors(), "optimizer_state")
+
+    def optimizer_state_tensors(self) -> Iterator[torch.Tensor]:
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    yield value
+
+    # -- one iteration ---------------------------------------------------------------------
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype)
+
+    def make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.spec.data
+        with self.tracker.in_phase("input"):
+            x = sample_input(data, batch, self.device, dtype=self.param_dtype or torch.float32)
+            if self.family == "segmentation" and data.kind == "image":
+                y = torch.randint(0, self.classes or 2, (batch, data.height, data.width),
+                                  device=self.device)
+            else:
+                y = sample_target(data, batch, self.device, self.classes)
+            if self.param_dtype is not None and y.is_floating_point():
+                y = y.to(self.param_dtype)
+        return x, y
+
+    def iteration(self, batch: int) -> None:
+        """forward + loss + backward + step on one micro-batch, as a training loop would."""
+        tracker = self.tracker
+        x, y = self.make_batch(batch)
+        with tracker.in_phase("forward"), self.autocast():
+            loss = compute_loss(self.model(x), y, self.family)
+        with tracker.in_phase("backward"):
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            elif self.precision == "fp16-mixed":  # fake: the scaler's memory without its .item()
+                (loss * 65536.0).backward()
+            else:
+                loss.backward()
+        del loss, x, y
+        tracker.mark((p.grad for p in self.trainable), "gradients")
+        with tracker.in_phase("optimizer"):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                if self.precision == "fp16-mixed":
+                    self._fake_unscale()
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _fake_unscale(self) -> None:
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        found_inf = torch.zeros(1, device=self.device)
+        inv_scale = torch.full((1,), 1.0 / 65536.0, device=self.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+
+    def release(self) -> None:
+        """Drop what a failed iteration may have left behind (gradients, the autograd graph)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- facts -----------------------------------------------------------------------------
+    def parameter_count(self) -> tuple[int, int]:
+        total = sum(p.numel() for p in self.model.parameters())
+        return total, sum(p.numel() for p in self.trainable)
+
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())

@@ -1,0 +1,39 @@
+"""The `registered` source: a factory the operator installed as a `trainplan.models` entry point.
+
+The request only names the entry point; the code is the operator's, installed with the worker.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+from torch import nn
+
+from service.schemas.spec import PlanSpec
+from workers.engine.errors import SpecError
+
+GROUP = "trainplan.models"
+
+
+def registered_names() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=GROUP))
+
+
+def build_registered(spec: PlanSpec) -> Any:
+    from workers.engine.models import BuiltModel
+
+    assert spec.model.source == "registered"
+    matches = [ep for ep in entry_points(group=GROUP) if ep.name == spec.model.name]
+    if not matches:
+        raise SpecError(("model", "name"), f"no registered model {spec.model.name!r}; "
+                        f"registered: {registered_names() or 'none'}")
+    factory = matches[0].load()
+    try:
+        module = factory(**spec.model.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(("model", "kwargs"), f"{spec.model.name}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise SpecError(("model", "name"), f"{spec.model.name} did not return an nn.Module")
+    family = "regression" if spec.data.target == "regression" else "classification"
+    return BuiltModel(module, family)

@@ -1,0 +1,102 @@
+"""Exact search for the largest micro-batch that fits, in few trials.
+
+Peak memory grows close to affinely in the batch (fixed: weights, gradients, optimizer state;
+per sample: the batch and the activations). So two probes predict the answer, and a secant
+search on `peak(b) - limit`, kept inside the bracket [largest fit, smallest failure], confirms it:
+it stops only once `answer` fits and `answer + 1` does not. A bisection step is forced whenever
+the secant fails to halve the bracket, so the worst case stays logarithmic even when memory is
+far from affine (a probe whose peak is only a lower bound, as after a real CUDA OOM, counts as a
+plain failure).
+
+Lightning's binsearch doubles from 2 and then bisects (13-21 trials, not exact); Accelerate halves
+from a start value on each OOM (never exact, never grows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from workers.engine.devices.base import TrialOutcome
+
+Probe = Callable[[int], TrialOutcome]
+
+
+@dataclass
+class SearchResult:
+    max_batch: int  # 0: not even one sample fits
+    trials: list[TrialOutcome] = field(default_factory=list)
+    bound_reached: bool = False
+
+    def outcome_at(self, batch: int) -> TrialOutcome | None:
+        return next((t for t in self.trials if t.batch_size == batch), None)
+
+
+class _Bracket:
+    def __init__(self, probe: Probe, limit: int, max_batch: int) -> None:
+        self.probe_fn = probe
+        self.limit = limit
+        self.lo = 0  # largest batch known to fit
+        self.hi = max_batch + 1  # smallest batch known not to fit (max_batch + 1: the bound)
+        self.hi_known = False
+        self.points: dict[int, TrialOutcome] = {}
+        self.trials: list[TrialOutcome] = []
+
+    def probe(self, batch: int) -> TrialOutcome:
+        outcome = self.probe_fn(batch)
+        self.trials.append(outcome)
+        self.points[batch] = outcome
+        if outcome.fits:
+            self.lo = max(self.lo, batch)
+        elif batch < self.hi or not self.hi_known:
+            self.hi = min(self.hi, batch)
+            self.hi_known = True
+        return outcome
+
+    def exact_peak(self, batch: int) -> int | None:
+        point = self.points.get(batch)
+        if point is None or point.peak_is_lower_bound:
+            return None
+        return point.peak_bytes
+
+    def predict(self) -> int:
+        """Largest b with predicted peak(b) <= limit, from the two most telling known points."""
+        lo_peak = self.exact_peak(self.lo)
+        assert lo_peak is not None
+        hi_peak = self.exact_peak(self.hi) if self.hi_known else None
+        if hi_peak is not None and hi_peak > lo_peak:
+            slope = (hi_peak - lo_peak) / (self.hi - self.lo)
+        else:
+            below = [b for b, p in self.points.items()
+                     if b < self.lo and p.fits and not p.peak_is_lower_bound]
+            if not below:
+                return self.lo * 2
+            b0 = max(below)
+            slope = (lo_peak - self.points[b0].peak_bytes) / (self.lo - b0)
+        if slope <= 0:
+            return self.lo * 2
+        return self.lo + math.floor((self.limit - lo_peak) / slope)
+
+
+def find_max_batch(probe: Probe, limit: int, max_batch: int) -> SearchResult:
+    """The exact largest batch in [1, max_batch] whose probe fits; 0 when batch 1 does not."""
+    br = _Bracket(probe, limit, max_batch)
+    if not br.probe(1).fits:
+        return SearchResult(0, br.trials)
+    if max_batch == 1:
+        return SearchResult(1, br.trials, bound_reached=True)
+    br.probe(2)
+    width_before = br.hi - br.lo
+    while br.hi - br.lo > 1:
+        guess = br.predict()
+        # The answer is `guess`: probe guess, or guess + 1 once guess is known to fit.
+        candidate = guess + 1 if guess <= br.lo else guess
+        candidate = min(max(candidate, br.lo + 1), br.hi - 1)
+        width = br.hi - br.lo
+        if width > 4 and width * 2 > width_before and len(br.trials) > 3:
+            candidate = (br.lo + br.hi) // 2  # the secant stalled: bisect once
+        width_before = width
+        br.probe(candidate)
+    bound = br.lo == max_batch
+    return SearchResult(br.lo, br.trials, bound_reached=bound)

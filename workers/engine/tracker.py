@@ -1,0 +1,155 @@
+"""Live-bytes tracker that sees every tensor storage a training step creates and frees.
+
+A `TorchDispatchMode` that sits above FakeTensorMode (simulated device) or above real tensors (cpu,
+cuda). Each storage an op returns for the first time is an allocation, rounded the way the CUDA
+caching allocator rounds blocks; a weakref on the storage notices the free. The tracker keeps
+only counters and one record per allocation, so it stays lean on an 8B-parameter model: categories
+are resolved once at the end, from the live set at the peak (found by sequence number, not by
+copying the live set at every new peak).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+BLOCK_ROUNDING = 512  # the CUDA caching allocator rounds every block up to 512 bytes
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "input_batch", "activations",
+              "temporary")
+# Where an allocation lands when nothing more specific is known about it.
+PHASE_CATEGORY = {"parameters": "parameters", "input": "input_batch", "forward": "activations",
+                  "backward": "temporary", "optimizer": "temporary", "other": "temporary"}
+
+
+class MemoryBudgetExceeded(RuntimeError):
+    """Raised by a tracker with `raise_above` set: a real-tensor probe ran out of its budget."""
+
+    def __init__(self, live: int, budget: int) -> None:
+        super().__init__(f"live tensors reached {live} bytes, over the budget of {budget} bytes")
+        self.live = live
+        self.budget = budget
+
+
+def round_block(nbytes: int) -> int:
+    return -(-nbytes // BLOCK_ROUNDING) * BLOCK_ROUNDING if nbytes else 0
+
+
+@dataclass(slots=True)
+class Allocation:
+    nbytes: int
+    phase: str
+    alloc_seq: int
+    free_seq: int = -1
+    category: str | None = None
+
+    def live_at(self, seq: int) -> bool:
+        return self.alloc_seq <= seq and (self.free_seq < 0 or self.free_seq > seq)
+
+    @property
+    def resolved_category(self) -> str:
+        return self.category or PHASE_CATEGORY[self.phase]
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Counts live storage bytes; `phase` tags new allocations; `mark` names known tensors."""
+
+    def __init__(self, raise_above: int | None = None) -> None:
+        super().__init__()
+        self.phase = "other"
+        self.raise_above = raise_above
+        self.live = 0
+        self.peak = 0
+        self._peak_seq = 0
+        self._seq = 0
+        self._by_storage: dict[int, Allocation] = {}
+        self._refs: dict[int, weakref.ref[Any]] = {}
+        self._records: list[Allocation] = []
+
+    # -- recording -------------------------------------------------------------------------
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self._record_outputs(out)
+        return out
+
+    def _record_outputs(self, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            self._record(out)
+        elif isinstance(out, (tuple, list)):
+            for item in out:
+                if isinstance(item, torch.Tensor):
+                    self._record(item)
+                elif isinstance(item, (tuple, list)):
+                    self._record_outputs(item)
+
+    def _record(self, tensor: torch.Tensor, category: str | None = None) -> Allocation | None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        alloc = self._by_storage.get(key)
+        if alloc is not None:
+            return alloc
+        nbytes = round_block(storage.nbytes())
+        self._seq += 1
+        alloc = Allocation(nbytes, self.phase, self._seq, category=category)
+        self._by_storage[key] = alloc
+        self._refs[key] = weakref.ref(storage, lambda _ref, k=key: self._free(k))
+        self._records.append(alloc)
+        self.live += nbytes
+        if self.live > self.peak:
+            self.peak = self.live
+            self._peak_seq = self._seq
+        if self.raise_above is not None and self.live > self.raise_above:
+            raise MemoryBudgetExceeded(self.live, self.raise_above)
+        return alloc
+
+    def _free(self, key: int) -> None:
+        alloc = self._by_storage.pop(key, None)
+        self._refs.pop(key, None)
+        if alloc is None:
+            return
+        self._seq += 1
+        alloc.free_seq = self._seq
+        self.live -= alloc.nbytes
+
+    # -- naming ----------------------------------------------------------------------------
+    def adopt(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+        """Count tensors created before tracking began (e.g. the model's parameters)."""
+        for tensor in tensors:
+            self._record(tensor, category)
+
+    def mark(self, tensors: Iterable[torch.Tensor | None], category: str) -> None:
+        """Name the category of tensors the tracker already saw (gradients, optimizer state)."""
+        for tensor in tensors:
+            if tensor is None:
+                continue
+            alloc = self._by_storage.get(id(tensor.untyped_storage()))
+            if alloc is not None:
+                alloc.category = category
+
+    @contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        previous, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = previous
+
+    # -- reading ---------------------------------------------------------------------------
+    def reset_peak(self) -> None:
+        """Start a new measurement window: the peak restarts from what is live now."""
+        self.peak = self.live
+        self._peak_seq = self._seq
+        self._records = [a for a in self._records if a.free_seq < 0]
+
+    def breakdown_at_peak(self) -> dict[str, int]:
+        parts = dict.fromkeys(CATEGORIES, 0)
+        for alloc in self._records:
+            if alloc.live_at(self._peak_seq):
+                parts[alloc.resolved_category] += alloc.nbytes
+        return parts

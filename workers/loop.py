@@ -1,0 +1,191 @@
+"""The worker loop: claim the oldest plan, run it in a child process, stream its trials into the
+store, keep the lease alive with a heartbeat, honour cancel and the time limit, record the end.
+
+A plan whose worker dies is claimed again once its lease runs out (up to `max_attempts`), so no
+plan is lost; `finish` only succeeds for the worker still holding the plan, so none ends twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue as queue_mod
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.store import crud
+from service.store.db import session_scope
+from workers.metrics import PLAN_SECONDS, PLANS_FINISHED, TRIALS
+from workers.runner import start_child
+
+log = structlog.get_logger("trainplan.worker")
+
+
+def device_kinds() -> tuple[str, ...]:
+    """What this worker can run: simulated and cpu always, cuda when a GPU is visible."""
+    kinds = ["simulated", "cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            kinds.append("cuda")
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return tuple(kinds)
+
+
+class PlanWorker:
+    def __init__(self, settings: Settings, factory: sessionmaker[Session],
+                 worker_id: str | None = None, kinds: tuple[str, ...] | None = None) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.kinds = kinds or device_kinds()
+
+    # -- loop ------------------------------------------------------------------------------
+    def run(self, stop: threading.Event, max_plans: int | None = None) -> int:
+        """Work until `stop` is set (or `max_plans` are done); returns plans handled."""
+        with session_scope(self.factory) as session:
+            crud.register_worker(session, self.worker_id, socket.gethostname(),
+                                 {"kinds": list(self.kinds)})
+        done = 0
+        last_beat = 0.0
+        while not stop.is_set() and (max_plans is None or done < max_plans):
+            try:
+                handled = self.run_once(stop)
+            except Exception as exc:  # the database may be restarting: wait, then retry
+                log.warning("worker.loop_error", error=str(exc)[:500])
+                stop.wait(min(5.0, self.settings.poll_seconds * 4))
+                continue
+            done += handled
+            if not handled:
+                if time.monotonic() - last_beat > self.settings.heartbeat_seconds:
+                    self._beat(None)
+                    last_beat = time.monotonic()
+                stop.wait(self.settings.poll_seconds)
+        self._beat(None, stopped=True)
+        return done
+
+    def run_once(self, stop: threading.Event | None = None) -> int:
+        with self.factory() as session:
+            crud.fail_exhausted(session, self.settings.max_attempts)
+            plan = crud.claim_next(session, self.worker_id, self.settings.lease_seconds,
+                                   self.kinds)
+            if plan is None:
+                return 0
+            plan_id, attempt, spec = plan.id, plan.attempts, plan.spec
+        log.info("plan.claimed", plan_id=plan_id, attempt=attempt, worker=self.worker_id)
+        self._beat(plan_id)
+        self.execute(plan_id, attempt, spec, stop or threading.Event())
+        self._beat(None, done=1)
+        return 1
+
+    def _beat(self, plan_id: str | None, done: int = 0, stopped: bool = False) -> None:
+        try:
+            with self.factory() as session:
+                crud.worker_heartbeat(session, self.worker_id, plan_id, done, stopped)
+        except Exception as exc:
+            log.warning("worker.heartbeat_failed", error=str(exc)[:300])
+
+    # -- one plan --------------------------------------------------------------------------
+    def execute(self, plan_id: str, attempt: int, spec: dict[str, Any],
+                stop: threading.Event) -> str:
+        """Run one claimed plan to its end; returns the final status written (or 'lost')."""
+        settings = self.settings
+        started = time.monotonic()
+        deadline = started + settings.plan_timeout_seconds
+        process, channel = start_child(json.dumps(spec))
+        next_beat = time.monotonic() + settings.heartbeat_seconds
+        state = {"index": 0}
+        try:
+            while True:
+                message = self._receive(channel, 0.2)
+                if message is not None:
+                    final = self._handle(plan_id, attempt, state, message, started)
+                    if final is not None:
+                        return final
+                    continue
+                if not process.is_alive():
+                    # The child is gone: what it left in the pipe still counts, in order.
+                    while (message := self._receive(channel, 0.5)) is not None:
+                        final = self._handle(plan_id, attempt, state, message, started)
+                        if final is not None:
+                            return final
+                    return self._end(plan_id, "failed", started, error=crud.problem(
+                        "plan-crashed", "The plan's process died",
+                        f"the child process exited with code {process.exitcode} "
+                        f"(killed by the OS or a native crash)", 500))
+                now = time.monotonic()
+                if now > deadline:
+                    return self._end(plan_id, "failed", started, error=crud.problem(
+                        "plan-timeout", "The plan exceeded its time limit",
+                        f"stopped after {settings.plan_timeout_seconds:g} s "
+                        f"(TRAINPLAN_PLAN_TIMEOUT_SECONDS)", 504))
+                if now > next_beat:
+                    next_beat = now + settings.heartbeat_seconds
+                    if not self._extend(plan_id):
+                        log.warning("plan.lease_lost", plan_id=plan_id)
+                        return "lost"
+                    if self._cancelled(plan_id):
+                        return self._end(plan_id, "cancelled", started)
+                if stop.is_set():
+                    return "lost"  # shutting down: the lease runs out, another worker retries
+        finally:
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=10)
+            channel.close()
+
+    def _receive(self, channel: Any, timeout: float) -> tuple[str, Any] | None:
+        try:
+            return channel.get(timeout=timeout)  # type: ignore[no-any-return]
+        except (queue_mod.Empty, EOFError, OSError):
+            return None
+
+    def _handle(self, plan_id: str, attempt: int, state: dict[str, int],
+                message: tuple[str, Any], started: float) -> str | None:
+        """Store a trial (None: go on) or record the end (the final status)."""
+        kind, payload = message
+        if kind == "trial":
+            self._store_trial(plan_id, attempt, state["index"], payload)
+            state["index"] += 1
+            return self._end(plan_id, "cancelled", started) if self._cancelled(plan_id) else None
+        if kind == "result":
+            return self._end(plan_id, "succeeded", started, result=payload)
+        return self._end(plan_id, "failed", started, error=payload)
+
+    def _store_trial(self, plan_id: str, attempt: int, index: int,
+                     trial: dict[str, Any]) -> None:
+        with self.factory() as session:
+            crud.add_trial(session, plan_id, attempt, index, trial)
+        TRIALS.labels(fits=str(bool(trial["fits"])).lower()).inc()
+
+    def _cancelled(self, plan_id: str) -> bool:
+        with self.factory() as session:
+            return crud.is_cancel_requested(session, plan_id)
+
+    def _extend(self, plan_id: str) -> bool:
+        with self.factory() as session:
+            return crud.extend_lease(session, plan_id, self.worker_id,
+                                     self.settings.lease_seconds)
+
+    def _end(self, plan_id: str, status: str, started: float,
+             result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> str:
+        with self.factory() as session:
+            if status == "cancelled":
+                error = crud.problem("cancelled", "Plan cancelled",
+                                     "cancelled on request; trials so far are kept", 409)
+            ok = crud.finish(session, plan_id, self.worker_id, status, result, error)
+        elapsed = time.monotonic() - started
+        PLAN_SECONDS.observe(elapsed)
+        PLANS_FINISHED.labels(status=status).inc()
+        log.info("plan.finished", plan_id=plan_id, status=status, seconds=round(elapsed, 3),
+                 recorded=ok)
+        return status if ok else "lost"

@@ -1,0 +1,47 @@
+"""Runs one plan in a child process, so a crash, a CUDA error or a runaway spec costs that plan and
+never the worker. The child reports over a queue: ('trial', dict) per probe, then ('result', dict)
+or ('error', problem). Nothing but the validated spec's JSON crosses into the child."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+from typing import Any
+
+from service.store.crud import problem
+
+
+def child_main(spec_json: str, queue: Any) -> None:
+    """Entry point of the child process."""
+    try:
+        from service.schemas.spec import PlanSpec
+        from workers.engine.errors import SpecError
+        from workers.engine.profile import ProfileHooks, run_plan
+
+        spec = PlanSpec.model_validate_json(spec_json)
+        hooks = ProfileHooks(on_trial=lambda t: queue.put(("trial", t.model_dump(mode="json"))))
+        try:
+            result = run_plan(spec, hooks)
+        except SpecError as exc:
+            queue.put(("error", problem("invalid-spec", "The spec cannot be planned", exc.message,
+                                        422, errors=exc.as_problem_errors())))
+            return
+        except ValueError as exc:
+            queue.put(("error", problem("invalid-spec", "The spec cannot be planned", str(exc),
+                                        422)))
+            return
+        queue.put(("result", result.model_dump(mode="json")))
+    except Exception as exc:  # the child's last word: never a silent death
+        detail = f"{type(exc).__name__}: {exc}"[:2000]
+        queue.put(("error", problem("plan-crashed", "The plan failed on the worker", detail, 500,
+                                    traceback=traceback.format_exc()[-4000:])))
+
+
+def start_child(spec_json: str) -> tuple[Any, Any]:
+    """Start the child under `spawn` (safe with CUDA); returns (process, queue)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=child_main, args=(spec_json, queue), daemon=True,
+                          name="trainplan-plan")
+    process.start()
+    return process, queue

@@ -172,7 +172,7 @@ def _plan_remote(raw: str, server: str, token: str | None, refresh: bool,
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _print_plan(body: dict[str, Any]) -> None:
@@ -204,7 +204,7 @@ def _print_plan(body: dict[str, Any]) -> None:
     for key in ("parameters", "gradients", "optimizer_state", "input_batch", "activations",
                 "temporary", "overhead"):
         share = memory[key] / peak
-        mem.add_row(key, _gib(memory[key]), f"{'█' * round(share * 30):<30} {share:5.1%}")
+        mem.add_row(key, _gib(memory[key]), f"{'█' * round(share * 20):<20} {share:6.1%}")
     mem.add_row("peak / capacity", f"{_gib(memory['peak'])} / {_gib(memory['capacity'])}", "")
     console.print(mem)
     for w in result.get("warnings", []):

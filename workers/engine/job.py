@@ -147,8 +147,6 @@ class TrainingJob:
         self.frozen = self._freeze(model)
         with tracker.in_phase("parameters"):
             model = self._materialise(model, fill)
-        if spec.data.kind == "image" and spec.data.layout == "channels_last":
-            model = model.to(memory_format=torch.channels_last)
         self.model = model.train()
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
@@ -177,10 +175,13 @@ class TrainingJob:
                      ) -> nn.Module:
         dtype = self.param_dtype
         device = self.device
+        data = self.spec.data
+        nhwc = data.kind == "image" and data.layout == "channels_last"
 
         def empty(t: torch.Tensor) -> torch.Tensor:
             target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-            out = torch.empty(t.size(), dtype=target, device=device)
+            layout = torch.channels_last if nhwc and t.dim() == 4 else torch.contiguous_format
+            out = torch.empty(t.size(), dtype=target, device=device, memory_format=layout)
             if fill is not None:
                 fill(out)
             return out
@@ -204,11 +205,15 @@ class TrainingJob:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.tracker.mark(self.optimizer_state_tensors(), "optimizer_state")
+        if self.fake:
+            self.tracker.exclude(self.optimizer_state_tensors(scalars=True))
 
-    def optimizer_state_tensors(self) -> Iterator[torch.Tensor]:
+    def optimizer_state_tensors(self, scalars: bool = False) -> Iterator[torch.Tensor]:
+        """The optimizer's state tensors; `scalars`: only its 0-d counters (`step`), which a
+        non-capturable optimizer keeps on the host."""
         for state in self.optimizer.state.values():
             for value in state.values():
-                if isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor) and (value.dim() == 0) == scalars:
                     yield value
 
     # -- one iteration ---------------------------------------------------------------------

@@ -74,8 +74,8 @@ class _Bracket:
                 return self.lo * 2
             b0 = max(below)
             slope = (lo_peak - self.points[b0].peak_bytes) / (self.lo - b0)
-        if slope <= 0:
-            return self.lo * 2
+        if slope <= 0:  # rounding hides the per-sample cost at this scale: grow fast
+            return self.lo * 8
         return self.lo + math.floor((self.limit - lo_peak) / slope)
 
 
@@ -94,7 +94,8 @@ def find_max_batch(probe: Probe, limit: int, max_batch: int) -> SearchResult:
         candidate = guess + 1 if guess <= br.lo else guess
         candidate = min(max(candidate, br.lo + 1), br.hi - 1)
         width = br.hi - br.lo
-        if width > 4 and width * 2 > width_before and len(br.trials) > 3:
+        beyond_bound = not br.hi_known and guess >= br.hi - 1
+        if not beyond_bound and width > 4 and width * 2 > width_before and len(br.trials) > 3:
             candidate = (br.lo + br.hi) // 2  # the secant stalled: bisect once
         width_before = width
         br.probe(candidate)

@@ -132,6 +132,15 @@ class MemoryTracker(TorchDispatchMode):
             if alloc is not None:
                 alloc.category = category
 
+    def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Stop counting tensors that live in host memory on a real GPU run (the optimizers'
+        scalar `step` counters), though the trace made them on the traced device."""
+        for tensor in tensors:
+            alloc = self._by_storage.get(id(tensor.untyped_storage()))
+            if alloc is not None and alloc.nbytes:
+                self.live -= alloc.nbytes
+                alloc.nbytes = 0
+
     @contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:
         previous, self.phase = self.phase, phase

@@ -6,10 +6,13 @@ built in a moment; a device then materialises it (fake, real CPU or CUDA tensors
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from service.schemas.spec import PlanSpec
 from workers.engine.errors import SpecError
@@ -24,18 +27,50 @@ class BuiltModel:
 
 def build_model(spec: PlanSpec) -> BuiltModel:
     """Build the spec's model on the meta device, or raise SpecError naming the field."""
+    try:
+        with torch.device("meta"):
+            return _build(spec)
+    except NotImplementedError:
+        pass
+    except RuntimeError as exc:
+        if "meta" not in str(exc):
+            raise
+    # Some constructors compute with small tensors (RegNet's widths): keep those real and send
+    # only the large allocations (the weights) to the meta device.
+    with LargeTensorsToMeta():
+        return _build(spec)
+
+
+class LargeTensorsToMeta(TorchFunctionMode):
+    """Factory calls without a device make tensors on `meta` when they are large."""
+
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.randn, torch.rand,
+                           torch.full})
+    THRESHOLD = 1 << 16
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            dims = args[0] if args and isinstance(args[0], (tuple, list, torch.Size)) else [
+                a for a in args if isinstance(a, int)]
+            if math.prod(int(d) for d in dims) > self.THRESHOLD:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _build(spec: PlanSpec) -> BuiltModel:
     source = spec.model.source
-    with torch.device("meta"):
-        if source == "layers":
-            from workers.engine.models.layers import build_layers
+    if source == "layers":
+        from workers.engine.models.layers import build_layers
 
-            return build_layers(spec)
-        if source == "torchvision":
-            from workers.engine.models.vision import build_torchvision
+        return build_layers(spec)
+    if source == "torchvision":
+        from workers.engine.models.vision import build_torchvision
 
-            return build_torchvision(spec)
-        if source == "registered":
-            from workers.engine.models.registered import build_registered
+        return build_torchvision(spec)
+    if source == "registered":
+        from workers.engine.models.registered import build_registered
 
-            return build_registered(spec)
+        return build_registered(spec)
     raise SpecError(("model", "source"), f"the {source!r} source is not available on this worker")

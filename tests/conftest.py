@@ -1,0 +1,64 @@
+"""Shared fixtures: a database URL for each backend (every storage test runs on both)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from copy import deepcopy
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from service.schemas.examples import SMALL_GRAYSCALE_CNN
+
+PG_URL = os.environ.get("TRAINPLAN_TEST_POSTGRES_URL",
+                        "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_admin_url() -> str:
+    return PG_URL.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def _pg_available() -> bool:
+    try:
+        engine = create_engine(_pg_admin_url())
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new PostgreSQL database dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/trainplan.db"
+        return
+    if not _pg_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {PG_URL} (CI must test it)")
+        pytest.skip("PostgreSQL is not reachable")
+    name = f"tp_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(_pg_admin_url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    base = PG_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def small_spec() -> dict[str, Any]:
+    """The grayscale CNN on a 1 GiB simulated card: a plan takes about a second."""
+    spec = deepcopy(SMALL_GRAYSCALE_CNN)
+    spec["device"] = {"kind": "simulated", "memory_gib": 1.0}
+    spec["search"] = {"max_batch_size": 65536, "headroom": 0.0}
+    return spec

@@ -1,0 +1,220 @@
+"""The profiling engine on the simulated and cpu devices: exact answers, honest breakdowns."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any
+
+import pytest
+
+from service.schemas.spec import PlanSpec
+from workers.engine.devices import open_device
+from workers.engine.errors import SpecError
+from workers.engine.models import build_model
+from workers.engine.profile import run_plan
+
+MIB = 1 << 20
+
+
+def mlp_spec(optimizer: str = "adam", precision: str = "fp32", memory_gib: float = 0.25,
+             **training: Any) -> dict[str, Any]:
+    return {
+        "model": {"source": "layers", "layers": [
+            {"type": "Linear", "out_features": 1024}, {"type": "ReLU"},
+            {"type": "Linear", "out_features": 1024}, {"type": "ReLU"},
+            {"type": "Linear", "out_features": 10}]},
+        "data": {"kind": "tensor", "shape": [512], "num_classes": 10, "num_samples": 10000},
+        "training": {"optimizer": optimizer, "precision": precision, "global_batch_size": 64,
+                     **training},
+        "device": {"kind": "simulated", "memory_gib": memory_gib},
+        "search": {"headroom": 0.0, "max_batch_size": 1 << 20},
+    }
+
+
+def probe_fresh(spec: PlanSpec, batches: list[int]) -> dict[int, bool]:
+    """Probe batches in a new session, independent of the search that produced the answer."""
+    device = open_device(spec)
+    with device.session(spec, build_model(spec)) as session:
+        return {b: session.probe(b).fits for b in batches}
+
+
+def assert_exact(spec_dict: dict[str, Any]) -> Any:
+    spec = PlanSpec.model_validate(spec_dict)
+    result = run_plan(spec)
+    answer = result.max_micro_batch_size
+    assert answer >= 1
+    checks = probe_fresh(spec, [answer, answer + 1])
+    assert checks[answer] is True and checks[answer + 1] is False
+    by_batch = {t.batch_size: t for t in result.trials}
+    assert by_batch[answer].fits and not by_batch[answer + 1].fits
+    return result
+
+
+def test_grayscale_cnn_is_exact_in_few_trials(small_spec: dict[str, Any]) -> None:
+    result = assert_exact(small_spec)
+    search_trials = [t for t in result.trials if t.phase == "search"]
+    assert len(search_trials) <= 8
+    memory = result.memory
+    parts = (memory.parameters + memory.gradients + memory.optimizer_state + memory.input_batch
+             + memory.activations + memory.temporary + memory.overhead)
+    assert parts == memory.peak
+    assert memory.peak <= memory.capacity
+
+
+@pytest.mark.slow
+def test_resnet18_is_exact_on_a_small_card() -> None:
+    spec = {"model": {"source": "torchvision", "name": "resnet18"},
+            "data": {"kind": "image", "channels": 3, "height": 64, "width": 64,
+                     "num_classes": 100},
+            "training": {"optimizer": "sgd_momentum", "precision": "bf16-mixed"},
+            "device": {"kind": "simulated", "memory_gib": 2},
+            "search": {"headroom": 0.05}}
+    result = assert_exact(spec)
+    assert result.memory.parameters == pytest.approx(11_227_812 * 4, rel=0.01)
+
+
+@pytest.mark.parametrize(("optimizer", "copies"), [
+    ("sgd", 0), ("sgd_momentum", 1), ("nesterov", 1), ("adam", 2), ("adamw", 2),
+    ("rmsprop", 1), ("adagrad", 1)])
+def test_optimizer_state_is_counted_per_parameter(optimizer: str, copies: int) -> None:
+    spec = PlanSpec.model_validate(mlp_spec(optimizer))
+    device = open_device(spec)
+    with device.session(spec, build_model(spec)) as session:
+        outcome = session.probe(1)  # batch 1: the peak is at the optimizer step
+    params = (512 * 1024 + 1024) * 4 + (1024 * 1024 + 1024) * 4 + (1024 * 10 + 10) * 4
+    parts = outcome.breakdown
+    # each tensor rounds up to 512 bytes; 6 tensors per copy
+    assert parts["parameters"] == pytest.approx(params, abs=6 * 512)
+    assert parts["optimizer_state"] == pytest.approx(copies * params, abs=6 * 512 * 2)
+
+
+def test_gradients_exist_at_the_step_and_frozen_parameters_have_none() -> None:
+    full = PlanSpec.model_validate(mlp_spec("adam"))
+    frozen = PlanSpec.model_validate(mlp_spec("adam", trainable=["0.", "2."]))
+    out = {}
+    for name, spec in (("full", full), ("frozen", frozen)):
+        with open_device(spec).session(spec, build_model(spec)) as session:
+            out[name] = session.probe(1).breakdown
+    assert out["full"]["gradients"] >= out["full"]["parameters"] - 6 * 512
+    last_layer = (1024 * 10 + 10) * 4
+    assert out["frozen"]["optimizer_state"] == pytest.approx(2 * last_layer, abs=4 * 512)
+    assert out["frozen"]["parameters"] == out["full"]["parameters"]
+
+
+def _activations_at(spec_dict: dict[str, Any], batch: int) -> int:
+    spec = PlanSpec.model_validate(spec_dict)
+    with open_device(spec).session(spec, build_model(spec)) as session:
+        return session.probe(batch).breakdown["activations"]
+
+
+def test_mixed_precision_and_checkpointing_shrink_activations(small_spec: dict[str, Any]
+                                                               ) -> None:
+    base = _activations_at(small_spec, 256)
+    bf16 = deepcopy(small_spec)
+    bf16["training"]["precision"] = "bf16-mixed"
+    ckpt = deepcopy(small_spec)
+    ckpt["training"]["gradient_checkpointing"] = True
+    assert _activations_at(bf16, 256) < 0.8 * base
+    assert _activations_at(ckpt, 256) < 0.8 * base
+
+
+@pytest.mark.parametrize("precision", ["fp16-mixed", "bf16"])
+def test_other_precisions_plan(small_spec: dict[str, Any], precision: str) -> None:
+    small_spec["training"]["precision"] = precision
+    assert_exact(small_spec)
+
+
+def test_channels_last_and_rgb(small_spec: dict[str, Any]) -> None:
+    small_spec["data"].update(channels=3, layout="channels_last")
+    assert_exact(small_spec)
+
+
+def test_cpu_device_is_exact_under_its_budget() -> None:
+    spec = mlp_spec("sgd_momentum")
+    spec["device"] = {"kind": "cpu", "memory_gib": 0.05}
+    result = assert_exact(spec)
+    assert result.device.backend == "cpu"
+    assert result.throughput is not None and result.throughput.measured
+
+
+def test_infeasible_plan_explains_itself() -> None:
+    spec = PlanSpec.model_validate(mlp_spec("adam", memory_gib=0.01))
+    result = run_plan(spec)
+    assert not result.feasible and result.max_micro_batch_size == 0
+    assert [t.batch_size for t in result.trials] == [1]
+    assert result.memory.peak > result.memory.capacity * 0.99
+    assert result.memory.parameters > 0 and result.suggestions
+    assert result.warnings[0].code == "infeasible"
+
+
+def test_batchnorm_warning_when_micro_batch_is_small(small_spec: dict[str, Any]) -> None:
+    small_spec["data"].update(height=512, width=512)
+    small_spec["device"] = {"kind": "simulated", "memory_gib": 1.3}
+    result = run_plan(PlanSpec.model_validate(small_spec))
+    assert 0 < result.micro_batch_size < 16
+    codes = [w.code for w in result.warnings]
+    assert "batchnorm_small_micro_batch" in codes
+    assert result.accumulation_steps * result.micro_batch_size >= 512
+
+
+def test_global_batch_over_dataset_warns(small_spec: dict[str, Any]) -> None:
+    small_spec["data"]["num_samples"] = 100
+    result = run_plan(PlanSpec.model_validate(small_spec))
+    assert "global_batch_exceeds_dataset" in [w.code for w in result.warnings]
+
+
+def test_shape_that_does_not_chain_names_the_layer(small_spec: dict[str, Any]) -> None:
+    small_spec["model"]["layers"].insert(8, {"type": "Linear", "in_features": 7,
+                                             "out_features": 5})
+    with pytest.raises(SpecError) as info:
+        build_model(PlanSpec.model_validate(small_spec))
+    assert info.value.loc == ("model", "layers", 8)
+
+
+def test_head_must_match_the_classes(small_spec: dict[str, Any]) -> None:
+    small_spec["model"]["layers"][-1]["out_features"] = 7
+    with pytest.raises(SpecError, match="num_classes=10"):
+        build_model(PlanSpec.model_validate(small_spec))
+
+
+def test_sequence_layers_and_regression() -> None:
+    spec = {"model": {"source": "layers", "layers": [
+                {"type": "LSTM", "hidden_size": 64}, {"type": "TransformerEncoderLayer"},
+                {"type": "Flatten"}, {"type": "Linear", "out_features": 3}]},
+            "data": {"kind": "tensor", "shape": [16, 32], "target": "regression",
+                     "num_outputs": 3},
+            "training": {"optimizer": "rmsprop"},
+            "device": {"kind": "simulated", "memory_gib": 1}}
+    assert_exact(spec)
+
+
+def test_unsupported_torchvision_family_is_a_clear_error() -> None:
+    spec = {"model": {"source": "torchvision", "name": "fasterrcnn_resnet50_fpn"},
+            "data": {"kind": "image", "channels": 3, "height": 64, "width": 64,
+                     "num_classes": 3}}
+    with pytest.raises(SpecError, match="detection"):
+        build_model(PlanSpec.model_validate(spec))
+
+
+def test_every_torchvision_name_builds_or_is_refused_clearly() -> None:
+    from workers.engine.models.vision import SUPPORTED_FAMILIES, families
+
+    for name, family in families().items():
+        spec = PlanSpec.model_validate({
+            "model": {"source": "torchvision", "name": name},
+            "data": {"kind": "image", "channels": 3, "height": 224, "width": 224,
+                     "num_classes": 10}})
+        if family in SUPPORTED_FAMILIES:
+            assert build_model(spec).module is not None, name
+        else:
+            with pytest.raises(SpecError):
+                build_model(spec)
+
+
+def test_grayscale_torchvision_adapts_the_stem() -> None:
+    spec = {"model": {"source": "torchvision", "name": "resnet18"},
+            "data": {"kind": "image", "channels": 1, "height": 32, "width": 32,
+                     "num_classes": 10},
+            "device": {"kind": "simulated", "memory_gib": 1}}
+    built = build_model(PlanSpec.model_validate(spec))
+    assert built.module.conv1.in_channels == 1 and built.notes

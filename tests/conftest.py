@@ -62,3 +62,25 @@ def small_spec() -> dict[str, Any]:
     spec["device"] = {"kind": "simulated", "memory_gib": 1.0}
     spec["search"] = {"max_batch_size": 65536, "headroom": 0.0}
     return spec
+
+
+PLUGINS = os.path.join(os.path.dirname(__file__), "plugins")
+
+
+@pytest.fixture
+def plugins(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make the test model factories visible here and in every child process."""
+    import sys
+
+    monkeypatch.syspath_prepend(PLUGINS)
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", PLUGINS + (os.pathsep + path if path else ""))
+    monkeypatch.setattr(sys, "path", [PLUGINS, *sys.path])
+    return PLUGINS
+
+
+def registered_spec(name: str, **kwargs: Any) -> dict[str, Any]:
+    return {"model": {"source": "registered", "name": name, "kwargs": kwargs},
+            "data": {"kind": "tensor", "shape": [64], "num_classes": 10, "num_samples": 1000},
+            "training": {"optimizer": "adam", "global_batch_size": 128},
+            "device": {"kind": "simulated", "memory_gib": 1}}

@@ -37,9 +37,21 @@ def child_main(spec_json: str, queue: Any) -> None:
                                     traceback=traceback.format_exc()[-4000:])))
 
 
+PRELOAD = ["workers.engine.profile", "workers.engine.devices.simulated",
+           "workers.engine.devices.cpu", "workers.engine.models.layers"]
+
+
+def _context() -> Any:
+    """`forkserver`: children fork from a server that imported torch once (fast starts), and
+    that server never touches CUDA, so each child initialises CUDA for itself, safely."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def start_child(spec_json: str) -> tuple[Any, Any]:
-    """Start the child under `spawn` (safe with CUDA); returns (process, queue)."""
-    ctx = mp.get_context("spawn")
+    """Start the child process for one plan; returns (process, queue)."""
+    ctx = _context()
     queue = ctx.Queue()
     process = ctx.Process(target=child_main, args=(spec_json, queue), daemon=True,
                           name="trainplan-plan")

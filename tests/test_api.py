@@ -1,0 +1,147 @@
+"""The HTTP API in process (no worker): contract, problem details, dedupe, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from copy import deepcopy
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.config import Settings
+from service.schemas.examples import RESNET50_A100
+
+
+@pytest.fixture
+def client(db_url: str) -> Iterator[TestClient]:
+    settings = Settings(database_url=db_url, embedded_worker=False, max_body_bytes=64 * 1024)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _problem(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert {"type", "title", "status", "detail"} <= set(body)
+    return body
+
+
+def test_submit_get_and_dedupe(client: TestClient, small_spec: dict[str, Any]) -> None:
+    r = client.post("/v1/plans", json=small_spec)
+    assert r.status_code == 202, r.text
+    plan = r.json()
+    assert r.headers["location"] == f"/v1/plans/{plan['id']}"
+    assert plan["status"] == "queued" and len(plan["spec_hash"]) == 64
+    got = client.get(f"/v1/plans/{plan['id']}").json()
+    assert got["id"] == plan["id"] and got["spec"] == plan["spec"]
+    again = client.post("/v1/plans", json=small_spec)
+    assert again.status_code == 200 and again.json()["id"] == plan["id"]
+    fresh = client.post("/v1/plans", json=small_spec | {"refresh": True})
+    assert fresh.status_code == 202 and fresh.json()["id"] != plan["id"]
+
+
+def test_idempotency_key(client: TestClient, small_spec: dict[str, Any]) -> None:
+    headers = {"Idempotency-Key": "abc-123"}
+    first = client.post("/v1/plans", json=small_spec | {"refresh": True}, headers=headers)
+    second = client.post("/v1/plans", json=small_spec | {"refresh": True}, headers=headers)
+    assert first.status_code == 202 and second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+
+
+@pytest.mark.parametrize(("mutate", "field"), [
+    (lambda s: s["data"].update(channels=5), "data.image.channels"),
+    (lambda s: s["training"].update(optimizer="lion"), "training.optimizer"),
+    (lambda s: s["model"]["layers"].__setitem__(0, {"type": "Exec"}), "model.layers.layers.0"),
+    (lambda s: s["model"]["layers"].insert(8, {"type": "Linear", "in_features": 3,
+                                               "out_features": 4}), "model.layers.8"),
+    (lambda s: s.update(device={"kind": "simulated", "gpu": "nope"}), "device.simulated"),
+    (lambda s: s["search"].update(headroom=2), "search.headroom"),
+])
+def test_invalid_specs_are_422_naming_the_field(client: TestClient, small_spec: dict[str, Any],
+                                                mutate: Any, field: str) -> None:
+    spec = deepcopy(small_spec)
+    mutate(spec)
+    body = _problem(client.post("/v1/plans", json=spec), 422)
+    fields = [e["field"] for e in body["errors"]]
+    assert any(f.startswith(field) for f in fields), fields
+    assert field.split(".")[0] in body["detail"]
+    assert client.get("/v1/plans").json()["items"] == []  # nothing half-stored
+
+
+def test_torchvision_kwargs_rejected_by_the_factory(client: TestClient) -> None:
+    spec = deepcopy(RESNET50_A100)
+    spec["model"]["kwargs"] = {"no_such_arg": 1}
+    body = _problem(client.post("/v1/plans", json=spec), 422)
+    assert body["errors"][0]["field"] == "model.kwargs"
+
+
+def test_malformed_json_and_wrong_types(client: TestClient) -> None:
+    _problem(client.post("/v1/plans", content=b"{not json",
+                         headers={"content-type": "application/json"}), 422)
+    _problem(client.post("/v1/plans", json=[1, 2, 3]), 422)
+    _problem(client.post("/v1/plans", json={"model": "resnet"}), 422)
+
+
+def test_body_size_is_bounded(client: TestClient, small_spec: dict[str, Any]) -> None:
+    spec = deepcopy(small_spec)
+    spec["padding"] = "x" * (70 * 1024)
+    _problem(client.post("/v1/plans", json=spec), 413)
+
+
+def test_not_found_and_cancel(client: TestClient, small_spec: dict[str, Any]) -> None:
+    _problem(client.get("/v1/plans/does-not-exist"), 404)
+    _problem(client.post("/v1/plans/does-not-exist/cancel"), 404)
+    _problem(client.get("/v1/plans/does-not-exist/events"), 404)
+    plan = client.post("/v1/plans", json=small_spec).json()
+    cancelled = client.post(f"/v1/plans/{plan['id']}/cancel")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    # a cancelled plan is not returned for the same spec: a new one is queued
+    assert client.post("/v1/plans", json=small_spec).status_code == 202
+
+
+def test_list_filters_and_cursor(client: TestClient, small_spec: dict[str, Any]) -> None:
+    ids = []
+    for epochs in range(1, 6):
+        spec = deepcopy(small_spec)
+        spec["training"]["epochs"] = epochs
+        ids.append(client.post("/v1/plans", json=spec).json()["id"])
+    page = client.get("/v1/plans", params={"limit": 2}).json()
+    assert [p["id"] for p in page["items"]] == ids[::-1][:2]
+    page2 = client.get("/v1/plans", params={"limit": 2, "cursor": page["next_cursor"]}).json()
+    assert [p["id"] for p in page2["items"]] == ids[::-1][2:4]
+    assert client.get("/v1/plans", params={"status": "succeeded"}).json()["items"] == []
+    _problem(client.get("/v1/plans", params={"status": "bogus"}), 422)
+    _problem(client.get("/v1/plans", params={"cursor": "x"}), 422)
+
+
+def test_long_poll_returns_after_the_wait(client: TestClient, small_spec: dict[str, Any]
+                                          ) -> None:
+    plan = client.post("/v1/plans", json=small_spec).json()
+    body = client.get(f"/v1/plans/{plan['id']}", params={"wait": 0.3}).json()
+    assert body["status"] == "queued"
+
+
+def test_system_routes(client: TestClient) -> None:
+    gpus = client.get("/v1/gpus").json()["items"]
+    assert len(gpus) >= 12 and {"A100-80GB", "H100-80GB", "T4"} <= {g["name"] for g in gpus}
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["schema"] == "0001"
+    metrics = client.get("/metrics").text
+    assert 'trainplan_plans{status="queued"}' in metrics
+    assert client.get("/v1/workers").json() == {"items": []}
+    schema = client.get("/openapi.json").json()
+    assert "/v1/plans/{plan_id}/events" in schema["paths"]
+
+
+def test_token_auth(db_url: str, small_spec: dict[str, Any]) -> None:
+    settings = Settings(database_url=db_url, embedded_worker=False, auth_mode="token",
+                        api_tokens=["s3cret"])
+    with TestClient(create_app(settings)) as c:
+        _problem(c.post("/v1/plans", json=small_spec), 401)
+        ok = c.post("/v1/plans", json=small_spec, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 202
+        assert c.get("/healthz").status_code == 200

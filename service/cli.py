@@ -13,17 +13,22 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(help="Plan PyTorch training jobs: max micro-batch, accumulation, LR, memory.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Plan PyTorch training jobs: max micro-batch, accumulation, LR, memory.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 err = Console(stderr=True)
 
 
 @app.command()
-def serve(host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
-          port: Annotated[int | None, typer.Option(help="Port.")] = None,
-          worker: Annotated[bool, typer.Option(help="Run the embedded worker.")] = True) -> None:
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    worker: Annotated[bool, typer.Option(help="Run the embedded worker.")] = True,
+) -> None:
     """Migrate the store, then serve the API with one embedded worker."""
     import uvicorn
 
@@ -32,14 +37,16 @@ def serve(host: Annotated[str | None, typer.Option(help="Bind address.")] = None
 
     settings = get_settings()
     application = create_app(settings, embedded_worker=worker)
-    uvicorn.run(application, host=host or settings.host, port=port or settings.port,
-                log_level="info")
+    uvicorn.run(
+        application, host=host or settings.host, port=port or settings.port, log_level="info"
+    )
 
 
 @app.command("worker")
-def worker_cmd(max_plans: Annotated[int | None, typer.Option(help="Stop after N plans.")] = None,
-               migrate: Annotated[bool, typer.Option(help="Upgrade the store first.")] = False
-               ) -> None:
+def worker_cmd(
+    max_plans: Annotated[int | None, typer.Option(help="Stop after N plans.")] = None,
+    migrate: Annotated[bool, typer.Option(help="Upgrade the store first.")] = False,
+) -> None:
     """A standalone worker for a shared store (many GPU nodes on one PostgreSQL)."""
     import signal
 
@@ -55,8 +62,10 @@ def worker_cmd(max_plans: Annotated[int | None, typer.Option(help="Stop after N 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     worker = PlanWorker(settings, factory)
-    err.print(f"worker {worker.worker_id} on {settings.database_url.split('@')[-1]}, "
-              f"devices: {', '.join(worker.kinds)}")
+    err.print(
+        f"worker {worker.worker_id} on {settings.database_url.split('@')[-1]}, "
+        f"devices: {', '.join(worker.kinds)}"
+    )
     done = worker.run(stop, max_plans=max_plans)
     err.print(f"worker stopped after {done} plan(s)")
 
@@ -78,19 +87,26 @@ def gpus() -> None:
 
     table = Table("name", "memory GiB", "fp32 TF", "fp16 TF", "bf16 TF", "GB/s")
     for g in GPU_CATALOGUE.values():
-        table.add_row(g.name, f"{g.memory_bytes / GIB:g}", f"{g.tflops_fp32:g}",
-                      f"{g.tflops_fp16:g}", f"{g.tflops_bf16 or '-'}", f"{g.bandwidth_gbs:g}")
+        table.add_row(
+            g.name,
+            f"{g.memory_bytes / GIB:g}",
+            f"{g.tflops_fp32:g}",
+            f"{g.tflops_fp16:g}",
+            f"{g.tflops_bf16 or '-'}",
+            f"{g.bandwidth_gbs:g}",
+        )
     Console().print(table)
 
 
 @app.command()
-def plan(spec_file: Annotated[Path, typer.Argument(help="Plan spec (JSON); - for stdin.")],
-         local: Annotated[bool, typer.Option("--local", help="Run in process, no server.")] = False,
-         server: Annotated[str, typer.Option(help="Server URL.")] = "http://127.0.0.1:8000",
-         as_json: Annotated[bool, typer.Option("--json", help="Print the plan's JSON only.")]
-         = False,
-         refresh: Annotated[bool, typer.Option(help="Plan again even if stored.")] = False,
-         token: Annotated[str | None, typer.Option(envvar="TRAINPLAN_TOKEN")] = None) -> None:
+def plan(
+    spec_file: Annotated[Path, typer.Argument(help="Plan spec (JSON); - for stdin.")],
+    local: Annotated[bool, typer.Option("--local", help="Run in process, no server.")] = False,
+    server: Annotated[str, typer.Option(help="Server URL.")] = "http://127.0.0.1:8000",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan's JSON only.")] = False,
+    refresh: Annotated[bool, typer.Option(help="Plan again even if stored.")] = False,
+    token: Annotated[str | None, typer.Option(envvar="TRAINPLAN_TOKEN")] = None,
+) -> None:
     """Plan SPEC.json: on a server (following its progress) or --local."""
     raw = sys.stdin.read() if str(spec_file) == "-" else spec_file.read_text()
     if local:
@@ -106,8 +122,14 @@ def plan(spec_file: Annotated[Path, typer.Argument(help="Plan spec (JSON); - for
 
 
 def _progress(quiet: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[last]}"),
-                    TimeElapsedColumn(), console=err, disable=quiet and not err.is_terminal)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet and not err.is_terminal,
+    )
 
 
 def _trial_text(trial: dict[str, Any]) -> str:
@@ -141,12 +163,18 @@ def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
         except SpecError as exc:
             err.print(f"[red]invalid[/red] {'.'.join(map(str, exc.loc))}: {exc.message}")
             raise typer.Exit(2) from None
-    return {"id": None, "status": "succeeded", "spec": spec.canonical(),
-            "spec_hash": spec.spec_hash, "result": result.model_dump(mode="json")}
+    return {
+        "id": None,
+        "status": "succeeded",
+        "spec": spec.canonical(),
+        "spec_hash": spec.spec_hash,
+        "result": result.model_dump(mode="json"),
+    }
 
 
-def _plan_remote(raw: str, server: str, token: str | None, refresh: bool,
-                 quiet: bool) -> dict[str, Any]:
+def _plan_remote(
+    raw: str, server: str, token: str | None, refresh: bool, quiet: bool
+) -> dict[str, Any]:
     from service.client import TrainplanClient, TrainplanError
 
     try:
@@ -183,26 +211,42 @@ def _print_plan(body: dict[str, Any]) -> None:
         return
     dev = result["device"]
     summary = Table(show_header=False, title=f"plan on {dev['name']} ({dev['backend']})")
-    rows = [("feasible", str(result["feasible"])),
-            ("max micro-batch", str(result["max_micro_batch_size"])),
-            ("micro-batch x accumulation", f"{result['micro_batch_size']} x "
-                                           f"{result['accumulation_steps']}"),
-            ("effective global batch", str(result["effective_global_batch_size"])),
-            ("learning rate", f"{result['learning_rate']:.6g} ({result['lr_scaling']['rule']}, "
-                              f"x{result['lr_scaling']['factor']:.4g}, warm-up "
-                              f"{result['lr_scaling']['warmup_steps']} steps)"),
-            ("iterations / epoch", str(result["iterations_per_epoch"])),
-            ("optimizer steps / epoch, total", f"{result['optimizer_steps_per_epoch']}, "
-                                               f"{result['total_optimizer_steps']}"),
-            ("trials", str(len(result["trials"])))]
+    rows = [
+        ("feasible", str(result["feasible"])),
+        ("max micro-batch", str(result["max_micro_batch_size"])),
+        (
+            "micro-batch x accumulation",
+            f"{result['micro_batch_size']} x {result['accumulation_steps']}",
+        ),
+        ("effective global batch", str(result["effective_global_batch_size"])),
+        (
+            "learning rate",
+            f"{result['learning_rate']:.6g} ({result['lr_scaling']['rule']}, "
+            f"x{result['lr_scaling']['factor']:.4g}, warm-up "
+            f"{result['lr_scaling']['warmup_steps']} steps)",
+        ),
+        ("iterations / epoch", str(result["iterations_per_epoch"])),
+        (
+            "optimizer steps / epoch, total",
+            f"{result['optimizer_steps_per_epoch']}, {result['total_optimizer_steps']}",
+        ),
+        ("trials", str(len(result["trials"]))),
+    ]
     for key, value in rows:
         summary.add_row(key, value)
     console.print(summary)
     memory = result["memory"]
     mem = Table("memory at the chosen micro-batch", "bytes", "share", title=None)
     peak = max(memory["peak"], 1)
-    for key in ("parameters", "gradients", "optimizer_state", "input_batch", "activations",
-                "temporary", "overhead"):
+    for key in (
+        "parameters",
+        "gradients",
+        "optimizer_state",
+        "input_batch",
+        "activations",
+        "temporary",
+        "overhead",
+    ):
         share = memory[key] / peak
         mem.add_row(key, _gib(memory[key]), f"{'█' * round(share * 20):<20} {share:6.1%}")
     mem.add_row("peak / capacity", f"{_gib(memory['peak'])} / {_gib(memory['capacity'])}", "")

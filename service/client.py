@@ -16,11 +16,17 @@ class TrainplanError(RuntimeError):
 
 
 class TrainplanClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", token: str | None = None,
-                 timeout: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        token: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout,
-                                 transport=transport)
+        self.http = httpx.Client(
+            base_url=base_url, headers=headers, timeout=timeout, transport=transport
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -36,20 +42,25 @@ class TrainplanClient:
             try:
                 body = response.json()
             except ValueError:
-                body = {"title": response.reason_phrase, "status": response.status_code,
-                        "detail": response.text[:500]}
+                body = {
+                    "title": response.reason_phrase,
+                    "status": response.status_code,
+                    "detail": response.text[:500],
+                }
             raise TrainplanError(body)
         return response.json()  # type: ignore[no-any-return]
 
-    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None,
-               refresh: bool = False) -> dict[str, Any]:
+    def submit(
+        self, spec: dict[str, Any], idempotency_key: str | None = None, refresh: bool = False
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = dict(spec) | ({"refresh": True} if refresh else {})
         return self._json(self.http.post("/v1/plans", json=body, headers=headers))
 
     def get(self, plan_id: str, wait: float = 0) -> dict[str, Any]:
-        return self._json(self.http.get(f"/v1/plans/{plan_id}", params={"wait": wait},
-                                        timeout=wait + 30))
+        return self._json(
+            self.http.get(f"/v1/plans/{plan_id}", params={"wait": wait}, timeout=wait + 30)
+        )
 
     def cancel(self, plan_id: str) -> dict[str, Any]:
         return self._json(self.http.post(f"/v1/plans/{plan_id}/cancel"))
@@ -63,8 +74,10 @@ class TrainplanClient:
         deadline = time.monotonic() + timeout
         while True:
             plan = self.get(plan_id, wait=min(30.0, max(0.0, deadline - time.monotonic())))
-            if plan["status"] in ("succeeded", "failed", "cancelled") \
-                    or time.monotonic() >= deadline:
+            if (
+                plan["status"] in ("succeeded", "failed", "cancelled")
+                or time.monotonic() >= deadline
+            ):
                 return plan
 
     def events(self, plan_id: str) -> Iterator[tuple[str, dict[str, Any]]]:

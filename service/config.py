@@ -12,20 +12,27 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRAINPLAN_", env_file=".env", extra="ignore")
 
-    database_url: str = Field(default="sqlite:///./trainplan.db",
-                              description="SQLAlchemy URL; postgresql+psycopg://... in production.")
+    database_url: str = Field(
+        default="sqlite:///./trainplan.db",
+        description="SQLAlchemy URL; postgresql+psycopg://... in production.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     embedded_worker: bool = Field(default=True, description="`serve` runs one worker in-process.")
     worker_concurrency: int = Field(default=1, ge=1, le=64)
-    lease_seconds: float = Field(default=60.0, gt=0, description="A claim lasts this long "
-                                 "unless the worker's heartbeat extends it.")
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A claim lasts this long unless the worker's heartbeat extends it.",
+    )
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0, description="Idle worker's queue poll period.")
     plan_timeout_seconds: float = Field(default=900.0, gt=0, description="Time limit of one plan.")
     max_attempts: int = Field(default=3, ge=1, description="Claims of one plan before it fails.")
     auth_mode: Literal["none", "token"] = "none"
-    api_tokens: list[str] = Field(default_factory=list, description="Bearer tokens (auth_mode=token).")
+    api_tokens: list[str] = Field(
+        default_factory=list, description="Bearer tokens (auth_mode=token)."
+    )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_wait_seconds: float = Field(default=60.0, ge=0)
     page_size_max: int = Field(default=200, ge=1)

@@ -13,8 +13,7 @@ from sqlalchemy import create_engine, text
 
 from service.schemas.examples import SMALL_GRAYSCALE_CNN
 
-PG_URL = os.environ.get("TRAINPLAN_TEST_POSTGRES_URL",
-                        "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("TRAINPLAN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def _pg_admin_url() -> str:
@@ -80,7 +79,9 @@ def plugins(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def registered_spec(name: str, **kwargs: Any) -> dict[str, Any]:
-    return {"model": {"source": "registered", "name": name, "kwargs": kwargs},
-            "data": {"kind": "tensor", "shape": [64], "num_classes": 10, "num_samples": 1000},
-            "training": {"optimizer": "adam", "global_batch_size": 128},
-            "device": {"kind": "simulated", "memory_gib": 1}}
+    return {
+        "model": {"source": "registered", "name": name, "kwargs": kwargs},
+        "data": {"kind": "tensor", "shape": [64], "num_classes": 10, "num_samples": 1000},
+        "training": {"optimizer": "adam", "global_batch_size": 128},
+        "device": {"kind": "simulated", "memory_gib": 1},
+    }

@@ -51,17 +51,25 @@ def test_idempotency_key(client: TestClient, small_spec: dict[str, Any]) -> None
     assert first.json()["id"] == second.json()["id"]
 
 
-@pytest.mark.parametrize(("mutate", "field"), [
-    (lambda s: s["data"].update(channels=5), "data.image.channels"),
-    (lambda s: s["training"].update(optimizer="lion"), "training.optimizer"),
-    (lambda s: s["model"]["layers"].__setitem__(0, {"type": "Exec"}), "model.layers.layers.0"),
-    (lambda s: s["model"]["layers"].insert(8, {"type": "Linear", "in_features": 3,
-                                               "out_features": 4}), "model.layers.8"),
-    (lambda s: s.update(device={"kind": "simulated", "gpu": "nope"}), "device.simulated"),
-    (lambda s: s["search"].update(headroom=2), "search.headroom"),
-])
-def test_invalid_specs_are_422_naming_the_field(client: TestClient, small_spec: dict[str, Any],
-                                                mutate: Any, field: str) -> None:
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda s: s["data"].update(channels=5), "data.image.channels"),
+        (lambda s: s["training"].update(optimizer="lion"), "training.optimizer"),
+        (lambda s: s["model"]["layers"].__setitem__(0, {"type": "Exec"}), "model.layers.layers.0"),
+        (
+            lambda s: s["model"]["layers"].insert(
+                8, {"type": "Linear", "in_features": 3, "out_features": 4}
+            ),
+            "model.layers.8",
+        ),
+        (lambda s: s.update(device={"kind": "simulated", "gpu": "nope"}), "device.simulated"),
+        (lambda s: s["search"].update(headroom=2), "search.headroom"),
+    ],
+)
+def test_invalid_specs_are_422_naming_the_field(
+    client: TestClient, small_spec: dict[str, Any], mutate: Any, field: str
+) -> None:
     spec = deepcopy(small_spec)
     mutate(spec)
     body = _problem(client.post("/v1/plans", json=spec), 422)
@@ -79,8 +87,12 @@ def test_torchvision_kwargs_rejected_by_the_factory(client: TestClient) -> None:
 
 
 def test_malformed_json_and_wrong_types(client: TestClient) -> None:
-    _problem(client.post("/v1/plans", content=b"{not json",
-                         headers={"content-type": "application/json"}), 422)
+    _problem(
+        client.post(
+            "/v1/plans", content=b"{not json", headers={"content-type": "application/json"}
+        ),
+        422,
+    )
     _problem(client.post("/v1/plans", json=[1, 2, 3]), 422)
     _problem(client.post("/v1/plans", json={"model": "resnet"}), 422)
 
@@ -117,8 +129,7 @@ def test_list_filters_and_cursor(client: TestClient, small_spec: dict[str, Any])
     _problem(client.get("/v1/plans", params={"cursor": "x"}), 422)
 
 
-def test_long_poll_returns_after_the_wait(client: TestClient, small_spec: dict[str, Any]
-                                          ) -> None:
+def test_long_poll_returns_after_the_wait(client: TestClient, small_spec: dict[str, Any]) -> None:
     plan = client.post("/v1/plans", json=small_spec).json()
     body = client.get(f"/v1/plans/{plan['id']}", params={"wait": 0.3}).json()
     assert body["status"] == "queued"
@@ -138,8 +149,9 @@ def test_system_routes(client: TestClient) -> None:
 
 
 def test_token_auth(db_url: str, small_spec: dict[str, Any]) -> None:
-    settings = Settings(database_url=db_url, embedded_worker=False, auth_mode="token",
-                        api_tokens=["s3cret"])
+    settings = Settings(
+        database_url=db_url, embedded_worker=False, auth_mode="token", api_tokens=["s3cret"]
+    )
     with TestClient(create_app(settings)) as c:
         _problem(c.post("/v1/plans", json=small_spec), 401)
         ok = c.post("/v1/plans", json=small_spec, headers={"Authorization": "Bearer s3cret"})

@@ -16,16 +16,27 @@ from workers.engine.profile import run_plan
 MIB = 1 << 20
 
 
-def mlp_spec(optimizer: str = "adam", precision: str = "fp32", memory_gib: float = 0.25,
-             **training: Any) -> dict[str, Any]:
+def mlp_spec(
+    optimizer: str = "adam", precision: str = "fp32", memory_gib: float = 0.25, **training: Any
+) -> dict[str, Any]:
     return {
-        "model": {"source": "layers", "layers": [
-            {"type": "Linear", "out_features": 1024}, {"type": "ReLU"},
-            {"type": "Linear", "out_features": 1024}, {"type": "ReLU"},
-            {"type": "Linear", "out_features": 10}]},
+        "model": {
+            "source": "layers",
+            "layers": [
+                {"type": "Linear", "out_features": 1024},
+                {"type": "ReLU"},
+                {"type": "Linear", "out_features": 1024},
+                {"type": "ReLU"},
+                {"type": "Linear", "out_features": 10},
+            ],
+        },
         "data": {"kind": "tensor", "shape": [512], "num_classes": 10, "num_samples": 10000},
-        "training": {"optimizer": optimizer, "precision": precision, "global_batch_size": 64,
-                     **training},
+        "training": {
+            "optimizer": optimizer,
+            "precision": precision,
+            "global_batch_size": 64,
+            **training,
+        },
         "device": {"kind": "simulated", "memory_gib": memory_gib},
         "search": {"headroom": 0.0, "max_batch_size": 1 << 20},
     }
@@ -55,27 +66,44 @@ def test_grayscale_cnn_is_exact_in_few_trials(small_spec: dict[str, Any]) -> Non
     search_trials = [t for t in result.trials if t.phase == "search"]
     assert len(search_trials) <= 8
     memory = result.memory
-    parts = (memory.parameters + memory.gradients + memory.optimizer_state + memory.input_batch
-             + memory.activations + memory.temporary + memory.overhead)
+    parts = (
+        memory.parameters
+        + memory.gradients
+        + memory.optimizer_state
+        + memory.input_batch
+        + memory.activations
+        + memory.temporary
+        + memory.overhead
+    )
     assert parts == memory.peak
     assert memory.peak <= memory.capacity
 
 
 @pytest.mark.slow
 def test_resnet18_is_exact_on_a_small_card() -> None:
-    spec = {"model": {"source": "torchvision", "name": "resnet18"},
-            "data": {"kind": "image", "channels": 3, "height": 64, "width": 64,
-                     "num_classes": 100},
-            "training": {"optimizer": "sgd_momentum", "precision": "bf16-mixed"},
-            "device": {"kind": "simulated", "memory_gib": 2},
-            "search": {"headroom": 0.05}}
+    spec = {
+        "model": {"source": "torchvision", "name": "resnet18"},
+        "data": {"kind": "image", "channels": 3, "height": 64, "width": 64, "num_classes": 100},
+        "training": {"optimizer": "sgd_momentum", "precision": "bf16-mixed"},
+        "device": {"kind": "simulated", "memory_gib": 2},
+        "search": {"headroom": 0.05},
+    }
     result = assert_exact(spec)
     assert result.memory.parameters == pytest.approx(11_227_812 * 4, rel=0.01)
 
 
-@pytest.mark.parametrize(("optimizer", "copies"), [
-    ("sgd", 0), ("sgd_momentum", 1), ("nesterov", 1), ("adam", 2), ("adamw", 2),
-    ("rmsprop", 1), ("adagrad", 1)])
+@pytest.mark.parametrize(
+    ("optimizer", "copies"),
+    [
+        ("sgd", 0),
+        ("sgd_momentum", 1),
+        ("nesterov", 1),
+        ("adam", 2),
+        ("adamw", 2),
+        ("rmsprop", 1),
+        ("adagrad", 1),
+    ],
+)
 def test_optimizer_state_is_counted_per_parameter(optimizer: str, copies: int) -> None:
     spec = PlanSpec.model_validate(mlp_spec(optimizer))
     device = open_device(spec)
@@ -107,8 +135,7 @@ def _activations_at(spec_dict: dict[str, Any], batch: int) -> int:
         return session.probe(batch).breakdown["activations"]
 
 
-def test_mixed_precision_and_checkpointing_shrink_activations(small_spec: dict[str, Any]
-                                                               ) -> None:
+def test_mixed_precision_and_checkpointing_shrink_activations(small_spec: dict[str, Any]) -> None:
     base = _activations_at(small_spec, 256)
     bf16 = deepcopy(small_spec)
     bf16["training"]["precision"] = "bf16-mixed"
@@ -164,8 +191,7 @@ def test_global_batch_over_dataset_warns(small_spec: dict[str, Any]) -> None:
 
 
 def test_shape_that_does_not_chain_names_the_layer(small_spec: dict[str, Any]) -> None:
-    small_spec["model"]["layers"].insert(8, {"type": "Linear", "in_features": 7,
-                                             "out_features": 5})
+    small_spec["model"]["layers"].insert(8, {"type": "Linear", "in_features": 7, "out_features": 5})
     with pytest.raises(SpecError) as info:
         build_model(PlanSpec.model_validate(small_spec))
     assert info.value.loc == ("model", "layers", 8)
@@ -178,20 +204,28 @@ def test_head_must_match_the_classes(small_spec: dict[str, Any]) -> None:
 
 
 def test_sequence_layers_and_regression() -> None:
-    spec = {"model": {"source": "layers", "layers": [
-                {"type": "LSTM", "hidden_size": 64}, {"type": "TransformerEncoderLayer"},
-                {"type": "Flatten"}, {"type": "Linear", "out_features": 3}]},
-            "data": {"kind": "tensor", "shape": [16, 32], "target": "regression",
-                     "num_outputs": 3},
-            "training": {"optimizer": "rmsprop"},
-            "device": {"kind": "simulated", "memory_gib": 1}}
+    spec = {
+        "model": {
+            "source": "layers",
+            "layers": [
+                {"type": "LSTM", "hidden_size": 64},
+                {"type": "TransformerEncoderLayer"},
+                {"type": "Flatten"},
+                {"type": "Linear", "out_features": 3},
+            ],
+        },
+        "data": {"kind": "tensor", "shape": [16, 32], "target": "regression", "num_outputs": 3},
+        "training": {"optimizer": "rmsprop"},
+        "device": {"kind": "simulated", "memory_gib": 1},
+    }
     assert_exact(spec)
 
 
 def test_unsupported_torchvision_family_is_a_clear_error() -> None:
-    spec = {"model": {"source": "torchvision", "name": "fasterrcnn_resnet50_fpn"},
-            "data": {"kind": "image", "channels": 3, "height": 64, "width": 64,
-                     "num_classes": 3}}
+    spec = {
+        "model": {"source": "torchvision", "name": "fasterrcnn_resnet50_fpn"},
+        "data": {"kind": "image", "channels": 3, "height": 64, "width": 64, "num_classes": 3},
+    }
     with pytest.raises(SpecError, match="detection"):
         build_model(PlanSpec.model_validate(spec))
 
@@ -200,10 +234,18 @@ def test_every_torchvision_name_builds_or_is_refused_clearly() -> None:
     from workers.engine.models.vision import SUPPORTED_FAMILIES, families
 
     for name, family in families().items():
-        spec = PlanSpec.model_validate({
-            "model": {"source": "torchvision", "name": name},
-            "data": {"kind": "image", "channels": 3, "height": 224, "width": 224,
-                     "num_classes": 10}})
+        spec = PlanSpec.model_validate(
+            {
+                "model": {"source": "torchvision", "name": name},
+                "data": {
+                    "kind": "image",
+                    "channels": 3,
+                    "height": 224,
+                    "width": 224,
+                    "num_classes": 10,
+                },
+            }
+        )
         if family in SUPPORTED_FAMILIES:
             assert build_model(spec).module is not None, name
         else:
@@ -212,9 +254,10 @@ def test_every_torchvision_name_builds_or_is_refused_clearly() -> None:
 
 
 def test_grayscale_torchvision_adapts_the_stem() -> None:
-    spec = {"model": {"source": "torchvision", "name": "resnet18"},
-            "data": {"kind": "image", "channels": 1, "height": 32, "width": 32,
-                     "num_classes": 10},
-            "device": {"kind": "simulated", "memory_gib": 1}}
+    spec = {
+        "model": {"source": "torchvision", "name": "resnet18"},
+        "data": {"kind": "image", "channels": 1, "height": 32, "width": 32, "num_classes": 10},
+        "device": {"kind": "simulated", "memory_gib": 1},
+    }
     built = build_model(PlanSpec.model_validate(spec))
     assert built.module.conv1.in_channels == 1 and built.notes

@@ -18,13 +18,15 @@ modes = st.sampled_from(["power_of_two", "max", "divisor"])
 
 @given(max_micro=micro_caps, global_batch=globals_, world=worlds, mode=modes)
 def test_micro_times_accumulation_times_world_covers_the_global_batch(
-        max_micro: int, global_batch: int, world: int, mode: str) -> None:
+    max_micro: int, global_batch: int, world: int, mode: str
+) -> None:
     plan = planner.choose_batches(max_micro, global_batch, world, mode)
     per_rank = math.ceil(global_batch / world)
     assert 1 <= plan.micro_batch_size <= max_micro
     assert plan.micro_batch_size <= per_rank
     assert plan.effective_global_batch_size == (
-        plan.micro_batch_size * plan.accumulation_steps * world)
+        plan.micro_batch_size * plan.accumulation_steps * world
+    )
     assert plan.effective_global_batch_size >= global_batch
     # the fewest accumulation steps for this micro-batch
     assert (plan.accumulation_steps - 1) * plan.micro_batch_size < per_rank
@@ -39,10 +41,16 @@ def test_micro_times_accumulation_times_world_covers_the_global_batch(
             assert plan.effective_global_batch_size == global_batch
 
 
-@given(num_samples=st.integers(1, 10**9), micro=st.integers(1, 4096), world=worlds,
-       global_batch=globals_, epochs=st.floats(0.01, 1000))
-def test_epoch_arithmetic(num_samples: int, micro: int, world: int, global_batch: int,
-                          epochs: float) -> None:
+@given(
+    num_samples=st.integers(1, 10**9),
+    micro=st.integers(1, 4096),
+    world=worlds,
+    global_batch=globals_,
+    epochs=st.floats(0.01, 1000),
+)
+def test_epoch_arithmetic(
+    num_samples: int, micro: int, world: int, global_batch: int, epochs: float
+) -> None:
     plan = planner.epoch_arithmetic(num_samples, micro, world, global_batch, epochs)
     assert plan.iterations_per_epoch * micro * world >= num_samples
     assert (plan.iterations_per_epoch - 1) * micro * world < num_samples
@@ -50,10 +58,15 @@ def test_epoch_arithmetic(num_samples: int, micro: int, world: int, global_batch
     assert plan.total_optimizer_steps == math.ceil(epochs * plan.optimizer_steps_per_epoch)
 
 
-@given(base_lr=st.floats(1e-6, 10), base=st.integers(1, 4096), eff=st.integers(1, 1 << 20),
-       opt=st.sampled_from(["sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop",
-                            "adagrad", "adafactor"]),
-       rule=st.sampled_from(["linear", "sqrt", "none", "auto"]))
+@given(
+    base_lr=st.floats(1e-6, 10),
+    base=st.integers(1, 4096),
+    eff=st.integers(1, 1 << 20),
+    opt=st.sampled_from(
+        ["sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adafactor"]
+    ),
+    rule=st.sampled_from(["linear", "sqrt", "none", "auto"]),
+)
 def test_lr_rules(base_lr: float, base: int, eff: int, opt: str, rule: str) -> None:
     lr = planner.scale_lr(base_lr, base, eff, rule, opt, 100, 1000)
     ratio = eff / base
@@ -72,8 +85,11 @@ def test_design_example() -> None:
     batches = planner.choose_batches(347, 1024, 1, "power_of_two")
     assert (batches.micro_batch_size, batches.accumulation_steps) == (256, 4)
     epochs = planner.epoch_arithmetic(1281167, 256, 1, 1024, 90)
-    assert (epochs.iterations_per_epoch, epochs.optimizer_steps_per_epoch,
-            epochs.total_optimizer_steps) == (5005, 1252, 112680)
+    assert (
+        epochs.iterations_per_epoch,
+        epochs.optimizer_steps_per_epoch,
+        epochs.total_optimizer_steps,
+    ) == (5005, 1252, 112680)
     lr = planner.scale_lr(0.1, 256, 1024, "linear", "sgd_momentum", 1252, 112680)
     assert lr.learning_rate == pytest.approx(0.4) and lr.factor == 4.0
     assert lr.warmup_steps == 6260

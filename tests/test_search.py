@@ -13,16 +13,23 @@ from workers.engine.devices.base import TrialOutcome
 from workers.engine.search import find_max_batch
 
 
-def make_probe(peak: Callable[[int], int], limit: int, lower_bound_on_fail: bool = False
-               ) -> tuple[Callable[[int], TrialOutcome], list[int]]:
+def make_probe(
+    peak: Callable[[int], int], limit: int, lower_bound_on_fail: bool = False
+) -> tuple[Callable[[int], TrialOutcome], list[int]]:
     calls: list[int] = []
 
     def probe(b: int) -> TrialOutcome:
         calls.append(b)
         p = peak(b)
         fits = p <= limit
-        return TrialOutcome(b, fits, p if fits or not lower_bound_on_fail else limit // 2, 0.0,
-                            peak_is_lower_bound=lower_bound_on_fail and not fits)
+        return TrialOutcome(
+            b,
+            fits,
+            p if fits or not lower_bound_on_fail else limit // 2,
+            0.0,
+            peak_is_lower_bound=lower_bound_on_fail and not fits,
+        )
+
     return probe, calls
 
 
@@ -36,8 +43,9 @@ def oracle(peak: Callable[[int], int], limit: int, max_batch: int) -> int:
     return best
 
 
-def check_exact(peak: Callable[[int], int], limit: int, max_batch: int,
-                lower_bound: bool = False) -> int:
+def check_exact(
+    peak: Callable[[int], int], limit: int, max_batch: int, lower_bound: bool = False
+) -> int:
     probe, calls = make_probe(peak, limit, lower_bound)
     result = find_max_batch(probe, limit, max_batch)
     expected = oracle(peak, limit, max_batch)
@@ -91,11 +99,16 @@ def test_max_batch_of_one() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(fixed=st.integers(0, 10**10), per_sample=st.integers(1, 10**8),
-       limit=st.integers(10**6, 10**11), rounding=st.sampled_from([1, 512, 2**20, 2**21]),
-       max_batch=st.integers(1, 1 << 16))
-def test_exact_on_any_affine_curve_with_rounding(fixed: int, per_sample: int, limit: int,
-                                                  rounding: int, max_batch: int) -> None:
+@given(
+    fixed=st.integers(0, 10**10),
+    per_sample=st.integers(1, 10**8),
+    limit=st.integers(10**6, 10**11),
+    rounding=st.sampled_from([1, 512, 2**20, 2**21]),
+    max_batch=st.integers(1, 1 << 16),
+)
+def test_exact_on_any_affine_curve_with_rounding(
+    fixed: int, per_sample: int, limit: int, rounding: int, max_batch: int
+) -> None:
     def peak(b: int) -> int:
         return rounding * math.ceil((fixed + per_sample * b) / rounding)
 

@@ -72,7 +72,8 @@ def test_concurrent_claims_never_share_a_plan(db_url: str, small_spec: dict[str,
 
 
 def test_expired_lease_is_claimed_again_then_failed_after_max_attempts(
-        db_url: str, small_spec: dict[str, Any]) -> None:
+    db_url: str, small_spec: dict[str, Any]
+) -> None:
     factory = _factory(db_url)
     (plan_id,) = _add(factory, small_spec)
     with factory() as s:

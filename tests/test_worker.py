@@ -15,8 +15,7 @@ from workers.loop import PlanWorker
 
 
 def _setup(db_url: str, **overrides: Any) -> tuple[Settings, Any]:
-    settings = Settings(database_url=db_url, heartbeat_seconds=0.5, poll_seconds=0.1,
-                        **overrides)
+    settings = Settings(database_url=db_url, heartbeat_seconds=0.5, poll_seconds=0.1, **overrides)
     upgrade(db_url)
     return settings, make_session_factory(make_engine(db_url))
 
@@ -34,8 +33,9 @@ def _plan(factory: Any, plan_id: str) -> Any:
         return crud.get_plan(s, plan_id, with_trials=True)
 
 
-def test_worker_runs_a_plan_and_records_every_trial(db_url: str, small_spec: dict[str, Any]
-                                                     ) -> None:
+def test_worker_runs_a_plan_and_records_every_trial(
+    db_url: str, small_spec: dict[str, Any]
+) -> None:
     settings, factory = _setup(db_url)
     plan_id = _enqueue(factory, small_spec)
     worker = PlanWorker(settings, factory, "w-test")

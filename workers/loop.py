@@ -42,8 +42,13 @@ def device_kinds() -> tuple[str, ...]:
 
 
 class PlanWorker:
-    def __init__(self, settings: Settings, factory: sessionmaker[Session],
-                 worker_id: str | None = None, kinds: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        worker_id: str | None = None,
+        kinds: tuple[str, ...] | None = None,
+    ) -> None:
         self.settings = settings
         self.factory = factory
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -53,8 +58,9 @@ class PlanWorker:
     def run(self, stop: threading.Event, max_plans: int | None = None) -> int:
         """Work until `stop` is set (or `max_plans` are done); returns plans handled."""
         with session_scope(self.factory) as session:
-            crud.register_worker(session, self.worker_id, socket.gethostname(),
-                                 {"kinds": list(self.kinds)})
+            crud.register_worker(
+                session, self.worker_id, socket.gethostname(), {"kinds": list(self.kinds)}
+            )
         done = 0
         last_beat = 0.0
         while not stop.is_set() and (max_plans is None or done < max_plans):
@@ -76,8 +82,7 @@ class PlanWorker:
     def run_once(self, stop: threading.Event | None = None) -> int:
         with self.factory() as session:
             crud.fail_exhausted(session, self.settings.max_attempts)
-            plan = crud.claim_next(session, self.worker_id, self.settings.lease_seconds,
-                                   self.kinds)
+            plan = crud.claim_next(session, self.worker_id, self.settings.lease_seconds, self.kinds)
             if plan is None:
                 return 0
             plan_id, attempt, spec = plan.id, plan.attempts, plan.spec
@@ -95,8 +100,9 @@ class PlanWorker:
             log.warning("worker.heartbeat_failed", error=str(exc)[:300])
 
     # -- one plan --------------------------------------------------------------------------
-    def execute(self, plan_id: str, attempt: int, spec: dict[str, Any],
-                stop: threading.Event) -> str:
+    def execute(
+        self, plan_id: str, attempt: int, spec: dict[str, Any], stop: threading.Event
+    ) -> str:
         """Run one claimed plan to its end; returns the final status written (or 'lost')."""
         settings = self.settings
         started = time.monotonic()
@@ -118,16 +124,32 @@ class PlanWorker:
                         final = self._handle(plan_id, attempt, state, message, started)
                         if final is not None:
                             return final
-                    return self._end(plan_id, "failed", started, error=crud.problem(
-                        "plan-crashed", "The plan's process died",
-                        f"the child process exited with code {process.exitcode} "
-                        f"(killed by the OS or a native crash)", 500))
+                    return self._end(
+                        plan_id,
+                        "failed",
+                        started,
+                        error=crud.problem(
+                            "plan-crashed",
+                            "The plan's process died",
+                            f"the child process exited with code {process.exitcode} "
+                            f"(killed by the OS or a native crash)",
+                            500,
+                        ),
+                    )
                 now = time.monotonic()
                 if now > deadline:
-                    return self._end(plan_id, "failed", started, error=crud.problem(
-                        "plan-timeout", "The plan exceeded its time limit",
-                        f"stopped after {settings.plan_timeout_seconds:g} s "
-                        f"(TRAINPLAN_PLAN_TIMEOUT_SECONDS)", 504))
+                    return self._end(
+                        plan_id,
+                        "failed",
+                        started,
+                        error=crud.problem(
+                            "plan-timeout",
+                            "The plan exceeded its time limit",
+                            f"stopped after {settings.plan_timeout_seconds:g} s "
+                            f"(TRAINPLAN_PLAN_TIMEOUT_SECONDS)",
+                            504,
+                        ),
+                    )
                 if now > next_beat:
                     next_beat = now + settings.heartbeat_seconds
                     if not self._extend(plan_id):
@@ -149,8 +171,14 @@ class PlanWorker:
         except (queue_mod.Empty, EOFError, OSError):
             return None
 
-    def _handle(self, plan_id: str, attempt: int, state: dict[str, int],
-                message: tuple[str, Any], started: float) -> str | None:
+    def _handle(
+        self,
+        plan_id: str,
+        attempt: int,
+        state: dict[str, int],
+        message: tuple[str, Any],
+        started: float,
+    ) -> str | None:
         """Store a trial (None: go on) or record the end (the final status)."""
         kind, payload = message
         if kind == "trial":
@@ -161,8 +189,7 @@ class PlanWorker:
             return self._end(plan_id, "succeeded", started, result=payload)
         return self._end(plan_id, "failed", started, error=payload)
 
-    def _store_trial(self, plan_id: str, attempt: int, index: int,
-                     trial: dict[str, Any]) -> None:
+    def _store_trial(self, plan_id: str, attempt: int, index: int, trial: dict[str, Any]) -> None:
         with self.factory() as session:
             crud.add_trial(session, plan_id, attempt, index, trial)
         TRIALS.labels(fits=str(bool(trial["fits"])).lower()).inc()
@@ -173,19 +200,29 @@ class PlanWorker:
 
     def _extend(self, plan_id: str) -> bool:
         with self.factory() as session:
-            return crud.extend_lease(session, plan_id, self.worker_id,
-                                     self.settings.lease_seconds)
+            return crud.extend_lease(session, plan_id, self.worker_id, self.settings.lease_seconds)
 
-    def _end(self, plan_id: str, status: str, started: float,
-             result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> str:
+    def _end(
+        self,
+        plan_id: str,
+        status: str,
+        started: float,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> str:
         with self.factory() as session:
             if status == "cancelled":
-                error = crud.problem("cancelled", "Plan cancelled",
-                                     "cancelled on request; trials so far are kept", 409)
+                error = crud.problem(
+                    "cancelled",
+                    "Plan cancelled",
+                    "cancelled on request; trials so far are kept",
+                    409,
+                )
             ok = crud.finish(session, plan_id, self.worker_id, status, result, error)
         elapsed = time.monotonic() - started
         PLAN_SECONDS.observe(elapsed)
         PLANS_FINISHED.labels(status=status).inc()
-        log.info("plan.finished", plan_id=plan_id, status=status, seconds=round(elapsed, 3),
-                 recorded=ok)
+        log.info(
+            "plan.finished", plan_id=plan_id, status=status, seconds=round(elapsed, 3), recorded=ok
+        )
         return status if ok else "lost"

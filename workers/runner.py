@@ -23,22 +23,47 @@ def child_main(spec_json: str, queue: Any) -> None:
         try:
             result = run_plan(spec, hooks)
         except SpecError as exc:
-            queue.put(("error", problem("invalid-spec", "The spec cannot be planned", exc.message,
-                                        422, errors=exc.as_problem_errors())))
+            queue.put(
+                (
+                    "error",
+                    problem(
+                        "invalid-spec",
+                        "The spec cannot be planned",
+                        exc.message,
+                        422,
+                        errors=exc.as_problem_errors(),
+                    ),
+                )
+            )
             return
         except ValueError as exc:
-            queue.put(("error", problem("invalid-spec", "The spec cannot be planned", str(exc),
-                                        422)))
+            queue.put(
+                ("error", problem("invalid-spec", "The spec cannot be planned", str(exc), 422))
+            )
             return
         queue.put(("result", result.model_dump(mode="json")))
     except Exception as exc:  # the child's last word: never a silent death
         detail = f"{type(exc).__name__}: {exc}"[:2000]
-        queue.put(("error", problem("plan-crashed", "The plan failed on the worker", detail, 500,
-                                    traceback=traceback.format_exc()[-4000:])))
+        queue.put(
+            (
+                "error",
+                problem(
+                    "plan-crashed",
+                    "The plan failed on the worker",
+                    detail,
+                    500,
+                    traceback=traceback.format_exc()[-4000:],
+                ),
+            )
+        )
 
 
-PRELOAD = ["workers.engine.profile", "workers.engine.devices.simulated",
-           "workers.engine.devices.cpu", "workers.engine.models.layers"]
+PRELOAD = [
+    "workers.engine.profile",
+    "workers.engine.devices.simulated",
+    "workers.engine.devices.cpu",
+    "workers.engine.models.layers",
+]
 
 
 def _context() -> Any:
@@ -53,7 +78,8 @@ def start_child(spec_json: str) -> tuple[Any, Any]:
     """Start the child process for one plan; returns (process, queue)."""
     ctx = _context()
     queue = ctx.Queue()
-    process = ctx.Process(target=child_main, args=(spec_json, queue), daemon=True,
-                          name="trainplan-plan")
+    process = ctx.Process(
+        target=child_main, args=(spec_json, queue), daemon=True, name="trainplan-plan"
+    )
     process.start()
     return process, queue

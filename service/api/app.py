@@ -56,12 +56,24 @@ class BodyLimit:
     async def _too_large(self, send: Send) -> None:
         import json
 
-        body = json.dumps(problem("too-large", "Request too large",
-                                  f"request bodies are limited to {self.limit} bytes",
-                                  413)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/problem+json"),
-                                (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            problem(
+                "too-large",
+                "Request too large",
+                f"request bodies are limited to {self.limit} bytes",
+                413,
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/problem+json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -69,8 +81,9 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings | None = None, *, embedded_worker: bool | None = None,
-               migrate: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, embedded_worker: bool | None = None, migrate: bool = True
+) -> FastAPI:
     settings = settings or get_settings()
     run_worker = settings.embedded_worker if embedded_worker is None else embedded_worker
 
@@ -89,8 +102,9 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
 
             for _ in range(settings.worker_concurrency):
                 worker = PlanWorker(settings, app.state.session_factory)
-                thread = threading.Thread(target=worker.run, args=(stop,), daemon=True,
-                                          name=f"worker-{worker.worker_id}")
+                thread = threading.Thread(
+                    target=worker.run, args=(stop,), daemon=True, name=f"worker-{worker.worker_id}"
+                )
                 thread.start()
                 threads.append(thread)
         try:

@@ -24,24 +24,35 @@ class ProblemException(Exception):
 
 
 def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=int(body["status"]), media_type=MEDIA_TYPE,
-                        headers=headers)
+    return JSONResponse(
+        body, status_code=int(body["status"]), media_type=MEDIA_TYPE, headers=headers
+    )
 
 
 def _clean_errors(errors: Any) -> list[dict[str, Any]]:
     out = []
     for err in errors:
         loc = [p for p in err.get("loc", ()) if p != "body"]
-        out.append({"loc": loc, "field": ".".join(str(p) for p in loc), "msg": err.get("msg"),
-                    "type": err.get("type")})
+        out.append(
+            {
+                "loc": loc,
+                "field": ".".join(str(p) for p in loc),
+                "msg": err.get("msg"),
+                "type": err.get("type"),
+            }
+        )
     return out
 
 
 def validation_problem(errors: list[dict[str, Any]]) -> dict[str, Any]:
     fields = ", ".join(sorted({e["field"] for e in errors if e.get("field")})) or "the request"
-    return problem("validation-error", "The request is invalid",
-                   f"invalid: {fields}. {errors[0]['msg'] if errors else ''}".strip(), 422,
-                   errors=errors)
+    return problem(
+        "validation-error",
+        "The request is invalid",
+        f"invalid: {fields}. {errors[0]['msg'] if errors else ''}".strip(),
+        422,
+        errors=errors,
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -55,14 +66,20 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        title = {404: "Not found", 405: "Method not allowed", 401: "Unauthorized",
-                 413: "Request too large"}.get(exc.status_code, "HTTP error")
-        return problem_response(problem(f"http-{exc.status_code}", title, str(exc.detail),
-                                        exc.status_code),
-                                headers=getattr(exc, "headers", None))
+        title = {
+            404: "Not found",
+            405: "Method not allowed",
+            401: "Unauthorized",
+            413: "Request too large",
+        }.get(exc.status_code, "HTTP error")
+        return problem_response(
+            problem(f"http-{exc.status_code}", title, str(exc.detail), exc.status_code),
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("api.unhandled", path=request.url.path, error=repr(exc)[:500])
-        return problem_response(problem("internal", "Internal error",
-                                        "the server failed to handle this request", 500))
+        return problem_response(
+            problem("internal", "Internal error", "the server failed to handle this request", 500)
+        )

@@ -4,14 +4,30 @@ Static on purpose: validating a request must not import torch, and a class that 
 can never be reached from a request.
 """
 
-_CONV = {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-         "bias", "padding_mode"}
+_CONV = {
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "bias",
+    "padding_mode",
+}
 _POOL = {"kernel_size", "stride", "padding", "dilation", "ceil_mode"}
 _AVGPOOL = {"kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"}
 _ADAPTIVE = {"output_size"}
 _NORM = {"num_features", "eps", "momentum", "affine", "track_running_stats"}
-_RNN = {"input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
-        "bidirectional"}
+_RNN = {
+    "input_size",
+    "hidden_size",
+    "num_layers",
+    "bias",
+    "batch_first",
+    "dropout",
+    "bidirectional",
+}
 _ACT: set[str] = {"inplace"}
 
 LAYER_TYPES: dict[str, set[str]] = {
@@ -55,15 +71,39 @@ LAYER_TYPES: dict[str, set[str]] = {
     "Dropout2d": {"p", "inplace"},
     "Flatten": {"start_dim", "end_dim"},
     "Unflatten": {"dim", "unflattened_size"},
-    "Embedding": {"num_embeddings", "embedding_dim", "padding_idx", "max_norm", "scale_grad_by_freq",
-                  "sparse"},
+    "Embedding": {
+        "num_embeddings",
+        "embedding_dim",
+        "padding_idx",
+        "max_norm",
+        "scale_grad_by_freq",
+        "sparse",
+    },
     "RNN": _RNN | {"nonlinearity"},
     "LSTM": _RNN | {"proj_size"},
     "GRU": _RNN,
-    "TransformerEncoderLayer": {"d_model", "nhead", "dim_feedforward", "dropout", "activation",
-                                "layer_norm_eps", "batch_first", "norm_first", "bias"},
-    "TransformerDecoderLayer": {"d_model", "nhead", "dim_feedforward", "dropout", "activation",
-                                "layer_norm_eps", "batch_first", "norm_first", "bias"},
+    "TransformerEncoderLayer": {
+        "d_model",
+        "nhead",
+        "dim_feedforward",
+        "dropout",
+        "activation",
+        "layer_norm_eps",
+        "batch_first",
+        "norm_first",
+        "bias",
+    },
+    "TransformerDecoderLayer": {
+        "d_model",
+        "nhead",
+        "dim_feedforward",
+        "dropout",
+        "activation",
+        "layer_norm_eps",
+        "batch_first",
+        "norm_first",
+        "bias",
+    },
     "MultiheadAttention": {"embed_dim", "num_heads", "dropout", "bias", "batch_first"},
     "Upsample": {"size", "scale_factor", "mode", "align_corners"},
     "PixelShuffle": {"upscale_factor"},

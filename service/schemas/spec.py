@@ -25,8 +25,18 @@ MAX_STR = 128
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
 
 # Keyword arguments that would make a model factory fetch weights over the network.
-FORBIDDEN_KWARGS = frozenset({"weights", "weights_backbone", "pretrained", "pretrained_backbone",
-                              "progress", "model_dir", "file_name", "cache_dir"})
+FORBIDDEN_KWARGS = frozenset(
+    {
+        "weights",
+        "weights_backbone",
+        "pretrained",
+        "pretrained_backbone",
+        "progress",
+        "model_dir",
+        "file_name",
+        "cache_dir",
+    }
+)
 
 
 class StrictModel(BaseModel):
@@ -57,14 +67,15 @@ class LayerSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    type: str = Field(description="A torch.nn class name from the allow-list.",
-                      examples=["Conv2d"])
+    type: str = Field(description="A torch.nn class name from the allow-list.", examples=["Conv2d"])
 
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str) -> str:
         if value not in LAYER_TYPES:
-            raise ValueError(f"unknown layer type {value!r}; allowed: {', '.join(sorted(LAYER_TYPES))}")
+            raise ValueError(
+                f"unknown layer type {value!r}; allowed: {', '.join(sorted(LAYER_TYPES))}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -81,7 +92,9 @@ class LayerSpec(BaseModel):
         allowed = LAYER_TYPES[self.type]
         unknown = set(extra) - allowed
         if unknown:
-            raise ValueError(f"{self.type} does not take {sorted(unknown)}; it takes {sorted(allowed)}")
+            raise ValueError(
+                f"{self.type} does not take {sorted(unknown)}; it takes {sorted(allowed)}"
+            )
         return self
 
     @property
@@ -180,8 +193,9 @@ class TensorData(_DataBase):
 
 DataSpec = Annotated[ImageData | TokensData | TensorData, Field(discriminator="kind")]
 
-Optimizer = Literal["sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad",
-                    "adafactor"]
+Optimizer = Literal[
+    "sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adafactor"
+]
 Precision = Literal["fp32", "fp16-mixed", "bf16-mixed", "bf16"]
 LrScaling = Literal["linear", "sqrt", "none", "auto"]
 
@@ -198,7 +212,8 @@ class TrainingSpec(StrictModel):
     world_size: int = Field(default=1, ge=1, le=1 << 16)
     trainable: Literal["all"] | list[str] = Field(
         default="all",
-        description="'all', or the parameter-name prefixes to FREEZE (no gradient, no state).")
+        description="'all', or the parameter-name prefixes to FREEZE (no gradient, no state).",
+    )
 
     @field_validator("trainable")
     @classmethod
@@ -220,8 +235,9 @@ class TrainingSpec(StrictModel):
 
 class CudaDevice(StrictModel):
     kind: Literal["cuda"]
-    memory_gib: float | None = Field(default=None, gt=0, le=4096,
-                                     description="Plan for a smaller card than the worker's.")
+    memory_gib: float | None = Field(
+        default=None, gt=0, le=4096, description="Plan for a smaller card than the worker's."
+    )
 
 
 class SimulatedDevice(StrictModel):
@@ -251,8 +267,9 @@ DeviceSpec = Annotated[CudaDevice | SimulatedDevice | CpuDevice, Field(discrimin
 
 class SearchSpec(StrictModel):
     max_batch_size: int = Field(default=65536, ge=1, le=1 << 20)
-    headroom: float = Field(default=0.05, ge=0, le=0.5,
-                            description="Fraction of device memory kept free.")
+    headroom: float = Field(
+        default=0.05, ge=0, le=0.5, description="Fraction of device memory kept free."
+    )
     micro_batch: Literal["power_of_two", "max", "divisor"] = "power_of_two"
 
 
@@ -262,8 +279,9 @@ class PlanSpec(StrictModel):
     model: ModelSpec
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
-    device: DeviceSpec = Field(default_factory=lambda: SimulatedDevice(kind="simulated",
-                                                                        gpu="A100-80GB"))
+    device: DeviceSpec = Field(
+        default_factory=lambda: SimulatedDevice(kind="simulated", gpu="A100-80GB")
+    )
     search: SearchSpec = Field(default_factory=SearchSpec)
     refresh: bool = Field(default=False, description="Plan again even if this spec has a plan.")
 
@@ -274,8 +292,11 @@ class PlanSpec(StrictModel):
             first = self.model.layers[0].type
             if first != "Embedding":
                 raise ValueError("token data needs a layers model that starts with Embedding")
-        if self.data.target == "classification" and self.data.num_classes is None \
-                and kind != "tokens":
+        if (
+            self.data.target == "classification"
+            and self.data.num_classes is None
+            and kind != "tokens"
+        ):
             raise ValueError("data.num_classes is required for classification")
         return self
 

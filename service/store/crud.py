@@ -28,16 +28,23 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def model_label(spec: dict[str, Any]) -> str:
     model = spec.get("model", {})
-    return str(model.get("name") or model.get("preset") or model.get("architecture")
-               or model.get("source", "?"))
+    return str(
+        model.get("name")
+        or model.get("preset")
+        or model.get("architecture")
+        or model.get("source", "?")
+    )
 
 
 # -- plans -----------------------------------------------------------------------------------
 def find_by_hash(session: Session, spec_hash: str) -> Plan | None:
     """The newest plan of this spec that did not fail or get cancelled."""
-    stmt = (select(Plan).where(Plan.spec_hash == spec_hash,
-                               Plan.status.in_(("queued", "running", "succeeded")))
-            .order_by(Plan.seq.desc()).limit(1))
+    stmt = (
+        select(Plan)
+        .where(Plan.spec_hash == spec_hash, Plan.status.in_(("queued", "running", "succeeded")))
+        .order_by(Plan.seq.desc())
+        .limit(1)
+    )
     return session.scalars(stmt).first()
 
 
@@ -45,15 +52,25 @@ def find_by_idempotency_key(session: Session, key: str) -> Plan | None:
     return session.scalars(select(Plan).where(Plan.idempotency_key == key)).first()
 
 
-def create_plan(session: Session, spec: dict[str, Any], spec_hash: str,
-                idempotency_key: str | None = None) -> Plan:
+def create_plan(
+    session: Session, spec: dict[str, Any], spec_hash: str, idempotency_key: str | None = None
+) -> Plan:
     stamp = now()
     next_seq = (session.scalar(select(func.max(Plan.seq))) or 0) + 1
-    plan = Plan(id=str(uuid.uuid4()), seq=next_seq, status="queued", spec=spec,
-                spec_hash=spec_hash, model_name=model_label(spec)[:200],
-                device_kind=spec.get("device", {}).get("kind", "simulated"),
-                idempotency_key=idempotency_key, created_at=stamp, updated_at=stamp,
-                attempts=0, cancel_requested=False)
+    plan = Plan(
+        id=str(uuid.uuid4()),
+        seq=next_seq,
+        status="queued",
+        spec=spec,
+        spec_hash=spec_hash,
+        model_name=model_label(spec)[:200],
+        device_kind=spec.get("device", {}).get("kind", "simulated"),
+        idempotency_key=idempotency_key,
+        created_at=stamp,
+        updated_at=stamp,
+        attempts=0,
+        cancel_requested=False,
+    )
     session.add(plan)
     session.flush()
     return plan
@@ -72,8 +89,9 @@ class Page:
     next_cursor: str | None
 
 
-def list_plans(session: Session, status: str | None, model: str | None, limit: int,
-               cursor: int | None) -> Page:
+def list_plans(
+    session: Session, status: str | None, model: str | None, limit: int, cursor: int | None
+) -> Page:
     """Newest first; the cursor is the `seq` of the last plan of the previous page."""
     stmt = select(Plan).order_by(Plan.seq.desc()).limit(limit + 1)
     if status:
@@ -108,22 +126,33 @@ def request_cancel(session: Session, plan_id: str) -> Plan | None:
 
 
 # -- the queue -------------------------------------------------------------------------------
-def claim_next(session: Session, worker_id: str, lease_seconds: float,
-               device_kinds: tuple[str, ...]) -> Plan | None:
+def claim_next(
+    session: Session, worker_id: str, lease_seconds: float, device_kinds: tuple[str, ...]
+) -> Plan | None:
     """Atomically take the oldest runnable plan: queued, or running with an expired lease."""
     stamp = now()
-    runnable = or_(Plan.status == "queued",
-                   (Plan.status == "running") & (Plan.lease_until < stamp))
-    pick = (select(Plan.id).where(runnable, Plan.cancel_requested.is_(False),
-                                  Plan.device_kind.in_(device_kinds))
-            .order_by(Plan.seq).limit(1))
+    runnable = or_(Plan.status == "queued", (Plan.status == "running") & (Plan.lease_until < stamp))
+    pick = (
+        select(Plan.id)
+        .where(runnable, Plan.cancel_requested.is_(False), Plan.device_kind.in_(device_kinds))
+        .order_by(Plan.seq)
+        .limit(1)
+    )
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True)
-    stmt = (update(Plan).where(Plan.id == pick.scalar_subquery())
-            .values(status="running", worker_id=worker_id, attempts=Plan.attempts + 1,
-                    lease_until=stamp + timedelta(seconds=lease_seconds), started_at=stamp,
-                    updated_at=stamp)
-            .returning(Plan.id))
+    stmt = (
+        update(Plan)
+        .where(Plan.id == pick.scalar_subquery())
+        .values(
+            status="running",
+            worker_id=worker_id,
+            attempts=Plan.attempts + 1,
+            lease_until=stamp + timedelta(seconds=lease_seconds),
+            started_at=stamp,
+            updated_at=stamp,
+        )
+        .returning(Plan.id)
+    )
     plan_id = session.execute(stmt).scalar()
     session.commit()
     return get_plan(session, plan_id) if plan_id else None
@@ -132,13 +161,22 @@ def claim_next(session: Session, worker_id: str, lease_seconds: float,
 def fail_exhausted(session: Session, max_attempts: int) -> int:
     """Fail plans whose lease ended after their last allowed attempt."""
     stamp = now()
-    stmt = (update(Plan)
-            .where(Plan.status == "running", Plan.lease_until < stamp,
-                   Plan.attempts >= max_attempts)
-            .values(status="failed", finished_at=stamp, updated_at=stamp,
-                    error=problem("worker-lost", "Plan abandoned",
-                                  f"the worker holding this plan stopped answering "
-                                  f"{max_attempts} times; the plan was failed", 500)))
+    stmt = (
+        update(Plan)
+        .where(Plan.status == "running", Plan.lease_until < stamp, Plan.attempts >= max_attempts)
+        .values(
+            status="failed",
+            finished_at=stamp,
+            updated_at=stamp,
+            error=problem(
+                "worker-lost",
+                "Plan abandoned",
+                f"the worker holding this plan stopped answering "
+                f"{max_attempts} times; the plan was failed",
+                500,
+            ),
+        )
+    )
     count = session.execute(stmt).rowcount  # type: ignore[attr-defined]
     session.commit()
     return int(count or 0)
@@ -147,9 +185,11 @@ def fail_exhausted(session: Session, max_attempts: int) -> int:
 def extend_lease(session: Session, plan_id: str, worker_id: str, lease_seconds: float) -> bool:
     """Heartbeat; False when the plan is no longer ours (lease lost, cancelled elsewhere)."""
     stamp = now()
-    stmt = (update(Plan).where(Plan.id == plan_id, Plan.worker_id == worker_id,
-                               Plan.status == "running")
-            .values(lease_until=stamp + timedelta(seconds=lease_seconds), updated_at=stamp))
+    stmt = (
+        update(Plan)
+        .where(Plan.id == plan_id, Plan.worker_id == worker_id, Plan.status == "running")
+        .values(lease_until=stamp + timedelta(seconds=lease_seconds), updated_at=stamp)
+    )
     ok = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
     session.commit()
     return ok
@@ -159,32 +199,57 @@ def is_cancel_requested(session: Session, plan_id: str) -> bool:
     return bool(session.scalar(select(Plan.cancel_requested).where(Plan.id == plan_id)))
 
 
-def add_trial(session: Session, plan_id: str, attempt: int, index: int,
-              trial: dict[str, Any]) -> None:
-    session.add(Trial(plan_id=plan_id, attempt=attempt, index=index,
-                      batch_size=trial["batch_size"], fits=trial["fits"],
-                      peak_bytes=trial["peak_bytes"], duration_s=trial["duration_s"],
-                      phase=trial.get("phase", "search"), reason=trial.get("reason"),
-                      created_at=now()))
+def add_trial(
+    session: Session, plan_id: str, attempt: int, index: int, trial: dict[str, Any]
+) -> None:
+    session.add(
+        Trial(
+            plan_id=plan_id,
+            attempt=attempt,
+            index=index,
+            batch_size=trial["batch_size"],
+            fits=trial["fits"],
+            peak_bytes=trial["peak_bytes"],
+            duration_s=trial["duration_s"],
+            phase=trial.get("phase", "search"),
+            reason=trial.get("reason"),
+            created_at=now(),
+        )
+    )
     session.commit()
 
 
-def trials_of(session: Session, plan_id: str, attempt: int | None = None,
-              after_index: int = -1) -> list[Trial]:
+def trials_of(
+    session: Session, plan_id: str, attempt: int | None = None, after_index: int = -1
+) -> list[Trial]:
     stmt = select(Trial).where(Trial.plan_id == plan_id, Trial.index > after_index)
     if attempt is not None:
         stmt = stmt.where(Trial.attempt == attempt)
     return list(session.scalars(stmt.order_by(Trial.attempt, Trial.index)))
 
 
-def finish(session: Session, plan_id: str, worker_id: str, status: str,
-           result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
+def finish(
+    session: Session,
+    plan_id: str,
+    worker_id: str,
+    status: str,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> bool:
     """Record the end of a plan, only if this worker still holds it (no double finish)."""
     stamp = now()
-    stmt = (update(Plan).where(Plan.id == plan_id, Plan.worker_id == worker_id,
-                               Plan.status == "running")
-            .values(status=status, result=result, error=error, finished_at=stamp,
-                    updated_at=stamp, lease_until=None))
+    stmt = (
+        update(Plan)
+        .where(Plan.id == plan_id, Plan.worker_id == worker_id, Plan.status == "running")
+        .values(
+            status=status,
+            result=result,
+            error=error,
+            finished_at=stamp,
+            updated_at=stamp,
+            lease_until=None,
+        )
+    )
     ok = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
     session.commit()
     return ok
@@ -192,28 +257,53 @@ def finish(session: Session, plan_id: str, worker_id: str, status: str,
 
 def problem(kind: str, title: str, detail: str, status: int, **extra: Any) -> dict[str, Any]:
     """An RFC 9457 problem-details object."""
-    return {"type": f"https://trainplan.dev/problems/{kind}", "title": title, "status": status,
-            "detail": detail, **extra}
+    return {
+        "type": f"https://trainplan.dev/problems/{kind}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
 
 
 # -- workers ---------------------------------------------------------------------------------
-def register_worker(session: Session, worker_id: str, hostname: str,
-                    devices: dict[str, Any]) -> None:
+def register_worker(
+    session: Session, worker_id: str, hostname: str, devices: dict[str, Any]
+) -> None:
     stamp = now()
     worker = session.get(Worker, worker_id)
     if worker is None:
-        worker = Worker(id=worker_id, hostname=hostname, devices=devices, started_at=stamp,
-                        heartbeat_at=stamp, plans_done=0, stopped=False)
+        worker = Worker(
+            id=worker_id,
+            hostname=hostname,
+            devices=devices,
+            started_at=stamp,
+            heartbeat_at=stamp,
+            plans_done=0,
+            stopped=False,
+        )
         session.add(worker)
     worker.heartbeat_at, worker.stopped = stamp, False
     session.commit()
 
 
-def worker_heartbeat(session: Session, worker_id: str, current_plan: str | None,
-                     done_delta: int = 0, stopped: bool = False) -> None:
-    session.execute(update(Worker).where(Worker.id == worker_id).values(
-        heartbeat_at=now(), current_plan_id=current_plan,
-        plans_done=Worker.plans_done + done_delta, stopped=stopped))
+def worker_heartbeat(
+    session: Session,
+    worker_id: str,
+    current_plan: str | None,
+    done_delta: int = 0,
+    stopped: bool = False,
+) -> None:
+    session.execute(
+        update(Worker)
+        .where(Worker.id == worker_id)
+        .values(
+            heartbeat_at=now(),
+            current_plan_id=current_plan,
+            plans_done=Worker.plans_done + done_delta,
+            stopped=stopped,
+        )
+    )
     session.commit()
 
 

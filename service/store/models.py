@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -39,8 +50,9 @@ class Plan(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
-    trials: Mapped[list[Trial]] = relationship(back_populates="plan", order_by="Trial.index",
-                                               cascade="all, delete-orphan")
+    trials: Mapped[list[Trial]] = relationship(
+        back_populates="plan", order_by="Trial.index", cascade="all, delete-orphan"
+    )
 
     __table_args__ = (Index("ix_plans_status_seq", "status", "seq"),)
 
@@ -48,8 +60,9 @@ class Plan(Base):
 class Trial(Base):
     __tablename__ = "trials"
 
-    plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"),
-                                         primary_key=True)
+    plan_id: Mapped[str] = mapped_column(
+        ForeignKey("plans.id", ondelete="CASCADE"), primary_key=True
+    )
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
     batch_size: Mapped[int] = mapped_column(Integer)

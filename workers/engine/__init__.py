@@ -1,4 +1,4 @@
-"""The profiling engine: build the job, probe micro-batches on a device, turn the answer into a plan.
+"""The profiling engine: build the job, probe micro-batches on a device, make the plan.
 
 Usable with no server: `workers.engine.profile.run_plan(spec)` returns a `PlanResult`.
 """

@@ -42,8 +42,11 @@ class GpuModel:
             "name": self.name,
             "memory_bytes": self.memory_bytes,
             "memory_gib": round(self.memory_bytes / GIB, 2),
-            "tflops": {"fp32": self.tflops_fp32, "fp16": self.tflops_fp16,
-                       "bf16": self.tflops_bf16},
+            "tflops": {
+                "fp32": self.tflops_fp32,
+                "fp16": self.tflops_fp16,
+                "bf16": self.tflops_bf16,
+            },
             "bandwidth_gbs": self.bandwidth_gbs,
             "overhead_bytes": self.overhead_bytes,
             "architecture": self.architecture,
@@ -51,8 +54,16 @@ class GpuModel:
         }
 
 
-def _gpu(name: str, gib: float, fp32: float, fp16: float, bf16: float | None, bw: float,
-         arch: str, overhead_mib: int = 512) -> GpuModel:
+def _gpu(
+    name: str,
+    gib: float,
+    fp32: float,
+    fp16: float,
+    bf16: float | None,
+    bw: float,
+    arch: str,
+    overhead_mib: int = 512,
+) -> GpuModel:
     return GpuModel(name, int(gib * GIB), fp32, fp16, bf16, bw, overhead_mib * MIB, arch)
 
 
@@ -81,6 +92,13 @@ ALIASES = {"H100-SXM": "H100-80GB", "H100": "H100-80GB", "A100": "A100-80GB"}
 def custom_gpu(memory_gib: float) -> GpuModel:
     """A card nobody catalogued: only its memory is known; compute figures borrow an A100's."""
     base = GPU_CATALOGUE["A100-80GB"]
-    return GpuModel(f"custom-{memory_gib:g}GiB", int(memory_gib * GIB), base.tflops_fp32,
-                    base.tflops_fp16, base.tflops_bf16, base.bandwidth_gbs, base.overhead_bytes,
-                    "unknown")
+    return GpuModel(
+        f"custom-{memory_gib:g}GiB",
+        int(memory_gib * GIB),
+        base.tflops_fp32,
+        base.tflops_fp16,
+        base.tflops_bf16,
+        base.bandwidth_gbs,
+        base.overhead_bytes,
+        "unknown",
+    )

@@ -11,8 +11,9 @@ import torch
 from service.schemas.spec import DataSpec
 
 
-def sample_input(data: DataSpec, batch: int, device: str | torch.device,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sample_input(
+    data: DataSpec, batch: int, device: str | torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """One input batch; token ids for `tokens`, floats otherwise."""
     if data.kind == "tokens":
         vocab = data.vocab_size or data.num_classes or 2
@@ -25,8 +26,9 @@ def sample_input(data: DataSpec, batch: int, device: str | torch.device,
     return torch.randn(batch, *data.shape, device=device, dtype=dtype)
 
 
-def sample_target(data: DataSpec, batch: int, device: str | torch.device,
-                  classes: int | None = None) -> torch.Tensor:
+def sample_target(
+    data: DataSpec, batch: int, device: str | torch.device, classes: int | None = None
+) -> torch.Tensor:
     """Labels for classification (one per sample, or one per token), values for regression."""
     if data.target == "regression":
         return torch.randn(batch, data.num_outputs, device=device)

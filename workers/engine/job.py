@@ -26,8 +26,9 @@ ADAPTIVE_OPTIMIZERS = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adafact
 LOW_PRECISION = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
-def make_optimizer(name: str, params: list[nn.Parameter], lr: float,
-                   foreach: bool | None) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, params: list[nn.Parameter], lr: float, foreach: bool | None
+) -> torch.optim.Optimizer:
     """The optimizers of the spec. `foreach=True` reproduces CUDA's default multi-tensor kernels,
     whose temporaries count in the peak."""
     if name == "sgd":
@@ -79,7 +80,7 @@ def apply_checkpointing(model: nn.Module) -> int:
     if count == 0 and isinstance(model, nn.Sequential):
         layers = list(model.children())
         size = max(1, round(len(layers) ** 0.5))
-        segments = [nn.Sequential(*layers[i:i + size]) for i in range(0, len(layers), size)]
+        segments = [nn.Sequential(*layers[i : i + size]) for i in range(0, len(layers), size)]
         for index in range(len(layers) - 1, -1, -1):
             del model[index]
         for segment in segments:
@@ -129,8 +130,16 @@ class IterationTimes:
 class TrainingJob:
     """A materialised model + optimizer that runs steady-state iterations at any micro-batch."""
 
-    def __init__(self, spec: PlanSpec, built: BuiltModel, device: str, tracker: MemoryTracker,
-                 *, fake: bool, fill: Callable[[torch.Tensor], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: PlanSpec,
+        built: BuiltModel,
+        device: str,
+        tracker: MemoryTracker,
+        *,
+        fake: bool,
+        fill: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
         self.spec = spec
         self.family = built.family
         self.device = device
@@ -154,8 +163,9 @@ class TrainingJob:
         self.classes = self._output_classes()
         # CUDA's default is the multi-tensor (foreach) path; traced on CPU we ask for it explicitly.
         foreach = True if fake or device.startswith("cuda") else None
-        self.optimizer = make_optimizer(training.optimizer, self.trainable, training.base_lr,
-                                        foreach)
+        self.optimizer = make_optimizer(
+            training.optimizer, self.trainable, training.base_lr, foreach
+        )
         self.scaler = self._make_scaler()
         self._prime_optimizer()
 
@@ -171,8 +181,9 @@ class TrainingJob:
                 frozen.append(name)
         return frozen
 
-    def _materialise(self, model: nn.Module, fill: Callable[[torch.Tensor], None] | None
-                     ) -> nn.Module:
+    def _materialise(
+        self, model: nn.Module, fill: Callable[[torch.Tensor], None] | None
+    ) -> nn.Module:
         dtype = self.param_dtype
         device = self.device
         data = self.spec.data
@@ -227,8 +238,9 @@ class TrainingJob:
         with self.tracker.in_phase("input"):
             x = sample_input(data, batch, self.device, dtype=self.param_dtype or torch.float32)
             if self.family == "segmentation" and data.kind == "image":
-                y = torch.randint(0, self.classes or 2, (batch, data.height, data.width),
-                                  device=self.device)
+                y = torch.randint(
+                    0, self.classes or 2, (batch, data.height, data.width), device=self.device
+                )
             else:
                 y = sample_target(data, batch, self.device, self.classes)
             if self.param_dtype is not None and y.is_floating_point():

@@ -72,20 +72,27 @@ def resolve_rule(rule: str, optimizer: str) -> str:
     return "sqrt" if optimizer in ADAPTIVE else "linear"
 
 
-def scale_lr(base_lr: float, base_batch: int, effective_batch: int, rule: str, optimizer: str,
-             steps_per_epoch: int, total_steps: int) -> LrPlan:
+def scale_lr(
+    base_lr: float,
+    base_batch: int,
+    effective_batch: int,
+    rule: str,
+    optimizer: str,
+    steps_per_epoch: int,
+    total_steps: int,
+) -> LrPlan:
     resolved = resolve_rule(rule, optimizer)
     ratio = effective_batch / base_batch
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[resolved]
     warmup = 0
     if factor > 1.0:
-        warmup = min(WARMUP_EPOCHS * steps_per_epoch,
-                     math.ceil(WARMUP_MAX_FRACTION * total_steps))
+        warmup = min(WARMUP_EPOCHS * steps_per_epoch, math.ceil(WARMUP_MAX_FRACTION * total_steps))
     return LrPlan(resolved, factor, base_lr * factor, warmup)
 
 
-def epoch_arithmetic(num_samples: int, micro: int, world_size: int, global_batch: int,
-                     epochs: float) -> EpochPlan:
+def epoch_arithmetic(
+    num_samples: int, micro: int, world_size: int, global_batch: int, epochs: float
+) -> EpochPlan:
     iterations = math.ceil(num_samples / (micro * world_size))
     steps = math.ceil(num_samples / global_batch)
     return EpochPlan(iterations, steps, math.ceil(epochs * steps))

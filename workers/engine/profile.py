@@ -41,12 +41,19 @@ class ProfileHooks:
 
 
 def to_trial(outcome: TrialOutcome, phase: str = "search") -> Trial:
-    return Trial(batch_size=outcome.batch_size, fits=outcome.fits, peak_bytes=outcome.peak_bytes,
-                 duration_s=round(outcome.duration_s, 6), reason=outcome.reason, phase=phase)
+    return Trial(
+        batch_size=outcome.batch_size,
+        fits=outcome.fits,
+        peak_bytes=outcome.peak_bytes,
+        duration_s=round(outcome.duration_s, 6),
+        reason=outcome.reason,
+        phase=phase,
+    )
 
 
-def run_plan(spec: PlanSpec, hooks: ProfileHooks | None = None,
-             device: ProbeDevice | None = None) -> PlanResult:
+def run_plan(
+    spec: PlanSpec, hooks: ProfileHooks | None = None, device: ProbeDevice | None = None
+) -> PlanResult:
     """Profile the spec's job on its device and return the plan (feasible or not)."""
     hooks = hooks or ProfileHooks()
     device = device or open_device(spec)
@@ -63,6 +70,7 @@ def run_plan(spec: PlanSpec, hooks: ProfileHooks | None = None,
             if hooks.on_trial is not None:
                 hooks.on_trial(trial)
             return outcome
+
         return probe
 
     with device.session(spec, built) as session:
@@ -73,8 +81,12 @@ def run_plan(spec: PlanSpec, hooks: ProfileHooks | None = None,
         counts = job.parameter_count() if job is not None else (0, 0)
         if search.max_batch == 0:
             return _infeasible(spec, device, search, recorded, built.notes, has_bn)
-        batches = planner.choose_batches(search.max_batch, spec.training.global_batch_size,
-                                         spec.training.world_size, spec.search.micro_batch)
+        batches = planner.choose_batches(
+            search.max_batch,
+            spec.training.global_batch_size,
+            spec.training.world_size,
+            spec.search.micro_batch,
+        )
         at_micro = search.outcome_at(batches.micro_batch_size)
         if at_micro is None:  # the breakdown is reported at the chosen micro-batch: measure it
             at_micro = session.probe(batches.micro_batch_size)
@@ -82,35 +94,60 @@ def run_plan(spec: PlanSpec, hooks: ProfileHooks | None = None,
             recorded.append(trial)
             if hooks.on_trial is not None:
                 hooks.on_trial(trial)
-    return _feasible(spec, device, search, recorded, batches, at_micro, built.notes, has_bn,
-                     counts)
+    return _feasible(spec, device, search, recorded, batches, at_micro, built.notes, has_bn, counts)
 
 
 def _device_info(device: ProbeDevice) -> DeviceInfo:
-    return DeviceInfo(backend=device.backend, name=device.name,  # type: ignore[arg-type]
-                      memory_bytes=device.memory_bytes)
+    return DeviceInfo(
+        backend=device.backend,
+        name=device.name,  # type: ignore[arg-type]
+        memory_bytes=device.memory_bytes,
+    )
 
 
 def _memory(outcome: TrialOutcome, capacity: int) -> MemoryBreakdown:
     parts = outcome.breakdown
     return MemoryBreakdown(
-        parameters=parts.get("parameters", 0), gradients=parts.get("gradients", 0),
-        optimizer_state=parts.get("optimizer_state", 0), input_batch=parts.get("input_batch", 0),
-        activations=parts.get("activations", 0), temporary=parts.get("temporary", 0),
-        overhead=parts.get("overhead", 0), peak=outcome.peak_bytes, capacity=capacity)
+        parameters=parts.get("parameters", 0),
+        gradients=parts.get("gradients", 0),
+        optimizer_state=parts.get("optimizer_state", 0),
+        input_batch=parts.get("input_batch", 0),
+        activations=parts.get("activations", 0),
+        temporary=parts.get("temporary", 0),
+        overhead=parts.get("overhead", 0),
+        peak=outcome.peak_bytes,
+        capacity=capacity,
+    )
 
 
-def _feasible(spec: PlanSpec, device: ProbeDevice, search: SearchResult, trials: list[Trial],
-              batches: planner.BatchPlan, at_micro: TrialOutcome, notes: list[str],
-              has_bn: bool, counts: tuple[int, int]) -> PlanResult:
+def _feasible(
+    spec: PlanSpec,
+    device: ProbeDevice,
+    search: SearchResult,
+    trials: list[Trial],
+    batches: planner.BatchPlan,
+    at_micro: TrialOutcome,
+    notes: list[str],
+    has_bn: bool,
+    counts: tuple[int, int],
+) -> PlanResult:
     training, data = spec.training, spec.data
-    epochs = planner.epoch_arithmetic(data.num_samples, batches.micro_batch_size,
-                                      training.world_size, batches.effective_global_batch_size,
-                                      training.epochs)
-    lr = planner.scale_lr(training.base_lr, training.base_batch_size,
-                          batches.effective_global_batch_size, training.lr_scaling,
-                          training.optimizer, epochs.optimizer_steps_per_epoch,
-                          epochs.total_optimizer_steps)
+    epochs = planner.epoch_arithmetic(
+        data.num_samples,
+        batches.micro_batch_size,
+        training.world_size,
+        batches.effective_global_batch_size,
+        training.epochs,
+    )
+    lr = planner.scale_lr(
+        training.base_lr,
+        training.base_batch_size,
+        batches.effective_global_batch_size,
+        training.lr_scaling,
+        training.optimizer,
+        epochs.optimizer_steps_per_epoch,
+        epochs.total_optimizer_steps,
+    )
     warnings = plan_warnings(spec, device, search, batches, lr, has_bn)
     warnings += [PlanWarning(code="model_adapted", message=n) for n in notes]
     return PlanResult(
@@ -122,9 +159,13 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, search: SearchResult, trials:
         global_batch_size=training.global_batch_size,
         effective_global_batch_size=batches.effective_global_batch_size,
         learning_rate=lr.learning_rate,
-        lr_scaling=LrScalingInfo(rule=lr.rule, base_lr=training.base_lr,  # type: ignore[arg-type]
-                                 base_batch_size=training.base_batch_size,
-                                 factor=lr.factor, warmup_steps=lr.warmup_steps),
+        lr_scaling=LrScalingInfo(
+            rule=lr.rule,
+            base_lr=training.base_lr,  # type: ignore[arg-type]
+            base_batch_size=training.base_batch_size,
+            factor=lr.factor,
+            warmup_steps=lr.warmup_steps,
+        ),
         iterations_per_epoch=epochs.iterations_per_epoch,
         optimizer_steps_per_epoch=epochs.optimizer_steps_per_epoch,
         total_optimizer_steps=epochs.total_optimizer_steps,
@@ -137,59 +178,118 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, search: SearchResult, trials:
     )
 
 
-def _measured_throughput(spec: PlanSpec, batches: planner.BatchPlan, epochs: planner.EpochPlan,
-                         at_micro: TrialOutcome) -> Throughput | None:
+def _measured_throughput(
+    spec: PlanSpec, batches: planner.BatchPlan, epochs: planner.EpochPlan, at_micro: TrialOutcome
+) -> Throughput | None:
     """Real devices time the probe at the chosen micro-batch; one step is `accumulation` of them.
     A single probe includes first-touch costs, so this is an upper bound on step time."""
     if at_micro.step_time_s is None:
         return None
     step = at_micro.step_time_s * batches.accumulation_steps
     samples = batches.micro_batch_size * batches.accumulation_steps * spec.training.world_size
-    return Throughput(samples_per_second=samples / step, step_time_s=step,
-                      epoch_time_s=step * epochs.optimizer_steps_per_epoch,
-                      total_time_s=step * epochs.total_optimizer_steps, measured=True)
+    return Throughput(
+        samples_per_second=samples / step,
+        step_time_s=step,
+        epoch_time_s=step * epochs.optimizer_steps_per_epoch,
+        total_time_s=step * epochs.total_optimizer_steps,
+        measured=True,
+    )
 
 
-def plan_warnings(spec: PlanSpec, device: ProbeDevice, search: SearchResult,
-                  batches: planner.BatchPlan, lr: planner.LrPlan,
-                  has_bn: bool) -> list[PlanWarning]:
+def plan_warnings(
+    spec: PlanSpec,
+    device: ProbeDevice,
+    search: SearchResult,
+    batches: planner.BatchPlan,
+    lr: planner.LrPlan,
+    has_bn: bool,
+) -> list[PlanWarning]:
     training, data = spec.training, spec.data
     out: list[PlanWarning] = []
     micro = batches.micro_batch_size
     if has_bn and micro < BATCHNORM_MIN:
         sync = micro * training.world_size
-        hint = (f"SyncBatchNorm would normalise over {sync} samples across the "
-                f"{training.world_size} ranks" if sync >= BATCHNORM_MIN
-                else "GroupNorm does not depend on the batch")
-        out.append(PlanWarning(code="batchnorm_small_micro_batch", message=(
-            f"BatchNorm normalises over the micro-batch of {micro} (< {BATCHNORM_MIN}); "
-            f"gradient accumulation does not enlarge it. Use GroupNorm or SyncBatchNorm: {hint}; "
-            f"or free memory (mixed precision, checkpointing) for a larger micro-batch.")))
+        hint = (
+            f"SyncBatchNorm would normalise over {sync} samples across the "
+            f"{training.world_size} ranks"
+            if sync >= BATCHNORM_MIN
+            else "GroupNorm does not depend on the batch"
+        )
+        out.append(
+            PlanWarning(
+                code="batchnorm_small_micro_batch",
+                message=(
+                    f"BatchNorm normalises over the micro-batch of {micro} (< {BATCHNORM_MIN}); "
+                    f"gradient accumulation does not enlarge it. "
+                    f"Use GroupNorm or SyncBatchNorm: {hint}; "
+                    f"or free memory (mixed precision, checkpointing) for a larger micro-batch."
+                ),
+            )
+        )
     if batches.effective_global_batch_size != training.global_batch_size:
-        out.append(PlanWarning(code="global_batch_adjusted", message=(
-            f"{batches.micro_batch_size} x {batches.accumulation_steps} x {training.world_size} "
-            f"= {batches.effective_global_batch_size}, not the requested "
-            f"{training.global_batch_size}; micro_batch='divisor' finds an exact split "
-            f"when world_size divides the global batch.")))
+        out.append(
+            PlanWarning(
+                code="global_batch_adjusted",
+                message=(
+                    f"{batches.micro_batch_size} x {batches.accumulation_steps} x "
+                    f"{training.world_size} "
+                    f"= {batches.effective_global_batch_size}, not the requested "
+                    f"{training.global_batch_size}; micro_batch='divisor' finds an exact split "
+                    f"when world_size divides the global batch."
+                ),
+            )
+        )
     if batches.effective_global_batch_size > data.num_samples:
-        out.append(PlanWarning(code="global_batch_exceeds_dataset", message=(
-            f"the global batch {batches.effective_global_batch_size} is larger than the "
-            f"{data.num_samples} samples of an epoch: every step sees the whole data set.")))
+        out.append(
+            PlanWarning(
+                code="global_batch_exceeds_dataset",
+                message=(
+                    f"the global batch {batches.effective_global_batch_size} is larger than the "
+                    f"{data.num_samples} samples of an epoch: every step sees the whole data set."
+                ),
+            )
+        )
     if training.precision in ("bf16", "bf16-mixed") and not device.supports_bf16:
-        out.append(PlanWarning(code="bf16_unsupported", message=(
-            f"{device.name} has no bfloat16 support; use fp16-mixed (with a GradScaler).")))
+        out.append(
+            PlanWarning(
+                code="bf16_unsupported",
+                message=(
+                    f"{device.name} has no bfloat16 support; use fp16-mixed (with a GradScaler)."
+                ),
+            )
+        )
     if lr.rule == "linear" and lr.factor > 32:
-        out.append(PlanWarning(code="large_lr_factor", message=(
-            f"the linear rule scales the learning rate by {lr.factor:g}; beyond about 8k "
-            f"samples per batch it breaks down (Goyal et al.): consider LARS/LAMB.")))
+        out.append(
+            PlanWarning(
+                code="large_lr_factor",
+                message=(
+                    f"the linear rule scales the learning rate by {lr.factor:g}; beyond about 8k "
+                    f"samples per batch it breaks down (Goyal et al.): consider LARS/LAMB."
+                ),
+            )
+        )
     if search.bound_reached:
-        out.append(PlanWarning(code="search_bound_reached", message=(
-            f"the largest micro-batch allowed ({spec.search.max_batch_size}) fits; the real "
-            f"maximum may be larger (raise search.max_batch_size).")))
+        out.append(
+            PlanWarning(
+                code="search_bound_reached",
+                message=(
+                    f"the largest micro-batch allowed ({spec.search.max_batch_size}) fits; "
+                    f"the real "
+                    f"maximum may be larger (raise search.max_batch_size)."
+                ),
+            )
+        )
     if micro == 1 and batches.accumulation_steps > 64:
-        out.append(PlanWarning(code="heavy_accumulation", message=(
-            f"{batches.accumulation_steps} accumulation steps of one sample each: the step is "
-            f"slow; mixed precision or checkpointing would allow a larger micro-batch.")))
+        out.append(
+            PlanWarning(
+                code="heavy_accumulation",
+                message=(
+                    f"{batches.accumulation_steps} accumulation steps of one sample each: "
+                    f"the step is "
+                    f"slow; mixed precision or checkpointing would allow a larger micro-batch."
+                ),
+            )
+        )
     return out
 
 
@@ -197,37 +297,60 @@ def suggestions_for(spec: PlanSpec) -> list[str]:
     training = spec.training
     out = []
     if training.precision == "fp32":
-        out.append("precision 'bf16-mixed' (or 'fp16-mixed' on cards without bf16) roughly "
-                   "halves the activations")
+        out.append(
+            "precision 'bf16-mixed' (or 'fp16-mixed' on cards without bf16) roughly "
+            "halves the activations"
+        )
     if not training.gradient_checkpointing:
         out.append("gradient_checkpointing trades recomputation for most of the activations")
     if training.optimizer in ("adam", "adamw"):
         out.append("optimizer 'adafactor' or 'sgd_momentum' keeps less optimizer state than Adam")
     if training.trainable == "all":
-        out.append("freeze parameters (training.trainable prefixes) to drop their gradients and "
-                   "optimizer state")
+        out.append(
+            "freeze parameters (training.trainable prefixes) to drop their gradients and "
+            "optimizer state"
+        )
     out.append("a card with more memory (see GET /v1/gpus)")
     return out
 
 
-def _infeasible(spec: PlanSpec, device: ProbeDevice, search: SearchResult, trials: list[Trial],
-                notes: list[str], has_bn: bool) -> PlanResult:
+def _infeasible(
+    spec: PlanSpec,
+    device: ProbeDevice,
+    search: SearchResult,
+    trials: list[Trial],
+    notes: list[str],
+    has_bn: bool,
+) -> PlanResult:
     first = search.trials[0]
     lr_rule = planner.resolve_rule(spec.training.lr_scaling, spec.training.optimizer)
     return PlanResult(
         feasible=False,
         device=_device_info(device),
-        max_micro_batch_size=0, micro_batch_size=0, accumulation_steps=0,
-        global_batch_size=spec.training.global_batch_size, effective_global_batch_size=0,
+        max_micro_batch_size=0,
+        micro_batch_size=0,
+        accumulation_steps=0,
+        global_batch_size=spec.training.global_batch_size,
+        effective_global_batch_size=0,
         learning_rate=spec.training.base_lr,
-        lr_scaling=LrScalingInfo(rule=lr_rule, base_lr=spec.training.base_lr,  # type: ignore
-                                 base_batch_size=spec.training.base_batch_size, factor=1.0,
-                                 warmup_steps=0),
-        iterations_per_epoch=0, optimizer_steps_per_epoch=0, total_optimizer_steps=0,
+        lr_scaling=LrScalingInfo(
+            rule=lr_rule,
+            base_lr=spec.training.base_lr,  # type: ignore
+            base_batch_size=spec.training.base_batch_size,
+            factor=1.0,
+            warmup_steps=0,
+        ),
+        iterations_per_epoch=0,
+        optimizer_steps_per_epoch=0,
+        total_optimizer_steps=0,
         memory=_memory(first, device.memory_bytes),
         trials=trials,
-        warnings=[PlanWarning(code="infeasible", message=(
-            f"even a micro-batch of 1 does not fit on {device.name}: {first.reason}"))]
+        warnings=[
+            PlanWarning(
+                code="infeasible",
+                message=(f"even a micro-batch of 1 does not fit on {device.name}: {first.reason}"),
+            )
+        ]
         + [PlanWarning(code="model_adapted", message=n) for n in notes],
         suggestions=suggestions_for(spec),
     )

@@ -68,8 +68,11 @@ class _Bracket:
         if hi_peak is not None and hi_peak > lo_peak:
             slope = (hi_peak - lo_peak) / (self.hi - self.lo)
         else:
-            below = [b for b, p in self.points.items()
-                     if b < self.lo and p.fits and not p.peak_is_lower_bound]
+            below = [
+                b
+                for b, p in self.points.items()
+                if b < self.lo and p.fits and not p.peak_is_lower_bound
+            ]
             if not below:
                 return self.lo * 2
             b0 = max(below)

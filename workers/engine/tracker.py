@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,11 +22,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 BLOCK_ROUNDING = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "input_batch", "activations",
-              "temporary")
+CATEGORIES = (
+    "parameters",
+    "gradients",
+    "optimizer_state",
+    "input_batch",
+    "activations",
+    "temporary",
+)
 # Where an allocation lands when nothing more specific is known about it.
-PHASE_CATEGORY = {"parameters": "parameters", "input": "input_batch", "forward": "activations",
-                  "backward": "temporary", "optimizer": "temporary", "other": "temporary"}
+PHASE_CATEGORY = {
+    "parameters": "parameters",
+    "input": "input_batch",
+    "forward": "activations",
+    "backward": "temporary",
+    "optimizer": "temporary",
+    "other": "temporary",
+}
 
 
 class MemoryBudgetExceeded(RuntimeError):
@@ -98,7 +111,7 @@ class MemoryTracker(TorchDispatchMode):
         self._seq += 1
         alloc = Allocation(nbytes, self.phase, self._seq, category=category)
         self._by_storage[key] = alloc
-        self._refs[key] = weakref.ref(storage, lambda _ref, k=key: self._free(k))
+        self._refs[key] = weakref.ref(storage, partial(self._on_storage_freed, key))
         self._records.append(alloc)
         self.live += nbytes
         if self.live > self.peak:
@@ -107,6 +120,9 @@ class MemoryTracker(TorchDispatchMode):
         if self.raise_above is not None and self.live > self.raise_above:
             raise MemoryBudgetExceeded(self.live, self.raise_above)
         return alloc
+
+    def _on_storage_freed(self, key: int, _ref: object) -> None:
+        self._free(key)
 
     def _free(self, key: int) -> None:
         alloc = self._by_storage.pop(key, None)

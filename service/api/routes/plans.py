@@ -24,25 +24,41 @@ from service.store.models import FINAL, Plan
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=[Depends(require_auth)])
 
-NOT_FOUND = {404: {"description": "No such plan (problem details)"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such plan (problem details)"}
+}
 
 
 def plan_out(plan: Plan, session: Session | None = None) -> PlanOut:
     trials: list[Any] = []
     if session is not None and plan.status in ("running", "failed", "cancelled"):
         trials = [_trial_json(t) for t in crud.trials_of(session, plan.id, plan.attempts)]
-    return PlanOut(id=plan.id, status=plan.status,  # type: ignore[arg-type]
-                   created_at=crud.aware(plan.created_at),  # type: ignore[arg-type]
-                   started_at=crud.aware(plan.started_at),
-                   finished_at=crud.aware(plan.finished_at), spec=plan.spec,
-                   spec_hash=plan.spec_hash, attempts=plan.attempts, worker_id=plan.worker_id,
-                   cancel_requested=plan.cancel_requested, error=plan.error,
-                   result=plan.result, trials=trials)  # type: ignore[arg-type]
+    return PlanOut(
+        id=plan.id,
+        status=plan.status,  # type: ignore[arg-type]
+        created_at=crud.aware(plan.created_at),  # type: ignore[arg-type]
+        started_at=crud.aware(plan.started_at),
+        finished_at=crud.aware(plan.finished_at),
+        spec=plan.spec,
+        spec_hash=plan.spec_hash,
+        attempts=plan.attempts,
+        worker_id=plan.worker_id,
+        cancel_requested=plan.cancel_requested,
+        error=plan.error,
+        result=plan.result,
+        trials=trials,
+    )  # type: ignore[arg-type]
 
 
 def _trial_json(trial: Any) -> dict[str, Any]:
-    return {"batch_size": trial.batch_size, "fits": trial.fits, "peak_bytes": trial.peak_bytes,
-            "duration_s": trial.duration_s, "reason": trial.reason, "phase": trial.phase}
+    return {
+        "batch_size": trial.batch_size,
+        "fits": trial.fits,
+        "peak_bytes": trial.peak_bytes,
+        "duration_s": trial.duration_s,
+        "reason": trial.reason,
+        "phase": trial.phase,
+    }
 
 
 def _check_buildable(spec: PlanSpec) -> None:
@@ -54,25 +70,48 @@ def _check_buildable(spec: PlanSpec) -> None:
     try:
         build_model(spec)
     except SpecError as exc:
-        errors = [{"loc": list(exc.loc), "field": ".".join(str(p) for p in exc.loc),
-                   "msg": exc.message, "type": "spec_error"}]
+        errors = [
+            {
+                "loc": list(exc.loc),
+                "field": ".".join(str(p) for p in exc.loc),
+                "msg": exc.message,
+                "type": "spec_error",
+            }
+        ]
         raise ProblemException(**_as_kwargs(validation_problem(errors))) from None
     except ImportError as exc:
-        errors = [{"loc": ["model", "source"], "field": "model.source",
-                   "msg": f"this server lacks the package for this source: {exc.name}",
-                   "type": "missing_dependency"}]
+        errors = [
+            {
+                "loc": ["model", "source"],
+                "field": "model.source",
+                "msg": f"this server lacks the package for this source: {exc.name}",
+                "type": "missing_dependency",
+            }
+        ]
         raise ProblemException(**_as_kwargs(validation_problem(errors))) from None
 
 
 def _as_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     extra = {k: v for k, v in body.items() if k not in ("type", "title", "status", "detail")}
-    return {"status": body["status"], "kind": body["type"].rsplit("/", 1)[-1],
-            "title": body["title"], "detail": body["detail"], **extra}
+    return {
+        "status": body["status"],
+        "kind": body["type"].rsplit("/", 1)[-1],
+        "title": body["title"],
+        "detail": body["detail"],
+        **extra,
+    }
 
 
-@router.post("", status_code=202, response_model=PlanOut, summary="Submit a plan",
-             responses={200: {"description": "The stored plan of the same spec (no new plan)"},
-                        422: {"description": "Invalid spec (problem details naming the field)"}})
+@router.post(
+    "",
+    status_code=202,
+    response_model=PlanOut,
+    summary="Submit a plan",
+    responses={
+        200: {"description": "The stored plan of the same spec (no new plan)"},
+        422: {"description": "Invalid spec (problem details naming the field)"},
+    },
+)
 def submit_plan(
     response: Response,
     session: SessionDep,
@@ -96,8 +135,9 @@ def submit_plan(
             break
         except IntegrityError:
             session.rollback()
-            if idempotency_key and (found := crud.find_by_idempotency_key(session,
-                                                                          idempotency_key)):
+            if idempotency_key and (
+                found := crud.find_by_idempotency_key(session, idempotency_key)
+            ):
                 return _existing(response, found, session)
     else:
         raise ProblemException(503, "busy", "Busy", "could not enqueue the plan; retry")
@@ -115,25 +155,37 @@ def _existing(response: Response, plan: Plan, session: Session) -> PlanOut:
 def list_plans(
     session: SessionDep,
     settings: SettingsDep,
-    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
-                      ] = None,
+    status: Annotated[
+        str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
+    ] = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
 ) -> PlanPage:
-    page = crud.list_plans(session, status, model, min(limit, settings.page_size_max),
-                           int(cursor) if cursor else None)
-    items = [PlanSummary(id=p.id, status=p.status,  # type: ignore[arg-type]
-                         created_at=crud.aware(p.created_at),  # type: ignore[arg-type]
-                         finished_at=crud.aware(p.finished_at), model=p.model_name,
-                         spec_hash=p.spec_hash,
-                         max_micro_batch_size=(p.result or {}).get("max_micro_batch_size"))
-             for p in page.items]
+    page = crud.list_plans(
+        session, status, model, min(limit, settings.page_size_max), int(cursor) if cursor else None
+    )
+    items = [
+        PlanSummary(
+            id=p.id,
+            status=p.status,  # type: ignore[arg-type]
+            created_at=crud.aware(p.created_at),  # type: ignore[arg-type]
+            finished_at=crud.aware(p.finished_at),
+            model=p.model_name,
+            spec_hash=p.spec_hash,
+            max_micro_batch_size=(p.result or {}).get("max_micro_batch_size"),
+        )
+        for p in page.items
+    ]
     return PlanPage(items=items, next_cursor=page.next_cursor)
 
 
-@router.get("/{plan_id}", response_model=PlanOut, responses=NOT_FOUND,
-            summary="Read a plan; ?wait=N long-polls until it ends")
+@router.get(
+    "/{plan_id}",
+    response_model=PlanOut,
+    responses=NOT_FOUND,
+    summary="Read a plan; ?wait=N long-polls until it ends",
+)
 async def get_plan(
     plan_id: Annotated[str, ...],
     factory: FactoryDep,
@@ -156,8 +208,13 @@ def _read(factory: Any, plan_id: str) -> PlanOut:
         return plan_out(plan, session)
 
 
-@router.post("/{plan_id}/cancel", response_model=PlanOut, status_code=202, responses=NOT_FOUND,
-             summary="Cancel: a queued plan at once, a running one at its next trial")
+@router.post(
+    "/{plan_id}/cancel",
+    response_model=PlanOut,
+    status_code=202,
+    responses=NOT_FOUND,
+    summary="Cancel: a queued plan at once, a running one at its next trial",
+)
 def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
     plan = crud.request_cancel(session, plan_id)
     if plan is None:
@@ -166,24 +223,31 @@ def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
     return plan_out(plan, session)
 
 
-@router.get("/{plan_id}/events", responses=NOT_FOUND,
-            summary="Server-sent events: one `trial` per probe, then one `end`",
-            response_class=StreamingResponse)
+@router.get(
+    "/{plan_id}/events",
+    responses=NOT_FOUND,
+    summary="Server-sent events: one `trial` per probe, then one `end`",
+    response_class=StreamingResponse,
+)
 async def plan_events(plan_id: str, request: Request, factory: FactoryDep) -> StreamingResponse:
     await run_in_threadpool(_read, factory, plan_id)  # 404 before the stream starts
-    return StreamingResponse(_event_stream(plan_id, request, factory),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        _event_stream(plan_id, request, factory),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
-def _poll(factory: Any, plan_id: str, attempt_seen: int, after: int
-          ) -> tuple[Plan | None, list[Any]]:
+def _poll(
+    factory: Any, plan_id: str, attempt_seen: int, after: int
+) -> tuple[Plan | None, list[Any]]:
     with factory() as session:
         plan = crud.get_plan(session, plan_id)
         if plan is None:
             return None, []
-        trials = crud.trials_of(session, plan_id, plan.attempts,
-                                after if plan.attempts == attempt_seen else -1)
+        trials = crud.trials_of(
+            session, plan_id, plan.attempts, after if plan.attempts == attempt_seen else -1
+        )
         return plan, trials
 
 
@@ -201,13 +265,22 @@ async def _event_stream(plan_id: str, request: Request, factory: Any) -> AsyncIt
             attempt, last = plan.attempts, -1
         for trial in trials:
             last = trial.index
-            yield _sse("trial", _trial_json(trial) | {"index": trial.index,
-                                                     "attempt": trial.attempt}, event_id)
+            yield _sse(
+                "trial",
+                _trial_json(trial) | {"index": trial.index, "attempt": trial.attempt},
+                event_id,
+            )
             event_id += 1
         if plan.status in FINAL:
-            yield _sse("end", {"status": plan.status, "error": plan.error,
-                               "max_micro_batch_size": (plan.result or {}).get(
-                                   "max_micro_batch_size")}, event_id)
+            yield _sse(
+                "end",
+                {
+                    "status": plan.status,
+                    "error": plan.error,
+                    "max_micro_batch_size": (plan.result or {}).get("max_micro_batch_size"),
+                },
+                event_id,
+            )
             return
         if await request.is_disconnected():
             return

@@ -31,10 +31,18 @@ def workers(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
         beat = crud.aware(w.heartbeat_at)
         assert beat is not None
         alive = not w.stopped and now - beat < stale
-        items.append({"id": w.id, "hostname": w.hostname, "devices": w.devices,
-                      "started_at": crud.aware(w.started_at), "heartbeat_at": beat,
-                      "current_plan_id": w.current_plan_id, "plans_done": w.plans_done,
-                      "state": "alive" if alive else ("stopped" if w.stopped else "lost")})
+        items.append(
+            {
+                "id": w.id,
+                "hostname": w.hostname,
+                "devices": w.devices,
+                "started_at": crud.aware(w.started_at),
+                "heartbeat_at": beat,
+                "current_plan_id": w.current_plan_id,
+                "plans_done": w.plans_done,
+                "state": "alive" if alive else ("stopped" if w.stopped else "lost"),
+            }
+        )
     return {"items": items}
 
 
@@ -43,8 +51,12 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], summary="Readiness: the database answers and is migrated",
-            responses={503: {"description": "Not ready (problem details)"}})
+@router.get(
+    "/readyz",
+    tags=["health"],
+    summary="Readiness: the database answers and is migrated",
+    responses={503: {"description": "Not ready (problem details)"}},
+)
 def readyz(session: SessionDep, response: Response) -> dict[str, Any]:
     try:
         version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
@@ -54,21 +66,21 @@ def readyz(session: SessionDep, response: Response) -> dict[str, Any]:
     return {"status": "ready", "schema": version}
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics",
-            response_class=Response)
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
 def metrics(session: SessionDep) -> Response:
     depth = crud.queue_depth(session)
-    lines = ["# HELP trainplan_plans Plans in the store by status",
-             "# TYPE trainplan_plans gauge"]
+    lines = ["# HELP trainplan_plans Plans in the store by status", "# TYPE trainplan_plans gauge"]
     for status in ("queued", "running", "succeeded", "failed", "cancelled"):
         lines.append(f'trainplan_plans{{status="{status}"}} {depth.get(status, 0)}')
     trials = session.execute(select(Trial.fits, func.count()).group_by(Trial.fits)).all()
     counts = {bool(fits): n for fits, n in trials}
-    lines += ["# HELP trainplan_store_trials Trials recorded in the store",
-              "# TYPE trainplan_store_trials gauge",
-              f'trainplan_store_trials{{fits="true"}} {counts.get(True, 0)}',
-              "# HELP trainplan_store_ooms Trials that did not fit (OOM) recorded in the store",
-              "# TYPE trainplan_store_ooms gauge",
-              f"trainplan_store_ooms {counts.get(False, 0)}"]
+    lines += [
+        "# HELP trainplan_store_trials Trials recorded in the store",
+        "# TYPE trainplan_store_trials gauge",
+        f'trainplan_store_trials{{fits="true"}} {counts.get(True, 0)}',
+        "# HELP trainplan_store_ooms Trials that did not fit (OOM) recorded in the store",
+        "# TYPE trainplan_store_ooms gauge",
+        f"trainplan_store_ooms {counts.get(False, 0)}",
+    ]
     body = generate_latest(REGISTRY) + ("\n".join(lines) + "\n").encode()
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -44,8 +44,9 @@ class ProbeSession(ABC):
     @abstractmethod
     def _probe(self, batch: int) -> TrialOutcome: ...
 
-    def _outcome(self, batch: int, tensor_peak: int, breakdown: dict[str, int],
-                 step_time: float | None) -> TrialOutcome:
+    def _outcome(
+        self, batch: int, tensor_peak: int, breakdown: dict[str, int], step_time: float | None
+    ) -> TrialOutcome:
         overhead = self.device.overhead_bytes
         peak = tensor_peak + overhead
         parts = {k: breakdown.get(k, 0) for k in CATEGORIES}
@@ -53,16 +54,28 @@ class ProbeSession(ABC):
         parts["temporary"] += max(0, tensor_peak - sum(parts.values()))
         parts["overhead"] = overhead
         fits = peak <= self.limit_bytes
-        reason = None if fits else (f"peak {peak} bytes is over the {self.limit_bytes}-byte "
-                                    f"limit (capacity less headroom)")
+        reason = (
+            None
+            if fits
+            else (
+                f"peak {peak} bytes is over the {self.limit_bytes}-byte "
+                f"limit (capacity less headroom)"
+            )
+        )
         return TrialOutcome(batch, fits, peak, 0.0, parts, reason, step_time_s=step_time)
 
     def _budget_failure(self, batch: int, exc: MemoryBudgetExceeded) -> TrialOutcome:
         if self.job is not None:
             self.job.release()
         gc.collect()
-        return TrialOutcome(batch, False, exc.live + self.device.overhead_bytes, 0.0,
-                            reason=str(exc), peak_is_lower_bound=True)
+        return TrialOutcome(
+            batch,
+            False,
+            exc.live + self.device.overhead_bytes,
+            0.0,
+            reason=str(exc),
+            peak_is_lower_bound=True,
+        )
 
 
 class ProbeDevice(ABC):

@@ -49,8 +49,14 @@ class CpuDevice(ProbeDevice):
 
 
 class _CpuSession(ProbeSession):
-    def __init__(self, device: CpuDevice, limit: int, spec: PlanSpec, built: BuiltModel,
-                 tracker: MemoryTracker) -> None:
+    def __init__(
+        self,
+        device: CpuDevice,
+        limit: int,
+        spec: PlanSpec,
+        built: BuiltModel,
+        tracker: MemoryTracker,
+    ) -> None:
         super().__init__(device, limit)
         self.spec, self.built, self.tracker = spec, built, tracker
         self.setup_error: MemoryBudgetExceeded | None = None
@@ -58,8 +64,9 @@ class _CpuSession(ProbeSession):
     def _ensure_job(self) -> TrainingJob | None:
         if self.job is None and self.setup_error is None:
             try:
-                self.job = TrainingJob(self.spec, self.built, "cpu", self.tracker, fake=False,
-                                       fill=_fill)
+                self.job = TrainingJob(
+                    self.spec, self.built, "cpu", self.tracker, fake=False, fill=_fill
+                )
             except MemoryBudgetExceeded as exc:
                 self.setup_error = exc
                 gc.collect()

@@ -41,8 +41,9 @@ class CudaDevice(ProbeDevice):
             raise CudaUnavailable("this worker has no CUDA device; use the simulated device")
         props = torch.cuda.get_device_properties(0)
         self.total_bytes = int(props.total_memory)
-        self.memory_bytes = min(self.total_bytes, int(memory_gib * GIB)) if memory_gib \
-            else self.total_bytes
+        self.memory_bytes = (
+            min(self.total_bytes, int(memory_gib * GIB)) if memory_gib else self.total_bytes
+        )
         self.name = props.name if not memory_gib else f"{props.name}@{memory_gib:g}GiB"
         self.supports_bf16 = torch.cuda.is_bf16_supported()
         free, total = torch.cuda.mem_get_info()
@@ -53,7 +54,8 @@ class CudaDevice(ProbeDevice):
     def session(self, spec: PlanSpec, built: BuiltModel) -> Iterator[ProbeSession]:
         limit = self.limit_bytes(spec.search.headroom)
         torch.cuda.set_per_process_memory_fraction(
-            min(1.0, (limit - self.overhead_bytes) / self.total_bytes))
+            min(1.0, (limit - self.overhead_bytes) / self.total_bytes)
+        )
         tracker = MemoryTracker()
         with tracker:
             session = _CudaSession(self, limit, spec, built, tracker)
@@ -67,8 +69,14 @@ class CudaDevice(ProbeDevice):
 
 
 class _CudaSession(ProbeSession):
-    def __init__(self, device: CudaDevice, limit: int, spec: PlanSpec, built: BuiltModel,
-                 tracker: MemoryTracker) -> None:
+    def __init__(
+        self,
+        device: CudaDevice,
+        limit: int,
+        spec: PlanSpec,
+        built: BuiltModel,
+        tracker: MemoryTracker,
+    ) -> None:
         super().__init__(device, limit)
         self.spec, self.built, self.tracker = spec, built, tracker
 
@@ -78,8 +86,9 @@ class _CudaSession(ProbeSession):
         torch.cuda.reset_peak_memory_stats()
         try:
             if self.job is None:
-                self.job = TrainingJob(self.spec, self.built, "cuda", self.tracker, fake=False,
-                                       fill=_fill)
+                self.job = TrainingJob(
+                    self.spec, self.built, "cuda", self.tracker, fake=False, fill=_fill
+                )
             self.tracker.reset_peak()
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -92,8 +101,15 @@ class _CudaSession(ProbeSession):
                 self.job.release()
             gc.collect()
             torch.cuda.empty_cache()
-            return TrialOutcome(batch, False, peak, 0.0, reason=f"CUDA out of memory: {exc}"[:300],
-                                peak_is_lower_bound=True)
-        outcome = self._outcome(batch, torch.cuda.max_memory_allocated(),
-                                self.tracker.breakdown_at_peak(), step)
+            return TrialOutcome(
+                batch,
+                False,
+                peak,
+                0.0,
+                reason=f"CUDA out of memory: {exc}"[:300],
+                peak_is_lower_bound=True,
+            )
+        outcome = self._outcome(
+            batch, torch.cuda.max_memory_allocated(), self.tracker.breakdown_at_peak(), step
+        )
         return outcome

@@ -41,9 +41,16 @@ class SimulatedDevice(ProbeDevice):
             gpu = GPU_CATALOGUE[ALIASES.get(spec.gpu, spec.gpu)]
             if spec.memory_gib is not None:  # a catalogued card with a memory cap
                 capped = custom_gpu(spec.memory_gib)
-                gpu = GpuModel(f"{gpu.name}@{spec.memory_gib:g}GiB", capped.memory_bytes,
-                               gpu.tflops_fp32, gpu.tflops_fp16, gpu.tflops_bf16,
-                               gpu.bandwidth_gbs, gpu.overhead_bytes, gpu.architecture)
+                gpu = GpuModel(
+                    f"{gpu.name}@{spec.memory_gib:g}GiB",
+                    capped.memory_bytes,
+                    gpu.tflops_fp32,
+                    gpu.tflops_fp16,
+                    gpu.tflops_bf16,
+                    gpu.bandwidth_gbs,
+                    gpu.overhead_bytes,
+                    gpu.architecture,
+                )
             return cls(gpu)
         assert spec.memory_gib is not None
         return cls(custom_gpu(spec.memory_gib))
@@ -58,8 +65,9 @@ class SimulatedDevice(ProbeDevice):
 
 
 class _SimulatedSession(ProbeSession):
-    def __init__(self, device: SimulatedDevice, limit: int, job: TrainingJob,
-                 tracker: MemoryTracker) -> None:
+    def __init__(
+        self, device: SimulatedDevice, limit: int, job: TrainingJob, tracker: MemoryTracker
+    ) -> None:
         super().__init__(device, limit)
         self.job = job
         self.tracker = tracker

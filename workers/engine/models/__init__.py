@@ -44,16 +44,19 @@ def build_model(spec: PlanSpec) -> BuiltModel:
 class LargeTensorsToMeta(TorchFunctionMode):
     """Factory calls without a device make tensors on `meta` when they are large."""
 
-    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.randn, torch.rand,
-                           torch.full})
+    FACTORIES = frozenset(
+        {torch.empty, torch.zeros, torch.ones, torch.randn, torch.rand, torch.full}
+    )
     THRESHOLD = 1 << 16
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-                           ) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = dict(kwargs or {})
         if func in self.FACTORIES and kwargs.get("device") is None:
-            dims = args[0] if args and isinstance(args[0], (tuple, list, torch.Size)) else [
-                a for a in args if isinstance(a, int)]
+            dims = (
+                args[0]
+                if args and isinstance(args[0], (tuple, list, torch.Size))
+                else [a for a in args if isinstance(a, int)]
+            )
             if math.prod(int(d) for d in dims) > self.THRESHOLD:
                 kwargs["device"] = "meta"
         return func(*args, **kwargs)

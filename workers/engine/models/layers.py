@@ -72,8 +72,16 @@ def _infer(kind: str, kwargs: dict[str, Any], shape: torch.Size, spec: PlanSpec)
         kw.setdefault("embed_dim", last)
         kw.setdefault("num_heads", _largest_divisor(last, 8))
         kw.setdefault("batch_first", True)
-    for key in ("kernel_size", "stride", "padding", "dilation", "output_size", "normalized_shape",
-                "unflattened_size", "output_padding"):
+    for key in (
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "output_size",
+        "normalized_shape",
+        "unflattened_size",
+        "output_padding",
+    ):
         if isinstance(kw.get(key), list):
             kw[key] = tuple(kw[key])
     return kw
@@ -109,34 +117,50 @@ def build_layers(spec: PlanSpec) -> Any:
             with torch.no_grad():
                 x = module(x)
         except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-            raise SpecError(loc, f"{layer.type} cannot take input of shape "
-                                 f"{list(x.shape[1:])} (per sample): {exc}") from None
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) and index + 1 < len(
-                spec.model.layers) and layer.type != "Embedding":
+            raise SpecError(
+                loc,
+                f"{layer.type} cannot take input of shape {list(x.shape[1:])} (per sample): {exc}",
+            ) from None
+        if (
+            x.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            and index + 1 < len(spec.model.layers)
+            and layer.type != "Embedding"
+        ):
             raise SpecError(loc, f"{layer.type} outputs {x.dtype}, which no layer after it takes")
         modules.append(module)
     _check_head(spec, x)
-    family = "lm" if spec.data.kind == "tokens" and x.dim() == 3 else (
-        "regression" if spec.data.target == "regression" else "classification")
+    family = (
+        "lm"
+        if spec.data.kind == "tokens" and x.dim() == 3
+        else ("regression" if spec.data.target == "regression" else "classification")
+    )
     return BuiltModel(nn.Sequential(*modules), family)
 
 
 def _check_head(spec: PlanSpec, out: torch.Tensor) -> None:
+    assert spec.model.source == "layers"
     loc = ("model", "layers", len(spec.model.layers) - 1)
     per_sample = list(out.shape[1:])
     data = spec.data
     if data.target == "regression":
         if per_sample != [data.num_outputs]:
-            raise SpecError(loc, f"the model outputs {per_sample} per sample; regression with "
-                                 f"num_outputs={data.num_outputs} needs [{data.num_outputs}]")
+            raise SpecError(
+                loc,
+                f"the model outputs {per_sample} per sample; regression with "
+                f"num_outputs={data.num_outputs} needs [{data.num_outputs}]",
+            )
         return
     classes = data.num_classes or getattr(data, "vocab_size", None)
     if data.kind == "tokens" and len(per_sample) == 2:
         if classes is not None and per_sample[-1] != classes:
-            raise SpecError(loc, f"the model predicts {per_sample[-1]} tokens, the vocabulary "
-                                 f"has {classes}")
+            raise SpecError(
+                loc, f"the model predicts {per_sample[-1]} tokens, the vocabulary has {classes}"
+            )
         return
     if per_sample != [classes]:
         hint = " (add a Flatten and a Linear head)" if len(per_sample) > 1 else ""
-        raise SpecError(loc, f"the model outputs {per_sample} per sample; classification "
-                             f"with num_classes={classes} needs [{classes}]{hint}")
+        raise SpecError(
+            loc,
+            f"the model outputs {per_sample} per sample; classification "
+            f"with num_classes={classes} needs [{classes}]{hint}",
+        )

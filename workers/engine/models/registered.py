@@ -26,8 +26,10 @@ def build_registered(spec: PlanSpec) -> Any:
     assert spec.model.source == "registered"
     matches = [ep for ep in entry_points(group=GROUP) if ep.name == spec.model.name]
     if not matches:
-        raise SpecError(("model", "name"), f"no registered model {spec.model.name!r}; "
-                        f"registered: {registered_names() or 'none'}")
+        raise SpecError(
+            ("model", "name"),
+            f"no registered model {spec.model.name!r}; registered: {registered_names() or 'none'}",
+        )
     factory = matches[0].load()
     try:
         module = factory(**spec.model.kwargs)

@@ -24,9 +24,13 @@ def families() -> dict[str, str]:
     import torchvision.models as tvm
 
     table: dict[str, str] = {}
-    for family, module in (("detection", tvm.detection), ("segmentation", tvm.segmentation),
-                           ("video", tvm.video), ("optical_flow", tvm.optical_flow),
-                           ("quantization", tvm.quantization)):
+    for family, module in (
+        ("detection", tvm.detection),
+        ("segmentation", tvm.segmentation),
+        ("video", tvm.video),
+        ("optical_flow", tvm.optical_flow),
+        ("quantization", tvm.quantization),
+    ):
         for name in tvm.list_models(module=module):
             table[name] = family
     for name in tvm.list_models():
@@ -45,8 +49,11 @@ def build_torchvision(spec: PlanSpec) -> Any:
     if family is None:
         raise SpecError(("model", "name"), f"torchvision has no model {name!r}")
     if family not in SUPPORTED_FAMILIES:
-        raise SpecError(("model", "name"), f"{name} is a {family} model; trainplan plans "
-                        f"{', '.join(SUPPORTED_FAMILIES)} models from torchvision")
+        raise SpecError(
+            ("model", "name"),
+            f"{name} is a {family} model; trainplan plans "
+            f"{', '.join(SUPPORTED_FAMILIES)} models from torchvision",
+        )
     if spec.data.kind not in ("image", "tensor"):
         raise SpecError(("data", "kind"), f"{name} takes images; data.kind is {spec.data.kind!r}")
     kwargs: dict[str, Any] = dict(spec.model.kwargs)
@@ -62,8 +69,9 @@ def build_torchvision(spec: PlanSpec) -> Any:
     channels = getattr(spec.data, "channels", 3)
     if spec.data.kind == "image" and channels != 3 and _adapt_stem(model, channels):
         notes.append(f"first convolution adapted from 3 to {channels} input channels")
-    return BuiltModel(model, "segmentation" if family == "segmentation" else "classification",
-                      notes)
+    return BuiltModel(
+        model, "segmentation" if family == "segmentation" else "classification", notes
+    )
 
 
 def _adapt_stem(model: nn.Module, channels: int) -> bool:
@@ -71,8 +79,20 @@ def _adapt_stem(model: nn.Module, channels: int) -> bool:
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d) and child.in_channels == 3:
-                setattr(parent, child_name, nn.Conv2d(
-                    channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                    child.dilation, child.groups, child.bias is not None, child.padding_mode))
+                setattr(
+                    parent,
+                    child_name,
+                    nn.Conv2d(
+                        channels,
+                        child.out_channels,
+                        child.kernel_size,  # type: ignore[arg-type]
+                        child.stride,  # type: ignore[arg-type]
+                        child.padding,  # type: ignore[arg-type]
+                        child.dilation,  # type: ignore[arg-type]
+                        child.groups,
+                        child.bias is not None,
+                        child.padding_mode,
+                    ),
+                )
                 return True
     return False

@@ -1,0 +1,205 @@
+"""Against real processes: a uvicorn server with its embedded worker, standalone workers on one
+PostgreSQL, and a worker killed with SIGKILL mid-plan."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from service.client import TrainplanClient
+from service.schemas.spec import PlanSpec
+from service.store import crud
+from service.store.db import make_engine, make_session_factory, upgrade
+from tests.conftest import registered_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(db_url: str, plugins: str | None = None, **extra: str) -> dict[str, str]:
+    env = dict(
+        os.environ,
+        TRAINPLAN_DATABASE_URL=db_url,
+        TRAINPLAN_HEARTBEAT_SECONDS="0.5",
+        TRAINPLAN_POLL_SECONDS="0.1",
+        **extra,
+    )
+    if plugins:
+        env["PYTHONPATH"] = plugins + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _trainplan(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Any) -> Iterator[str]:
+    port = _free_port()
+    proc = _trainplan("serve", "--port", str(port), env=_env(f"sqlite:///{tmp_path}/server.db"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise AssertionError(proc.stderr.read().decode()[-3000:])  # type: ignore
+            time.sleep(0.2)
+        else:
+            raise AssertionError("server did not become ready")
+        yield url
+    finally:
+        _stop(proc)
+
+
+def test_whole_life_of_a_plan_over_http(server: str, small_spec: dict[str, Any]) -> None:
+    with TrainplanClient(server) as client:
+        submitted = client.submit(small_spec)
+        events = list(client.events(submitted["id"]))
+        kinds = [k for k, _ in events]
+        assert kinds[-1] == "end" and events[-1][1]["status"] == "succeeded"
+        trials = [d for k, d in events if k == "trial"]
+        plan = client.wait(submitted["id"], timeout=60)
+        assert plan["status"] == "succeeded"
+        result = plan["result"]
+        assert [(t["batch_size"], t["fits"]) for t in trials] == [
+            (t["batch_size"], t["fits"]) for t in result["trials"]
+        ]
+        # resubmitting the same spec returns the stored plan
+        again = client.submit(small_spec)
+        assert again["id"] == submitted["id"] and again["status"] == "succeeded"
+        workers = client.http.get("/v1/workers").json()["items"]
+        assert workers and workers[0]["plans_done"] >= 1
+        metrics = client.http.get("/metrics").text
+        assert 'trainplan_plans{status="succeeded"} 1' in metrics
+
+
+def test_cli_follows_a_plan_on_the_server(
+    server: str, small_spec: dict[str, Any], tmp_path: Any
+) -> None:
+    import json
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(small_spec | {"refresh": True}))
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "plan", str(spec_file), "--server", server, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    body = json.loads(out.stdout)
+    assert body["status"] == "succeeded" and body["result"]["max_micro_batch_size"] > 0
+
+
+def _pg_only(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("many workers share PostgreSQL; SQLite is the embedded single-worker store")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_on_postgres_run_each_plan_exactly_once(
+    db_url: str, plugins: str, workers: int
+) -> None:
+    _pg_only(db_url)
+    upgrade(db_url)
+    factory = make_session_factory(make_engine(db_url))
+    ids = []
+    with factory() as s:
+        for i in range(200):
+            spec = registered_spec("test-mlp", hidden=8 + i)
+            spec["search"] = {"max_batch_size": 2}
+            parsed = PlanSpec.model_validate(spec)
+            ids.append(crud.create_plan(s, parsed.canonical(), parsed.spec_hash).id)
+        s.commit()
+    procs = [_trainplan("worker", env=_env(db_url, plugins)) for _ in range(workers)]
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            with factory() as s:
+                depth = crud.queue_depth(s)
+            if depth.get("succeeded", 0) + depth.get("failed", 0) == 200:
+                break
+            time.sleep(1)
+    finally:
+        for p in procs:
+            _stop(p)
+    with factory() as s:
+        plans = [crud.get_plan(s, i) for i in ids]
+        assert all(p is not None and p.status == "succeeded" for p in plans), crud.queue_depth(s)
+        assert all(p.attempts == 1 for p in plans if p is not None)  # none ran twice
+        assert len({p.worker_id for p in plans if p is not None}) == workers  # all took part
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_plan_is_finished_by_another(db_url: str, plugins: str) -> None:
+    _pg_only(db_url)
+    upgrade(db_url)
+    factory = make_session_factory(make_engine(db_url))
+    parsed = PlanSpec.model_validate(registered_spec("test-slow", seconds=3))
+    with factory() as s:
+        plan_id = crud.create_plan(s, parsed.canonical(), parsed.spec_hash).id
+        s.commit()
+    env = _env(db_url, plugins, TRAINPLAN_LEASE_SECONDS="2")
+    first = _trainplan("worker", env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with factory() as s:
+                plan = crud.get_plan(s, plan_id)
+            if plan is not None and plan.status == "running":
+                break
+            time.sleep(0.1)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        second = _trainplan("worker", env=env)
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                with factory() as s:
+                    plan = crud.get_plan(s, plan_id)
+                if plan is not None and plan.status in ("succeeded", "failed"):
+                    break
+                time.sleep(0.2)
+        finally:
+            _stop(second)
+    finally:
+        _stop(first)
+    assert plan is not None and plan.status == "succeeded", plan.error if plan else None
+    assert plan.attempts == 2

@@ -63,6 +63,7 @@ PRELOAD = [
     "workers.engine.devices.simulated",
     "workers.engine.devices.cpu",
     "workers.engine.models.layers",
+    "workers.prewarm",
 ]
 
 

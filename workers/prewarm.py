@@ -1,0 +1,45 @@
+"""Imported by the forkserver before it forks any plan: pays the one-off costs of a first plan
+(lazy imports, FakeTensorMode's and the dispatcher's caches) once per worker instead of once per
+plan. Forward and optimizer step only: running backward here would start autograd's threads,
+which a forked child may not inherit."""
+
+from __future__ import annotations
+
+import torch
+
+
+def prewarm() -> None:
+    from service.schemas.spec import PlanSpec
+    from workers.engine.devices import open_device
+    from workers.engine.job import compute_loss
+    from workers.engine.models import build_model
+
+    spec = PlanSpec.model_validate(
+        {
+            "model": {
+                "source": "layers",
+                "layers": [
+                    {"type": "Conv2d", "out_channels": 4, "kernel_size": 3},
+                    {"type": "BatchNorm2d"},
+                    {"type": "ReLU"},
+                    {"type": "Flatten"},
+                    {"type": "Linear", "out_features": 2},
+                ],
+            },
+            "data": {"kind": "image", "channels": 1, "height": 8, "width": 8, "num_classes": 2},
+            "training": {"optimizer": "adamw", "precision": "bf16-mixed"},
+            "device": {"kind": "simulated", "memory_gib": 1},
+        }
+    )
+    with open_device(spec).session(spec, build_model(spec)) as session:
+        job = session.job
+        assert job is not None
+        x, y = job.make_batch(2)
+        with torch.no_grad(), job.autocast():
+            compute_loss(job.model(x), y, job.family)
+
+
+try:
+    prewarm()
+except Exception:  # a failed warm-up only costs speed
+    pass

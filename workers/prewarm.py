@@ -5,6 +5,8 @@ which a forked child may not inherit."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -39,7 +41,5 @@ def prewarm() -> None:
             compute_loss(job.model(x), y, job.family)
 
 
-try:
+with contextlib.suppress(Exception):  # a failed warm-up only costs speed
     prewarm()
-except Exception:  # a failed warm-up only costs speed
-    pass

@@ -261,3 +261,49 @@ def test_grayscale_torchvision_adapts_the_stem() -> None:
     }
     built = build_model(PlanSpec.model_validate(spec))
     assert built.module.conv1.in_channels == 1 and built.notes
+
+
+@pytest.mark.parametrize("gpu", ["T4", "L4", "A100-40GB", "H100-80GB"])
+def test_exact_on_catalogue_cards(small_spec: dict[str, Any], gpu: str) -> None:
+    small_spec["device"] = {"kind": "simulated", "gpu": gpu}
+    small_spec["data"].update(height=96, width=96)
+    result = assert_exact(small_spec)
+    assert result.device.name == gpu
+    assert len([t for t in result.trials if t.phase == "search"]) <= 8
+
+
+def test_adafactor_keeps_factored_state() -> None:
+    spec = PlanSpec.model_validate(mlp_spec("adafactor"))
+    with open_device(spec).session(spec, build_model(spec)) as session:
+        parts = session.probe(1).breakdown
+    # rows + columns per matrix, far below one full copy of the parameters
+    assert 0 < parts["optimizer_state"] < parts["parameters"] / 10
+
+
+def test_local_cli_prints_only_json(small_spec: dict[str, Any], tmp_path: Any) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(small_spec))
+    result = CliRunner().invoke(app, ["plan", str(spec_file), "--local", "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert body["status"] == "succeeded" and body["result"]["max_micro_batch_size"] > 0
+
+
+def test_local_cli_names_the_bad_field(small_spec: dict[str, Any], tmp_path: Any) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    small_spec["training"]["optimizer"] = "lion"
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(small_spec))
+    result = CliRunner().invoke(app, ["plan", str(spec_file), "--local"])
+    assert result.exit_code == 2 and "training.optimizer" in result.output

@@ -98,7 +98,19 @@ def test_max_batch_of_one() -> None:
     assert find_max_batch(probe, 10**9, 1).max_batch == 1
 
 
-@settings(max_examples=200, deadline=None)
+def _largest_fitting(peak: Callable[[int], int], limit: int, max_batch: int) -> int:
+    """Closed-form oracle for a monotone curve, by bisection over the whole range."""
+    lo, hi = 0, max_batch
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if peak(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@settings(max_examples=500, deadline=None)
 @given(
     fixed=st.integers(0, 10**10),
     per_sample=st.integers(1, 10**8),
@@ -109,18 +121,35 @@ def test_max_batch_of_one() -> None:
 def test_exact_on_any_affine_curve_with_rounding(
     fixed: int, per_sample: int, limit: int, rounding: int, max_batch: int
 ) -> None:
+    """Whatever the rounding (even segments far larger than a sample, a staircase), the answer
+    is exact and the trials stay logarithmic."""
+
     def peak(b: int) -> int:
         return rounding * math.ceil((fixed + per_sample * b) / rounding)
 
     probe, calls = make_probe(peak, limit)
     result = find_max_batch(probe, limit, max_batch)
-    # Closed-form oracle for a monotone curve: the largest b in range with peak(b) <= limit.
-    lo, hi = 0, max_batch
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if peak(mid) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    assert result.max_batch == lo
-    assert len(calls) <= 12
+    assert result.max_batch == _largest_fitting(peak, limit, max_batch)
+    assert len(calls) <= 2 * math.ceil(math.log2(max_batch + 1)) + 4
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    fixed=st.integers(0, 10**10),
+    per_sample=st.integers(512, 10**8),
+    limit=st.integers(10**6, 10**11),
+    max_batch=st.integers(1, 1 << 16),
+)
+def test_realistic_curves_take_at_most_six_trials(
+    fixed: int, per_sample: int, limit: int, max_batch: int
+) -> None:
+    """With the CUDA allocator's 512-byte blocks and a sample costing at least a block (every
+    real model), two probes predict the answer and at most four more confirm it."""
+
+    def peak(b: int) -> int:
+        return 512 * math.ceil((fixed + per_sample * b) / 512)
+
+    probe, calls = make_probe(peak, limit)
+    result = find_max_batch(probe, limit, max_batch)
+    assert result.max_batch == _largest_fitting(peak, limit, max_batch)
+    assert len(calls) <= 6

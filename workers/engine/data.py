@@ -12,11 +12,15 @@ from service.schemas.spec import DataSpec
 
 
 def sample_input(
-    data: DataSpec, batch: int, device: str | torch.device, dtype: torch.dtype = torch.float32
+    data: DataSpec,
+    batch: int,
+    device: str | torch.device,
+    dtype: torch.dtype = torch.float32,
+    vocab: int | None = None,
 ) -> torch.Tensor:
-    """One input batch; token ids for `tokens`, floats otherwise."""
+    """One input batch; token ids (below the model's vocabulary) for `tokens`, else floats."""
     if data.kind == "tokens":
-        vocab = data.vocab_size or data.num_classes or 2
+        vocab = vocab or data.vocab_size or data.num_classes or 2
         return torch.randint(0, vocab, (batch, data.seq_len), device=device)
     if data.kind == "image":
         x = torch.randn(batch, data.channels, data.height, data.width, device=device, dtype=dtype)

@@ -89,6 +89,15 @@ def apply_checkpointing(model: nn.Module) -> int:
     return count
 
 
+def enable_checkpointing(model: nn.Module) -> int:
+    """Hugging Face models have their own switch (per decoder layer); others get ours."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is not None and getattr(model, "supports_gradient_checkpointing", False):
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False))
+    return apply_checkpointing(model)
+
+
 def compute_loss(out: Any, target: torch.Tensor, family: str) -> torch.Tensor:
     """The loss a user of this model family would train with; auxiliary heads add to it."""
     outputs = _tensors(out)
@@ -151,8 +160,10 @@ class TrainingJob:
         self.param_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.checkpointed_segments = 0
         model = built.module
+        self.forward_loss = built.forward_loss
+        self.vocab_size = built.vocab_size or getattr(spec.data, "vocab_size", None)
         if training.gradient_checkpointing:
-            self.checkpointed_segments = apply_checkpointing(model)
+            self.checkpointed_segments = enable_checkpointing(model)
         self.frozen = self._freeze(model)
         with tracker.in_phase("parameters"):
             model = self._materialise(model, fill)
@@ -197,11 +208,29 @@ class TrainingJob:
                 fill(out)
             return out
 
-        return model._apply(empty)
+        # `_apply` gives each module its own new Parameter: note which slots shared one
+        # (tied embeddings) and share the new one again, or tied weights would count twice.
+        slots = [
+            (module, name, id(param))
+            for module in model.modules()
+            for name, param in module._parameters.items()
+            if param is not None
+        ]
+        model = model._apply(empty)
+        first: dict[int, nn.Parameter] = {}
+        for module, name, key in slots:
+            param = module._parameters[name]
+            assert param is not None
+            if key in first:
+                module._parameters[name] = first[key]
+            else:
+                first[key] = param
+        return model
 
     def _output_classes(self) -> int | None:
-        data = self.spec.data
-        return data.num_classes or getattr(data, "vocab_size", None)
+        if self.family == "hf_sequence":
+            return self.spec.data.num_classes or 2
+        return self.spec.data.num_classes or self.vocab_size
 
     def _make_scaler(self) -> Any:
         if self.precision != "fp16-mixed" or self.fake:
@@ -236,8 +265,16 @@ class TrainingJob:
     def make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         data = self.spec.data
         with self.tracker.in_phase("input"):
-            x = sample_input(data, batch, self.device, dtype=self.param_dtype or torch.float32)
-            if self.family == "segmentation" and data.kind == "image":
+            x = sample_input(
+                data,
+                batch,
+                self.device,
+                dtype=self.param_dtype or torch.float32,
+                vocab=self.vocab_size,
+            )
+            if self.family == "hf_sequence":
+                y = torch.randint(0, self.classes or 2, (batch,), device=self.device)
+            elif self.family == "segmentation" and data.kind == "image":
                 y = torch.randint(
                     0, self.classes or 2, (batch, data.height, data.width), device=self.device
                 )
@@ -252,7 +289,10 @@ class TrainingJob:
         tracker = self.tracker
         x, y = self.make_batch(batch)
         with tracker.in_phase("forward"), self.autocast():
-            loss = compute_loss(self.model(x), y, self.family)
+            if self.forward_loss is not None:
+                loss = self.forward_loss(self.model, x, y)
+            else:
+                loss = compute_loss(self.model(x), y, self.family)
         with tracker.in_phase("backward"):
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()

@@ -5,8 +5,9 @@ per sample: the batch and the activations). So two probes predict the answer, an
 search on `peak(b) - limit`, kept inside the bracket [largest fit, smallest failure], confirms it:
 it stops only once `answer` fits and `answer + 1` does not. A bisection step is forced whenever
 the secant fails to halve the bracket, so the worst case stays logarithmic even when memory is
-far from affine (a probe whose peak is only a lower bound, as after a real CUDA OOM, counts as a
-plain failure).
+far from affine, or when confirmations keep creeping up by one (a staircase of allocator
+segments, say). A probe whose peak is only a lower bound, as after a real CUDA OOM,
+counts as a plain failure.
 
 Lightning's binsearch doubles from 2 and then bisects (13-21 trials, not exact); Accelerate halves
 from a start value on each OOM (never exact, never grows).
@@ -91,16 +92,26 @@ def find_max_batch(probe: Probe, limit: int, max_batch: int) -> SearchResult:
         return SearchResult(1, br.trials, bound_reached=True)
     br.probe(2)
     width_before = br.hi - br.lo
+    creep = 0  # confirmations in a row that fitted: the model keeps under-predicting
     while br.hi - br.lo > 1:
         guess = br.predict()
-        # The answer is `guess`: probe guess, or guess + 1 once guess is known to fit.
-        candidate = guess + 1 if guess <= br.lo else guess
-        candidate = min(max(candidate, br.lo + 1), br.hi - 1)
         width = br.hi - br.lo
+        confirming = guess <= br.lo  # the model says lo is the answer: probe lo + 1
+        candidate = min(max(br.lo + 1 if confirming else guess, br.lo + 1), br.hi - 1)
         beyond_bound = not br.hi_known and guess >= br.hi - 1
-        if not beyond_bound and width > 4 and width * 2 > width_before and len(br.trials) > 3:
-            candidate = (br.lo + br.hi) // 2  # the secant stalled: bisect once
+        # Below an unknown bound the extrapolation from fits converges by itself; a bracket
+        # that does not halve between two known ends means the secant has stalled.
+        stalled = (
+            not confirming
+            and width > 4
+            and width * 2 > width_before
+            and (br.hi_known or len(br.trials) > 8)
+        )
+        if not beyond_bound and len(br.trials) > 3 and (stalled or creep >= 2):
+            candidate = (br.lo + br.hi) // 2  # the model is not to be trusted here: bisect
+            creep = 0
         width_before = width
-        br.probe(candidate)
+        fits = br.probe(candidate).fits
+        creep = creep + 1 if confirming and fits and candidate == br.lo else 0
     bound = br.lo == max_batch
     return SearchResult(br.lo, br.trials, bound_reached=bound)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
 BLOCK_ROUNDING = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 
 CATEGORIES = (
@@ -73,8 +74,11 @@ class Allocation:
 class MemoryTracker(TorchDispatchMode):
     """Counts live storage bytes; `phase` tags new allocations; `mark` names known tensors."""
 
-    def __init__(self, raise_above: int | None = None) -> None:
+    def __init__(self, raise_above: int | None = None, fake_scalars: bool = False) -> None:
         super().__init__()
+        # Under FakeTensorMode a tensor has no value: code that reads one (Adafactor's
+        # `p.norm().item()`) gets 1.0, which changes no shape and so no memory.
+        self.fake_scalars = fake_scalars
         self.phase = "other"
         self.raise_above = raise_above
         self.live = 0
@@ -87,6 +91,8 @@ class MemoryTracker(TorchDispatchMode):
 
     # -- recording -------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.fake_scalars and func is _LOCAL_SCALAR:
+            return 1.0 if args[0].is_floating_point() else 1
         out = func(*args, **(kwargs or {}))
         self._record_outputs(out)
         return out

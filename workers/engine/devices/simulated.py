@@ -58,7 +58,7 @@ class SimulatedDevice(ProbeDevice):
     @contextmanager
     def session(self, spec: PlanSpec, built: BuiltModel) -> Iterator[ProbeSession]:
         limit = self.limit_bytes(spec.search.headroom)
-        tracker = MemoryTracker()
+        tracker = MemoryTracker(fake_scalars=True)
         with FakeTensorMode(allow_non_fake_inputs=True), tracker:
             job = TrainingJob(spec, built, "cpu", tracker, fake=True)
             yield _SimulatedSession(self, limit, job, tracker)

@@ -7,6 +7,7 @@ built in a moment; a device then materialises it (fake, real CPU or CUDA tensors
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,11 @@ from workers.engine.errors import SpecError
 @dataclass
 class BuiltModel:
     module: nn.Module
-    family: str = "classification"  # classification | segmentation | lm | regression
+    family: str = "classification"  # classification | segmentation | lm | regression | hf
     notes: list[str] = field(default_factory=list)
+    # (model, inputs, targets) -> loss, for models that compute their own loss (transformers)
+    forward_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    vocab_size: int | None = None
 
 
 def build_model(spec: PlanSpec) -> BuiltModel:
@@ -72,6 +76,10 @@ def _build(spec: PlanSpec) -> BuiltModel:
         from workers.engine.models.vision import build_torchvision
 
         return build_torchvision(spec)
+    if source == "transformers":
+        from workers.engine.models.hf import build_transformers
+
+        return build_transformers(spec)
     if source == "registered":
         from workers.engine.models.registered import build_registered
 

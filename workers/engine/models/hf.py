@@ -1,0 +1,218 @@
+"""The `transformers` source: a Hugging Face architecture built from a config, never weights.
+
+`preset` names a public config (numbers copied from the model's config.json); `architecture`
+names a transformers model class (checked to be a `PreTrainedModel` subclass) with its config
+keys. Built on the meta device, so an 8B model costs nothing until a device materialises it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.schemas.spec import PlanSpec
+from workers.engine.errors import SpecError
+
+_LLAMA_3 = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-3-8b": ("LlamaForCausalLM", _LLAMA_3),
+    "llama-3.1-8b": ("LlamaForCausalLM", _LLAMA_3 | {"max_position_embeddings": 131072}),
+    "llama-3.2-1b": (
+        "LlamaForCausalLM",
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "max_position_embeddings": 131072,
+            "rope_theta": 500000.0,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": True,
+            "head_dim": 64,
+        },
+    ),
+    "mistral-7b": (
+        "MistralForCausalLM",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 32000,
+            "max_position_embeddings": 32768,
+            "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-5,
+            "sliding_window": 4096,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "qwen2.5-7b": (
+        "Qwen2ForCausalLM",
+        {
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+            "max_position_embeddings": 131072,
+            "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024},
+    ),
+    "gpt2-xl": (
+        "GPT2LMHeadModel",
+        {"n_embd": 1600, "n_layer": 48, "n_head": 25, "vocab_size": 50257, "n_positions": 1024},
+    ),
+    "bert-base-uncased": (
+        "BertForMaskedLM",
+        {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "vocab_size": 30522,
+            "max_position_embeddings": 512,
+        },
+    ),
+    "t5-base": (
+        "T5ForConditionalGeneration",
+        {
+            "d_model": 768,
+            "d_ff": 3072,
+            "d_kv": 64,
+            "num_layers": 12,
+            "num_decoder_layers": 12,
+            "num_heads": 12,
+            "vocab_size": 32128,
+        },
+    ),
+    "vit-base-patch16-224": (
+        "ViTForImageClassification",
+        {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "image_size": 224,
+            "patch_size": 16,
+            "num_channels": 3,
+        },
+    ),
+}
+
+TEXT_SUFFIXES = (
+    "ForCausalLM",
+    "LMHeadModel",
+    "ForMaskedLM",
+    "ForConditionalGeneration",
+    "ForSeq2SeqLM",
+    "ForSequenceClassification",
+)
+VISION_SUFFIXES = ("ForImageClassification",)
+
+
+def resolve(spec: PlanSpec) -> tuple[str, dict[str, Any]]:
+    model = spec.model
+    assert model.source == "transformers"
+    if model.preset is not None:
+        if model.preset not in PRESETS:
+            raise SpecError(
+                ("model", "preset"),
+                f"unknown preset {model.preset!r}; known: {', '.join(sorted(PRESETS))}",
+            )
+        architecture, config = PRESETS[model.preset]
+        return architecture, config | dict(model.config)
+    assert model.architecture is not None
+    return model.architecture, dict(model.config)
+
+
+def model_class(architecture: str) -> Any:
+    import transformers
+
+    if not architecture.endswith(TEXT_SUFFIXES + VISION_SUFFIXES):
+        raise SpecError(
+            ("model", "architecture"),
+            f"{architecture}: trainplan plans "
+            f"architectures ending in {', '.join(TEXT_SUFFIXES + VISION_SUFFIXES)}",
+        )
+    cls = getattr(transformers, architecture, None)
+    if (
+        cls is None
+        or not isinstance(cls, type)
+        or not issubclass(cls, transformers.PreTrainedModel)
+    ):
+        raise SpecError(
+            ("model", "architecture"), f"transformers has no model class {architecture!r}"
+        )
+    return cls
+
+
+def hf_forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss the model computes itself from labels, as the HF Trainer would."""
+    key = "pixel_values" if x.is_floating_point() else "input_ids"
+    return model(**{key: x, "labels": y}).loss  # type: ignore[no-any-return]
+
+
+def build_transformers(spec: PlanSpec) -> Any:
+    from workers.engine.models import BuiltModel
+
+    architecture, config_values = resolve(spec)
+    cls = model_class(architecture)
+    is_vision = architecture.endswith(VISION_SUFFIXES)
+    data = spec.data
+    if is_vision and data.kind != "image":
+        raise SpecError(("data", "kind"), f"{architecture} takes images: use data.kind 'image'")
+    if not is_vision and data.kind != "tokens":
+        raise SpecError(("data", "kind"), f"{architecture} takes tokens: use data.kind 'tokens'")
+    if is_vision:
+        assert data.kind == "image"
+        config_values.setdefault("num_labels", data.num_classes or 1000)
+        config_values.setdefault("image_size", data.height)
+        config_values.setdefault("num_channels", data.channels)
+    if architecture.endswith("ForSequenceClassification"):
+        config_values.setdefault("num_labels", data.num_classes or 2)
+    try:
+        config = cls.config_class(**config_values)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(("model", "config"), f"{architecture}: {exc}") from None
+    if data.kind == "tokens":
+        limit = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        if limit is not None and data.seq_len > limit:
+            raise SpecError(
+                ("data", "seq_len"),
+                f"seq_len {data.seq_len} is longer than the model's {limit} positions",
+            )
+    try:
+        module = cls(config)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SpecError(("model", "config"), f"{architecture}: {exc}") from None
+    module.config.use_cache = False
+    family = "hf_sequence" if architecture.endswith("ForSequenceClassification") else "hf"
+    return BuiltModel(
+        module, family, forward_loss=hf_forward_loss, vocab_size=getattr(config, "vocab_size", None)
+    )

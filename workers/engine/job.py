@@ -91,7 +91,9 @@ def apply_checkpointing(model: nn.Module) -> int:
 
 def enable_checkpointing(model: nn.Module) -> int:
     """Hugging Face models have their own switch (per decoder layer); others get ours."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None
+    )
     if enable is not None and getattr(model, "supports_gradient_checkpointing", False):
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False))

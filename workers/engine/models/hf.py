@@ -192,6 +192,9 @@ def build_transformers(spec: PlanSpec) -> Any:
         config_values.setdefault("num_labels", data.num_classes or 1000)
         config_values.setdefault("image_size", data.height)
         config_values.setdefault("num_channels", data.channels)
+    if architecture.endswith("ForConditionalGeneration"):  # labels are shifted right from these
+        config_values.setdefault("decoder_start_token_id", 0)
+        config_values.setdefault("pad_token_id", 0)
     if architecture.endswith("ForSequenceClassification"):
         config_values.setdefault("num_labels", data.num_classes or 2)
     try:

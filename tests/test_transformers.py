@@ -1,0 +1,176 @@
+"""The transformers source: architectures from configs (no weights), presets, checkpointing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.schemas.spec import PlanSpec
+from tests.test_engine import assert_exact
+from workers.engine.devices import open_device
+from workers.engine.errors import SpecError
+from workers.engine.models import build_model
+from workers.engine.models.hf import PRESETS
+
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 256,
+}
+
+
+def lm_spec(
+    architecture: str, config: dict[str, Any], seq_len: int = 64, **training: Any
+) -> dict[str, Any]:
+    return {
+        "model": {"source": "transformers", "architecture": architecture, "config": config},
+        "data": {"kind": "tokens", "seq_len": seq_len, "num_samples": 10000},
+        "training": {"optimizer": "adamw", "precision": "bf16-mixed", **training},
+        "device": {"kind": "simulated", "memory_gib": 1},
+    }
+
+
+@pytest.mark.parametrize(
+    ("architecture", "config"),
+    [
+        ("LlamaForCausalLM", TINY_LLAMA),
+        ("GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 1000}),
+        (
+            "BertForMaskedLM",
+            {
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 128,
+                "vocab_size": 1000,
+            },
+        ),
+        (
+            "T5ForConditionalGeneration",
+            {
+                "d_model": 64,
+                "d_ff": 128,
+                "d_kv": 16,
+                "num_layers": 2,
+                "num_heads": 4,
+                "vocab_size": 1000,
+            },
+        ),
+    ],
+)
+def test_text_architectures_plan_exactly(architecture: str, config: dict[str, Any]) -> None:
+    result = assert_exact(lm_spec(architecture, config))
+    assert result.model_summary["parameters"] > 0
+
+
+def test_vision_transformer_plans() -> None:
+    spec = {
+        "model": {
+            "source": "transformers",
+            "architecture": "ViTForImageClassification",
+            "config": {
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 128,
+                "patch_size": 8,
+            },
+        },
+        "data": {"kind": "image", "channels": 3, "height": 32, "width": 32, "num_classes": 10},
+        "device": {"kind": "simulated", "memory_gib": 1},
+    }
+    assert_exact(spec)
+
+
+def test_checkpointing_shrinks_transformer_activations() -> None:
+    def activations(ckpt: bool) -> int:
+        spec = PlanSpec.model_validate(
+            lm_spec(
+                "LlamaForCausalLM",
+                TINY_LLAMA | {"num_hidden_layers": 4},
+                seq_len=256,
+                gradient_checkpointing=ckpt,
+            )
+        )
+        with open_device(spec).session(spec, build_model(spec)) as session:
+            return session.probe(8).breakdown["activations"]
+
+    assert activations(True) < 0.7 * activations(False)
+
+
+def test_presets_build_without_allocating() -> None:
+    for name in PRESETS:
+        spec = PlanSpec.model_validate(
+            {
+                "model": {"source": "transformers", "preset": name},
+                "data": (
+                    {
+                        "kind": "image",
+                        "channels": 3,
+                        "height": 224,
+                        "width": 224,
+                        "num_classes": 1000,
+                    }
+                    if "vit" in name
+                    else {"kind": "tokens", "seq_len": 128}
+                ),
+            }
+        )
+        built = build_model(spec)
+        assert all(p.is_meta for p in built.module.parameters()), name
+
+
+def test_llama_3_8b_has_8b_parameters_and_tied_1b() -> None:
+    big = build_model(
+        PlanSpec.model_validate(
+            {
+                "model": {"source": "transformers", "preset": "llama-3-8b"},
+                "data": {"kind": "tokens", "seq_len": 2048},
+            }
+        )
+    )
+    assert sum(p.numel() for p in big.module.parameters()) == 8_030_261_248
+    small = PlanSpec.model_validate(
+        {
+            "model": {"source": "transformers", "preset": "llama-3.2-1b"},
+            "data": {"kind": "tokens", "seq_len": 128},
+            "training": {"precision": "bf16", "optimizer": "sgd"},
+            "device": {"kind": "simulated", "gpu": "H100-80GB"},
+        }
+    )
+    with open_device(small).session(small, build_model(small)) as session:
+        parts = session.probe(1).breakdown
+    assert parts["parameters"] == pytest.approx(1_235_814_400 * 2, rel=0.001)  # tied: once
+
+
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        ({"architecture": "os"}, ("model", "architecture")),
+        ({"architecture": "PreTrainedModelForCausalLM"}, ("model", "architecture")),
+        ({"preset": "gpt-5"}, ("model", "preset")),
+    ],
+)
+def test_bad_transformers_specs(change: dict[str, Any], loc: tuple[str, ...]) -> None:
+    model = {"source": "transformers"} | change
+    spec = PlanSpec.model_validate({"model": model, "data": {"kind": "tokens", "seq_len": 16}})
+    with pytest.raises(SpecError) as info:
+        build_model(spec)
+    assert info.value.loc == loc
+
+
+def test_seq_len_beyond_the_model_is_refused() -> None:
+    spec = PlanSpec.model_validate(
+        {
+            "model": {"source": "transformers", "preset": "gpt2"},
+            "data": {"kind": "tokens", "seq_len": 4096},
+        }
+    )
+    with pytest.raises(SpecError) as info:
+        build_model(spec)
+    assert info.value.loc == ("data", "seq_len")

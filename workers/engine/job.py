@@ -7,6 +7,7 @@ in backward and freed by `zero_grad(set_to_none=True)`), at any micro-batch size
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -91,11 +92,11 @@ def apply_checkpointing(model: nn.Module) -> int:
 
 def enable_checkpointing(model: nn.Module) -> int:
     """Hugging Face models have their own switch (per decoder layer); others get ours."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
-        model, "gradient_checkpointing_enable", None
-    )
+    enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is not None and getattr(model, "supports_gradient_checkpointing", False):
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with warnings.catch_warnings():  # renamed in transformers 5; same behaviour
+            warnings.simplefilter("ignore", FutureWarning)
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False))
     return apply_checkpointing(model)
 

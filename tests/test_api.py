@@ -157,3 +157,13 @@ def test_token_auth(db_url: str, small_spec: dict[str, Any]) -> None:
         ok = c.post("/v1/plans", json=small_spec, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 202
         assert c.get("/healthz").status_code == 200
+
+
+def test_every_route_documents_an_example(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    for path, methods in schema["paths"].items():
+        for method, op in methods.items():
+            bodies = [c for r in op["responses"].values() for c in r.get("content", {}).values()]
+            request = op.get("requestBody", {}).get("content", {}).values()
+            has = any("example" in b or "examples" in b for b in [*bodies, *request])
+            assert has, f"{method.upper()} {path} has no example"

@@ -70,3 +70,126 @@ PLAN_EXAMPLES: dict[str, Any] = {
         "value": SMALL_GRAYSCALE_CNN,
     },
 }
+
+
+def response_example(
+    status: int, body: Any, description: str = "", media_type: str = "application/json"
+) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI `responses` entry carrying one example body."""
+    return {
+        status: {
+            "description": description or "Example",
+            "content": {media_type: {"example": body}},
+        }
+    }
+
+
+PLAN_ID = "0b9d6a4e-3f0c-4b8e-9a55-3a2f8d1c7e21"
+RESULT_EXAMPLE: dict[str, Any] = {
+    "feasible": True,
+    "device": {"backend": "simulated", "name": "A100-80GB", "memory_bytes": 85899345920},
+    "max_micro_batch_size": 1805,
+    "micro_batch_size": 1024,
+    "accumulation_steps": 1,
+    "global_batch_size": 1024,
+    "effective_global_batch_size": 1024,
+    "learning_rate": 0.4,
+    "lr_scaling": {
+        "rule": "linear",
+        "base_lr": 0.1,
+        "base_batch_size": 256,
+        "factor": 4.0,
+        "warmup_steps": 6260,
+    },
+    "iterations_per_epoch": 1252,
+    "optimizer_steps_per_epoch": 1252,
+    "total_optimizer_steps": 112680,
+    "memory": {
+        "parameters": 102475264,
+        "gradients": 8196096,
+        "optimizer_state": 102232064,
+        "input_batch": 616570880,
+        "activations": 44850581504,
+        "temporary": 411042304,
+        "overhead": 536870912,
+        "peak": 46627969024,
+        "capacity": 85899345920,
+    },
+    "trials": [
+        {
+            "batch_size": 1,
+            "fits": True,
+            "peak_bytes": 877669888,
+            "duration_s": 0.84,
+            "reason": None,
+            "phase": "search",
+        }
+    ],
+    "warnings": [],
+}
+PLAN_EXAMPLE: dict[str, Any] = {
+    "id": PLAN_ID,
+    "status": "succeeded",
+    "created_at": "2026-11-23T06:00:00Z",
+    "started_at": "2026-11-23T06:00:01Z",
+    "finished_at": "2026-11-23T06:00:08Z",
+    "spec": RESNET50_A100,
+    "spec_hash": "27e7f5a2" + "0" * 56,
+    "attempts": 1,
+    "worker_id": "gpu-node-1-4242",
+    "cancel_requested": False,
+    "error": None,
+    "result": RESULT_EXAMPLE,
+    "trials": [],
+}
+PAGE_EXAMPLE: dict[str, Any] = {
+    "items": [
+        {
+            "id": PLAN_ID,
+            "status": "succeeded",
+            "created_at": "2026-11-23T06:00:00Z",
+            "finished_at": "2026-11-23T06:00:08Z",
+            "model": "resnet50",
+            "spec_hash": "27e7f5a2" + "0" * 56,
+            "max_micro_batch_size": 1805,
+        }
+    ],
+    "next_cursor": "41",
+}
+EVENTS_EXAMPLE = (
+    'id: 0\nevent: trial\ndata: {"batch_size": 1, "fits": true, "peak_bytes": 877669888, '
+    '"duration_s": 0.84, "reason": null, "phase": "search", "index": 0, "attempt": 1}\n\n'
+    'id: 5\nevent: end\ndata: {"status": "succeeded", "error": null, '
+    '"max_micro_batch_size": 1805}\n\n'
+)
+WORKERS_EXAMPLE: dict[str, Any] = {
+    "items": [
+        {
+            "id": "gpu-node-1-4242",
+            "hostname": "gpu-node-1",
+            "devices": {"kinds": ["simulated", "cpu", "cuda"]},
+            "started_at": "2026-11-23T05:00:00Z",
+            "heartbeat_at": "2026-11-23T06:00:05Z",
+            "current_plan_id": None,
+            "plans_done": 12,
+            "state": "alive",
+        }
+    ]
+}
+GPUS_EXAMPLE: dict[str, Any] = {
+    "items": [
+        {
+            "name": "A100-80GB",
+            "memory_bytes": 85899345920,
+            "memory_gib": 80.0,
+            "tflops": {"fp32": 19.5, "fp16": 312, "bf16": 312},
+            "bandwidth_gbs": 2039,
+            "overhead_bytes": 536870912,
+            "architecture": "ampere",
+            "supports_bf16": True,
+        }
+    ]
+}
+METRICS_EXAMPLE = (
+    '# TYPE trainplan_plans gauge\ntrainplan_plans{status="queued"} 3\ntrainplan_store_ooms 41\n'
+)

@@ -16,7 +16,13 @@ from sqlalchemy.orm import Session
 
 from service.api.deps import FactoryDep, SessionDep, SettingsDep, require_auth
 from service.api.problems import ProblemException, validation_problem
-from service.schemas.examples import PLAN_EXAMPLES
+from service.schemas.examples import (
+    EVENTS_EXAMPLE,
+    PAGE_EXAMPLE,
+    PLAN_EXAMPLE,
+    PLAN_EXAMPLES,
+    response_example,
+)
 from service.schemas.plan import PlanOut, PlanPage, PlanSummary
 from service.schemas.spec import PlanSpec
 from service.store import crud
@@ -24,6 +30,20 @@ from service.store.models import FINAL, Plan
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=[Depends(require_auth)])
 
+INVALID_EXAMPLE = {
+    "type": "https://trainplan.dev/problems/validation-error",
+    "title": "The request is invalid",
+    "status": 422,
+    "detail": "invalid: model.layers.8. Linear cannot take input of shape [64] (per sample)",
+    "errors": [
+        {
+            "loc": ["model", "layers", 8],
+            "field": "model.layers.8",
+            "msg": "Linear cannot take input of shape [64] (per sample)",
+            "type": "spec_error",
+        }
+    ],
+}
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such plan (problem details)"}
 }
@@ -108,8 +128,18 @@ def _as_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     response_model=PlanOut,
     summary="Submit a plan",
     responses={
-        200: {"description": "The stored plan of the same spec (no new plan)"},
-        422: {"description": "Invalid spec (problem details naming the field)"},
+        **response_example(
+            202,
+            PLAN_EXAMPLE | {"status": "queued", "result": None},
+            "Queued; Location names the plan",
+        ),
+        **response_example(200, PLAN_EXAMPLE, "The stored plan of the same spec (no new plan)"),
+        **response_example(
+            422,
+            INVALID_EXAMPLE,
+            "Invalid spec: problem details naming the field",
+            "application/problem+json",
+        ),
     },
 )
 def submit_plan(
@@ -151,7 +181,12 @@ def _existing(response: Response, plan: Plan, session: Session) -> PlanOut:
     return plan_out(plan, session)
 
 
-@router.get("", response_model=PlanPage, summary="List plans, newest first")
+@router.get(
+    "",
+    response_model=PlanPage,
+    summary="List plans, newest first",
+    responses=response_example(200, PAGE_EXAMPLE),
+)
 def list_plans(
     session: SessionDep,
     settings: SettingsDep,
@@ -183,7 +218,7 @@ def list_plans(
 @router.get(
     "/{plan_id}",
     response_model=PlanOut,
-    responses=NOT_FOUND,
+    responses=NOT_FOUND | response_example(200, PLAN_EXAMPLE),
     summary="Read a plan; ?wait=N long-polls until it ends",
 )
 async def get_plan(
@@ -212,7 +247,8 @@ def _read(factory: Any, plan_id: str) -> PlanOut:
     "/{plan_id}/cancel",
     response_model=PlanOut,
     status_code=202,
-    responses=NOT_FOUND,
+    responses=NOT_FOUND
+    | response_example(202, PLAN_EXAMPLE | {"status": "cancelled", "result": None}),
     summary="Cancel: a queued plan at once, a running one at its next trial",
 )
 def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
@@ -225,7 +261,7 @@ def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
 
 @router.get(
     "/{plan_id}/events",
-    responses=NOT_FOUND,
+    responses=NOT_FOUND | response_example(200, EVENTS_EXAMPLE, media_type="text/event-stream"),
     summary="Server-sent events: one `trial` per probe, then one `end`",
     response_class=StreamingResponse,
 )

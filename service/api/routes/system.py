@@ -10,6 +10,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import func, select, text
 
 from service.api.deps import SessionDep, SettingsDep
+from service.schemas.examples import (
+    GPUS_EXAMPLE,
+    METRICS_EXAMPLE,
+    WORKERS_EXAMPLE,
+    response_example,
+)
 from service.store import crud
 from service.store.models import Trial
 from workers.engine.catalogue import GPU_CATALOGUE
@@ -17,12 +23,22 @@ from workers.engine.catalogue import GPU_CATALOGUE
 router = APIRouter()
 
 
-@router.get("/v1/gpus", tags=["catalogue"], summary="The simulated device's GPU catalogue")
+@router.get(
+    "/v1/gpus",
+    tags=["catalogue"],
+    summary="The simulated device's GPU catalogue",
+    responses=response_example(200, GPUS_EXAMPLE),
+)
 def gpus() -> dict[str, Any]:
     return {"items": [g.as_json() for g in GPU_CATALOGUE.values()]}
 
 
-@router.get("/v1/workers", tags=["workers"], summary="Workers, with their last heartbeat")
+@router.get(
+    "/v1/workers",
+    tags=["workers"],
+    summary="Workers, with their last heartbeat",
+    responses=response_example(200, WORKERS_EXAMPLE),
+)
 def workers(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     stale = timedelta(seconds=max(settings.lease_seconds, settings.heartbeat_seconds * 3))
     now = crud.now()
@@ -46,7 +62,12 @@ def workers(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     return {"items": items}
 
 
-@router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+@router.get(
+    "/healthz",
+    tags=["health"],
+    summary="Liveness: the process answers",
+    responses=response_example(200, {"status": "ok"}),
+)
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -55,7 +76,8 @@ def healthz() -> dict[str, str]:
     "/readyz",
     tags=["health"],
     summary="Readiness: the database answers and is migrated",
-    responses={503: {"description": "Not ready (problem details)"}},
+    responses=response_example(200, {"status": "ready", "schema": "0001"})
+    | response_example(503, {"status": "unavailable", "detail": "connection refused"}, "Not ready"),
 )
 def readyz(session: SessionDep, response: Response) -> dict[str, Any]:
     try:
@@ -66,7 +88,13 @@ def readyz(session: SessionDep, response: Response) -> dict[str, Any]:
     return {"status": "ready", "schema": version}
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["health"],
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses=response_example(200, METRICS_EXAMPLE, media_type="text/plain"),
+)
 def metrics(session: SessionDep) -> Response:
     depth = crud.queue_depth(session)
     lines = ["# HELP trainplan_plans Plans in the store by status", "# TYPE trainplan_plans gauge"]

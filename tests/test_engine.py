@@ -307,3 +307,17 @@ def test_local_cli_names_the_bad_field(small_spec: dict[str, Any], tmp_path: Any
     spec_file.write_text(json.dumps(small_spec))
     result = CliRunner().invoke(app, ["plan", str(spec_file), "--local"])
     assert result.exit_code == 2 and "training.optimizer" in result.output
+
+
+def test_simulated_throughput_counts_the_flops() -> None:
+    """Forward 2 FLOPs per weight per sample, backward 4 (2 for the input of the first layer
+    are skipped: the data needs no gradient)."""
+    result = run_plan(PlanSpec.model_validate(mlp_spec("adam", memory_gib=1.0)))
+    throughput = result.throughput
+    assert throughput is not None and not throughput.measured
+    w1, w2, w3 = 512 * 1024, 1024 * 1024, 1024 * 10
+    assert throughput.flops_per_sample == 4 * w1 + 6 * (w2 + w3)
+    assert throughput.assumed_utilization == 0.6
+    assert throughput.epoch_time_s == pytest.approx(
+        throughput.step_time_s * result.optimizer_steps_per_epoch
+    )

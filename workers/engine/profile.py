@@ -94,7 +94,10 @@ def run_plan(
             recorded.append(trial)
             if hooks.on_trial is not None:
                 hooks.on_trial(trial)
-    return _feasible(spec, device, search, recorded, batches, at_micro, built.notes, has_bn, counts)
+        flops = session.count_flops(batches.micro_batch_size)
+    return _feasible(
+        spec, device, search, recorded, batches, at_micro, built.notes, has_bn, counts, flops
+    )
 
 
 def _device_info(device: ProbeDevice) -> DeviceInfo:
@@ -130,6 +133,7 @@ def _feasible(
     notes: list[str],
     has_bn: bool,
     counts: tuple[int, int],
+    flops: int | None = None,
 ) -> PlanResult:
     training, data = spec.training, spec.data
     epochs = planner.epoch_arithmetic(
@@ -149,6 +153,9 @@ def _feasible(
         epochs.total_optimizer_steps,
     )
     warnings = plan_warnings(spec, device, search, batches, lr, has_bn)
+    throughput = _measured_throughput(spec, batches, epochs, at_micro)
+    if throughput is None and flops is not None:
+        throughput = estimate_throughput(spec, device, batches, epochs, flops, at_micro)
     warnings += [PlanWarning(code="model_adapted", message=n) for n in notes]
     return PlanResult(
         feasible=True,
@@ -170,7 +177,7 @@ def _feasible(
         optimizer_steps_per_epoch=epochs.optimizer_steps_per_epoch,
         total_optimizer_steps=epochs.total_optimizer_steps,
         memory=_memory(at_micro, device.memory_bytes),
-        throughput=_measured_throughput(spec, batches, epochs, at_micro),
+        throughput=throughput,
         trials=trials,
         search_bound_reached=search.bound_reached,
         warnings=warnings,
@@ -193,6 +200,44 @@ def _measured_throughput(
         epoch_time_s=step * epochs.optimizer_steps_per_epoch,
         total_time_s=step * epochs.total_optimizer_steps,
         measured=True,
+    )
+
+
+# Share of the card's dense peak a tuned training step sustains (model FLOPs utilisation).
+ASSUMED_UTILIZATION = {"fp32": 0.6, "fp16-mixed": 0.45, "bf16-mixed": 0.45, "bf16": 0.45}
+
+
+def estimate_throughput(
+    spec: PlanSpec,
+    device: ProbeDevice,
+    batches: planner.BatchPlan,
+    epochs: planner.EpochPlan,
+    flops: int,
+    at_micro: TrialOutcome,
+) -> Throughput | None:
+    """Compute-bound time of the counted FLOPs at an assumed utilisation, plus the optimizer's
+    memory-bound pass (read parameters, gradients and state; write parameters and state)."""
+    peak = device.tflops(spec.training.precision)
+    if peak is None or device.bandwidth_gbs is None:
+        return None
+    utilization = ASSUMED_UTILIZATION[spec.training.precision]
+    micro_s = flops / (peak * 1e12 * utilization)
+    parts = at_micro.breakdown
+    traffic = (
+        2 * parts.get("parameters", 0)
+        + parts.get("gradients", 0)
+        + 2 * parts.get("optimizer_state", 0)
+    )
+    step = batches.accumulation_steps * micro_s + traffic / (device.bandwidth_gbs * 1e9)
+    samples = batches.micro_batch_size * batches.accumulation_steps * spec.training.world_size
+    return Throughput(
+        samples_per_second=samples / step,
+        step_time_s=step,
+        epoch_time_s=step * epochs.optimizer_steps_per_epoch,
+        total_time_s=step * epochs.total_optimizer_steps,
+        measured=False,
+        assumed_utilization=utilization,
+        flops_per_sample=flops / batches.micro_batch_size,
     )
 
 

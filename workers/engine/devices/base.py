@@ -44,6 +44,10 @@ class ProbeSession(ABC):
     @abstractmethod
     def _probe(self, batch: int) -> TrialOutcome: ...
 
+    def count_flops(self, batch: int) -> int | None:
+        """FLOPs of one iteration, where the device estimates speed instead of measuring it."""
+        return None
+
     def _outcome(
         self, batch: int, tensor_peak: int, breakdown: dict[str, int], step_time: float | None
     ) -> TrialOutcome:
@@ -84,8 +88,11 @@ class ProbeDevice(ABC):
     memory_bytes: int
     overhead_bytes: int = 0
     supports_bf16: bool = True
-    peak_tflops: float | None = None
     bandwidth_gbs: float | None = None
+
+    def tflops(self, precision: str) -> float | None:
+        """Dense peak TFLOP/s for the precision, where known (the catalogue's cards)."""
+        return None
 
     def limit_bytes(self, headroom: float) -> int:
         return int(self.memory_bytes * (1.0 - headroom))

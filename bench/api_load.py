@@ -29,6 +29,23 @@ from service.schemas.examples import SMALL_GRAYSCALE_CNN
 MAX_REQUESTS = 200_000
 
 
+def _fresh_postgres() -> str:
+    """A new database on the benchmark's PostgreSQL (dropped by hand or by the next run's
+    clean-up; the default `test` database is never written)."""
+    from sqlalchemy import create_engine, text
+
+    admin_url = os.environ.get(
+        "TRAINPLAN_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
+    name = "tp_bench_api"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,13 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     print(header())
     tmp = tempfile.mkdtemp()
-    db_url = (
-        f"sqlite:///{tmp}/load.db"
-        if args.db == "sqlite"
-        else os.environ.get(
-            "TRAINPLAN_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        )
-    )
+    db_url = f"sqlite:///{tmp}/load.db" if args.db == "sqlite" else _fresh_postgres()
     port = _port()
     proc = _start(db_url, port)
     url = f"http://127.0.0.1:{port}"

@@ -167,3 +167,17 @@ def test_every_route_documents_an_example(client: TestClient) -> None:
             request = op.get("requestBody", {}).get("content", {}).values()
             has = any("example" in b or "examples" in b for b in [*bodies, *request])
             assert has, f"{method.upper()} {path} has no example"
+
+
+def test_concurrent_submits_are_all_queued(client: TestClient, small_spec: dict[str, Any]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def submit(i: int) -> int:
+        spec = deepcopy(small_spec)
+        spec["training"]["epochs"] = 1 + i
+        return client.post("/v1/plans", json=spec).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(submit, range(24)))
+    assert codes == [202] * 24
+    assert len(client.get("/v1/plans", params={"limit": 100}).json()["items"]) == 24

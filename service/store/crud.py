@@ -56,7 +56,9 @@ def create_plan(
     session: Session, spec: dict[str, Any], spec_hash: str, idempotency_key: str | None = None
 ) -> Plan:
     stamp = now()
-    next_seq = (session.scalar(select(func.max(Plan.seq))) or 0) + 1
+    # Computed inside the INSERT itself: atomic on SQLite (the statement holds the write lock);
+    # on PostgreSQL a rare concurrent duplicate hits the unique index and the caller retries.
+    next_seq = select(func.coalesce(func.max(Plan.seq), 0) + 1).scalar_subquery()
     plan = Plan(
         id=str(uuid.uuid4()),
         seq=next_seq,
@@ -73,6 +75,7 @@ def create_plan(
     )
     session.add(plan)
     session.flush()
+    session.refresh(plan, ["seq"])
     return plan
 
 

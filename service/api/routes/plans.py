@@ -158,7 +158,9 @@ def submit_plan(
         if existing is not None:
             return _existing(response, existing, session)
     _check_buildable(spec)
-    for _ in range(5):  # seq is unique; two concurrent submits may race for the next one
+    for attempt in range(20):  # seq is unique; concurrent submits on PostgreSQL may collide
+        if attempt:
+            time.sleep(0.005 * attempt)
         try:
             plan = crud.create_plan(session, spec.canonical(), spec_hash, idempotency_key)
             session.commit()

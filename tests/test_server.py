@@ -65,9 +65,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Any) -> Iterator[str]:
+def server(db_url: str) -> Iterator[str]:
+    """`trainplan serve` (API + embedded worker) on each database."""
     port = _free_port()
-    proc = _trainplan("serve", "--port", str(port), env=_env(f"sqlite:///{tmp_path}/server.db"))
+    proc = _trainplan("serve", "--port", str(port), env=_env(db_url))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

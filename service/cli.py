@@ -238,15 +238,9 @@ def _print_plan(body: dict[str, Any]) -> None:
     memory = result["memory"]
     mem = Table("memory at the chosen micro-batch", "bytes", "share", title=None)
     peak = max(memory["peak"], 1)
-    for key in (
-        "parameters",
-        "gradients",
-        "optimizer_state",
-        "input_batch",
-        "activations",
-        "temporary",
-        "overhead",
-    ):
+    from service.schemas.result import MemoryBreakdown
+
+    for key in [k for k in MemoryBreakdown.model_fields if k not in ("peak", "capacity")]:
         share = memory[key] / peak
         mem.add_row(key, _gib(memory[key]), f"{'█' * round(share * 20):<20} {share:6.1%}")
     mem.add_row("peak / capacity", f"{_gib(memory['peak'])} / {_gib(memory['capacity'])}", "")

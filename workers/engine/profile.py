@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from service.schemas.result import (
     DeviceInfo,
@@ -193,13 +194,24 @@ def _measured_throughput(
     if at_micro.step_time_s is None:
         return None
     step = at_micro.step_time_s * batches.accumulation_steps
+    return _throughput(spec, batches, epochs, step, measured=True)
+
+
+def _throughput(
+    spec: PlanSpec,
+    batches: planner.BatchPlan,
+    epochs: planner.EpochPlan,
+    step: float,
+    **extra: Any,
+) -> Throughput:
+    """Samples per second and times per epoch and run, from the time of one optimizer step."""
     samples = batches.micro_batch_size * batches.accumulation_steps * spec.training.world_size
     return Throughput(
         samples_per_second=samples / step,
         step_time_s=step,
         epoch_time_s=step * epochs.optimizer_steps_per_epoch,
         total_time_s=step * epochs.total_optimizer_steps,
-        measured=True,
+        **extra,
     )
 
 
@@ -229,12 +241,11 @@ def estimate_throughput(
         + 2 * parts.get("optimizer_state", 0)
     )
     step = batches.accumulation_steps * micro_s + traffic / (device.bandwidth_gbs * 1e9)
-    samples = batches.micro_batch_size * batches.accumulation_steps * spec.training.world_size
-    return Throughput(
-        samples_per_second=samples / step,
-        step_time_s=step,
-        epoch_time_s=step * epochs.optimizer_steps_per_epoch,
-        total_time_s=step * epochs.total_optimizer_steps,
+    return _throughput(
+        spec,
+        batches,
+        epochs,
+        step,
         measured=False,
         assumed_utilization=utilization,
         flops_per_sample=flops / batches.micro_batch_size,

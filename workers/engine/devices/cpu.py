@@ -11,21 +11,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 from service.schemas.spec import PlanSpec
 from workers.engine.catalogue import GIB
-from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
+from workers.engine.devices.base import (
+    ProbeDevice,
+    ProbeSession,
+    TrialOutcome,
+    fill_small_normal,
+)
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
 from workers.engine.tracker import MemoryBudgetExceeded, MemoryTracker
-
-
-def _fill(t: torch.Tensor) -> None:
-    if t.is_floating_point():
-        t.normal_(0.0, 0.02)
-    else:
-        t.zero_()
 
 
 class CpuDevice(ProbeDevice):
@@ -65,7 +61,7 @@ class _CpuSession(ProbeSession):
         if self.job is None and self.setup_error is None:
             try:
                 self.job = TrainingJob(
-                    self.spec, self.built, "cpu", self.tracker, fake=False, fill=_fill
+                    self.spec, self.built, "cpu", self.tracker, fake=False, fill=fill_small_normal
                 )
             except MemoryBudgetExceeded as exc:
                 self.setup_error = exc

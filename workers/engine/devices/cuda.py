@@ -16,7 +16,12 @@ import torch
 
 from service.schemas.spec import PlanSpec
 from workers.engine.catalogue import GIB
-from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
+from workers.engine.devices.base import (
+    ProbeDevice,
+    ProbeSession,
+    TrialOutcome,
+    fill_small_normal,
+)
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
 from workers.engine.tracker import MemoryTracker
@@ -24,13 +29,6 @@ from workers.engine.tracker import MemoryTracker
 
 class CudaUnavailable(RuntimeError):
     pass
-
-
-def _fill(t: torch.Tensor) -> None:
-    if t.is_floating_point():
-        t.normal_(0.0, 0.02)
-    else:
-        t.zero_()
 
 
 class CudaDevice(ProbeDevice):
@@ -87,7 +85,7 @@ class _CudaSession(ProbeSession):
         try:
             if self.job is None:
                 self.job = TrainingJob(
-                    self.spec, self.built, "cuda", self.tracker, fake=False, fill=_fill
+                    self.spec, self.built, "cuda", self.tracker, fake=False, fill=fill_small_normal
                 )
             self.tracker.reset_peak()
             torch.cuda.synchronize()

@@ -64,7 +64,7 @@ def _infer(kind: str, kwargs: dict[str, Any], shape: torch.Size, spec: PlanSpec)
     elif kind in _SEQUENCE_LAYERS:
         kw.setdefault("input_size", last)
         kw.setdefault("batch_first", True)
-    elif kind in ("TransformerEncoderLayer", "TransformerDecoderLayer"):
+    elif kind == "TransformerEncoderLayer":
         kw.setdefault("d_model", last)
         kw.setdefault("nhead", _largest_divisor(last, 8))
         kw.setdefault("batch_first", True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -22,6 +23,19 @@ class ProblemException(Exception):
         self.body = problem(kind, title, detail, status, **extra)
         self.status = status
 
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ProblemException:
+        """Raise an already built problem-details object as it is."""
+        exc = cls.__new__(cls)
+        Exception.__init__(exc, body["detail"])
+        exc.body, exc.status = body, int(body["status"])
+        return exc
+
+
+def field_error(loc: Sequence[str | int], msg: str, kind: str) -> dict[str, Any]:
+    """One entry of a 422's `errors`, in the shape FastAPI's validation errors are given."""
+    return {"loc": list(loc), "field": ".".join(str(p) for p in loc), "msg": msg, "type": kind}
+
 
 def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
@@ -30,18 +44,10 @@ def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None
 
 
 def _clean_errors(errors: Any) -> list[dict[str, Any]]:
-    out = []
-    for err in errors:
-        loc = [p for p in err.get("loc", ()) if p != "body"]
-        out.append(
-            {
-                "loc": loc,
-                "field": ".".join(str(p) for p in loc),
-                "msg": err.get("msg"),
-                "type": err.get("type"),
-            }
-        )
-    return out
+    return [
+        field_error([p for p in err.get("loc", ()) if p != "body"], err.get("msg"), err.get("type"))
+        for err in errors
+    ]
 
 
 def validation_problem(errors: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api.deps import FactoryDep, SessionDep, SettingsDep, require_auth
-from service.api.problems import ProblemException, validation_problem
+from service.api.problems import ProblemException, field_error, validation_problem
 from service.schemas.examples import (
     EVENTS_EXAMPLE,
     PAGE_EXAMPLE,
@@ -90,36 +90,16 @@ def _check_buildable(spec: PlanSpec) -> None:
     try:
         build_model(spec)
     except SpecError as exc:
-        errors = [
-            {
-                "loc": list(exc.loc),
-                "field": ".".join(str(p) for p in exc.loc),
-                "msg": exc.message,
-                "type": "spec_error",
-            }
-        ]
-        raise ProblemException(**_as_kwargs(validation_problem(errors))) from None
+        error = field_error(exc.loc, exc.message, "spec_error")
     except ImportError as exc:
-        errors = [
-            {
-                "loc": ["model", "source"],
-                "field": "model.source",
-                "msg": f"this server lacks the package for this source: {exc.name}",
-                "type": "missing_dependency",
-            }
-        ]
-        raise ProblemException(**_as_kwargs(validation_problem(errors))) from None
-
-
-def _as_kwargs(body: dict[str, Any]) -> dict[str, Any]:
-    extra = {k: v for k, v in body.items() if k not in ("type", "title", "status", "detail")}
-    return {
-        "status": body["status"],
-        "kind": body["type"].rsplit("/", 1)[-1],
-        "title": body["title"],
-        "detail": body["detail"],
-        **extra,
-    }
+        error = field_error(
+            ("model", "source"),
+            f"this server lacks the package for this source: {exc.name}",
+            "missing_dependency",
+        )
+    else:
+        return
+    raise ProblemException.from_body(validation_problem([error]))
 
 
 @router.post(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +22,6 @@ from workers.engine.data import sample_input, sample_target
 from workers.engine.models import BuiltModel
 from workers.engine.tracker import MemoryTracker
 
-ADAPTIVE_OPTIMIZERS = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adafactor"})
 LOW_PRECISION = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
@@ -131,12 +129,6 @@ def _one_loss(logits: torch.Tensor, target: torch.Tensor, family: str) -> torch.
     if family == "lm":
         return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     return F.cross_entropy(logits.float(), target)
-
-
-@dataclass
-class IterationTimes:
-    forward_backward_s: float
-    step_s: float
 
 
 class TrainingJob:

@@ -5,7 +5,6 @@ This is the library the worker and `trainplan plan --local` both call.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -410,9 +409,3 @@ def _infeasible(
         + [PlanWarning(code="model_adapted", message=n) for n in notes],
         suggestions=suggestions_for(spec),
     )
-
-
-def timed_plan(spec: PlanSpec, hooks: ProfileHooks | None = None) -> tuple[PlanResult, float]:
-    start = time.perf_counter()
-    result = run_plan(spec, hooks)
-    return result, time.perf_counter() - start

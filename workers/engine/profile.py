@@ -20,6 +20,7 @@ from service.schemas.result import (
 )
 from service.schemas.spec import PlanSpec
 from workers.engine import planner
+from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device
 from workers.engine.devices.base import ProbeSession
 from workers.engine.models import build_model
@@ -157,6 +158,14 @@ def _feasible(
     if throughput is None and flops is not None:
         throughput = estimate_throughput(spec, device, batches, epochs, flops, at_micro)
     warnings += [PlanWarning(code="model_adapted", message=n) for n in notes]
+    numbers = PlanNumbers(
+        micro_batch_size=batches.micro_batch_size,
+        accumulation_steps=batches.accumulation_steps,
+        world_size=training.world_size,
+        learning_rate=lr.learning_rate,
+        warmup_steps=lr.warmup_steps,
+        total_optimizer_steps=epochs.total_optimizer_steps,
+    )
     return PlanResult(
         feasible=True,
         device=_device_info(device),
@@ -182,6 +191,7 @@ def _feasible(
         search_bound_reached=search.bound_reached,
         warnings=warnings,
         model_summary={"parameters": counts[0], "trainable_parameters": counts[1]},
+        configs=build_configs(spec, numbers),
     )
 
 

@@ -1,0 +1,309 @@
+"""Launch settings that carry a plan into the frameworks people train with.
+
+One source of truth, `PlanNumbers`, feeds all four renderings (a plain PyTorch loop, Lightning, the
+Hugging Face Trainer, DeepSpeed), so they cannot disagree with each other or with the plan:
+micro-batch x accumulation x world_size = the effective global batch, the scaled learning rate, a
+linear warm-up of the plan's length and then a constant rate (add your own decay after it).
+Each rendering is checked against the library's own validation in `tests/test_configs.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from service.schemas.spec import PlanSpec
+
+# torch.optim class and keyword arguments of each optimizer of the spec (as the engine probes it).
+TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("SGD", {}),
+    "sgd_momentum": ("SGD", {"momentum": 0.9}),
+    "nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
+    "adam": ("Adam", {}),
+    "adamw": ("AdamW", {"weight_decay": 0.01}),
+    "rmsprop": ("RMSprop", {}),
+    "adagrad": ("Adagrad", {}),
+    "adafactor": ("Adafactor", {}),
+}
+
+LIGHTNING_PRECISION = {
+    "fp32": "32-true",
+    "fp16-mixed": "16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "bf16": "bf16-true",
+}
+
+
+@dataclass(frozen=True)
+class PlanNumbers:
+    """The figures of a feasible plan that every framework needs."""
+
+    micro_batch_size: int
+    accumulation_steps: int
+    world_size: int
+    learning_rate: float
+    warmup_steps: int
+    total_optimizer_steps: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps * self.world_size
+
+
+def build_configs(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
+    return {
+        "pytorch": pytorch_loop(spec, numbers),
+        "lightning": lightning_settings(spec, numbers),
+        "hf_trainer": hf_trainer_arguments(spec, numbers),
+        "deepspeed": deepspeed_config(spec, numbers),
+    }
+
+
+def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+    """`trainer` is `lightning.pytorch.Trainer(**trainer)`; the rest goes to your DataLoader and
+    `configure_optimizers`. Lightning steps at the end of an epoch even with a partial
+    accumulation window, as the plan's `optimizer_steps_per_epoch` assumes."""
+    name, kwargs = TORCH_OPTIMIZERS[spec.training.optimizer]
+    return {
+        "trainer": {
+            "accumulate_grad_batches": n.accumulation_steps,
+            "precision": LIGHTNING_PRECISION[spec.training.precision],
+            "devices": n.world_size,
+            "max_epochs": math.ceil(spec.training.epochs),
+            "max_steps": n.total_optimizer_steps,
+        },
+        "batch_size": n.micro_batch_size,
+        "learning_rate": n.learning_rate,
+        "warmup_steps": n.warmup_steps,
+        "optimizer": f"torch.optim.{name}",
+        "optimizer_kwargs": kwargs,
+        "gradient_checkpointing": spec.training.gradient_checkpointing,
+    }
+
+
+def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+    """Keyword arguments of `transformers.TrainingArguments` (add `output_dir`). HF's `adamw_torch`
+    with weight_decay 0 is Adam; its `adafactor` is transformers' own Adafactor."""
+    training = spec.training
+    optim, optim_args, weight_decay = _hf_optimizer(training.optimizer)
+    out: dict[str, Any] = {
+        "per_device_train_batch_size": n.micro_batch_size,
+        "gradient_accumulation_steps": n.accumulation_steps,
+        "learning_rate": n.learning_rate,
+        "warmup_steps": n.warmup_steps,
+        "lr_scheduler_type": "constant_with_warmup",
+        "num_train_epochs": training.epochs,
+        "max_steps": n.total_optimizer_steps,
+        "optim": optim,
+        "weight_decay": weight_decay,
+        "bf16": training.precision in ("bf16-mixed", "bf16"),
+        "fp16": training.precision == "fp16-mixed",
+        "gradient_checkpointing": training.gradient_checkpointing,
+    }
+    if optim_args:
+        out["optim_args"] = optim_args
+    return out
+
+
+def _hf_optimizer(name: str) -> tuple[str, str | None, float]:
+    if name in ("sgd", "sgd_momentum", "nesterov"):
+        args = {
+            "sgd": None,
+            "sgd_momentum": "momentum=0.9",
+            "nesterov": "momentum=0.9,nesterov=True",
+        }
+        return "sgd", args[name], 0.0
+    if name in ("adam", "adamw"):
+        return "adamw_torch", None, 0.01 if name == "adamw" else 0.0
+    return name, None, 0.0  # rmsprop, adagrad, adafactor have HF names of their own
+
+
+def deepspeed_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+    """A DeepSpeed JSON: DeepSpeed asserts train_batch_size = micro x accumulation x world size.
+    Optimizer names outside DeepSpeed's own set resolve to the torch.optim class of that name."""
+    training = spec.training
+    name, kwargs = TORCH_OPTIMIZERS[training.optimizer]
+    params: dict[str, Any] = {"lr": n.learning_rate, **kwargs}
+    if name == "Adam":
+        params["adam_w_mode"] = False  # DeepSpeed's "Adam" is AdamW unless told otherwise
+    return {
+        "train_batch_size": n.global_batch_size,
+        "train_micro_batch_size_per_gpu": n.micro_batch_size,
+        "gradient_accumulation_steps": n.accumulation_steps,
+        "optimizer": {"type": name, "params": params},
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": n.learning_rate,
+                "warmup_num_steps": n.warmup_steps,
+                "warmup_type": "linear",
+            },
+        },
+        "bf16": {"enabled": training.precision in ("bf16-mixed", "bf16")},
+        "fp16": {"enabled": training.precision == "fp16-mixed"},
+        "zero_optimization": {"stage": 0},
+    }
+
+
+def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
+    """A complete training loop with accumulation (loss / k, step every k, and at an epoch's end).
+    It expects `model`, `train_dataset` and, for non-Hugging Face models, `loss_fn`."""
+    training = spec.training
+    hf = spec.model.source == "transformers"
+    ddp = n.world_size > 1
+    name, kwargs = TORCH_OPTIMIZERS[training.optimizer]
+    opt_args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    lines = [
+        f"# trainplan: micro-batch {n.micro_batch_size} x {n.accumulation_steps} accumulation "
+        f"x {n.world_size} rank(s) = global batch {n.global_batch_size}",
+        "# Expects `model`, `train_dataset`"
+        + ("" if hf else " and `loss_fn`")
+        + (
+            f"; launch with: torchrun --nproc_per_node={n.world_size} train.py"
+            if ddp
+            else " to be defined."
+        ),
+        *(["import contextlib", ""] if ddp else []),
+        "import torch",
+        "from torch.utils.data import DataLoader",
+        "",
+        f"MICRO_BATCH = {n.micro_batch_size}",
+        f"ACCUMULATION = {n.accumulation_steps}",
+        f"LR = {n.learning_rate!r}",
+        f"WARMUP_STEPS = {n.warmup_steps}",
+        f"TOTAL_STEPS = {n.total_optimizer_steps}",
+        "",
+    ]
+    lines += _device_setup(ddp)
+    lines += _model_setup(spec, hf, ddp)
+    lines += [
+        f"optimizer = torch.optim.{name}(model.parameters(), lr=LR{opt_args})",
+        "# Linear warm-up, then constant: put your decay schedule after WARMUP_STEPS.",
+        "scheduler = torch.optim.lr_scheduler.LambdaLR(",
+        "    optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) if WARMUP_STEPS else 1.0",
+        ")",
+    ]
+    if training.precision == "fp16-mixed":
+        lines.append("scaler = torch.amp.GradScaler(DEVICE)")
+    lines += _data_setup(ddp)
+    lines += _loop_body(spec, hf, ddp)
+    return "\n".join(lines) + "\n"
+
+
+def _device_setup(ddp: bool) -> list[str]:
+    if not ddp:
+        return ['DEVICE = "cuda" if torch.cuda.is_available() else "cpu"', ""]
+    return [
+        "import os",
+        "",
+        "from torch.nn.parallel import DistributedDataParallel",
+        "from torch.utils.data.distributed import DistributedSampler",
+        "",
+        'torch.distributed.init_process_group("nccl")',
+        'LOCAL_RANK = int(os.environ["LOCAL_RANK"])',
+        "torch.cuda.set_device(LOCAL_RANK)",
+        'DEVICE = "cuda"',
+        "",
+    ]
+
+
+def _model_setup(spec: PlanSpec, hf: bool, ddp: bool) -> list[str]:
+    training = spec.training
+    lines = ["model = model.to(DEVICE)"]
+    if training.precision == "bf16":
+        lines.append("model = model.to(torch.bfloat16)  # pure bf16: weights, grads and state")
+    if getattr(spec.data, "layout", None) == "channels_last":
+        lines.append("model = model.to(memory_format=torch.channels_last)")
+    if training.gradient_checkpointing:
+        if hf:
+            lines.append("model.gradient_checkpointing_enable()")
+        else:
+            lines.append(
+                "# gradient checkpointing: wrap blocks in torch.utils.checkpoint.checkpoint"
+                "(block, x, use_reentrant=False), as trainplan probed"
+            )
+    if ddp:
+        lines.append("model = DistributedDataParallel(model, device_ids=[LOCAL_RANK])")
+    lines.append("")
+    return lines
+
+
+def _data_setup(ddp: bool) -> list[str]:
+    if ddp:
+        return [
+            "sampler = DistributedSampler(train_dataset, shuffle=True)",
+            "loader = DataLoader(train_dataset, batch_size=MICRO_BATCH, sampler=sampler, "
+            "pin_memory=True)",
+            "",
+        ]
+    return [
+        "loader = DataLoader(train_dataset, batch_size=MICRO_BATCH, shuffle=True)",
+        "",
+    ]
+
+
+def _autocast(precision: str) -> str | None:
+    if precision in ("bf16-mixed", "fp16-mixed"):
+        dtype = "bfloat16" if precision == "bf16-mixed" else "float16"
+        return f"torch.autocast(DEVICE, dtype=torch.{dtype})"
+    return None
+
+
+def _loop_body(spec: PlanSpec, hf: bool, ddp: bool) -> list[str]:
+    fp16 = spec.training.precision == "fp16-mixed"
+    forward = (
+        "loss = model(**batch).loss / ACCUMULATION"
+        if hf
+        else "loss = loss_fn(model(inputs), targets) / ACCUMULATION"
+    )
+    to_device = (
+        "batch = {k: v.to(DEVICE, non_blocking=True) for k, v in batch.items()}"
+        if hf
+        else "inputs, targets = inputs.to(DEVICE, non_blocking=True), "
+        "targets.to(DEVICE, non_blocking=True)"
+    )
+    unpack = "batch" if hf else "(inputs, targets)"
+    cast = []
+    if spec.training.precision == "bf16" and not hf:  # bf16 weights need bf16 float inputs
+        cast = ["if inputs.is_floating_point():", "    inputs = inputs.to(torch.bfloat16)"]
+    backward = "scaler.scale(loss).backward()" if fp16 else "loss.backward()"
+    autocast = _autocast(spec.training.precision)
+    micro_step = [f"with {autocast}:", f"    {forward}"] if autocast else [forward]
+    micro_step.append(backward)
+    if ddp:  # gradients are all-reduced only on the micro-batch that steps
+        micro_step = [
+            "with model.no_sync() if not stepping else contextlib.nullcontext():",
+            *("    " + line for line in micro_step),
+        ]
+    lines = [
+        "step = 0",
+        "epoch = 0",
+        "model.train()",
+        "while step < TOTAL_STEPS:",
+    ]
+    if ddp:
+        lines.append("    sampler.set_epoch(epoch)")
+    lines += [
+        f"    for i, {unpack} in enumerate(loader):",
+        f"        {to_device}",
+        *("        " + line for line in cast),
+        "        # step every ACCUMULATION micro-batches, and on the last (partial) window",
+        "        stepping = (i + 1) % ACCUMULATION == 0 or i + 1 == len(loader)",
+        *("        " + line for line in micro_step),
+        "        if stepping:",
+    ]
+    if fp16:
+        lines += ["            scaler.step(optimizer)", "            scaler.update()"]
+    else:
+        lines.append("            optimizer.step()")
+    lines += [
+        "            scheduler.step()",
+        "            optimizer.zero_grad(set_to_none=True)",
+        "            step += 1",
+        "            if step == TOTAL_STEPS:",
+        "                break",
+        "    epoch += 1",
+    ]
+    return lines

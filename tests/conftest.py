@@ -59,7 +59,8 @@ def small_spec() -> dict[str, Any]:
     """The grayscale CNN on a 1 GiB simulated card: a plan takes about a second."""
     spec = deepcopy(SMALL_GRAYSCALE_CNN)
     spec["device"] = {"kind": "simulated", "memory_gib": 1.0}
-    spec["search"] = {"max_batch_size": 65536, "headroom": 0.0}
+    # what-if searches are tested on their own (tests/test_what_if.py); elsewhere they only add time
+    spec["search"] = {"max_batch_size": 65536, "headroom": 0.0, "what_if": False}
     return spec
 
 
@@ -84,4 +85,5 @@ def registered_spec(name: str, **kwargs: Any) -> dict[str, Any]:
         "data": {"kind": "tensor", "shape": [64], "num_classes": 10, "num_samples": 1000},
         "training": {"optimizer": "adam", "global_batch_size": 128},
         "device": {"kind": "simulated", "memory_gib": 1},
+        "search": {"what_if": False},
     }

@@ -46,7 +46,7 @@ def tensor_spec(**training: Any) -> PlanSpec:
                 **training,
             },
             "device": {"kind": "simulated", "memory_gib": 1},
-            "search": {"max_batch_size": 48, "micro_batch": "power_of_two"},
+            "search": {"max_batch_size": 48, "micro_batch": "power_of_two", "what_if": False},
         }
     )
 

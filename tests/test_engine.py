@@ -38,7 +38,7 @@ def mlp_spec(
             **training,
         },
         "device": {"kind": "simulated", "memory_gib": memory_gib},
-        "search": {"headroom": 0.0, "max_batch_size": 1 << 20},
+        "search": {"headroom": 0.0, "max_batch_size": 1 << 20, "what_if": False},
     }
 
 
@@ -50,6 +50,8 @@ def probe_fresh(spec: PlanSpec, batches: list[int]) -> dict[int, bool]:
 
 
 def assert_exact(spec_dict: dict[str, Any]) -> Any:
+    """Plan the spec (without what-ifs) and check the answer with independent fresh probes."""
+    spec_dict = spec_dict | {"search": {**spec_dict.get("search", {}), "what_if": False}}
     spec = PlanSpec.model_validate(spec_dict)
     result = run_plan(spec)
     answer = result.max_micro_batch_size

@@ -32,6 +32,7 @@ def lm_spec(
         "data": {"kind": "tokens", "seq_len": seq_len, "num_samples": 10000},
         "training": {"optimizer": "adamw", "precision": "bf16-mixed", **training},
         "device": {"kind": "simulated", "memory_gib": 1},
+        "search": {"what_if": False},
     }
 
 

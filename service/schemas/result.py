@@ -51,7 +51,23 @@ class Trial(BaseModel):
     peak_bytes: int
     duration_s: float
     reason: str | None = None
-    phase: Literal["search", "breakdown"] = "search"
+    phase: Literal["search", "breakdown", "what_if"] = "search"
+    scenario: str | None = Field(
+        default=None, description="The what-if neighbour this probe belongs to, if any."
+    )
+
+
+class WhatIf(BaseModel):
+    """The exact max micro-batch under one neighbouring choice of the spec."""
+
+    change: Literal["precision", "gradient_checkpointing", "gpu"]
+    value: str | bool
+    device: DeviceInfo
+    feasible: bool
+    max_micro_batch_size: int
+    peak_bytes: int = Field(description="Peak at the max micro-batch (at 1 when infeasible).")
+    search_bound_reached: bool = False
+    trials: list[Trial]
 
 
 class PlanWarning(BaseModel):
@@ -79,4 +95,8 @@ class PlanResult(BaseModel):
     warnings: list[PlanWarning] = Field(default_factory=list)
     suggestions: list[str] = Field(default_factory=list)
     configs: dict[str, Any] = Field(default_factory=dict)
+    what_if: list[WhatIf] = Field(
+        default_factory=list,
+        description="Max micro-batch: other precision, checkpointing toggled, bigger card.",
+    )
     model_summary: dict[str, Any] = Field(default_factory=dict)

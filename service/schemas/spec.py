@@ -271,6 +271,11 @@ class SearchSpec(StrictModel):
         default=0.05, ge=0, le=0.5, description="Fraction of device memory kept free."
     )
     micro_batch: Literal["power_of_two", "max", "divisor"] = "power_of_two"
+    what_if: bool = Field(
+        default=True,
+        description="Also search the neighbouring choices (other precision, checkpointing "
+        "toggled, the next bigger card): about three more searches.",
+    )
 
 
 class PlanSpec(StrictModel):

@@ -215,6 +215,7 @@ def add_trial(
             peak_bytes=trial["peak_bytes"],
             duration_s=trial["duration_s"],
             phase=trial.get("phase", "search"),
+            scenario=trial.get("scenario"),
             reason=trial.get("reason"),
             created_at=now(),
         )

@@ -70,6 +70,7 @@ class Trial(Base):
     peak_bytes: Mapped[int] = mapped_column(BigInteger)
     duration_s: Mapped[float] = mapped_column(Float)
     phase: Mapped[str] = mapped_column(String(16), default="search")
+    scenario: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
 

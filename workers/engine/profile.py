@@ -25,6 +25,7 @@ from workers.engine.devices import ProbeDevice, TrialOutcome, open_device
 from workers.engine.devices.base import ProbeSession
 from workers.engine.models import build_model
 from workers.engine.search import SearchResult, find_max_batch
+from workers.engine.what_if import explore
 
 BATCHNORM_MIN = 16
 
@@ -41,42 +42,68 @@ class ProfileHooks:
     should_cancel: Callable[[], bool] | None = None
 
 
-def to_trial(outcome: TrialOutcome, phase: str = "search") -> Trial:
+def to_trial(outcome: TrialOutcome, phase: str = "search", scenario: str | None = None) -> Trial:
     return Trial(
         batch_size=outcome.batch_size,
         fits=outcome.fits,
         peak_bytes=outcome.peak_bytes,
         duration_s=round(outcome.duration_s, 6),
         reason=outcome.reason,
-        phase=phase,
+        phase=phase,  # type: ignore[arg-type]
+        scenario=scenario,
     )
+
+
+class _Recorder:
+    """Turns each probe into a `Trial`, reports it through the hooks and keeps the plan's own."""
+
+    def __init__(self, hooks: ProfileHooks) -> None:
+        self.hooks = hooks
+        self.trials: list[Trial] = []
+
+    def emit(self, trial: Trial) -> None:
+        if trial.phase != "what_if":
+            self.trials.append(trial)
+        if self.hooks.on_trial is not None:
+            self.hooks.on_trial(trial)
+
+    def probe(
+        self, session: ProbeSession, phase: str = "search", scenario: str | None = None
+    ) -> Callable[[int], TrialOutcome]:
+        def probe(batch: int) -> TrialOutcome:
+            if self.hooks.should_cancel is not None and self.hooks.should_cancel():
+                raise PlanCancelled()
+            outcome = session.probe(batch)
+            self.emit(to_trial(outcome, phase, scenario))
+            return outcome
+
+        return probe
 
 
 def run_plan(
     spec: PlanSpec, hooks: ProfileHooks | None = None, device: ProbeDevice | None = None
 ) -> PlanResult:
-    """Profile the spec's job on its device and return the plan (feasible or not)."""
-    hooks = hooks or ProfileHooks()
+    """Profile the spec's job on its device and return the plan (feasible or not), with the
+    what-if neighbours when the spec asks for them."""
+    recorder = _Recorder(hooks or ProfileHooks())
     device = device or open_device(spec)
+    result = _plan(spec, device, recorder)
+    if spec.search.what_if:
+        result.what_if = explore(
+            spec,
+            device,
+            lambda session, label: recorder.probe(session, "what_if", label),
+            lambda outcome, label: to_trial(outcome, "what_if", label),
+        )
+    return result
+
+
+def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResult:
     built = build_model(spec)
-    recorded: list[Trial] = []
-
-    def probe_with(session: ProbeSession) -> Callable[[int], TrialOutcome]:
-        def probe(batch: int) -> TrialOutcome:
-            if hooks.should_cancel is not None and hooks.should_cancel():
-                raise PlanCancelled()
-            outcome = session.probe(batch)
-            trial = to_trial(outcome)
-            recorded.append(trial)
-            if hooks.on_trial is not None:
-                hooks.on_trial(trial)
-            return outcome
-
-        return probe
-
+    recorded = recorder.trials
     with device.session(spec, built) as session:
         limit = session.limit_bytes
-        search = find_max_batch(probe_with(session), limit, spec.search.max_batch_size)
+        search = find_max_batch(recorder.probe(session), limit, spec.search.max_batch_size)
         job = session.job
         has_bn = job.has_batchnorm() if job is not None else False
         counts = job.parameter_count() if job is not None else (0, 0)
@@ -91,10 +118,7 @@ def run_plan(
         at_micro = search.outcome_at(batches.micro_batch_size)
         if at_micro is None:  # the breakdown is reported at the chosen micro-batch: measure it
             at_micro = session.probe(batches.micro_batch_size)
-            trial = to_trial(at_micro, phase="breakdown")
-            recorded.append(trial)
-            if hooks.on_trial is not None:
-                hooks.on_trial(trial)
+            recorder.emit(to_trial(at_micro, phase="breakdown"))
         flops = session.count_flops(batches.micro_batch_size)
     return _feasible(
         spec, device, search, recorded, batches, at_micro, built.notes, has_bn, counts, flops

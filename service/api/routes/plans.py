@@ -78,6 +78,7 @@ def _trial_json(trial: Any) -> dict[str, Any]:
         "duration_s": trial.duration_s,
         "reason": trial.reason,
         "phase": trial.phase,
+        "scenario": trial.scenario,
     }
 
 

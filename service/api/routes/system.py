@@ -76,7 +76,7 @@ def healthz() -> dict[str, str]:
     "/readyz",
     tags=["health"],
     summary="Readiness: the database answers and is migrated",
-    responses=response_example(200, {"status": "ready", "schema": "0001"})
+    responses=response_example(200, {"status": "ready", "schema": "0002"})
     | response_example(503, {"status": "unavailable", "detail": "connection refused"}, "Not ready"),
 )
 def readyz(session: SessionDep, response: Response) -> dict[str, Any]:

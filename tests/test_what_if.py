@@ -1,0 +1,135 @@
+"""What-if neighbours: each answer equals a full plan of the changed spec, and they stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.schemas.result import Trial
+from service.schemas.spec import PlanSpec
+from service.store import crud
+from service.store.db import make_engine, make_session_factory, upgrade
+from workers.engine.catalogue import GIB, GPU_CATALOGUE
+from workers.engine.devices import open_device
+from workers.engine.profile import ProfileHooks, run_plan
+from workers.engine.what_if import bigger_gpu, neighbours, other_precision
+
+
+def with_what_if(spec: dict[str, Any], **search: Any) -> PlanSpec:
+    return PlanSpec.model_validate(
+        spec | {"search": {**spec["search"], "what_if": True, "max_batch_size": 4096, **search}}
+    )
+
+
+def replan(spec: PlanSpec, change: str, value: Any) -> Any:
+    """The full plan of the changed spec, the way a user would ask for it next."""
+    raw = spec.model_dump(mode="json")
+    raw["search"]["what_if"] = False
+    if change == "gpu":
+        raw["device"] = {"kind": "simulated", "gpu": value}
+    else:
+        raw["training"][change] = value
+    return run_plan(PlanSpec.model_validate(raw))
+
+
+def test_each_what_if_equals_the_plan_of_its_spec(small_spec: dict[str, Any]) -> None:
+    spec = with_what_if(small_spec)
+    streamed: list[Trial] = []
+    result = run_plan(spec, ProfileHooks(on_trial=streamed.append))
+    changes = {(w.change, w.value) for w in result.what_if}
+    assert changes == {
+        ("precision", "bf16-mixed"),
+        ("gradient_checkpointing", True),
+        ("gpu", "V100-16GB"),  # the fastest fp32 card of the smallest size above 1 GiB
+    }
+    for what_if in result.what_if:
+        alone = replan(spec, what_if.change, what_if.value)
+        assert what_if.max_micro_batch_size == alone.max_micro_batch_size, what_if.change
+        assert what_if.search_bound_reached == alone.search_bound_reached
+        value = str(what_if.value).lower() if what_if.change != "gpu" else what_if.value
+        label = f"{what_if.change}={value}"
+        assert [t.scenario for t in what_if.trials] == [label] * len(what_if.trials)
+    by_change = {w.change: w for w in result.what_if}
+    # mixed precision and checkpointing both free memory for a larger batch
+    assert by_change["precision"].max_micro_batch_size > result.max_micro_batch_size
+    assert by_change["gradient_checkpointing"].max_micro_batch_size > result.max_micro_batch_size
+    assert by_change["gpu"].device.name == "V100-16GB"
+    # the plan's own trials keep their invariants; every probe was streamed, what-ifs labelled
+    assert all(t.phase != "what_if" for t in result.trials)
+    what_if_trials = [t for w in result.what_if for t in w.trials]
+    assert streamed == result.trials[: len(streamed) - len(what_if_trials)] + what_if_trials
+
+
+def test_an_infeasible_plan_shows_the_way_out(small_spec: dict[str, Any]) -> None:
+    raw = small_spec | {
+        "model": {
+            "source": "layers",
+            "layers": [
+                {"type": "Flatten"},
+                {"type": "Linear", "out_features": 8192},
+                {"type": "ReLU"},
+                {"type": "Linear", "out_features": 8192},
+                {"type": "ReLU"},
+                {"type": "Linear", "out_features": 10},
+            ],
+        },
+        "training": {"optimizer": "adam", "precision": "fp32"},
+        "device": {"kind": "simulated", "memory_gib": 1.0},  # 8192^2 fp32 Adam needs ~1.1 GiB
+        "search": {"what_if": True, "max_batch_size": 1024, "headroom": 0.0},
+    }
+    result = run_plan(PlanSpec.model_validate(raw))
+    assert not result.feasible
+    gpu = next(w for w in result.what_if if w.change == "gpu")
+    assert gpu.feasible and gpu.max_micro_batch_size >= 1
+    infeasible = [w for w in result.what_if if not w.feasible]
+    assert all(w.max_micro_batch_size == 0 and w.peak_bytes > 1 * GIB for w in infeasible)
+
+
+def test_what_if_can_be_turned_off(small_spec: dict[str, Any]) -> None:
+    assert run_plan(PlanSpec.model_validate(small_spec)).what_if == []
+
+
+@pytest.mark.parametrize(
+    ("precision", "gpu", "expected"),
+    [
+        ("fp32", "A100-80GB", "bf16-mixed"),
+        ("fp32", "T4", "fp16-mixed"),
+        ("bf16-mixed", "A100-80GB", "bf16"),
+        ("fp16-mixed", "V100-16GB", "fp32"),
+        ("bf16", "H100-80GB", "bf16-mixed"),
+    ],
+)
+def test_other_precision(
+    small_spec: dict[str, Any], precision: str, gpu: str, expected: str
+) -> None:
+    spec = PlanSpec.model_validate(small_spec | {"device": {"kind": "simulated", "gpu": gpu}})
+    assert other_precision(precision, open_device(spec)) == expected
+
+
+def test_bigger_gpu() -> None:
+    assert bigger_gpu(GPU_CATALOGUE["A100-80GB"].memory_bytes, "bf16-mixed").name == "H200"
+    assert bigger_gpu(GPU_CATALOGUE["H200"].memory_bytes, "fp32") is None
+    assert bigger_gpu(GPU_CATALOGUE["A10"].memory_bytes, "fp32").name == "V100-32GB"
+    # V100 has no bf16: a bf16 plan on a 24 GB card is sent to a bf16 card
+    assert bigger_gpu(GPU_CATALOGUE["A10"].memory_bytes, "bf16-mixed").name == "A100-40GB"
+
+
+def test_cpu_plans_have_no_card_neighbour(small_spec: dict[str, Any]) -> None:
+    spec = PlanSpec.model_validate(small_spec | {"device": {"kind": "cpu", "memory_gib": 0.5}})
+    changes = [n.change for n in neighbours(spec, open_device(spec))]
+    assert changes == ["precision", "gradient_checkpointing"]
+
+
+def test_store_keeps_the_scenario_of_a_trial(db_url: str, small_spec: dict[str, Any]) -> None:
+    upgrade(db_url)
+    factory = make_session_factory(make_engine(db_url))
+    spec = PlanSpec.model_validate(small_spec)
+    with factory() as session:
+        plan = crud.create_plan(session, spec.canonical(), spec.spec_hash)
+        session.commit()
+        trial = {"batch_size": 4, "fits": True, "peak_bytes": 10, "duration_s": 0.1}
+        crud.add_trial(session, plan.id, 1, 0, trial | {"phase": "what_if", "scenario": "gpu=H200"})
+        crud.add_trial(session, plan.id, 1, 1, trial)
+        stored = crud.trials_of(session, plan.id)
+    assert [(t.phase, t.scenario) for t in stored] == [("what_if", "gpu=H200"), ("search", None)]

@@ -1,0 +1,124 @@
+"""What-if: the max micro-batch under the choices a user would try next.
+
+After the plan, the same exact search runs for each neighbouring spec: the other precision, gradient
+checkpointing toggled, and the next bigger card of the catalogue. One request then answers "would
+bf16 / checkpointing / an H200 let me double the batch?" without a second round trip.
+A card that is not in the worker is always simulated; the other changes run on the plan's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from service.schemas.result import DeviceInfo, Trial, WhatIf
+from service.schemas.spec import PlanSpec, SimulatedDevice
+from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, GpuModel
+from workers.engine.devices import ProbeDevice, TrialOutcome, open_device
+from workers.engine.devices.base import ProbeSession
+from workers.engine.errors import SpecError
+from workers.engine.models import build_model
+from workers.engine.search import find_max_batch
+
+Change = Literal["precision", "gradient_checkpointing", "gpu"]
+# (session, scenario label) -> a probe that records and reports each trial
+MakeProbe = Callable[[ProbeSession, str], Callable[[int], TrialOutcome]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    change: Change
+    value: str | bool
+    spec: PlanSpec
+
+    @property
+    def label(self) -> str:
+        value = str(self.value).lower() if isinstance(self.value, bool) else self.value
+        return f"{self.change}={value}"
+
+
+def neighbours(spec: PlanSpec, device: ProbeDevice) -> list[Scenario]:
+    training = spec.training
+    out = [
+        _with_training(spec, "precision", other_precision(training.precision, device)),
+        _with_training(spec, "gradient_checkpointing", not training.gradient_checkpointing),
+    ]
+    if spec.device.kind != "cpu":
+        bigger = bigger_gpu(device.memory_bytes, training.precision)
+        if bigger is not None:
+            card = SimulatedDevice(kind="simulated", gpu=bigger.name)
+            out.append(Scenario("gpu", bigger.name, spec.model_copy(update={"device": card})))
+    return out
+
+
+def other_precision(precision: str, device: ProbeDevice) -> str:
+    """fp32 -> mixed (bf16 where the card has it); mixed -> pure bf16 (or fp32 without bf16);
+    pure bf16 -> bf16-mixed (fp32 master weights)."""
+    if precision == "fp32":
+        return "bf16-mixed" if device.supports_bf16 else "fp16-mixed"
+    if precision == "bf16":
+        return "bf16-mixed"
+    return "bf16" if device.supports_bf16 else "fp32"
+
+
+def bigger_gpu(capacity: int, precision: str) -> GpuModel | None:
+    """The smallest catalogued card with at least 5% more memory (bf16-capable if the plan uses
+    bf16); between equals, the fastest."""
+    needs_bf16 = precision in ("bf16", "bf16-mixed")
+    candidates = [
+        g
+        for name, g in GPU_CATALOGUE.items()
+        if name not in ALIASES
+        and g.memory_bytes > capacity * 1.05
+        and (g.supports_bf16 or not needs_bf16)
+    ]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda g: (g.memory_bytes, -g.tflops(precision)))
+
+
+def _with_training(spec: PlanSpec, field: Change, value: str | bool) -> Scenario:
+    training = spec.training.model_copy(update={field: value})
+    return Scenario(field, value, spec.model_copy(update={"training": training}))
+
+
+def explore(
+    spec: PlanSpec,
+    device: ProbeDevice,
+    make_probe: MakeProbe,
+    to_trial: Callable[[TrialOutcome, str], Trial],
+) -> list[WhatIf]:
+    """Run the exact search for each neighbour; a neighbour that cannot be built is skipped."""
+    out = []
+    for scenario in neighbours(spec, device):
+        target = open_device(scenario.spec) if scenario.change == "gpu" else device
+        try:
+            built = build_model(scenario.spec)
+        except SpecError:
+            continue
+        with target.session(scenario.spec, built) as session:
+            search = find_max_batch(
+                make_probe(session, scenario.label),
+                session.limit_bytes,
+                spec.search.max_batch_size,
+            )
+        best = search.outcome_at(search.max_batch) if search.max_batch else search.trials[0]
+        assert best is not None
+        out.append(
+            WhatIf(
+                change=scenario.change,
+                value=scenario.value,
+                device=DeviceInfo(
+                    backend=target.backend,  # type: ignore[arg-type]
+                    name=target.name,
+                    memory_bytes=target.memory_bytes,
+                ),
+                feasible=search.max_batch > 0,
+                max_micro_batch_size=search.max_batch,
+                peak_bytes=best.peak_bytes,
+                search_bound_reached=search.bound_reached,
+                trials=[to_trial(o, scenario.label) for o in search.trials],
+            )
+        )
+    return out

@@ -134,7 +134,9 @@ def _progress(quiet: bool) -> Progress:
 
 def _trial_text(trial: dict[str, Any]) -> str:
     mark = "fits" if trial["fits"] else "OOM "
-    return f"batch {trial['batch_size']:>6} {mark} peak {trial['peak_bytes'] / 2**30:7.2f} GiB"
+    scenario = f" [dim]what-if {trial['scenario']}[/dim]" if trial.get("scenario") else ""
+    peak = trial["peak_bytes"] / 2**30
+    return f"batch {trial['batch_size']:>6} {mark} peak {peak:7.2f} GiB{scenario}"
 
 
 def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
@@ -245,10 +247,31 @@ def _print_plan(body: dict[str, Any]) -> None:
         mem.add_row(key, _gib(memory[key]), f"{'█' * round(share * 20):<20} {share:6.1%}")
     mem.add_row("peak / capacity", f"{_gib(memory['peak'])} / {_gib(memory['capacity'])}", "")
     console.print(mem)
+    _print_what_if(console, result)
     for w in result.get("warnings", []):
         console.print(f"[yellow]warning[/yellow] {w['code']}: {w['message']}")
     for s in result.get("suggestions", []):
         console.print(f"[cyan]suggestion[/cyan] {s}")
+
+
+def _print_what_if(console: Console, result: dict[str, Any]) -> None:
+    """One row per neighbour, with a bar against the plan's own max micro-batch."""
+    rows = result.get("what_if") or []
+    if not rows:
+        return
+    base = max(result["max_micro_batch_size"], 1)
+    table = Table("what if", "device", "max micro-batch", "vs this plan", title=None)
+    for w in rows:
+        ratio = w["max_micro_batch_size"] / base
+        bar = "█" * min(round(ratio * 5), 15)
+        bound = "+" if w["search_bound_reached"] else ""
+        table.add_row(
+            f"{w['change']} = {w['value']}",
+            w["device"]["name"],
+            f"{w['max_micro_batch_size']}{bound}" if w["feasible"] else "does not fit",
+            f"{bar} {ratio:.2f}x" if result["feasible"] else "",
+        )
+    console.print(table)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -115,7 +115,13 @@ def create_app(
                 thread.join(timeout=15)
             engine.dispose()
 
-    app = FastAPI(title="trainplan", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="trainplan",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=problems.COMMON_RESPONSES,
+    )
     problems.install(app)
     app.include_router(plans.router)
     app.include_router(system.router)

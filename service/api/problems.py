@@ -17,6 +17,34 @@ MEDIA_TYPE = "application/problem+json"
 log = structlog.get_logger("trainplan.api")
 
 
+def _problem_response(description: str, status: int, title: str, detail: str) -> dict[str, Any]:
+    example = problem(f"http-{status}", title, detail, status)
+    return {"description": description, "content": {MEDIA_TYPE: {"example": example}}}
+
+
+# Errors any route can answer with, documented once for the whole API.
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _problem_response(
+        "The body is not parsable (not UTF-8 / not JSON)",
+        400,
+        "HTTP error",
+        "There was an error parsing the body",
+    ),
+    401: _problem_response(
+        "Missing or wrong bearer token (auth_mode=token)", 401, "Unauthorized", "bearer token"
+    ),
+    413: _problem_response(
+        "The body is over the server's limit", 413, "Request too large", "over the limit"
+    ),
+    422: _problem_response(
+        "Invalid parameters or body: problem details naming the field",
+        422,
+        "Invalid request",
+        "see errors",
+    ),
+}
+
+
 class ProblemException(Exception):
     def __init__(self, status: int, kind: str, title: str, detail: str, **extra: Any) -> None:
         super().__init__(detail)

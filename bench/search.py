@@ -1,0 +1,305 @@
+"""trainplan's search against the peers people use, each run for real against the same oracle.
+
+.venv/bin/python -m bench.search [--quick]
+
+The oracle is trainplan's simulated device: `fits(b)` traces one steady-state iteration at micro-
+batch b on the card and compares its peak with the card's memory. Each method gets a fresh session
+and sees only OOM or success:
+- trainplan: `find_max_batch` (secant + bisection, stops when b fits and b + 1 does not);
+- Accelerate: `accelerate.utils.find_executable_batch_size`, started at the bound, retried on
+  a RuntimeError whose message is CUDA's out-of-memory text (what it catches in practice);
+- Lightning: `Tuner.scale_batch_size` in `power` and `binsearch` modes (steps_per_trial=1,
+  init_val=2, max_val=the bound, its default margin), driving a real `Trainer.fit` whose training
+  step raises the same out-of-memory error when the oracle says the batch does not fit.
+`exact` means the method returned the true maximum (checked: it fits, one more does not).
+Writes bench/results/search.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.machine import header
+from service.schemas.spec import PlanSpec
+from workers.engine.devices import open_device
+from workers.engine.models import build_model
+from workers.engine.search import find_max_batch
+
+BOUND = 8192
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (oracle)"
+
+GRAY_CNN = {
+    "source": "layers",
+    "layers": [
+        {"type": "Conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
+        {"type": "BatchNorm2d"},
+        {"type": "ReLU"},
+        {"type": "MaxPool2d", "kernel_size": 2},
+        {"type": "Conv2d", "out_channels": 64, "kernel_size": 3, "padding": 1},
+        {"type": "ReLU"},
+        {"type": "Flatten"},
+        {"type": "Linear", "out_features": 10},
+    ],
+}
+MLP = {
+    "source": "layers",
+    "layers": [
+        {"type": "Linear", "out_features": 4096},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 4096},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 10},
+    ],
+}
+
+
+def image(size: int, channels: int = 3, classes: int = 1000) -> dict[str, Any]:
+    kind = {"kind": "image", "channels": channels, "height": size, "width": size}
+    return kind | {"num_classes": classes}
+
+
+def vision(name: str) -> dict[str, Any]:
+    return {"source": "torchvision", "name": name}
+
+
+ZOO: dict[str, dict[str, Any]] = {
+    "mlp 4096 adam fp32": {
+        "model": MLP,
+        "data": {"kind": "tensor", "shape": [2048], "num_classes": 10},
+        "training": {"optimizer": "adam"},
+    },
+    "cnn 28x28 gray fp32": {
+        "model": GRAY_CNN,
+        "data": image(28, 1, 10),
+        "training": {"optimizer": "sgd_momentum"},
+    },
+    "resnet18 112px bf16-mixed": {
+        "model": vision("resnet18"),
+        "data": image(112),
+        "training": {"optimizer": "sgd_momentum", "precision": "bf16-mixed"},
+    },
+    "resnet50 224px bf16-mixed": {
+        "model": vision("resnet50"),
+        "data": image(224),
+        "training": {"optimizer": "sgd_momentum", "precision": "bf16-mixed"},
+    },
+    "mobilenet_v3_large 224px adamw": {
+        "model": vision("mobilenet_v3_large"),
+        "data": image(224),
+        "training": {"optimizer": "adamw"},
+    },
+    "vit_b_16 224px bf16-mixed adamw": {
+        "model": vision("vit_b_16"),
+        "data": image(224),
+        "training": {"optimizer": "adamw", "precision": "bf16-mixed"},
+    },
+    "gpt2 seq 512 bf16-mixed adamw": {
+        "model": {"source": "transformers", "preset": "gpt2"},
+        "data": {"kind": "tokens", "seq_len": 512},
+        "training": {"optimizer": "adamw", "precision": "bf16-mixed"},
+    },
+    "bert-base seq 128 bf16-mixed adamw": {
+        "model": {"source": "transformers", "preset": "bert-base-uncased"},
+        "data": {"kind": "tokens", "seq_len": 128},
+        "training": {"optimizer": "adamw", "precision": "bf16-mixed"},
+    },
+}
+CARDS = ["T4", "A10", "A100-80GB"]
+QUICK = ["cnn 28x28 gray fp32", "resnet18 112px bf16-mixed"]
+
+
+def spec_of(case: dict[str, Any], gpu: str) -> PlanSpec:
+    precision = case["training"].get("precision", "fp32")
+    training = dict(case["training"])
+    if gpu == "T4" and precision.startswith("bf16"):
+        training["precision"] = "fp16-mixed"  # T4 has no bf16
+    return PlanSpec.model_validate(
+        {
+            "model": case["model"],
+            "data": {"num_samples": 1_000_000, **case["data"]},
+            "training": training,
+            "device": {"kind": "simulated", "gpu": gpu},
+            "search": {"max_batch_size": BOUND, "what_if": False},
+        }
+    )
+
+
+class Oracle:
+    """One fresh simulated session; counts the probes a method asks for."""
+
+    def __init__(self, spec: PlanSpec) -> None:
+        self.spec = spec
+        self.device = open_device(spec)
+        self.calls: list[tuple[int, bool]] = []
+
+    def run(self, method: Callable[[Oracle], int]) -> dict[str, Any]:
+        with self.device.session(self.spec, build_model(self.spec)) as session:
+            self.session = session
+            start = time.perf_counter()
+            found = method(self)
+            wall = time.perf_counter() - start
+        return {"found": found, "trials": len(self.calls), "wall_s": wall, "probes": self.calls}
+
+    def fits(self, batch: int) -> bool:
+        ok = self.session.probe(batch).fits
+        self.calls.append((batch, ok))
+        return ok
+
+    def step(self, batch: int) -> None:
+        """A training step as a framework sees it: returns, or raises CUDA's OOM error."""
+        if not self.fits(batch):
+            raise RuntimeError(OOM)
+
+
+def trainplan(oracle: Oracle) -> int:
+    session = oracle.session
+
+    def probe(batch: int) -> Any:
+        outcome = session.probe(batch)
+        oracle.calls.append((batch, outcome.fits))
+        return outcome
+
+    return find_max_batch(probe, session.limit_bytes, BOUND).max_batch
+
+
+def accelerate(oracle: Oracle) -> int:
+    from accelerate.utils import find_executable_batch_size
+
+    @find_executable_batch_size(starting_batch_size=BOUND)
+    def train(batch_size: int) -> int:
+        oracle.step(batch_size)
+        return batch_size
+
+    try:
+        return int(train())
+    except RuntimeError:  # reached zero: not even one sample fits
+        return 0
+
+
+def lightning(mode: str) -> Callable[[Oracle], int]:
+    def run(oracle: Oracle) -> int:
+        import lightning.pytorch as pl
+
+        class Probe(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.batch_size = 2
+                self.weight = torch.nn.Parameter(torch.zeros(1))
+
+            def train_dataloader(self) -> Any:
+                data = torch.utils.data.TensorDataset(torch.zeros(2 * BOUND + 1, 1))
+                return torch.utils.data.DataLoader(data, batch_size=self.batch_size)
+
+            def training_step(self, batch: Any, _: int) -> torch.Tensor:
+                oracle.step(batch[0].shape[0])
+                return (self.weight * batch[0]).sum()
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        found = pl.tuner.Tuner(trainer).scale_batch_size(
+            Probe(), mode=mode, steps_per_trial=1, init_val=2, max_trials=25, max_val=BOUND
+        )
+        return int(found or 0)
+
+    return run
+
+
+METHODS: dict[str, Callable[[Oracle], int]] = {
+    "trainplan": trainplan,
+    "accelerate": accelerate,
+    "lightning-power": lightning("power"),
+    "lightning-binsearch": lightning("binsearch"),
+}
+
+
+def truth(spec: PlanSpec, answer: int) -> int:
+    """Check trainplan's answer with fresh probes (fits, and one more does not)."""
+    oracle = Oracle(spec)
+
+    def check(o: Oracle) -> int:
+        assert o.fits(answer) or answer == 0
+        if answer < BOUND:
+            assert not o.fits(answer + 1)
+        return answer
+
+    oracle.run(check)
+    return answer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="two models, for a smoke run")
+    args = parser.parse_args()
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    print(header(), flush=True)
+    names = QUICK if args.quick else list(ZOO)
+    rows = []
+    print(
+        f"{'model':36} {'card':10} {'method':20} {'found':>6} {'exact':>6} {'trials':>6} {'s':>7}"
+    )
+    for name in names:
+        for gpu in CARDS:
+            spec = spec_of(ZOO[name], gpu)
+            results = {m: Oracle(spec).run(fn) for m, fn in METHODS.items()}
+            true_max = truth(spec, results["trainplan"]["found"])
+            for method, r in results.items():
+                row = {"model": name, "card": gpu, "method": method, "true_max": true_max, **r}
+                row["exact"] = r["found"] == true_max
+                row["fits"] = r["found"] <= true_max
+                rows.append(row)
+                print(
+                    f"{name:36} {gpu:10} {method:20} {r['found']:>6} {row['exact']!s:>6} "
+                    f"{r['trials']:>6} {r['wall_s']:>7.2f}",
+                    flush=True,
+                )
+    print()
+    print(
+        f"{'method':20} {'exact':>9} {'median trials':>14} {'median s':>9} {'vs trainplan s':>15}"
+    )
+    base = {(r["model"], r["card"]): r["wall_s"] for r in rows if r["method"] == "trainplan"}
+    summary = {}
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        ratio = statistics.median(base[(r["model"], r["card"])] / r["wall_s"] for r in mine)
+        summary[method] = {
+            "exact": sum(r["exact"] for r in mine),
+            "cases": len(mine),
+            "median_trials": statistics.median(r["trials"] for r in mine),
+            "median_wall_s": statistics.median(r["wall_s"] for r in mine),
+            "median_found_over_true": statistics.median(
+                r["found"] / r["true_max"] for r in mine if r["true_max"]
+            ),
+            "median_trainplan_time_ratio": ratio,
+        }
+        s = summary[method]
+        print(
+            f"{method:20} {s['exact']:>4}/{s['cases']:<4} {s['median_trials']:>14} "
+            f"{s['median_wall_s']:>9.2f} {ratio:>14.2f}x"
+        )
+    out = Path(__file__).parent / "results" / ("search_quick.json" if args.quick else "search.json")
+    out.write_text(json.dumps({"header": header(), "summary": summary, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

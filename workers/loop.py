@@ -14,9 +14,11 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import structlog
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -26,6 +28,9 @@ from workers.metrics import PLAN_SECONDS, PLANS_FINISHED, TRIALS
 from workers.runner import start_child
 
 log = structlog.get_logger("trainplan.worker")
+T = TypeVar("T")
+# What a database restart, a dropped connection or a full disk raise: worth waiting out.
+TRANSIENT = (OperationalError, InterfaceError)
 
 
 def device_kinds() -> tuple[str, ...]:
@@ -189,18 +194,41 @@ class PlanWorker:
             return self._end(plan_id, "succeeded", started, result=payload)
         return self._end(plan_id, "failed", started, error=payload)
 
+    def _retrying(self, what: str, write: Callable[[Session], T]) -> T:
+        """Run one store operation, waiting out a database that restarts or a disk that is full
+        for as long as the lease lasts, so a short outage costs a pause instead of the plan.
+        Past that, the error propagates: the plan's lease runs out and it is claimed again."""
+        give_up = time.monotonic() + self.settings.lease_seconds
+        delay = 0.1
+        while True:
+            try:
+                with self.factory() as session:
+                    return write(session)
+            except TRANSIENT as exc:
+                if time.monotonic() + delay > give_up:
+                    raise
+                log.warning("worker.store_retry", what=what, error=str(exc)[:300])
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     def _store_trial(self, plan_id: str, attempt: int, index: int, trial: dict[str, Any]) -> None:
-        with self.factory() as session:
-            crud.add_trial(session, plan_id, attempt, index, trial)
+        def write(session: Session) -> None:
+            try:
+                crud.add_trial(session, plan_id, attempt, index, trial)
+            except IntegrityError:  # a retry after a commit whose answer was lost: stored
+                session.rollback()
+
+        self._retrying("trial", write)
         TRIALS.labels(fits=str(bool(trial["fits"])).lower()).inc()
 
     def _cancelled(self, plan_id: str) -> bool:
-        with self.factory() as session:
-            return crud.is_cancel_requested(session, plan_id)
+        return self._retrying("cancel", lambda s: crud.is_cancel_requested(s, plan_id))
 
     def _extend(self, plan_id: str) -> bool:
-        with self.factory() as session:
-            return crud.extend_lease(session, plan_id, self.worker_id, self.settings.lease_seconds)
+        lease = self.settings.lease_seconds
+        return self._retrying(
+            "lease", lambda s: crud.extend_lease(s, plan_id, self.worker_id, lease)
+        )
 
     def _end(
         self,
@@ -210,15 +238,14 @@ class PlanWorker:
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
     ) -> str:
-        with self.factory() as session:
-            if status == "cancelled":
-                error = crud.problem(
-                    "cancelled",
-                    "Plan cancelled",
-                    "cancelled on request; trials so far are kept",
-                    409,
-                )
-            ok = crud.finish(session, plan_id, self.worker_id, status, result, error)
+        if status == "cancelled":
+            error = crud.problem(
+                "cancelled", "Plan cancelled", "cancelled on request; trials so far are kept", 409
+            )
+        ok = self._retrying(
+            "finish",
+            lambda s: crud.finish(s, plan_id, self.worker_id, status, result, error),
+        )
         elapsed = time.monotonic() - started
         PLAN_SECONDS.observe(elapsed)
         PLANS_FINISHED.labels(status=status).inc()

@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.store.crud import problem
@@ -35,6 +36,12 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     ),
     413: _problem_response(
         "The body is over the server's limit", 413, "Request too large", "over the limit"
+    ),
+    503: _problem_response(
+        "The plan store is down or full (Retry-After says when to retry)",
+        503,
+        "The plan store is unavailable",
+        "the database did not accept the request; nothing was changed, retry later",
     ),
     422: _problem_response(
         "Invalid parameters or body: problem details naming the field",
@@ -110,6 +117,20 @@ def install(app: FastAPI) -> None:
             problem(f"http-{exc.status_code}", title, str(exc.detail), exc.status_code),
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+        """The store is restarting, unreachable or out of space: nothing was written; retry."""
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:200]
+        log.warning("api.store_unavailable", path=request.url.path, error=reason)
+        body = problem(
+            "store-unavailable",
+            "The plan store is unavailable",
+            f"the database did not accept the request ({reason}); nothing was changed, retry later",
+            503,
+        )
+        return problem_response(body, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

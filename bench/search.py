@@ -20,7 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import queue
+import shutil
 import statistics
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -35,7 +39,7 @@ from workers.engine.devices import open_device
 from workers.engine.models import build_model
 from workers.engine.search import find_max_batch
 
-BOUND = 8192
+BOUND = 65536
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (oracle)"
 
 GRAY_CNN = {
@@ -135,25 +139,45 @@ def spec_of(case: dict[str, Any], gpu: str) -> PlanSpec:
 
 
 class Oracle:
-    """One fresh simulated session; counts the probes a method asks for."""
+    """One fresh simulated session on a thread of its own (FakeTensorMode and the tracker are
+    thread-local, so the peers' real Trainer code runs untouched on the calling thread);
+    counts the probes a method asks for."""
 
     def __init__(self, spec: PlanSpec) -> None:
         self.spec = spec
         self.device = open_device(spec)
         self.calls: list[tuple[int, bool]] = []
+        self.requests: queue.Queue[int | None] = queue.Queue()
+        self.answers: queue.Queue[Any] = queue.Queue()
+        self.limit = 0
+
+    def _serve(self) -> None:
+        with self.device.session(self.spec, build_model(self.spec)) as session:
+            self.answers.put(session.limit_bytes)
+            while (batch := self.requests.get()) is not None:
+                self.answers.put(session.probe(batch))
 
     def run(self, method: Callable[[Oracle], int]) -> dict[str, Any]:
-        with self.device.session(self.spec, build_model(self.spec)) as session:
-            self.session = session
+        server = threading.Thread(target=self._serve, daemon=True)
+        server.start()
+        self.limit = self.answers.get()
+        try:
             start = time.perf_counter()
             found = method(self)
             wall = time.perf_counter() - start
+        finally:
+            self.requests.put(None)
+            server.join()
         return {"found": found, "trials": len(self.calls), "wall_s": wall, "probes": self.calls}
 
+    def probe(self, batch: int) -> Any:
+        self.requests.put(batch)
+        outcome = self.answers.get()
+        self.calls.append((batch, outcome.fits))
+        return outcome
+
     def fits(self, batch: int) -> bool:
-        ok = self.session.probe(batch).fits
-        self.calls.append((batch, ok))
-        return ok
+        return bool(self.probe(batch).fits)
 
     def step(self, batch: int) -> None:
         """A training step as a framework sees it: returns, or raises CUDA's OOM error."""
@@ -162,14 +186,7 @@ class Oracle:
 
 
 def trainplan(oracle: Oracle) -> int:
-    session = oracle.session
-
-    def probe(batch: int) -> Any:
-        outcome = session.probe(batch)
-        oracle.calls.append((batch, outcome.fits))
-        return outcome
-
-    return find_max_batch(probe, session.limit_bytes, BOUND).max_batch
+    return find_max_batch(oracle.probe, oracle.limit, BOUND).max_batch
 
 
 def accelerate(oracle: Oracle) -> int:
@@ -190,6 +207,8 @@ def lightning(mode: str) -> Callable[[Oracle], int]:
     def run(oracle: Oracle) -> int:
         import lightning.pytorch as pl
 
+        scratch = tempfile.mkdtemp(prefix="trainplan-bench-")
+
         class Probe(pl.LightningModule):
             def __init__(self) -> None:
                 super().__init__()
@@ -208,6 +227,7 @@ def lightning(mode: str) -> Callable[[Oracle], int]:
                 return torch.optim.SGD(self.parameters(), lr=0.0)
 
         trainer = pl.Trainer(
+            default_root_dir=scratch,  # the finder checkpoints the model there and back
             accelerator="cpu",
             max_steps=1,
             logger=False,
@@ -218,6 +238,7 @@ def lightning(mode: str) -> Callable[[Oracle], int]:
         found = pl.tuner.Tuner(trainer).scale_batch_size(
             Probe(), mode=mode, steps_per_trial=1, init_val=2, max_trials=25, max_val=BOUND
         )
+        shutil.rmtree(scratch, ignore_errors=True)
         return int(found or 0)
 
     return run
@@ -249,8 +270,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two models, for a smoke run")
     args = parser.parse_args()
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)  # Lightning narrates every trial at INFO
     warnings.filterwarnings("ignore")
     print(header(), flush=True)
     names = QUICK if args.quick else list(ZOO)

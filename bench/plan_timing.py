@@ -1,4 +1,5 @@
-"""Wall time, trials and answer of whole plans on the simulated device (issue 3's figures).
+"""Wall time, trials and answer of whole plans on the simulated device, with and without the
+what-if neighbours.
 
 .venv/bin/python -m bench.plan_timing [--repeat 5]
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -29,8 +31,12 @@ def main() -> None:
     args = parser.parse_args()
     print(header())
     rows = []
-    for name, spec_dict in CASES.items():
+    for (name, spec_dict), what_if in itertools.product(CASES.items(), (False, True)):
         spec = PlanSpec.model_validate(spec_dict)
+        spec = spec.model_copy(
+            update={"search": spec.search.model_copy(update={"what_if": what_if})}
+        )
+        name = f"{name}{' + what_if' if what_if else ''}"
         times, result = [], None
         for _ in range(args.repeat):
             start = time.perf_counter()
@@ -44,6 +50,9 @@ def main() -> None:
                 "max_micro_batch": result.max_micro_batch_size,
                 "search_trials": len(search),
                 "all_trials": len(result.trials),
+                "what_if": {
+                    f"{w.change}={w.value}": w.max_micro_batch_size for w in result.what_if
+                },
                 "median_s": statistics.median(times),
                 "min_s": min(times),
                 "max_s": max(times),
@@ -58,6 +67,8 @@ def main() -> None:
             f"{r['median_s']:>9.2f} {r['min_s']:>6.2f}-{r['max_s']:<6.2f}"
         )
         print(f"{'':42} probes: {r['probes']}")
+        if r["what_if"]:
+            print(f"{'':42} what-if: {r['what_if']}")
     out = Path(__file__).parent / "results" / "plan_timing.json"
     out.write_text(json.dumps({"header": header(), "rows": rows}, indent=2))
 

@@ -269,17 +269,26 @@ def truth(spec: PlanSpec, answer: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two models, for a smoke run")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the (model, card) rows already in the JSON"
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # Lightning narrates every trial at INFO
     warnings.filterwarnings("ignore")
     print(header(), flush=True)
     names = QUICK if args.quick else list(ZOO)
-    rows = []
+    out = Path(__file__).parent / "results" / ("search_quick.json" if args.quick else "search.json")
+    rows: list[dict[str, Any]] = []
+    if args.resume and out.exists():
+        rows = json.loads(out.read_text())["rows"]
+    done = {(r["model"], r["card"]) for r in rows}
     print(
         f"{'model':36} {'card':10} {'method':20} {'found':>6} {'exact':>6} {'trials':>6} {'s':>7}"
     )
     for name in names:
         for gpu in CARDS:
+            if (name, gpu) in done:
+                continue
             spec = spec_of(ZOO[name], gpu)
             results = {m: Oracle(spec).run(fn) for m, fn in METHODS.items()}
             true_max = truth(spec, results["trainplan"]["found"])
@@ -293,6 +302,8 @@ def main() -> None:
                     f"{r['trials']:>6} {r['wall_s']:>7.2f}",
                     flush=True,
                 )
+            # saved after every card: a long run that stops keeps what it measured (--resume)
+            out.write_text(json.dumps({"header": header(), "rows": rows}, indent=2))
     print()
     print(
         f"{'method':20} {'exact':>9} {'median trials':>14} {'median s':>9} {'vs trainplan s':>15}"
@@ -317,7 +328,6 @@ def main() -> None:
             f"{method:20} {s['exact']:>4}/{s['cases']:<4} {s['median_trials']:>14} "
             f"{s['median_wall_s']:>9.2f} {ratio:>14.2f}x"
         )
-    out = Path(__file__).parent / "results" / ("search_quick.json" if args.quick else "search.json")
     out.write_text(json.dumps({"header": header(), "summary": summary, "rows": rows}, indent=2))
 
 

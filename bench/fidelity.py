@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from bench.machine import header
+from bench.zoo import GRAY_CNN
 from service.schemas.spec import PlanSpec
 from workers.engine.devices import open_device
 from workers.engine.models import build_model
@@ -46,19 +47,6 @@ MLP = {
         {"type": "Linear", "out_features": 10},
     ],
 }
-CNN = {
-    "source": "layers",
-    "layers": [
-        {"type": "Conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
-        {"type": "BatchNorm2d"},
-        {"type": "ReLU"},
-        {"type": "MaxPool2d", "kernel_size": 2},
-        {"type": "Conv2d", "out_channels": 64, "kernel_size": 3, "padding": 1},
-        {"type": "ReLU"},
-        {"type": "Flatten"},
-        {"type": "Linear", "out_features": 10},
-    ],
-}
 TINY_GPT = {
     "source": "transformers",
     "architecture": "GPT2LMHeadModel",
@@ -73,7 +61,7 @@ ZOO: dict[str, dict[str, Any]] = {
         "training": {"optimizer": "adam"},
     },
     "cnn 28x28 sgd-momentum fp32": {
-        "model": CNN,
+        "model": GRAY_CNN,
         "data": {"kind": "image", "channels": 1, "height": 28, "width": 28, "num_classes": 10},
         "training": {"optimizer": "sgd_momentum"},
     },

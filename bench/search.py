@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from bench.machine import header
+from bench.zoo import GRAY_CNN
 from service.schemas.spec import PlanSpec
 from workers.engine.devices import open_device
 from workers.engine.models import build_model
@@ -42,19 +43,6 @@ from workers.engine.search import find_max_batch
 BOUND = 65536
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (oracle)"
 
-GRAY_CNN = {
-    "source": "layers",
-    "layers": [
-        {"type": "Conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
-        {"type": "BatchNorm2d"},
-        {"type": "ReLU"},
-        {"type": "MaxPool2d", "kernel_size": 2},
-        {"type": "Conv2d", "out_channels": 64, "kernel_size": 3, "padding": 1},
-        {"type": "ReLU"},
-        {"type": "Flatten"},
-        {"type": "Linear", "out_features": 10},
-    ],
-}
 MLP = {
     "source": "layers",
     "layers": [

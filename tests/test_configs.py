@@ -17,7 +17,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
 from service.schemas.spec import PlanSpec
-from workers.engine.configs import TORCH_OPTIMIZERS, PlanNumbers, build_configs
+from workers.engine.configs import PlanNumbers, build_configs
+from workers.engine.job import TORCH_OPTIMIZERS
 from workers.engine.profile import run_plan
 
 OPTIMIZERS = list(TORCH_OPTIMIZERS)

@@ -19,10 +19,10 @@ from sqlalchemy.engine import Engine, make_url
 
 from service.api.app import create_app
 from service.config import Settings
-from service.schemas.spec import PlanSpec
 from service.store import crud
 from service.store.db import make_engine, make_session_factory, upgrade
 from tests.conftest import registered_spec
+from tests.test_worker import _enqueue
 from workers.loop import PlanWorker
 
 
@@ -90,14 +90,6 @@ def pg_url(db_url: str) -> str:
     if not db_url.startswith("postgresql"):
         pytest.skip("a TCP outage needs a networked database")
     return db_url
-
-
-def _enqueue(factory: Any, spec: dict[str, Any]) -> str:
-    parsed = PlanSpec.model_validate(spec)
-    with factory() as s:
-        plan = crud.create_plan(s, parsed.canonical(), parsed.spec_hash)
-        s.commit()
-        return plan.id
 
 
 def _wait_for(predicate: Any, timeout: float = 30.0) -> None:

@@ -14,18 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.schemas.spec import PlanSpec
-
-# torch.optim class and keyword arguments of each optimizer of the spec (as the engine probes it).
-TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sgd": ("SGD", {}),
-    "sgd_momentum": ("SGD", {"momentum": 0.9}),
-    "nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
-    "adam": ("Adam", {}),
-    "adamw": ("AdamW", {"weight_decay": 0.01}),
-    "rmsprop": ("RMSprop", {}),
-    "adagrad": ("Adagrad", {}),
-    "adafactor": ("Adafactor", {}),
-}
+from workers.engine.job import TORCH_OPTIMIZERS
 
 LIGHTNING_PRECISION = {
     "fp32": "32-true",

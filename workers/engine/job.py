@@ -25,28 +25,32 @@ from workers.engine.tracker import MemoryTracker
 LOW_PRECISION = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
+# The spec's optimizers: torch.optim class name and keyword arguments. The engine probes these
+# and `configs` renders the same ones for each framework.
+TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("SGD", {}),
+    "sgd_momentum": ("SGD", {"momentum": 0.9}),
+    "nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
+    "adam": ("Adam", {}),
+    "adamw": ("AdamW", {"weight_decay": 0.01}),
+    "rmsprop": ("RMSprop", {}),
+    "adagrad": ("Adagrad", {}),
+    "adafactor": ("Adafactor", {}),
+}
+
+
 def make_optimizer(
     name: str, params: list[nn.Parameter], lr: float, foreach: bool | None
 ) -> torch.optim.Optimizer:
     """The optimizers of the spec. `foreach=True` reproduces CUDA's default multi-tensor kernels,
     whose temporaries count in the peak."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, foreach=foreach)
-    if name == "sgd_momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=foreach)
-    if name == "nesterov":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, foreach=foreach)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, foreach=foreach)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, foreach=foreach)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, foreach=foreach)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, foreach=foreach)
-    if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=lr, foreach=foreach)
-    raise ValueError(f"unknown optimizer {name}")
+    if name not in TORCH_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name}")
+    cls, kwargs = TORCH_OPTIMIZERS[name]
+    optimizer: torch.optim.Optimizer = getattr(torch.optim, cls)(
+        params, lr=lr, foreach=foreach, **kwargs
+    )
+    return optimizer
 
 
 class Checkpointed(nn.Module):

@@ -3,6 +3,8 @@
 .venv/bin/python -m bench.fidelity            # zoo: simulated vs MemTracker vs real CPU (profiler)
 .venv/bin/python -m bench.fidelity --llama    # llama-3-8b / llama-3.2-1b, seq 2048, H100-80GB
 .venv/bin/python -m bench.fidelity --cuda     # on a GPU: real CUDA peaks and max batch
+.venv/bin/python -m bench.fidelity --published [--cases PATH] [--fit]
+                                              # published real-GPU measurements (bench/published.py)
 
 Per model and batch, the bytes of tensors at the peak of one steady-state iteration (device
 overhead excluded):
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bench import published
 from bench.machine import header
 from bench.zoo import GRAY_CNN
 from service.schemas.spec import PlanSpec
@@ -294,9 +297,29 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true", help="real CUDA against simulated")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--memory-gib", type=float, default=4.0)
+    parser.add_argument("--published", action="store_true", help="published real-GPU cases")
+    parser.add_argument("--cases", type=Path, default=published.DEFAULT_CASES)
+    parser.add_argument("--fit", action="store_true", help="refit the roofline efficiencies")
     args = parser.parse_args()
     print(header(), flush=True)
     results = Path(__file__).parent / "results"
+    if args.published:
+        rows = []
+        for case in published.load_cases(args.cases):
+            rows.append(published.run_case(case))
+            print(f"{case['id']}: {rows[-1]['wall_s']:.1f} s", flush=True)
+        print(published.report(rows))
+        if args.fit:
+            fitted = published.fit_efficiency(rows)
+            print(f"fitted efficiencies: {fitted}")
+            print(published.report(rows, fitted))
+        out = results / "fidelity_published.json"
+        out.write_text(
+            json.dumps(
+                {"header": header(), "rows": published.serialisable(rows)}, indent=2, default=str
+            )
+        )
+        return
     if args.llama:
         rows, out = llama_rows(args.repeat), results / "fidelity_llama.json"
     elif args.cuda:

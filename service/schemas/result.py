@@ -22,7 +22,9 @@ class LrScalingInfo(BaseModel):
 
 
 class MemoryBreakdown(BaseModel):
-    """Bytes at the peak of one steady-state training iteration; the parts add up to `peak`."""
+    """Bytes at the peak of one steady-state training iteration; the parts add up to `peak`
+    (allocated). `reserved` is what the caching allocator holds at its peak plus the overhead:
+    what `nvidia-smi` shows and what out-of-memory is decided on against `capacity`."""
 
     parameters: int
     gradients: int
@@ -30,9 +32,30 @@ class MemoryBreakdown(BaseModel):
     input_batch: int
     activations: int
     temporary: int
-    overhead: int
-    peak: int
+    workspace: int = Field(default=0, description="cuBLAS/cuBLASLt workspaces (allocator).")
+    overhead: int = Field(description="Outside the allocator: CUDA context, NCCL buffers.")
+    cuda_context: int = Field(default=0, description="Part of `overhead`.")
+    nccl_buffers: int = Field(default=0, description="Part of `overhead` (world_size > 1).")
+    peak: int = Field(description="Allocated peak plus overhead: the sum of the parts.")
+    reserved: int | None = Field(
+        default=None, description="Reserved peak plus overhead (null where not known)."
+    )
+    allocator_cached: int | None = Field(
+        default=None,
+        description="reserved - peak: rounding, unsplit blocks, cached free segments.",
+    )
     capacity: int
+
+
+class StepSplit(BaseModel):
+    """Where an estimated optimizer step's time goes (seconds)."""
+
+    compute_s: float = Field(description="Matmuls and convolutions (Tensor Cores / cuBLAS).")
+    memory_bound_s: float = Field(description="Normalisations, activations, pointwise ops.")
+    optimizer_s: float = Field(description="The optimizer's kernels, once per step.")
+    input_s: float = Field(
+        description="Host-to-device copy of the batch; overlapped with compute, not added."
+    )
 
 
 class Throughput(BaseModel):
@@ -40,9 +63,14 @@ class Throughput(BaseModel):
     step_time_s: float = Field(description="One optimizer step (all accumulation micro-steps).")
     epoch_time_s: float
     total_time_s: float = 0.0
-    measured: bool
+    measured: bool = Field(description="False: a roofline estimate, not a timed step.")
     assumed_utilization: float | None = None
     flops_per_sample: float | None = None
+    split: StepSplit | None = None
+    samples_per_second_band: tuple[float, float] | None = Field(
+        default=None,
+        description="Low and high samples/s: the estimate's spread on published measurements.",
+    )
 
 
 class Trial(BaseModel):

@@ -196,7 +196,9 @@ DataSpec = Annotated[ImageData | TokensData | TensorData, Field(discriminator="k
 Optimizer = Literal[
     "sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adafactor"
 ]
-Precision = Literal["fp32", "fp16-mixed", "bf16-mixed", "bf16"]
+# fp32 follows PyTorch's defaults (cuDNN convolutions in TF32 on Ampere and later, matmuls not);
+# tf32 also runs matmuls in TF32 (`torch.backends.cuda.matmul.allow_tf32 = True`).
+Precision = Literal["fp32", "tf32", "fp16-mixed", "bf16-mixed", "bf16"]
 LrScaling = Literal["linear", "sqrt", "none", "auto"]
 
 
@@ -240,10 +242,44 @@ class CudaDevice(StrictModel):
     )
 
 
+VERSION_PATTERN = r"^[0-9]{1,2}\.[0-9]{1,3}$"
+
+
+class RuntimeSpec(StrictModel):
+    """The software stack the plan is for: it sets the CUDA context's size and PyTorch's
+    defaults (lazy kernel loading since torch 1.13 with CUDA 11.7; matmul TF32 in 1.7-1.11)."""
+
+    torch: str = Field(default="2.14", pattern=VERSION_PATTERN, examples=["1.12"])
+    cuda: str = Field(default="13.0", pattern=VERSION_PATTERN, examples=["11.3"])
+    module_loading: Literal["lazy", "eager"] | None = Field(
+        default=None, description="CUDA_MODULE_LOADING; null: the stack's default."
+    )
+    cudnn_benchmark: bool = Field(
+        default=False, description="torch.backends.cudnn.benchmark (PyTorch's default: False)."
+    )
+
+
+class AllocatorSpec(StrictModel):
+    """PYTORCH_ALLOC_CONF options of the caching allocator the plan simulates."""
+
+    expandable_segments: bool = False
+    max_split_size_mb: int | None = Field(default=None, ge=20, le=1 << 20)
+    roundup_power2_divisions: int = Field(default=0, ge=0, le=64)
+
+    @field_validator("roundup_power2_divisions")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value > 1 and value & (value - 1):
+            raise ValueError("must be 0, 1 or a power of two")
+        return value
+
+
 class SimulatedDevice(StrictModel):
     kind: Literal["simulated"]
     gpu: str | None = Field(default=None, pattern=NAME_PATTERN, examples=["A100-80GB"])
     memory_gib: float | None = Field(default=None, gt=0, le=4096)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    allocator: AllocatorSpec = Field(default_factory=AllocatorSpec)
 
     @model_validator(mode="after")
     def _one_of(self) -> SimulatedDevice:

@@ -1,10 +1,17 @@
-"""GPU catalogue for the simulated device, from the vendors' datasheets.
+"""GPU catalogue of the simulated device: what PyTorch sees on each card, with sources.
 
-Memory is the datasheet capacity (GiB for HBM cards, as CUDA reports them closely); TFLOP/s are
-dense (no structured sparsity) peaks per precision; bandwidth is the datasheet memory bandwidth.
-`overhead_bytes` is what the process loses before the first tensor: the CUDA context, the kernel
-images and the cuBLAS/cuDNN workspaces; measured figures for these generations sit around
-0.4-0.6 GiB with a recent PyTorch, so a conservative figure per architecture is used.
+Memory is `torch.cuda.get_device_properties().total_memory` (cudaDeviceProp.totalGlobalMem): the
+datasheet's GB less what the driver reserves, so an "80 GB" H100 SXM offers 81106 MiB and a
+"24 GB" RTX 3090 24154 MiB. Where sources disagree (driver versions reserve different amounts) the
+smallest cited figure is kept: a plan that fits on the smaller one fits on both.
+
+Peaks are dense (no structured sparsity) datasheet TFLOP/s per math mode, and the datasheet memory
+bandwidth. `matmul_tflops` are measured maxima of large square matmuls on the card
+(zzc0721/torch-performance-test-data database.md @9d828276), the ceiling a well-shaped GEMM reaches
+in practice; the throughput model starts from them.
+
+Fixed costs outside the card's memory for tensors (`runtime.py`) depend on the software stack, not
+on the card; the cuBLAS workspace size depends on the architecture (`sm`).
 """
 
 from __future__ import annotations
@@ -13,22 +20,30 @@ from dataclasses import dataclass
 
 GIB = 1 << 30
 MIB = 1 << 20
+CATALOGUE_VERSION = "2026.11-1"  # bump when a number below changes: plans record it
 
 
 @dataclass(frozen=True)
 class GpuModel:
     name: str
-    memory_bytes: int
-    tflops_fp32: float
-    tflops_fp16: float  # tensor-core dense, fp32 accumulate where the datasheet gives both
-    tflops_bf16: float | None  # None: no bf16 support (pre-Ampere)
+    memory_bytes: int  # total_memory as PyTorch reports it
+    tflops_fp32: float  # CUDA cores
+    tflops_tf32: float | None  # tensor cores, TF32 inputs (None: no TF32, pre-Ampere)
+    tflops_fp16: float  # tensor cores, fp16 inputs with fp32 accumulation (PyTorch's choice)
+    tflops_bf16: float | None  # None: no bf16 (pre-Ampere)
     bandwidth_gbs: float
-    overhead_bytes: int
     architecture: str
+    sm: int  # compute capability x 10
+    memory_source: str = ""
+    # Measured large-GEMM maxima (TFLOP/s) for fp32 / fp16 / bf16 (None: not measured).
+    matmul_tflops: tuple[float | None, float | None, float | None] = (None, None, None)
 
     def tflops(self, precision: str) -> float:
+        """Datasheet peak of the math the precision's matmuls run in."""
         if precision == "fp32":
             return self.tflops_fp32
+        if precision == "tf32":
+            return self.tflops_tf32 or self.tflops_fp32
         if precision == "fp16-mixed":
             return self.tflops_fp16
         return self.tflops_bf16 or self.tflops_fp32
@@ -37,68 +52,121 @@ class GpuModel:
     def supports_bf16(self) -> bool:
         return self.tflops_bf16 is not None
 
+    @property
+    def supports_tf32(self) -> bool:
+        return self.tflops_tf32 is not None
+
     def as_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "memory_bytes": self.memory_bytes,
             "memory_gib": round(self.memory_bytes / GIB, 2),
+            "memory_source": self.memory_source,
             "tflops": {
                 "fp32": self.tflops_fp32,
+                "tf32": self.tflops_tf32,
                 "fp16": self.tflops_fp16,
                 "bf16": self.tflops_bf16,
             },
             "bandwidth_gbs": self.bandwidth_gbs,
-            "overhead_bytes": self.overhead_bytes,
             "architecture": self.architecture,
+            "compute_capability": f"{self.sm // 10}.{self.sm % 10}",
             "supports_bf16": self.supports_bf16,
+            "supports_tf32": self.supports_tf32,
         }
 
 
-def _gpu(
-    name: str,
-    gib: float,
-    fp32: float,
-    fp16: float,
-    bf16: float | None,
-    bw: float,
-    arch: str,
-    overhead_mib: int = 512,
-) -> GpuModel:
-    return GpuModel(name, int(gib * GIB), fp32, fp16, bf16, bw, overhead_mib * MIB, arch)
-
-
+_NVSMI = "thamada/nvidia-smi gls @c4c8a463"
+_MODAL = "modal-labs/modal-client PR #2797"
 GPU_CATALOGUE: dict[str, GpuModel] = {
     g.name: g
     for g in [
-        _gpu("T4", 16, 8.1, 65, None, 320, "turing", 384),
-        _gpu("V100-16GB", 16, 15.7, 125, None, 900, "volta", 384),
-        _gpu("V100-32GB", 32, 15.7, 125, None, 900, "volta", 384),
-        _gpu("A10", 24, 31.2, 125, 125, 600, "ampere"),
-        _gpu("RTX-3090", 24, 35.6, 71, 71, 936, "ampere"),
-        _gpu("A100-40GB", 40, 19.5, 312, 312, 1555, "ampere"),
-        _gpu("A100-80GB", 80, 19.5, 312, 312, 2039, "ampere"),
-        _gpu("L4", 24, 30.3, 121, 121, 300, "ada"),
-        _gpu("RTX-4090", 24, 82.6, 165.2, 165.2, 1008, "ada"),
-        _gpu("L40S", 48, 91.6, 362, 362, 864, "ada"),
-        _gpu("H100-PCIe", 80, 51, 756, 756, 2000, "hopper", 640),
-        _gpu("H100-80GB", 80, 67, 989, 989, 3350, "hopper", 640),
-        _gpu("H200", 141, 67, 989, 989, 4800, "hopper", 640),
+        GpuModel(
+            "T4", 15095 * MIB, 8.1, None, 65, None, 320, "turing", 75,
+            f"15095 MiB, Colab ({_MODAL}); sylvia-ymlin/cuda-kernels-from-scratch README",
+            (4.4, 42.0, None),
+        ),
+        GpuModel(
+            "V100-16GB", 16945512448, 15.7, None, 125, None, 900, "volta", 70,
+            "16945512448 B, deviceQuery of Tesla V100-SXM2-16GB (several public logs)",
+            (14.1, 94.8, None),
+        ),
+        GpuModel(
+            "V100-32GB", 34089730048, 15.7, None, 125, None, 900, "volta", 70,
+            "34089730048 B (godweiyang/GrabGPU #5; unattributed)",
+            (14.1, 94.8, None),
+        ),
+        GpuModel(
+            "A10", 23609475072, 31.2, 62.5, 125, 125, 600, "ampere", 86,
+            f"23609475072 B ({_MODAL}; aalanwyr/face2cuda step2cuda/README.md)",
+        ),
+        GpuModel(
+            "RTX-3090", 25327697920, 35.6, 35.6, 71, 71, 936, "ampere", 86,
+            f"25327697920 B = 24576 MiB less 422 MiB reserved ({_NVSMI}); older drivers "
+            "report 24259-24268 MiB (transformers docs)",
+            (24.5, 75.6, 76.3),
+        ),
+        GpuModel(
+            "A100-40GB", 42298834944, 19.5, 156, 312, 312, 1555, "ampere", 80,
+            f"42298834944 B ({_MODAL}; bottlerocket-os/bottlerocket PR #3873)",
+            (19.2, 259.0, 265.0),
+        ),
+        GpuModel(
+            "A100-80GB", 85100068864, 19.5, 156, 312, 312, 2039, "ampere", 80,
+            f"85100068864 B = 81920 MiB less 763 MiB reserved ({_NVSMI}; deviceQuery)",
+            (19.2, 259.0, 265.0),
+        ),
+        GpuModel(
+            "L4", 23570219008, 30.3, 60, 121, 121, 300, "ada", 89,
+            f"23570219008 B = 23034 MiB less 556 MiB reserved ({_NVSMI})",
+            (15.4, 68.8, 70.9),
+        ),
+        GpuModel(
+            "RTX-4090", 25386352640, 82.6, 82.6, 165.2, 165.2, 1008, "ada", 89,
+            f"25386352640 B = 24564 MiB less 354 MiB reserved ({_NVSMI})",
+            (46.0, 162.0, 163.0),
+        ),
+        GpuModel(
+            "L40S", 47803596800, 91.6, 183, 362, 362, 864, "ada", 89,
+            f"47803596800 B = 46068 MiB less 479 MiB reserved ({_NVSMI})",
+            (46.9, 264.0, 269.0),
+        ),
+        GpuModel(
+            "H100-PCIe", 81008 * MIB, 51, 378, 756, 756, 2000, "hopper", 90,
+            "total_memory=81008MB in a public torch device-properties print (unattributed)",
+            (37.0, 458.0, 496.0),
+        ),
+        GpuModel(
+            "H100-80GB", 85045477376, 67, 494.5, 989, 989, 3350, "hopper", 90,
+            f"85045477376 B = 81559 MiB less 454 MiB reserved ({_NVSMI})",
+            (51.9, 760.0, 798.0),
+        ),
+        GpuModel(
+            "H200", 143156 * MIB, 67, 494.5, 989, 989, 4800, "hopper", 90,
+            "total_memory=143156MB in a torch device-properties print (modal-labs examples)",
+            (51.3, 759.0, 790.0),
+        ),
     ]
-}
+}  # fmt: skip
 # Common spellings users type.
 ALIASES = {"H100-SXM": "H100-80GB", "H100": "H100-80GB", "A100": "A100-80GB"}
 
 
-def custom_gpu(memory_gib: float) -> GpuModel:
-    """A card nobody catalogued: only its memory is known; compute figures borrow an A100's."""
-    base = GPU_CATALOGUE["A100-80GB"]
+def custom_gpu(memory_gib: float, base: GpuModel | None = None) -> GpuModel:
+    """A card of `memory_gib` GiB: a catalogued card capped (`base`), or one nobody catalogued,
+    whose compute figures borrow an A100's."""
+    card = base or GPU_CATALOGUE["A100-80GB"]
+    name = f"{card.name}@{memory_gib:g}GiB" if base else f"custom-{memory_gib:g}GiB"
     return GpuModel(
-        f"custom-{memory_gib:g}GiB",
+        name,
         int(memory_gib * GIB),
-        base.tflops_fp32,
-        base.tflops_fp16,
-        base.tflops_bf16,
-        base.bandwidth_gbs,
-        base.overhead_bytes,
-        "unknown",
+        card.tflops_fp32,
+        card.tflops_tf32,
+        card.tflops_fp16,
+        card.tflops_bf16,
+        card.bandwidth_gbs,
+        card.architecture if base else "unknown",
+        card.sm,
+        "capped by the spec's memory_gib",
+        card.matmul_tflops,
     )

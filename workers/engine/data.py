@@ -6,9 +6,11 @@ how PyTorch represents NHWC data and what the convolution kernels see.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from service.schemas.spec import DataSpec
+from service.schemas.spec import DataSpec, PlanSpec
 
 
 def sample_input(
@@ -40,3 +42,13 @@ def sample_target(
     if data.kind == "tokens":
         return torch.randint(0, n, (batch, data.seq_len), device=device)
     return torch.randint(0, n, (batch,), device=device)
+
+
+def sample_bytes(spec: PlanSpec) -> int:
+    """Bytes of one sample as the loader hands it over (fp32 values, int64 token ids)."""
+    data = spec.data
+    if data.kind == "tokens":
+        return data.seq_len * 8
+    if data.kind == "image":
+        return data.channels * data.height * data.width * 4
+    return math.prod(data.shape) * 4

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from service.schemas.spec import PlanSpec
+from workers.engine.autocast_policy import CudaAutocastPolicy, autocast_region
 from workers.engine.data import sample_input, sample_target
 from workers.engine.models import BuiltModel
 from workers.engine.tracker import MemoryTracker
@@ -147,8 +148,14 @@ class TrainingJob:
         *,
         fake: bool,
         fill: Callable[[torch.Tensor], None] | None = None,
+        autocast_policy: CudaAutocastPolicy | None = None,
+        grads_set_to_none: bool = True,
     ) -> None:
         self.spec = spec
+        self.autocast_policy = autocast_policy  # CUDA's rules on a trace made on the CPU
+        # `zero_grad()` frees gradients since torch 2.0; before, it zeroed them in place, so
+        # they stay allocated through the next forward.
+        self.grads_set_to_none = grads_set_to_none
         self.family = built.family
         self.device = device
         self.tracker = tracker
@@ -242,8 +249,9 @@ class TrainingJob:
             for p in self.trainable:
                 p.grad = torch.zeros_like(p)
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
         self.tracker.mark(self.optimizer_state_tensors(), "optimizer_state")
+        self.tracker.mark((p.grad for p in self.trainable), "gradients")
         if self.fake:
             self.tracker.exclude(self.optimizer_state_tensors(scalars=True))
 
@@ -259,6 +267,8 @@ class TrainingJob:
     def autocast(self) -> AbstractContextManager[Any]:
         if self.autocast_dtype is None:
             return nullcontext()
+        if self.autocast_policy is not None:
+            return autocast_region(self.autocast_policy, self.autocast_dtype)
         return torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype)
 
     def make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +319,7 @@ class TrainingJob:
                 if self.precision == "fp16-mixed":
                     self._fake_unscale()
                 self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
 
     def _fake_unscale(self) -> None:
         grads = [p.grad for p in self.trainable if p.grad is not None]

@@ -15,19 +15,24 @@ from service.schemas.result import (
     MemoryBreakdown,
     PlanResult,
     PlanWarning,
+    StepSplit,
     Throughput,
     Trial,
 )
 from service.schemas.spec import PlanSpec
 from workers.engine import planner
 from workers.engine.configs import PlanNumbers, build_configs
+from workers.engine.data import sample_bytes
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device
 from workers.engine.devices.base import ProbeSession
 from workers.engine.models import build_model
+from workers.engine.roofline import UNCERTAINTY, StepCost
 from workers.engine.search import SearchResult, find_max_batch
 from workers.engine.what_if import explore
 
 BATCHNORM_MIN = 16
+# PCIe 4.0 x16: 31.5 GB/s per direction (PCI-SIG); pinned copies reach about 80% of it.
+HOST_TO_DEVICE_BYTES_S = 25e9
 
 OnTrial = Callable[[Trial], None]
 
@@ -119,9 +124,9 @@ def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResul
         if at_micro is None:  # the breakdown is reported at the chosen micro-batch: measure it
             at_micro = session.probe(batches.micro_batch_size)
             recorder.emit(to_trial(at_micro, phase="breakdown"))
-        flops = session.count_flops(batches.micro_batch_size)
+        cost = session.step_cost(batches.micro_batch_size)
     return _feasible(
-        spec, device, search, recorded, batches, at_micro, built.notes, has_bn, counts, flops
+        spec, device, search, recorded, batches, at_micro, built.notes, has_bn, counts, cost
     )
 
 
@@ -135,6 +140,8 @@ def _device_info(device: ProbeDevice) -> DeviceInfo:
 
 def _memory(outcome: TrialOutcome, capacity: int) -> MemoryBreakdown:
     parts = outcome.breakdown
+    allocated = outcome.allocated_bytes
+    reserved = outcome.reserved_bytes
     return MemoryBreakdown(
         parameters=parts.get("parameters", 0),
         gradients=parts.get("gradients", 0),
@@ -142,8 +149,13 @@ def _memory(outcome: TrialOutcome, capacity: int) -> MemoryBreakdown:
         input_batch=parts.get("input_batch", 0),
         activations=parts.get("activations", 0),
         temporary=parts.get("temporary", 0),
+        workspace=parts.get("workspace", 0),
         overhead=parts.get("overhead", 0),
-        peak=outcome.peak_bytes,
+        cuda_context=parts.get("cuda_context", parts.get("overhead", 0)),
+        nccl_buffers=parts.get("nccl_buffers", 0),
+        peak=allocated if allocated is not None else outcome.peak_bytes,
+        reserved=reserved,
+        allocator_cached=None if reserved is None or allocated is None else reserved - allocated,
         capacity=capacity,
     )
 
@@ -158,7 +170,7 @@ def _feasible(
     notes: list[str],
     has_bn: bool,
     counts: tuple[int, int],
-    flops: int | None = None,
+    cost: StepCost | None = None,
 ) -> PlanResult:
     training, data = spec.training, spec.data
     epochs = planner.epoch_arithmetic(
@@ -179,8 +191,8 @@ def _feasible(
     )
     warnings = plan_warnings(spec, device, search, batches, lr, has_bn)
     throughput = _measured_throughput(spec, batches, epochs, at_micro)
-    if throughput is None and flops is not None:
-        throughput = estimate_throughput(spec, device, batches, epochs, flops, at_micro)
+    if throughput is None and cost is not None:
+        throughput = estimate_throughput(spec, batches, epochs, cost)
     warnings += [PlanWarning(code="model_adapted", message=n) for n in notes]
     numbers = PlanNumbers(
         micro_batch_size=batches.micro_batch_size,
@@ -248,40 +260,36 @@ def _throughput(
     )
 
 
-# Share of the card's dense peak a tuned training step sustains (model FLOPs utilisation).
-ASSUMED_UTILIZATION = {"fp32": 0.6, "fp16-mixed": 0.45, "bf16-mixed": 0.45, "bf16": 0.45}
-
-
 def estimate_throughput(
-    spec: PlanSpec,
-    device: ProbeDevice,
-    batches: planner.BatchPlan,
-    epochs: planner.EpochPlan,
-    flops: int,
-    at_micro: TrialOutcome,
-) -> Throughput | None:
-    """Compute-bound time of the counted FLOPs at an assumed utilisation, plus the optimizer's
-    memory-bound pass (read parameters, gradients and state; write parameters and state)."""
-    peak = device.tflops(spec.training.precision)
-    if peak is None or device.bandwidth_gbs is None:
-        return None
-    utilization = ASSUMED_UTILIZATION[spec.training.precision]
-    micro_s = flops / (peak * 1e12 * utilization)
-    parts = at_micro.breakdown
-    traffic = (
-        2 * parts.get("parameters", 0)
-        + parts.get("gradients", 0)
-        + 2 * parts.get("optimizer_state", 0)
-    )
-    step = batches.accumulation_steps * micro_s + traffic / (device.bandwidth_gbs * 1e9)
+    spec: PlanSpec, batches: planner.BatchPlan, epochs: planner.EpochPlan, cost: StepCost
+) -> Throughput:
+    """Roofline time of the micro-step, times the accumulation steps; the optimizer's kernels run
+    once per optimizer step. The host-to-device copy of the batch is reported but taken as
+    overlapped with compute (a DataLoader with pinned memory and non_blocking copies)."""
+    k = batches.accumulation_steps
+    seconds = cost.seconds()
+    compute = (seconds["matmul"] + seconds["conv"]) * k
+    memory_bound = seconds["memory"] * k
+    optimizer = seconds["optimizer"]
+    step = compute + memory_bound + optimizer
+    input_bytes = sample_bytes(spec) * batches.micro_batch_size
     return _throughput(
         spec,
         batches,
         epochs,
         step,
         measured=False,
-        assumed_utilization=utilization,
-        flops_per_sample=flops / batches.micro_batch_size,
+        flops_per_sample=cost.flops / batches.micro_batch_size,
+        split=StepSplit(
+            compute_s=compute,
+            memory_bound_s=memory_bound,
+            optimizer_s=optimizer,
+            input_s=input_bytes * k / HOST_TO_DEVICE_BYTES_S,
+        ),
+        samples_per_second_band=(
+            batches.micro_batch_size * k * spec.training.world_size / (step * UNCERTAINTY),
+            batches.micro_batch_size * k * spec.training.world_size * UNCERTAINTY / step,
+        ),
     )
 
 

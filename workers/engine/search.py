@@ -61,12 +61,22 @@ class _Bracket:
             return None
         return point.peak_bytes
 
+    def smooth_peak(self, batch: int) -> int | None:
+        """The allocated peak where the device reports it: it grows affinely with the batch,
+        while the reserve needed steps with the allocator's segments."""
+        point = self.points.get(batch)
+        if point is None or point.peak_is_lower_bound:
+            return None
+        return point.allocated_bytes if point.allocated_bytes is not None else point.peak_bytes
+
     def predict(self) -> int:
-        """Largest b with predicted peak(b) <= limit, from the two most telling known points."""
+        """Largest b with predicted peak(b) <= limit: a secant across the limit once a failure
+        is known; before, the slope of the smooth figure below `lo`, from the exact peak at `lo`."""
         lo_peak = self.exact_peak(self.lo)
-        assert lo_peak is not None
+        lo_smooth = self.smooth_peak(self.lo)
+        assert lo_peak is not None and lo_smooth is not None
         hi_peak = self.exact_peak(self.hi) if self.hi_known else None
-        if hi_peak is not None and hi_peak > lo_peak:
+        if hi_peak is not None and hi_peak > lo_peak:  # a secant across the limit
             slope = (hi_peak - lo_peak) / (self.hi - self.lo)
         else:
             below = [
@@ -77,7 +87,9 @@ class _Bracket:
             if not below:
                 return self.lo * 2
             b0 = max(below)
-            slope = (lo_peak - self.points[b0].peak_bytes) / (self.lo - b0)
+            b0_smooth = self.smooth_peak(b0)
+            assert b0_smooth is not None
+            slope = (lo_smooth - b0_smooth) / (self.lo - b0)
         if slope <= 0:  # rounding hides the per-sample cost at this scale: grow fast
             return self.lo * 8
         return self.lo + math.floor((self.limit - lo_peak) / slope)

@@ -11,7 +11,7 @@ copying the live set at every new peak).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +30,7 @@ CATEGORIES = (
     "input_batch",
     "activations",
     "temporary",
+    "workspace",
 )
 # Where an allocation lands when nothing more specific is known about it.
 PHASE_CATEGORY = {
@@ -57,11 +58,12 @@ def round_block(nbytes: int) -> int:
 
 @dataclass(slots=True)
 class Allocation:
-    nbytes: int
+    nbytes: int  # rounded to the allocator's 512-byte blocks
     phase: str
     alloc_seq: int
     free_seq: int = -1
     category: str | None = None
+    requested: int = 0  # the storage's own size, as the caching allocator is asked for it
 
     def live_at(self, seq: int) -> bool:
         return self.alloc_seq <= seq and (self.free_seq < 0 or self.free_seq > seq)
@@ -74,8 +76,17 @@ class Allocation:
 class MemoryTracker(TorchDispatchMode):
     """Counts live storage bytes; `phase` tags new allocations; `mark` names known tensors."""
 
-    def __init__(self, raise_above: int | None = None, fake_scalars: bool = False) -> None:
+    def __init__(
+        self,
+        raise_above: int | None = None,
+        fake_scalars: bool = False,
+        workspace: Callable[[Any, Any, Any], int] | None = None,
+    ) -> None:
         super().__init__()
+        # Bytes a library kernel takes for the length of one op beyond its outputs (cuDNN's
+        # layout transforms): `workspace(func, args, out)`, allocated after the outputs and
+        # freed when the op returns.
+        self.workspace = workspace
         # Under FakeTensorMode a tensor has no value: code that reads one (Adafactor's
         # `p.norm().item()`) gets 1.0, which changes no shape and so no memory.
         self.fake_scalars = fake_scalars
@@ -85,6 +96,7 @@ class MemoryTracker(TorchDispatchMode):
         self.peak = 0
         self._peak_seq = 0
         self._seq = 0
+        self._window_start = 0
         self._by_storage: dict[int, Allocation] = {}
         self._refs: dict[int, weakref.ref[Any]] = {}
         self._records: list[Allocation] = []
@@ -95,7 +107,22 @@ class MemoryTracker(TorchDispatchMode):
             return 1.0 if args[0].is_floating_point() else 1
         out = func(*args, **(kwargs or {}))
         self._record_outputs(out)
+        if self.workspace is not None:
+            self._transient(self.workspace(func, args, out))
         return out
+
+    def _transient(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        alloc = Allocation(
+            round_block(nbytes), self.phase, self._seq + 1, category="workspace", requested=nbytes
+        )
+        self._seq += 2
+        alloc.free_seq = self._seq
+        self._records.append(alloc)
+        if self.live + alloc.nbytes > self.peak:
+            self.peak = self.live + alloc.nbytes
+            self._peak_seq = alloc.alloc_seq
 
     def _record_outputs(self, out: Any) -> None:
         if isinstance(out, torch.Tensor):
@@ -115,7 +142,9 @@ class MemoryTracker(TorchDispatchMode):
             return alloc
         nbytes = round_block(storage.nbytes())
         self._seq += 1
-        alloc = Allocation(nbytes, self.phase, self._seq, category=category)
+        alloc = Allocation(
+            nbytes, self.phase, self._seq, category=category, requested=storage.nbytes()
+        )
         self._by_storage[key] = alloc
         self._refs[key] = weakref.ref(storage, partial(self._on_storage_freed, key))
         self._records.append(alloc)
@@ -161,7 +190,7 @@ class MemoryTracker(TorchDispatchMode):
             alloc = self._by_storage.get(id(tensor.untyped_storage()))
             if alloc is not None and alloc.nbytes:
                 self.live -= alloc.nbytes
-                alloc.nbytes = 0
+                alloc.nbytes = alloc.requested = 0
 
     @contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:
@@ -176,7 +205,37 @@ class MemoryTracker(TorchDispatchMode):
         """Start a new measurement window: the peak restarts from what is live now."""
         self.peak = self.live
         self._peak_seq = self._seq
+        self._window_start = self._seq
         self._records = [a for a in self._records if a.free_seq < 0]
+
+    def persistent_requests(self) -> list[tuple[str, int]]:
+        """(category, size) of what was live when the window began (parameters, optimizer
+        state, kept gradients), in the order they were made."""
+        return [
+            (a.resolved_category, a.requested)
+            for a in self._records
+            if a.alloc_seq <= self._window_start and a.requested
+        ]
+
+    def first_event_in_phase(self, events: list[tuple[int, int]], phase: str) -> int:
+        """Index of the first allocation of `events` (from `window_events`) made in `phase`."""
+        for index, (key, nbytes) in enumerate(events):
+            if nbytes >= 0 and self._records[key].phase == phase:
+                return index
+        return len(events)
+
+    def window_events(self) -> list[tuple[int, int]]:
+        """The window's allocations and frees in order, as `allocator.replay` takes them:
+        `(key, bytes)` allocates, `(key, -1)` frees."""
+        timed: list[tuple[int, int, int]] = []
+        for key, alloc in enumerate(self._records):
+            if alloc.alloc_seq <= self._window_start or not alloc.requested:
+                continue
+            timed.append((alloc.alloc_seq, key, alloc.requested))
+            if alloc.free_seq >= 0:
+                timed.append((alloc.free_seq, key, -1))
+        timed.sort()
+        return [(key, nbytes) for _, key, nbytes in timed]
 
     def breakdown_at_peak(self) -> dict[str, int]:
         parts = dict.fromkeys(CATEGORIES, 0)

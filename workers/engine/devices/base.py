@@ -14,6 +14,7 @@ import torch
 from service.schemas.spec import PlanSpec
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
+from workers.engine.roofline import StepCost
 from workers.engine.tracker import CATEGORIES, MemoryBudgetExceeded
 
 
@@ -29,12 +30,18 @@ def fill_small_normal(t: torch.Tensor) -> None:
 class TrialOutcome:
     batch_size: int
     fits: bool
-    peak_bytes: int  # tensors + device overhead; a lower bound when `peak_is_lower_bound`
+    # What the fit is decided on: the reserve the step needs from the allocator (where it is
+    # known, else its allocated peak) plus the device's overhead; a lower bound when
+    # `peak_is_lower_bound`. It grows smoothly with the batch: the search extrapolates on it.
+    peak_bytes: int
     duration_s: float
     breakdown: dict[str, int] = field(default_factory=dict)
     reason: str | None = None
     peak_is_lower_bound: bool = False
     step_time_s: float | None = None  # measured time of the iteration (real devices)
+    # Peaks of allocated and of reserved bytes (what nvidia-smi shows), plus overhead, where known.
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
 
 
 class ProbeSession(ABC):
@@ -54,15 +61,22 @@ class ProbeSession(ABC):
     @abstractmethod
     def _probe(self, batch: int) -> TrialOutcome: ...
 
-    def count_flops(self, batch: int) -> int | None:
-        """FLOPs of one iteration, where the device estimates speed instead of measuring it."""
+    def step_cost(self, batch: int) -> StepCost | None:
+        """The roofline cost of one iteration, where the device estimates speed instead of
+        measuring it."""
         return None
 
     def _outcome(
-        self, batch: int, tensor_peak: int, breakdown: dict[str, int], step_time: float | None
+        self,
+        batch: int,
+        tensor_peak: int,
+        breakdown: dict[str, int],
+        step_time: float | None,
+        reserved: int | None = None,
     ) -> TrialOutcome:
+        """A measured trial: `tensor_peak` allocated bytes, `reserved` by the allocator."""
         overhead = self.device.overhead_bytes
-        peak = tensor_peak + overhead
+        peak = (reserved if reserved is not None else tensor_peak) + overhead
         parts = {k: breakdown.get(k, 0) for k in CATEGORIES}
         # Bytes the allocator saw but no tensor output showed (kernel workspaces) are temporary.
         parts["temporary"] += max(0, tensor_peak - sum(parts.values()))
@@ -76,7 +90,17 @@ class ProbeSession(ABC):
                 f"limit (capacity less headroom)"
             )
         )
-        return TrialOutcome(batch, fits, peak, 0.0, parts, reason, step_time_s=step_time)
+        return TrialOutcome(
+            batch,
+            fits,
+            peak,
+            0.0,
+            parts,
+            reason,
+            step_time_s=step_time,
+            allocated_bytes=tensor_peak + overhead,
+            reserved_bytes=None if reserved is None else reserved + overhead,
+        )
 
     def _budget_failure(self, batch: int, exc: MemoryBudgetExceeded) -> TrialOutcome:
         if self.job is not None:
@@ -96,8 +120,9 @@ class ProbeDevice(ABC):
     backend: str
     name: str
     memory_bytes: int
-    overhead_bytes: int = 0
+    overhead_bytes: int = 0  # held outside the tensors' allocator: CUDA context, NCCL
     supports_bf16: bool = True
+    supports_tf32: bool = True
     bandwidth_gbs: float | None = None
 
     def tflops(self, precision: str) -> float | None:

@@ -44,6 +44,7 @@ class CudaDevice(ProbeDevice):
         )
         self.name = props.name if not memory_gib else f"{props.name}@{memory_gib:g}GiB"
         self.supports_bf16 = torch.cuda.is_bf16_supported()
+        self.supports_tf32 = props.major >= 8
         free, total = torch.cuda.mem_get_info()
         # What the process lost before any tensor: context, kernels, workspaces (and other users).
         self.overhead_bytes = max(0, total - free - torch.cuda.memory_reserved())
@@ -55,6 +56,8 @@ class CudaDevice(ProbeDevice):
             min(1.0, (limit - self.overhead_bytes) / self.total_bytes)
         )
         tracker = MemoryTracker()
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = spec.training.precision == "tf32"
         with tracker:
             session = _CudaSession(self, limit, spec, built, tracker)
             try:
@@ -64,6 +67,7 @@ class CudaDevice(ProbeDevice):
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.set_per_process_memory_fraction(1.0)
+                torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
 class _CudaSession(ProbeSession):
@@ -94,7 +98,7 @@ class _CudaSession(ProbeSession):
             torch.cuda.synchronize()
             step = time.perf_counter() - start
         except torch.cuda.OutOfMemoryError as exc:
-            peak = torch.cuda.max_memory_allocated() + self.device.overhead_bytes
+            peak = torch.cuda.max_memory_reserved() + self.device.overhead_bytes
             if self.job is not None:
                 self.job.release()
             gc.collect()
@@ -107,7 +111,10 @@ class _CudaSession(ProbeSession):
                 reason=f"CUDA out of memory: {exc}"[:300],
                 peak_is_lower_bound=True,
             )
-        outcome = self._outcome(
-            batch, torch.cuda.max_memory_allocated(), self.tracker.breakdown_at_peak(), step
+        return self._outcome(
+            batch,
+            torch.cuda.max_memory_allocated(),
+            self.tracker.breakdown_at_peak(),
+            step,
+            reserved=torch.cuda.max_memory_reserved(),
         )
-        return outcome

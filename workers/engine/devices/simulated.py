@@ -1,10 +1,12 @@
 """The simulated device: the real training step under FakeTensorMode, no memory, no compute.
 
-Tensors are fake CPU tensors carrying CUDA's choices (multi-tensor optimizers, autocast to the
-mixed-precision dtype); the tracker counts their storages as the CUDA caching allocator would
-(512-byte blocks), and the card's fixed overhead (context, workspaces) is added on top. The whole
-step always completes, so a trial over capacity still reports the peak it would have reached:
-that exact figure is what lets the search land on the answer in a few trials.
+Tensors are fake CPU tensors carrying CUDA's choices: multi-tensor optimizers, and CUDA's autocast
+policy (`autocast_policy`), not the CPU's. The tracker records every allocation and free of the
+step; that sequence is replayed through a model of PyTorch's caching allocator (`allocator`),
+which decides out-of-memory on reserved memory the way a real GPU does, after the fixed costs of
+the card and the software stack (`runtime`: CUDA context, cuBLAS workspaces, NCCL buffers). The
+whole step always completes, so a trial over capacity still reports the memory it would have
+needed: that exact figure is what lets the search land on the answer in a few trials.
 """
 
 from __future__ import annotations
@@ -13,26 +15,44 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from service.schemas.spec import PlanSpec
 from service.schemas.spec import SimulatedDevice as SimulatedSpec
-from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, GpuModel, custom_gpu
+from workers.engine.allocator import (
+    AllocatorConfig,
+    CachingAllocator,
+    replay,
+    reserve_needed,
+    round_size,
+)
+from workers.engine.autocast_policy import cuda_autocast_on_cpu
+from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, MIB, GpuModel, custom_gpu
+from workers.engine.cudnn import nchw_transform_workspace
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
-from workers.engine.tracker import MemoryTracker
+from workers.engine.roofline import Roofline, StepCost, StepCostMode
+from workers.engine.runtime import FixedCosts, Runtime, fixed_costs, parse_version
+from workers.engine.tracker import CATEGORIES, MemoryTracker
 
 
 class SimulatedDevice(ProbeDevice):
     backend = "simulated"
 
-    def __init__(self, gpu: GpuModel) -> None:
+    def __init__(
+        self,
+        gpu: GpuModel,
+        runtime: Runtime | None = None,
+        allocator: AllocatorConfig | None = None,
+    ) -> None:
         self.gpu = gpu
         self.name = gpu.name
         self.memory_bytes = gpu.memory_bytes
-        self.overhead_bytes = gpu.overhead_bytes
+        self.runtime = runtime or Runtime()
+        self.allocator = allocator or AllocatorConfig()
+        self.overhead_bytes = fixed_costs(gpu, self.runtime).outside_allocator
         self.supports_bf16 = gpu.supports_bf16
+        self.supports_tf32 = gpu.supports_tf32
         self.bandwidth_gbs = gpu.bandwidth_gbs
 
     def tflops(self, precision: str) -> float | None:
@@ -43,48 +63,131 @@ class SimulatedDevice(ProbeDevice):
         if spec.gpu is not None:
             gpu = GPU_CATALOGUE[ALIASES.get(spec.gpu, spec.gpu)]
             if spec.memory_gib is not None:  # a catalogued card with a memory cap
-                capped = custom_gpu(spec.memory_gib)
-                gpu = GpuModel(
-                    f"{gpu.name}@{spec.memory_gib:g}GiB",
-                    capped.memory_bytes,
-                    gpu.tflops_fp32,
-                    gpu.tflops_fp16,
-                    gpu.tflops_bf16,
-                    gpu.bandwidth_gbs,
-                    gpu.overhead_bytes,
-                    gpu.architecture,
-                )
-            return cls(gpu)
-        assert spec.memory_gib is not None
-        return cls(custom_gpu(spec.memory_gib))
+                gpu = custom_gpu(spec.memory_gib, base=gpu)
+        else:
+            assert spec.memory_gib is not None
+            gpu = custom_gpu(spec.memory_gib)
+        runtime = Runtime(
+            torch=parse_version(spec.runtime.torch),
+            cuda=parse_version(spec.runtime.cuda),
+            module_loading=spec.runtime.module_loading,
+            cudnn_benchmark=spec.runtime.cudnn_benchmark,
+        )
+        options = spec.allocator
+        config = AllocatorConfig(
+            expandable_segments=options.expandable_segments,
+            max_split_size=options.max_split_size_mb * MIB if options.max_split_size_mb else None,
+            roundup_power2_divisions=options.roundup_power2_divisions,
+        )
+        return cls(gpu, runtime, config)
 
     @contextmanager
     def session(self, spec: PlanSpec, built: BuiltModel) -> Iterator[ProbeSession]:
         limit = self.limit_bytes(spec.search.headroom)
-        tracker = MemoryTracker(fake_scalars=True)
-        with FakeTensorMode(allow_non_fake_inputs=True), tracker:
-            job = TrainingJob(spec, built, "cpu", tracker, fake=True)
-            yield _SimulatedSession(self, limit, job, tracker)
+        costs = fixed_costs(self.gpu, self.runtime, spec.training.world_size)
+        workspace = nchw_transform_workspace(self.gpu.sm)
+        tracker = MemoryTracker(fake_scalars=True, workspace=workspace)
+        autocast = cuda_autocast_on_cpu()
+        with autocast as policy, FakeTensorMode(allow_non_fake_inputs=True), tracker:
+            job = TrainingJob(
+                spec,
+                built,
+                "cpu",
+                tracker,
+                fake=True,
+                autocast_policy=policy,
+                grads_set_to_none=self.runtime.zero_grad_set_to_none,
+            )
+            yield _SimulatedSession(self, limit, job, tracker, costs)
 
 
 class _SimulatedSession(ProbeSession):
     def __init__(
-        self, device: SimulatedDevice, limit: int, job: TrainingJob, tracker: MemoryTracker
+        self,
+        device: SimulatedDevice,
+        limit: int,
+        job: TrainingJob,
+        tracker: MemoryTracker,
+        costs: FixedCosts,
     ) -> None:
         super().__init__(device, limit)
         self.job = job
         self.tracker = tracker
+        self.costs = costs
+        self.config = device.allocator
+        # The allocator may reserve what the card offers less the context and NCCL's buffers.
+        self.allocator_limit = limit - costs.outside_allocator
 
     def _probe(self, batch: int) -> TrialOutcome:
         assert self.job is not None
-        self.tracker.reset_peak()
+        tracker = self.tracker
+        tracker.reset_peak()
         self.job.iteration(batch)  # tracing time says nothing about the GPU's speed
-        return self._outcome(batch, self.tracker.peak, self.tracker.breakdown_at_peak(), None)
+        persistent, events, lazy = self._allocation_sequence()
+        at_limit = replay(persistent, events, self.allocator_limit, self.config, lazy=lazy)
+        need, _ = reserve_needed(persistent, events, self.config, lazy)
+        return self._replayed_outcome(batch, at_limit, need)
 
-    def count_flops(self, batch: int) -> int:
-        """FLOPs of one iteration (forward + backward), counted by PyTorch's FlopCounterMode
-        on the same fake step: matmuls and convolutions, the work tensor cores do."""
+    def _allocation_sequence(
+        self,
+    ) -> tuple[list[int], list[tuple[int, int]], dict[int, list[int]]]:
+        """What the allocator sees from the process start: workspaces and parameters first;
+        then iterations, the first of which creates the optimizer state at its step and (before
+        torch 2.0) the gradients in its backward, where a real run creates them."""
+        tracker = self.tracker
+        events = tracker.window_events()
+        created_later = {"gradients": "backward", "optimizer_state": "optimizer"}
+        persistent = list(self.costs.workspaces)
+        lazy: dict[int, list[int]] = {}
+        for category, nbytes in tracker.persistent_requests():
+            phase = created_later.get(category)
+            if phase is None:
+                persistent.append(nbytes)
+            else:
+                lazy.setdefault(tracker.first_event_in_phase(events, phase), []).append(nbytes)
+        return persistent, events, lazy
+
+    def _replayed_outcome(self, batch: int, at_limit: CachingAllocator, need: int) -> TrialOutcome:
+        """Fits: the replay under the card's limit never failed a segment. The peak reported is
+        the reserve the step needs under pressure (+ overhead), which is what grows with the
+        batch; with room to spare the allocator caches more than that."""
+        costs = self.costs
+        parts = dict.fromkeys(CATEGORIES, 0) | self.tracker.breakdown_at_peak()
+        cublas = sum(round_size(w) for w in costs.workspaces)
+        allocated = self.tracker.peak + cublas
+        fits = at_limit.oom is None
+        reserved = max(need, allocated)
+        if fits:
+            reserved = min(reserved, self.allocator_limit)
+        else:
+            reserved = max(reserved, self.allocator_limit + 1)
+        parts |= {
+            "workspace": parts["workspace"] + cublas,
+            "overhead": costs.outside_allocator,
+            "cuda_context": costs.cuda_context,
+            "nccl_buffers": costs.nccl_buffers,
+        }
+        peak = reserved + costs.outside_allocator
+        reason = None if fits else f"caching allocator out of memory: {at_limit.oom}"
+        shown = max(at_limit.peak_reserved, allocated) if fits else peak - costs.outside_allocator
+        return TrialOutcome(
+            batch,
+            fits,
+            peak,
+            0.0,
+            parts,
+            reason,
+            allocated_bytes=allocated + costs.outside_allocator,
+            reserved_bytes=shown + costs.outside_allocator,
+        )
+
+    def step_cost(self, batch: int) -> StepCost:
+        """Roofline cost of one iteration on the card, from the ops of the same fake step."""
         assert self.job is not None
-        with FlopCounterMode(display=False) as counter:
+        device = self.device
+        assert isinstance(device, SimulatedDevice)
+        precision = self.job.precision
+        roofline = Roofline(device.gpu, precision, device.runtime.matmul_tf32_default)
+        with StepCostMode(roofline, lambda: self.tracker.phase) as mode:
             self.job.iteration(batch)
-        return int(counter.get_total_flops())
+        return mode.cost

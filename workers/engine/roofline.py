@@ -1,0 +1,223 @@
+"""Step time from a per-op roofline over the simulated step's trace.
+
+Every aten op of one iteration is costed on the target card: its FLOPs against the peak of the
+math it runs in, its bytes moved (tensor inputs read, outputs written) against the memory
+bandwidth; the op takes the longer of the two (the roofline). Ops fall into classes whose
+achievable fraction of the peak differs: matmuls (cuBLAS), convolutions (cuDNN), and everything
+else, which is memory-bound (normalisations, activations, pointwise, the optimizer's foreach
+kernels). The fractions are the calibrated constants of `EFFICIENCY`; the peaks are the card's.
+
+FLOPs: PyTorch's `torch.utils.flop_counter` formulas for matmuls and attention, with two mends:
+convolutions are counted here (torch 2.14's `conv_backward_flop` counts the weight gradient of a
+grouped convolution without dividing by the groups: x C for a depthwise one), and the CPU flash
+attention kernel that a fake CPU trace runs is counted like CUDA's.
+
+Math modes follow PyTorch's defaults: fp16/bf16 on Tensor Cores; fp32 convolutions in TF32 on
+Ampere and later (`torch.backends.cudnn.allow_tf32` defaults to True); fp32 matmuls in full fp32
+unless the precision is `tf32` (or the stack predates torch 1.12, when matmul TF32 was on).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+from workers.engine.catalogue import GPU_CATALOGUE, GpuModel
+
+_ATEN = torch.ops.aten
+CONV = {_ATEN.convolution, _ATEN._convolution, _ATEN.cudnn_convolution, _ATEN.convolution_backward}
+CPU_FLASH = _ATEN._scaled_dot_product_flash_attention_for_cpu
+CPU_FLASH_BACKWARD = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward
+LOW = (torch.float16, torch.bfloat16)
+# Ops that move no data: allocation, metadata, host reads.
+NO_TRAFFIC = {
+    _ATEN.empty,
+    _ATEN.empty_strided,
+    _ATEN.empty_like,
+    _ATEN.detach,
+    _ATEN._local_scalar_dense,
+    _ATEN.set_,
+    _ATEN.resize_,
+    _ATEN.lift_fresh,
+}
+
+# Achievable fraction of the card's ceiling per op class: matmul and conv against the measured
+# GEMM maximum of the card (`GpuModel.matmul_tflops`, or its datasheet peak where none was
+# measured, scaled by MEASURED_OVER_DATASHEET), memory-bound ops against the datasheet bandwidth.
+# Calibrated together on ../shared/calibration/published.json by bench/fidelity.py --published
+# --fit (least squares in log space over all 10 cases at once, never one case at a time; each
+# capped at 1). Matmul and memory sit at the cap: cuBLAS reaches the measured GEMM maximum and
+# memory-bound kernels the datasheet bandwidth once the trace's bytes are counted as moved.
+EFFICIENCY = {"matmul": 1.0, "conv": 0.762, "memory": 1.0}
+# Largest measured / predicted step-time ratio over the calibration set (0.81-1.20 after the
+# fit): the band the plan reports around its estimate.
+UNCERTAINTY = 1.25
+
+
+def _median_ratio(index: int, datasheet: Callable[[GpuModel], float | None]) -> float:
+    ratios = [
+        measured / peak
+        for gpu in GPU_CATALOGUE.values()
+        if (measured := gpu.matmul_tflops[index]) and (peak := datasheet(gpu))
+    ]
+    return statistics.median(ratios)
+
+
+# Measured / datasheet GEMM peak, for a card with no measurement: the median over the cards with
+# both (derived from the catalogue); TF32 from the one card measured (H100 SXM 402 of 494.5).
+MEASURED_OVER_DATASHEET = {
+    "fp32": _median_ratio(0, lambda g: g.tflops_fp32),
+    "tf32": 402 / 494.5,
+    "low": _median_ratio(1, lambda g: g.tflops_fp16),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OpCost:
+    bucket: str  # matmul | conv | memory | optimizer
+    kind: str  # matmul | conv | memory: which efficiency applies
+    flops: int
+    nbytes: int
+    ceiling: float  # FLOP/s the op's math reaches at best on the card (0: memory-bound op)
+
+
+@dataclass
+class StepCost:
+    """One iteration's ops costed on a card; `seconds()` splits its time the way the plan
+    reports it, for the given efficiencies (the calibrated ones by default)."""
+
+    bandwidth: float  # bytes/s, datasheet
+    ops: list[OpCost] = field(default_factory=list)
+
+    @property
+    def flops(self) -> int:
+        return sum(op.flops for op in self.ops)
+
+    def seconds(self, efficiency: dict[str, float] | None = None) -> dict[str, float]:
+        eff = efficiency or EFFICIENCY
+        bandwidth = self.bandwidth * eff["memory"]
+        out = {"matmul": 0.0, "conv": 0.0, "memory": 0.0, "optimizer": 0.0}
+        for op in self.ops:
+            memory = op.nbytes / bandwidth
+            compute = op.flops / (op.ceiling * eff[op.kind]) if op.flops and op.ceiling else 0.0
+            out[op.bucket] += max(compute, memory)
+        return out
+
+    def total_s(self, efficiency: dict[str, float] | None = None) -> float:
+        return sum(self.seconds(efficiency).values())
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def conv_flops(x_shape: Any, w_shape: Any, out_shape: Any, transposed: bool) -> int:
+    """2 x MACs of a (grouped) convolution: each output element sums Cin/groups x kernel
+    products; for a transposed one each input element scatters over Cout/groups x kernel."""
+    kernel = math.prod(w_shape[2:])
+    if transposed:
+        return 2 * math.prod(x_shape) * w_shape[1] * kernel
+    return 2 * math.prod(out_shape) * w_shape[1] * kernel
+
+
+def op_flops(func: Any, args: Any, kwargs: Any, out: Any) -> int:
+    packet = func._overloadpacket
+    if packet is _ATEN.convolution_backward:
+        grad_out, x, w = args[0], args[1], args[2]
+        transposed, mask = args[7], args[10]
+        one = conv_flops(x.shape, w.shape, grad_out.shape, transposed)
+        return one * (int(mask[0]) + int(mask[1]))
+    if packet in CONV:
+        x, w, transposed = args[0], args[1], args[6] if len(args) > 6 else False
+        return conv_flops(x.shape, w.shape, out.shape, bool(transposed))
+    if packet is CPU_FLASH:
+        q, k, v = args[:3]
+        return int(sdpa_flop_count(q.shape, k.shape, v.shape))
+    if packet is CPU_FLASH_BACKWARD:
+        grad_out, q, k, v = args[:4]
+        return int(sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape))
+    counter = flop_registry.get(packet)
+    if counter is None:
+        return 0
+    shapes = [a.shape if isinstance(a, torch.Tensor) else a for a in args]
+    return int(counter(*shapes, **(kwargs or {}), out_val=out))
+
+
+def op_class(func: Any) -> str:
+    packet = func._overloadpacket
+    if packet in CONV:
+        return "conv"
+    if packet in flop_registry or packet in (CPU_FLASH, CPU_FLASH_BACKWARD):
+        return "matmul"
+    return "memory"
+
+
+class Roofline:
+    """Per-op time on one card for one precision and software stack."""
+
+    def __init__(self, gpu: GpuModel, precision: str, matmul_tf32: bool = False) -> None:
+        self.gpu = gpu
+        self.precision = precision
+        self.matmul_tf32 = matmul_tf32 or precision == "tf32"
+        self.bandwidth = gpu.bandwidth_gbs * 1e9
+
+    def math_mode(self, kind: str, dtype: torch.dtype) -> str:
+        if dtype in LOW:
+            return "bf16" if dtype == torch.bfloat16 else "fp16"
+        tf32 = self.gpu.supports_tf32 and (kind == "conv" or self.matmul_tf32)
+        return "tf32" if tf32 else "fp32"
+
+    def ceiling(self, kind: str, dtype: torch.dtype) -> float:
+        """FLOP/s of the op's math mode: the card's measured GEMM maximum (or its datasheet
+        peak scaled by MEASURED_OVER_DATASHEET where none was measured)."""
+        mode = self.math_mode(kind, dtype)
+        gpu = self.gpu
+        measured = dict(zip(("fp32", "fp16", "bf16"), gpu.matmul_tflops, strict=True))
+        datasheet = {
+            "fp32": gpu.tflops_fp32,
+            "tf32": gpu.tflops_tf32 or gpu.tflops_fp32,
+            "fp16": gpu.tflops_fp16,
+            "bf16": gpu.tflops_bf16 or gpu.tflops_fp32,
+        }[mode]
+        ceiling = measured.get(mode)
+        if ceiling is None:
+            ratio = MEASURED_OVER_DATASHEET["low" if mode in ("fp16", "bf16") else mode]
+            ceiling = datasheet * ratio
+        return ceiling * 1e12
+
+
+class StepCostMode(TorchDispatchMode):
+    """Costs every op of the traced step (it runs under FakeTensorMode: nothing executes)."""
+
+    def __init__(self, roofline: Roofline, phase: Callable[[], str]) -> None:
+        super().__init__()
+        self.roofline = roofline
+        self.phase = phase
+        self.cost = StepCost(roofline.bandwidth)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func._overloadpacket in NO_TRAFFIC:
+            return out
+        kind = op_class(func)
+        flops = op_flops(func, args, kwargs, out) if kind != "memory" else 0
+        nbytes = _nbytes(args) + _nbytes(list((kwargs or {}).values())) + _nbytes(out)
+        dtype = next(
+            (a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()),
+            torch.float32,
+        )
+        bucket = "optimizer" if self.phase() == "optimizer" else kind
+        ceiling = self.roofline.ceiling(kind, dtype) if flops else 0.0
+        self.cost.ops.append(OpCost(bucket, kind, flops, nbytes, ceiling))
+        return out

@@ -63,6 +63,7 @@ class AllocatorOOM(RuntimeError):
 class _Segment:
     size: int
     small: bool
+    serial: int  # order of creation: ties in best fit go to the older segment, deterministically
     blocks: int = 1  # blocks carved from it
     live: int = 0  # of them, allocated
 
@@ -77,7 +78,7 @@ class Block:
     next: Block | None = field(default=None, repr=False)
 
     def key(self) -> tuple[int, int, int]:
-        return (self.size, id(self.segment), self.offset)
+        return (self.size, self.segment.serial, self.offset)
 
 
 def round_size(size: int, divisions: int = 0) -> int:
@@ -108,6 +109,7 @@ class CachingAllocator:
         self.config = config or AllocatorConfig()
         self._free: dict[bool, SortedList] = {True: SortedList(), False: SortedList()}
         self._segments: list[_Segment] = []
+        self._serial = 0
         self._expandable: dict[bool, Block | None] = {True: None, False: None}  # tail blocks
         self.allocated = 0
         self.reserved = 0
@@ -162,7 +164,7 @@ class CachingAllocator:
             return self._grow_expandable(size, small)
         seg = segment_size(size)
         self._reserve(seg)
-        segment = _Segment(seg, small)
+        segment = self._new_segment(seg, small)
         self._segments.append(segment)
         return Block(seg, segment, 0)
 
@@ -173,7 +175,7 @@ class CachingAllocator:
         grow = -(-(size - spare) // page) * page
         self._reserve(grow)
         if tail is None:
-            segment = _Segment(grow, small)
+            segment = self._new_segment(grow, small)
             self._segments.append(segment)
             block = Block(grow, segment, 0)
             self._expandable[small] = block
@@ -189,6 +191,10 @@ class CachingAllocator:
         tail.next = block
         self._expandable[small] = block
         return block
+
+    def _new_segment(self, size: int, small: bool) -> _Segment:
+        self._serial += 1
+        return _Segment(size, small, self._serial)
 
     def _reserve(self, nbytes: int) -> None:
         if self.limit is not None and self.reserved + nbytes > self.limit:
@@ -335,3 +341,47 @@ def reserve_needed(
         else:
             lo = mid
     return hi, best
+
+
+# What `replay` takes: persistent sizes, the iteration's events, the first iteration's lazy sizes.
+Sequence = tuple[list[int], list[tuple[int, int]], dict[int, list[int]]]
+
+
+def _shape(sequence: Sequence) -> tuple[object, ...]:
+    """The pattern of a sequence without its sizes: which key allocates or frees when."""
+    persistent, events, lazy = sequence
+    order: dict[int, int] = {}
+    pattern = tuple((order.setdefault(key, len(order)), nbytes < 0) for key, nbytes in events)
+    return len(persistent), pattern, tuple((i, len(v)) for i, v in sorted(lazy.items()))
+
+
+@dataclass(frozen=True)
+class AffineSequence:
+    """Allocation sizes as `base + per_sample * batch`, fitted on two traced batches whose
+    sequences have the same shape (the same ops in the same order at any batch)."""
+
+    persistent: list[int]
+    events: list[tuple[int, int, int]]  # key, base, per-sample (freeing events: base -1)
+    lazy: dict[int, list[int]]
+
+    @classmethod
+    def fit(cls, b1: int, s1: Sequence, b2: int, s2: Sequence) -> AffineSequence | None:
+        if b1 == b2 or _shape(s1) != _shape(s2) or s1[0] != s2[0] or s1[2] != s2[2]:
+            return None
+        events = []
+        for (key, n1), (_, n2) in zip(s1[1], s2[1], strict=True):
+            if n1 < 0:
+                events.append((key, -1, 0))
+                continue
+            per_sample, rest = divmod(n2 - n1, b2 - b1)
+            if rest:  # not affine in the batch: no prediction
+                return None
+            events.append((key, n1 - per_sample * b1, per_sample))
+        return cls(list(s1[0]), events, dict(s1[2]))
+
+    def at(self, batch: int) -> Sequence:
+        events = [
+            (key, base if base < 0 else max(0, base + per * batch))
+            for key, base, per in self.events
+        ]
+        return self.persistent, events, self.lazy

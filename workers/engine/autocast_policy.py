@@ -155,10 +155,13 @@ PROMOTE = [
     "scatter_add",
 ]
 BANNED = ["binary_cross_entropy"]  # "unsafe to autocast": raises, as on CUDA
+# Registered for AutocastCUDA by torch 2.14 outside the header's lists: an eigh-based linalg op,
+# which CUDA cannot run in half precision (the CPU policy lists it as fp32 too).
+FP32_EXTRA = ["linalg_matrix_sqrth"]
 
 POLICY: dict[str, str] = {
     **dict.fromkeys(LOWER_PRECISION_FP, "lower_precision_fp"),
-    **dict.fromkeys(FP32, "fp32"),
+    **dict.fromkeys(FP32 + FP32_EXTRA, "fp32"),
     **dict.fromkeys(FP32_SET_OPT_DTYPE, "fp32_set_opt_dtype"),
     **dict.fromkeys(FP32_APPEND_DTYPE, "fp32_append_dtype"),
     **dict.fromkeys(PROMOTE, "promote"),

@@ -18,6 +18,7 @@ from workers.engine.job import TORCH_OPTIMIZERS
 
 LIGHTNING_PRECISION = {
     "fp32": "32-true",
+    "tf32": "32-true",  # plus torch.set_float32_matmul_precision("high")
     "fp16-mixed": "16-mixed",
     "bf16-mixed": "bf16-mixed",
     "bf16": "bf16-true",
@@ -54,7 +55,9 @@ def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     `configure_optimizers`. Lightning steps at the end of an epoch even with a partial
     accumulation window, as the plan's `optimizer_steps_per_epoch` assumes."""
     name, kwargs = TORCH_OPTIMIZERS[spec.training.optimizer]
+    tf32 = spec.training.precision == "tf32"
     return {
+        **({"float32_matmul_precision": "high"} if tf32 else {}),
         "trainer": {
             "accumulate_grad_batches": n.accumulation_steps,
             "precision": LIGHTNING_PRECISION[spec.training.precision],
@@ -90,6 +93,8 @@ def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "fp16": training.precision == "fp16-mixed",
         "gradient_checkpointing": training.gradient_checkpointing,
     }
+    if training.precision == "tf32":
+        out["tf32"] = True
     if optim_args:
         out["optim_args"] = optim_args
     return out
@@ -166,6 +171,8 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
         "",
     ]
     lines += _device_setup(ddp)
+    if training.precision == "tf32":
+        lines += ["torch.backends.cuda.matmul.allow_tf32 = True  # convolutions already are", ""]
     lines += _model_setup(spec, hf, ddp)
     lines += [
         f"optimizer = torch.optim.{name}(model.parameters(), lr=LR{opt_args})",

@@ -108,7 +108,9 @@ def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResul
     recorded = recorder.trials
     with device.session(spec, built) as session:
         limit = session.limit_bytes
-        search = find_max_batch(recorder.probe(session), limit, spec.search.max_batch_size)
+        search = find_max_batch(
+            recorder.probe(session), limit, spec.search.max_batch_size, session.predict_fits
+        )
         job = session.job
         has_bn = job.has_batchnorm() if job is not None else False
         counts = job.parameter_count() if job is not None else (0, 0)

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from workers.engine.devices.base import TrialOutcome
 
 Probe = Callable[[int], TrialOutcome]
+# A cheap prediction of whether a batch fits (None: no prediction), e.g. the simulated device's
+# allocator replay on an extrapolated allocation sequence: milliseconds instead of a trace.
+Predict = Callable[[int], bool | None]
 
 
 @dataclass
@@ -95,8 +98,39 @@ class _Bracket:
         return self.lo + math.floor((self.limit - lo_peak) / slope)
 
 
-def find_max_batch(probe: Probe, limit: int, max_batch: int) -> SearchResult:
-    """The exact largest batch in [1, max_batch] whose probe fits; 0 when batch 1 does not."""
+def predicted_answer(predict: Predict, lo: int, hi: int) -> int | None:
+    """The largest batch in [lo, hi) that `predict` says fits (lo is known to fit), by
+    doubling then bisecting on predictions alone; None where there is no prediction."""
+    if hi - lo <= 1:
+        return lo
+    first = predict(lo + 1)
+    if first is None:
+        return None
+    if not first:
+        return lo
+    good, bad = lo + 1, hi
+    step = max(1, good)
+    while good + step < bad:
+        if predict(good + step):
+            good, step = good + step, step * 2
+        else:
+            bad = good + step
+            break
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if predict(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def find_max_batch(
+    probe: Probe, limit: int, max_batch: int, predict: Predict | None = None
+) -> SearchResult:
+    """The exact largest batch in [1, max_batch] whose probe fits; 0 when batch 1 does not.
+    With `predict`, probes go where the prediction puts the answer and its neighbour; the
+    secant and bisection safeguards still bound the trials when predictions miss."""
     br = _Bracket(probe, limit, max_batch)
     if not br.probe(1).fits:
         return SearchResult(0, br.trials)
@@ -105,8 +139,10 @@ def find_max_batch(probe: Probe, limit: int, max_batch: int) -> SearchResult:
     br.probe(2)
     width_before = br.hi - br.lo
     creep = 0  # confirmations in a row that fitted: the model keeps under-predicting
+    stalls = 0  # secant steps in a row that did not halve the bracket
     while br.hi - br.lo > 1:
-        guess = br.predict()
+        predicted = predicted_answer(predict, br.lo, br.hi) if predict else None
+        guess = predicted if predicted is not None else br.predict()
         width = br.hi - br.lo
         confirming = guess <= br.lo  # the model says lo is the answer: probe lo + 1
         candidate = min(max(br.lo + 1 if confirming else guess, br.lo + 1), br.hi - 1)
@@ -119,9 +155,12 @@ def find_max_batch(probe: Probe, limit: int, max_batch: int) -> SearchResult:
             and width * 2 > width_before
             and (br.hi_known or len(br.trials) > 8)
         )
-        if not beyond_bound and len(br.trials) > 3 and (stalled or creep >= 2):
+        # One slow step is often a secant that landed just past the answer (the reserve
+        # steps with allocator segments); two in a row mean it is not converging.
+        stalls = stalls + 1 if stalled else 0
+        if not beyond_bound and len(br.trials) > 3 and (stalls >= 2 or creep >= 2):
             candidate = (br.lo + br.hi) // 2  # the model is not to be trusted here: bisect
-            creep = 0
+            creep = stalls = 0
         width_before = width
         fits = br.probe(candidate).fits
         creep = creep + 1 if confirming and fits and candidate == br.lo else 0

@@ -102,6 +102,7 @@ def explore(
                 make_probe(session, scenario.label),
                 session.limit_bytes,
                 spec.search.max_batch_size,
+                session.predict_fits,
             )
         best = search.outcome_at(search.max_batch) if search.max_batch else search.trials[0]
         assert best is not None

@@ -5,9 +5,21 @@ from __future__ import annotations
 
 from service.schemas.spec import PlanSpec
 from workers.engine.devices.base import ProbeDevice, TrialOutcome
+from workers.engine.errors import SpecError
 
 
 def open_device(spec: PlanSpec) -> ProbeDevice:
+    device = _open(spec)
+    if spec.training.precision == "tf32" and not device.supports_tf32:
+        raise SpecError(
+            ("training", "precision"),
+            f"tf32 needs Tensor Cores with TF32 (Ampere or later); {device.name} has none: "
+            "use fp32 or a mixed precision",
+        )
+    return device
+
+
+def _open(spec: PlanSpec) -> ProbeDevice:
     device = spec.device
     if device.kind == "simulated":
         from workers.engine.devices.simulated import SimulatedDevice

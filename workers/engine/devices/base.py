@@ -61,6 +61,11 @@ class ProbeSession(ABC):
     @abstractmethod
     def _probe(self, batch: int) -> TrialOutcome: ...
 
+    def predict_fits(self, batch: int) -> bool | None:
+        """A cheap prediction of `probe(batch).fits` from the probes made so far, where the
+        device can make one (None: it cannot, or not yet)."""
+        return None
+
     def step_cost(self, batch: int) -> StepCost | None:
         """The roofline cost of one iteration, where the device estimates speed instead of
         measuring it."""

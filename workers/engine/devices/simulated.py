@@ -19,8 +19,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from service.schemas.spec import PlanSpec
 from service.schemas.spec import SimulatedDevice as SimulatedSpec
 from workers.engine.allocator import (
+    AffineSequence,
     AllocatorConfig,
     CachingAllocator,
+    Sequence,
     replay,
     reserve_needed,
     round_size,
@@ -115,6 +117,7 @@ class _SimulatedSession(ProbeSession):
         self.tracker = tracker
         self.costs = costs
         self.config = device.allocator
+        self._sequences: dict[int, Sequence] = {}
         # The allocator may reserve what the card offers less the context and NCCL's buffers.
         self.allocator_limit = limit - costs.outside_allocator
 
@@ -123,14 +126,34 @@ class _SimulatedSession(ProbeSession):
         tracker = self.tracker
         tracker.reset_peak()
         self.job.iteration(batch)  # tracing time says nothing about the GPU's speed
-        persistent, events, lazy = self._allocation_sequence()
+        sequence = self._allocation_sequence()
+        self._sequences[batch] = sequence
+        persistent, events, lazy = sequence
         at_limit = replay(persistent, events, self.allocator_limit, self.config, lazy=lazy)
         need, _ = reserve_needed(persistent, events, self.config, lazy)
         return self._replayed_outcome(batch, at_limit, need)
 
-    def _allocation_sequence(
-        self,
-    ) -> tuple[list[int], list[tuple[int, int]], dict[int, list[int]]]:
+    def predict_fits(self, batch: int) -> bool | None:
+        """Whether `batch` would fit, without tracing it: the allocation sequence of a step is
+        the same at every batch with sizes affine in the batch, so two traced sequences give
+        any other; the allocator is then replayed on it (milliseconds, where a trace takes
+        seconds). None until two probed sequences of the same shape exist."""
+        model = self._sequence_model()
+        if model is None:
+            return None
+        persistent, events, lazy = model.at(batch)
+        return replay(persistent, events, self.allocator_limit, self.config, lazy=lazy).oom is None
+
+    def _sequence_model(self) -> AffineSequence | None:
+        batches = sorted(self._sequences, reverse=True)
+        for index, high in enumerate(batches):
+            for low in batches[index + 1 :]:
+                model = AffineSequence.fit(low, self._sequences[low], high, self._sequences[high])
+                if model is not None:
+                    return model
+        return None
+
+    def _allocation_sequence(self) -> Sequence:
         """What the allocator sees from the process start: workspaces and parameters first;
         then iterations, the first of which creates the optimizer state at its step and (before
         torch 2.0) the gradients in its backward, where a real run creates them."""

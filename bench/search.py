@@ -5,7 +5,9 @@
 The oracle is trainplan's simulated device: `fits(b)` traces one steady-state iteration at micro-
 batch b on the card and compares its peak with the card's memory. Each method gets a fresh session
 and sees only OOM or success:
-- trainplan: `find_max_batch` (secant + bisection, stops when b fits and b + 1 does not);
+- trainplan: `find_max_batch` with the simulated device's prediction (the allocator replayed on
+  the allocation sequence extrapolated from the trials so far; not a trial), confirmed by trials,
+  with the secant + bisection safeguards; stops when b fits and b + 1 does not;
 - Accelerate: `accelerate.utils.find_executable_batch_size`, started at the bound, retried on
   a RuntimeError whose message is CUDA's out-of-memory text (what it catches in practice);
 - Lightning: `Tuner.scale_batch_size` in `power` and `binsearch` modes (steps_per_trial=1,
@@ -138,9 +140,11 @@ class Oracle:
         self.requests: queue.Queue[int | None] = queue.Queue()
         self.answers: queue.Queue[Any] = queue.Queue()
         self.limit = 0
+        self.session: Any = None
 
     def _serve(self) -> None:
         with self.device.session(self.spec, build_model(self.spec)) as session:
+            self.session = session
             self.answers.put(session.limit_bytes)
             while (batch := self.requests.get()) is not None:
                 self.answers.put(session.probe(batch))
@@ -164,6 +168,11 @@ class Oracle:
         self.calls.append((batch, outcome.fits))
         return outcome
 
+    def predict(self, batch: int) -> bool | None:
+        """trainplan's allocator-replay prediction (no trace, not a trial): pure Python on
+        the sequences already traced, so it runs on the calling thread."""
+        return self.session.predict_fits(batch)
+
     def fits(self, batch: int) -> bool:
         return bool(self.probe(batch).fits)
 
@@ -174,7 +183,7 @@ class Oracle:
 
 
 def trainplan(oracle: Oracle) -> int:
-    return find_max_batch(oracle.probe, oracle.limit, BOUND).max_batch
+    return find_max_batch(oracle.probe, oracle.limit, BOUND, oracle.predict).max_batch
 
 
 def accelerate(oracle: Oracle) -> int:

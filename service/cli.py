@@ -85,12 +85,13 @@ def gpus() -> None:
     """List the GPU catalogue of the simulated device."""
     from workers.engine.catalogue import GIB, GPU_CATALOGUE
 
-    table = Table("name", "memory GiB", "fp32 TF", "fp16 TF", "bf16 TF", "GB/s")
+    table = Table("name", "usable GiB", "fp32 TF", "tf32 TF", "fp16 TF", "bf16 TF", "GB/s")
     for g in GPU_CATALOGUE.values():
         table.add_row(
             g.name,
-            f"{g.memory_bytes / GIB:g}",
+            f"{g.memory_bytes / GIB:.2f}",
             f"{g.tflops_fp32:g}",
+            f"{g.tflops_tf32 or '-'}",
             f"{g.tflops_fp16:g}",
             f"{g.tflops_bf16 or '-'}",
             f"{g.bandwidth_gbs:g}",
@@ -242,10 +243,18 @@ def _print_plan(body: dict[str, Any]) -> None:
     peak = max(memory["peak"], 1)
     from service.schemas.result import MemoryBreakdown
 
-    for key in [k for k in MemoryBreakdown.model_fields if k not in ("peak", "capacity")]:
+    for key in MemoryBreakdown.PARTS:
         share = memory[key] / peak
         mem.add_row(key, _gib(memory[key]), f"{'█' * round(share * 20):<20} {share:6.1%}")
-    mem.add_row("peak / capacity", f"{_gib(memory['peak'])} / {_gib(memory['capacity'])}", "")
+    mem.add_row(
+        "peak (allocated) / capacity", f"{_gib(memory['peak'])} / {_gib(memory['capacity'])}", ""
+    )
+    if memory.get("reserved") is not None:
+        mem.add_row(
+            "reserved (nvidia-smi) / capacity",
+            f"{_gib(memory['reserved'])} / {_gib(memory['capacity'])}",
+            "",
+        )
     console.print(mem)
     _print_what_if(console, result)
     for w in result.get("warnings", []):

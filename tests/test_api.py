@@ -65,6 +65,25 @@ def test_idempotency_key(client: TestClient, small_spec: dict[str, Any]) -> None
         ),
         (lambda s: s.update(device={"kind": "simulated", "gpu": "nope"}), "device.simulated"),
         (lambda s: s["search"].update(headroom=2), "search.headroom"),
+        (
+            lambda s: s.update(
+                device={"kind": "simulated", "gpu": "T4"},
+                training={**s["training"], "precision": "tf32"},
+            ),
+            "training.precision",
+        ),
+        (
+            lambda s: s["device"].update(allocator={"max_split_size_mb": 5}),
+            "device.simulated.allocator.max_split_size_mb",
+        ),
+        (
+            lambda s: s["device"].update(allocator={"roundup_power2_divisions": 3}),
+            "device.simulated.allocator.roundup_power2_divisions",
+        ),
+        (
+            lambda s: s["device"].update(runtime={"torch": "latest"}),
+            "device.simulated.runtime.torch",
+        ),
     ],
 )
 def test_invalid_specs_are_422_naming_the_field(

@@ -180,13 +180,16 @@ GPUS_EXAMPLE: dict[str, Any] = {
     "items": [
         {
             "name": "A100-80GB",
-            "memory_bytes": 85899345920,
-            "memory_gib": 80.0,
-            "tflops": {"fp32": 19.5, "fp16": 312, "bf16": 312},
+            "memory_bytes": 85100068864,
+            "memory_gib": 79.26,
+            "memory_source": "85100068864 B = 81920 MiB less 763 MiB reserved (nvidia-smi)",
+            "tflops": {"fp32": 19.5, "tf32": 156, "fp16": 312, "bf16": 312},
+            "measured_matmul_tflops": {"fp32": 19.2, "fp16": 259.0, "bf16": 265.0},
             "bandwidth_gbs": 2039,
-            "overhead_bytes": 536870912,
             "architecture": "ampere",
+            "compute_capability": "8.0",
             "supports_bf16": True,
+            "supports_tf32": True,
         }
     ]
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -25,6 +25,18 @@ class MemoryBreakdown(BaseModel):
     """Bytes at the peak of one steady-state training iteration; the parts add up to `peak`
     (allocated). `reserved` is what the caching allocator holds at its peak plus the overhead:
     what `nvidia-smi` shows and what out-of-memory is decided on against `capacity`."""
+
+    # The lines that add up to `peak`.
+    PARTS: ClassVar[tuple[str, ...]] = (
+        "parameters",
+        "gradients",
+        "optimizer_state",
+        "input_batch",
+        "activations",
+        "temporary",
+        "workspace",
+        "overhead",
+    )
 
     parameters: int
     gradients: int

@@ -68,6 +68,9 @@ class GpuModel:
                 "fp16": self.tflops_fp16,
                 "bf16": self.tflops_bf16,
             },
+            "measured_matmul_tflops": dict(
+                zip(("fp32", "fp16", "bf16"), self.matmul_tflops, strict=True)
+            ),
             "bandwidth_gbs": self.bandwidth_gbs,
             "architecture": self.architecture,
             "compute_capability": f"{self.sm // 10}.{self.sm % 10}",

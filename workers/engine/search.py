@@ -139,7 +139,6 @@ def find_max_batch(
     br.probe(2)
     width_before = br.hi - br.lo
     creep = 0  # confirmations in a row that fitted: the model keeps under-predicting
-    stalls = 0  # secant steps in a row that did not halve the bracket
     while br.hi - br.lo > 1:
         predicted = predicted_answer(predict, br.lo, br.hi) if predict else None
         guess = predicted if predicted is not None else br.predict()
@@ -155,12 +154,9 @@ def find_max_batch(
             and width * 2 > width_before
             and (br.hi_known or len(br.trials) > 8)
         )
-        # One slow step is often a secant that landed just past the answer (the reserve
-        # steps with allocator segments); two in a row mean it is not converging.
-        stalls = stalls + 1 if stalled else 0
-        if not beyond_bound and len(br.trials) > 3 and (stalls >= 2 or creep >= 2):
+        if not beyond_bound and len(br.trials) > 3 and (stalled or creep >= 2):
             candidate = (br.lo + br.hi) // 2  # the model is not to be trusted here: bisect
-            creep = stalls = 0
+            creep = 0
         width_before = width
         fits = br.probe(candidate).fits
         creep = creep + 1 if confirming and fits and candidate == br.lo else 0

@@ -150,8 +150,28 @@ def profiler_peak(job: Any, batch: int) -> int:
     return max(sum(point) for point in sizes)
 
 
+TENSOR_PARTS = (
+    "parameters",
+    "gradients",
+    "optimizer_state",
+    "input_batch",
+    "activations",
+    "temporary",
+)
+
+
 def tensor_peak(outcome: Any) -> int:
-    return outcome.peak_bytes - outcome.breakdown.get("overhead", 0)
+    """Bytes of tensors at the peak: what MemTracker and the profiler see (no library
+    workspaces, no context, no allocator caching)."""
+    return sum(outcome.breakdown.get(k, 0) for k in TENSOR_PARTS)
+
+
+def allocated_and_reserved(outcome: Any) -> tuple[int, int]:
+    """Allocated and reserved peaks, without the overhead outside the allocator."""
+    overhead = outcome.breakdown.get("overhead", 0)
+    allocated = (outcome.allocated_bytes or outcome.peak_bytes) - overhead
+    reserved = (outcome.reserved_bytes or outcome.peak_bytes) - overhead
+    return allocated, reserved
 
 
 def zoo_rows() -> list[dict[str, Any]]:
@@ -264,17 +284,22 @@ def cuda_rows(memory_gib: float) -> list[dict[str, Any]]:
     for name, case in ZOO.items():
         real_spec = spec_of(case, {"kind": "cuda", "memory_gib": memory_gib})
         sim_spec = spec_of(case, {"kind": "simulated", "memory_gib": memory_gib})
-        peaks = {}
+        peaks: dict[str, dict[int, int]] = {}
+        reserved: dict[str, dict[int, int]] = {}
         for label, spec in (("cuda", real_spec), ("sim", sim_spec)):
             device = open_device(spec)
             with device.session(spec, build_model(spec)) as session:
-                peaks[label] = {b: tensor_peak(session.probe(b)) for b in BATCHES}
+                outcomes = {b: session.probe(b) for b in BATCHES}
+            peaks[label] = {b: allocated_and_reserved(o)[0] for b, o in outcomes.items()}
+            reserved[label] = {b: allocated_and_reserved(o)[1] for b, o in outcomes.items()}
         real_plan, sim_plan = run_plan(real_spec), run_plan(sim_spec)
         row = {
             "case": name,
             "memory_gib": memory_gib,
-            "cuda_peaks": peaks["cuda"],
-            "sim_peaks": peaks["sim"],
+            "cuda_allocated": peaks["cuda"],
+            "sim_allocated": peaks["sim"],
+            "cuda_reserved": reserved["cuda"],
+            "sim_reserved": reserved["sim"],
             "cuda_max_batch": real_plan.max_micro_batch_size,
             "sim_max_batch": sim_plan.max_micro_batch_size,
             "cuda_trials": len(real_plan.trials),
@@ -283,8 +308,10 @@ def cuda_rows(memory_gib: float) -> list[dict[str, Any]]:
         }
         rows.append(row)
         errs = " ".join(f"b{b}:{rel(peaks['sim'][b], peaks['cuda'][b]):+.1%}" for b in BATCHES)
+        res = " ".join(f"b{b}:{rel(reserved['sim'][b], reserved['cuda'][b]):+.1%}" for b in BATCHES)
         print(
-            f"{name:34} peaks sim vs cuda {errs}; max batch cuda {row['cuda_max_batch']} "
+            f"{name:34} allocated sim vs cuda {errs}; reserved {res}; "
+            f"max batch cuda {row['cuda_max_batch']} "
             f"sim {row['sim_max_batch']} ({rel(row['sim_max_batch'], row['cuda_max_batch']):+.1%})",
             flush=True,
         )

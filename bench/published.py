@@ -62,12 +62,7 @@ def case_spec(case: dict[str, Any], headroom: float | None = None) -> PlanSpec:
         spec["search"]["headroom"] = headroom
     stack = stack_of(case)
     if stack is not None and spec["device"].get("kind") == "simulated":
-        benchmark = "cudnn.benchmark=True" in case.get("notes", "")
-        spec["device"]["runtime"] = {
-            "torch": stack[0],
-            "cuda": stack[1],
-            "cudnn_benchmark": benchmark,
-        }
+        spec["device"]["runtime"] = {"torch": stack[0], "cuda": stack[1]}
     return PlanSpec.model_validate(spec)
 
 

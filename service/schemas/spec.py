@@ -247,15 +247,13 @@ VERSION_PATTERN = r"^[0-9]{1,2}\.[0-9]{1,3}$"
 
 class RuntimeSpec(StrictModel):
     """The software stack the plan is for: it sets the CUDA context's size and PyTorch's
-    defaults (lazy kernel loading since torch 1.13 with CUDA 11.7; matmul TF32 in 1.7-1.11)."""
+    defaults (lazy kernel loading since torch 1.13 with CUDA 11.7; zero_grad frees gradients
+    since 2.0; matmul TF32 in 1.7-1.11)."""
 
     torch: str = Field(default="2.14", pattern=VERSION_PATTERN, examples=["1.12"])
     cuda: str = Field(default="13.0", pattern=VERSION_PATTERN, examples=["11.3"])
     module_loading: Literal["lazy", "eager"] | None = Field(
         default=None, description="CUDA_MODULE_LOADING; null: the stack's default."
-    )
-    cudnn_benchmark: bool = Field(
-        default=False, description="torch.backends.cudnn.benchmark (PyTorch's default: False)."
     )
 
 

@@ -50,7 +50,6 @@ class Runtime:
     torch: tuple[int, int] = CURRENT_TORCH
     cuda: tuple[int, int] = CURRENT_CUDA
     module_loading: str | None = None  # "lazy" | "eager"; None: the stack's default
-    cudnn_benchmark: bool = False
 
     @property
     def lazy_loading(self) -> bool:

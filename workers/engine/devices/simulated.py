@@ -73,7 +73,6 @@ class SimulatedDevice(ProbeDevice):
             torch=parse_version(spec.runtime.torch),
             cuda=parse_version(spec.runtime.cuda),
             module_loading=spec.runtime.module_loading,
-            cudnn_benchmark=spec.runtime.cudnn_benchmark,
         )
         options = spec.allocator
         config = AllocatorConfig(

@@ -193,6 +193,19 @@ GPUS_EXAMPLE: dict[str, Any] = {
         }
     ]
 }
+FIDELITY_EXAMPLE: dict[str, Any] = {
+    "items": [
+        {
+            "model": "resnet50",
+            "device_kind": "cuda",
+            "device": "NVIDIA H100 80GB HBM3",
+            "plans": 12,
+            "over_predicted": 1,
+            "mean_abs_relative_error": 0.012,
+            "max_abs_relative_error": 0.031,
+        }
+    ]
+}
 METRICS_EXAMPLE = (
     '# TYPE trainplan_plans gauge\ntrainplan_plans{status="queued"} 3\ntrainplan_store_ooms 41\n'
 )

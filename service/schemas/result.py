@@ -110,6 +110,17 @@ class WhatIf(BaseModel):
     trials: list[Trial]
 
 
+class Prediction(BaseModel):
+    """A real device's plan beside what its simulated twin predicted: the simulator's fidelity,
+    case by case (aggregated by `GET /v1/fidelity`)."""
+
+    predicted_max_micro_batch_size: int
+    real_max_micro_batch_size: int
+    relative_error: float = Field(description="(predicted - real) / real; > 0: over-predicted.")
+    simulated_trials: int
+    simulated_wall_s: float
+
+
 class PlanWarning(BaseModel):
     code: str
     message: str
@@ -140,3 +151,6 @@ class PlanResult(BaseModel):
         description="Max micro-batch: other precision, checkpointing toggled, bigger card.",
     )
     model_summary: dict[str, Any] = Field(default_factory=dict)
+    prediction: Prediction | None = Field(
+        default=None, description="Real devices: the simulated answer beside the real one."
+    )

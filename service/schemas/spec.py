@@ -305,6 +305,11 @@ class SearchSpec(StrictModel):
         default=0.05, ge=0, le=0.5, description="Fraction of device memory kept free."
     )
     micro_batch: Literal["power_of_two", "max", "divisor"] = "power_of_two"
+    seed_from_simulation: bool = Field(
+        default=True,
+        description="On a real device (cuda, cpu), first search its simulated twin and confirm "
+        "that answer: two real trials where the simulation is right.",
+    )
     what_if: bool = Field(
         default=True,
         description="Also search the neighbouring choices (other precision, checkpointing "

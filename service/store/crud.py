@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from service.store.models import FINAL, Plan, Trial, Worker
@@ -242,6 +242,7 @@ def finish(
 ) -> bool:
     """Record the end of a plan, only if this worker still holds it (no double finish)."""
     stamp = now()
+    prediction = (result or {}).get("prediction") or {}
     stmt = (
         update(Plan)
         .where(Plan.id == plan_id, Plan.worker_id == worker_id, Plan.status == "running")
@@ -252,11 +253,47 @@ def finish(
             finished_at=stamp,
             updated_at=stamp,
             lease_until=None,
+            device_name=((result or {}).get("device") or {}).get("name"),
+            predicted_max=prediction.get("predicted_max_micro_batch_size"),
+            real_max=prediction.get("real_max_micro_batch_size"),
         )
     )
     ok = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
     session.commit()
     return ok
+
+
+def fidelity(session: Session) -> list[dict[str, Any]]:
+    """Simulated against real max micro-batch over finished real-device plans, per model and
+    device: how many, how often the simulation over-predicted, the mean and worst error."""
+    error = (func.abs(Plan.predicted_max - Plan.real_max) * 1.0) / func.nullif(Plan.real_max, 0)
+    over = func.sum(case((Plan.predicted_max > Plan.real_max, 1), else_=0))
+    rows = session.execute(
+        select(
+            Plan.model_name,
+            Plan.device_kind,
+            Plan.device_name,
+            func.count(),
+            over,
+            func.avg(error),
+            func.max(error),
+        )
+        .where(Plan.status == "succeeded", Plan.real_max.is_not(None))
+        .group_by(Plan.model_name, Plan.device_kind, Plan.device_name)
+        .order_by(Plan.model_name, Plan.device_name)
+    ).all()
+    return [
+        {
+            "model": model,
+            "device_kind": kind,
+            "device": device,
+            "plans": count,
+            "over_predicted": int(over_count or 0),
+            "mean_abs_relative_error": None if mean is None else float(mean),
+            "max_abs_relative_error": None if worst is None else float(worst),
+        }
+        for model, kind, device, count, over_count, mean, worst in rows
+    ]
 
 
 def problem(kind: str, title: str, detail: str, status: int, **extra: Any) -> dict[str, Any]:

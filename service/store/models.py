@@ -49,6 +49,10 @@ class Plan(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Copied out of a real device's result, so the simulator's fidelity aggregates in SQL.
+    device_name: Mapped[str | None] = mapped_column(String(200))
+    predicted_max: Mapped[int | None] = mapped_column(Integer)
+    real_max: Mapped[int | None] = mapped_column(Integer)
 
     trials: Mapped[list[Trial]] = relationship(
         back_populates="plan", order_by="Trial.index", cascade="all, delete-orphan"

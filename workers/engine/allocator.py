@@ -343,6 +343,25 @@ def reserve_needed(
     return hi, best
 
 
+def live_peak(
+    persistent: list[int], events: list[tuple[int, int]], lazy: dict[int, list[int]]
+) -> int:
+    """The peak of live bytes (512-byte blocks) over one iteration, lazy state included: what a
+    budget on live tensors (the `cpu` device) is checked against."""
+    block = lambda n: -(-n // MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE  # noqa: E731
+    live = sum(block(n) for n in persistent) + sum(block(n) for v in lazy.values() for n in v)
+    peak = live
+    sizes: dict[int, int] = {}
+    for key, nbytes in events:
+        if nbytes >= 0:
+            sizes[key] = block(nbytes)
+            live += sizes[key]
+            peak = max(peak, live)
+        else:
+            live -= sizes.pop(key, 0)
+    return peak
+
+
 # What `replay` takes: persistent sizes, the iteration's events, the first iteration's lazy sizes.
 Sequence = tuple[list[int], list[tuple[int, int]], dict[int, list[int]]]
 

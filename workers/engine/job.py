@@ -150,6 +150,7 @@ class TrainingJob:
         fill: Callable[[torch.Tensor], None] | None = None,
         autocast_policy: CudaAutocastPolicy | None = None,
         grads_set_to_none: bool = True,
+        cuda_semantics: bool | None = None,
     ) -> None:
         self.spec = spec
         self.autocast_policy = autocast_policy  # CUDA's rules on a trace made on the CPU
@@ -178,8 +179,11 @@ class TrainingJob:
         if not self.trainable:
             raise ValueError("every parameter is frozen: nothing to train")
         self.classes = self._output_classes()
-        # CUDA's default is the multi-tensor (foreach) path; traced on CPU we ask for it explicitly.
-        foreach = True if fake or device.startswith("cuda") else None
+        # CUDA's default is the multi-tensor (foreach) path; traced on CPU we ask for it explicitly
+        # (unless the trace stands for a real CPU run: the cpu device's twin).
+        if cuda_semantics is None:
+            cuda_semantics = fake or device.startswith("cuda")
+        foreach = True if cuda_semantics else None
         self.optimizer = make_optimizer(
             training.optimizer, self.trainable, training.base_lr, foreach
         )

@@ -5,6 +5,7 @@ This is the library the worker and `trainplan plan --local` both call.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from service.schemas.result import (
     MemoryBreakdown,
     PlanResult,
     PlanWarning,
+    Prediction,
     StepSplit,
     Throughput,
     Trial,
@@ -23,7 +25,7 @@ from service.schemas.spec import PlanSpec
 from workers.engine import planner
 from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.data import sample_bytes
-from workers.engine.devices import ProbeDevice, TrialOutcome, open_device
+from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, twin_of
 from workers.engine.devices.base import ProbeSession
 from workers.engine.models import build_model
 from workers.engine.roofline import UNCERTAINTY, StepCost
@@ -103,19 +105,39 @@ def run_plan(
     return result
 
 
+def simulate_twin(spec: PlanSpec, device: ProbeDevice) -> tuple[int, int, float] | None:
+    """The simulated twin's answer for a real device: (max micro-batch, trials, wall s)."""
+    twin = twin_of(device)
+    if twin is None or not spec.search.seed_from_simulation:
+        return None
+    start = time.perf_counter()
+    with twin.session(spec, build_model(spec)) as session:
+        search = find_max_batch(
+            session.probe, session.limit_bytes, spec.search.max_batch_size, session.predict_fits
+        )
+    return search.max_batch, len(search.trials), time.perf_counter() - start
+
+
 def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResult:
+    twin = simulate_twin(spec, device)
     built = build_model(spec)
     recorded = recorder.trials
     with device.session(spec, built) as session:
         limit = session.limit_bytes
         search = find_max_batch(
-            recorder.probe(session), limit, spec.search.max_batch_size, session.predict_fits
+            recorder.probe(session),
+            limit,
+            spec.search.max_batch_size,
+            session.predict_fits,
+            seed=twin[0] if twin else None,
         )
         job = session.job
         has_bn = job.has_batchnorm() if job is not None else False
         counts = job.parameter_count() if job is not None else (0, 0)
         if search.max_batch == 0:
-            return _infeasible(spec, device, search, recorded, built.notes, has_bn)
+            result = _infeasible(spec, device, search, recorded, built.notes, has_bn)
+            result.prediction = _prediction(twin, search.max_batch)
+            return result
         batches = planner.choose_batches(
             search.max_batch,
             spec.training.global_batch_size,
@@ -127,8 +149,24 @@ def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResul
             at_micro = session.probe(batches.micro_batch_size)
             recorder.emit(to_trial(at_micro, phase="breakdown"))
         cost = session.step_cost(batches.micro_batch_size)
-    return _feasible(
+    result = _feasible(
         spec, device, search, recorded, batches, at_micro, built.notes, has_bn, counts, cost
+    )
+    result.prediction = _prediction(twin, search.max_batch)
+    return result
+
+
+def _prediction(twin: tuple[int, int, float] | None, real: int) -> Prediction | None:
+    if twin is None:
+        return None
+    predicted, trials, wall = twin
+    error = (predicted - real) / real if real else float(predicted > 0)
+    return Prediction(
+        predicted_max_micro_batch_size=predicted,
+        real_max_micro_batch_size=real,
+        relative_error=error,
+        simulated_trials=trials,
+        simulated_wall_s=round(wall, 3),
     )
 
 

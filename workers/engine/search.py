@@ -98,6 +98,18 @@ class _Bracket:
         return self.lo + math.floor((self.limit - lo_peak) / slope)
 
 
+def _confirm_seed(br: _Bracket, seed: int, max_batch: int) -> SearchResult | None:
+    """Probe the seed and its neighbour: the answer in two trials when the seed is right."""
+    if br.probe(seed).fits:
+        if seed == max_batch:
+            return SearchResult(seed, br.trials, bound_reached=True)
+        if not br.probe(seed + 1).fits:
+            return SearchResult(seed, br.trials)
+    elif seed > 1 and br.probe(seed - 1).fits:
+        return SearchResult(seed - 1, br.trials)
+    return None
+
+
 def predicted_answer(predict: Predict, lo: int, hi: int) -> int | None:
     """The largest batch in [lo, hi) that `predict` says fits (lo is known to fit), by
     doubling then bisecting on predictions alone; None where there is no prediction."""
@@ -126,17 +138,27 @@ def predicted_answer(predict: Predict, lo: int, hi: int) -> int | None:
 
 
 def find_max_batch(
-    probe: Probe, limit: int, max_batch: int, predict: Predict | None = None
+    probe: Probe,
+    limit: int,
+    max_batch: int,
+    predict: Predict | None = None,
+    seed: int | None = None,
 ) -> SearchResult:
     """The exact largest batch in [1, max_batch] whose probe fits; 0 when batch 1 does not.
-    With `predict`, probes go where the prediction puts the answer and its neighbour; the
+    With `predict`, probes go where the prediction puts the answer and its neighbour; with
+    `seed` (a simulated answer for a real device), the seed and seed + 1 are probed first. The
     secant and bisection safeguards still bound the trials when predictions miss."""
     br = _Bracket(probe, limit, max_batch)
-    if not br.probe(1).fits:
+    if seed is not None and 1 <= seed <= max_batch:
+        confirmed = _confirm_seed(br, seed, max_batch)
+        if confirmed is not None:
+            return confirmed
+    if br.lo == 0 and (1 in br.points or not br.probe(1).fits):
         return SearchResult(0, br.trials)
     if max_batch == 1:
         return SearchResult(1, br.trials, bound_reached=True)
-    br.probe(2)
+    if br.lo < 2 < br.hi:
+        br.probe(2)
     width_before = br.hi - br.lo
     creep = 0  # confirmations in a row that fitted: the model keeps under-predicting
     while br.hi - br.lo > 1:

@@ -7,10 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select, text
 
 from service.api.deps import SessionDep, SettingsDep
 from service.schemas.examples import (
+    FIDELITY_EXAMPLE,
     GPUS_EXAMPLE,
     METRICS_EXAMPLE,
     WORKERS_EXAMPLE,
@@ -31,6 +33,33 @@ router = APIRouter()
 )
 def gpus() -> dict[str, Any]:
     return {"items": [g.as_json() for g in GPU_CATALOGUE.values()]}
+
+
+class FidelityRow(BaseModel):
+    model: str
+    device_kind: str
+    device: str | None
+    plans: int
+    over_predicted: int = Field(description="Plans whose simulated answer was above the real one.")
+    mean_abs_relative_error: float | None
+    max_abs_relative_error: float | None
+
+
+class FidelityOut(BaseModel):
+    items: list[FidelityRow]
+
+
+@router.get(
+    "/v1/fidelity",
+    tags=["catalogue"],
+    summary="The simulator against real devices: predicted vs real max micro-batch",
+    response_model=FidelityOut,
+    responses=response_example(200, FIDELITY_EXAMPLE),
+)
+def fidelity(session: SessionDep) -> FidelityOut:
+    """Every plan on a real device (cuda, cpu) first searches its simulated twin; this groups
+    their predicted and real answers by model and device."""
+    return FidelityOut(items=[FidelityRow(**row) for row in crud.fidelity(session)])
 
 
 @router.get(

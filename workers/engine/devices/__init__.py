@@ -35,3 +35,18 @@ def _open(spec: PlanSpec) -> ProbeDevice:
 
 
 __all__ = ["ProbeDevice", "TrialOutcome", "open_device"]
+
+
+def twin_of(device: ProbeDevice) -> ProbeDevice | None:
+    """The simulated device that predicts a real one: the cpu device's rules (CPU semantics,
+    live tensors against the budget) or a card of the cuda device's memory with its measured
+    context. None for a simulated device: it is its own prediction."""
+    from workers.engine.catalogue import GIB, custom_gpu
+    from workers.engine.devices.simulated import SimulatedDevice
+
+    if device.backend == "simulated":
+        return None
+    gpu = custom_gpu(device.memory_bytes / GIB)
+    if device.backend == "cpu":
+        return SimulatedDevice(gpu, host=True)
+    return SimulatedDevice(gpu, context_bytes=device.overhead_bytes)

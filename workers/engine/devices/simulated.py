@@ -12,7 +12,8 @@ needed: that exact figure is what lets the search land on the answer in a few tr
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -23,6 +24,7 @@ from workers.engine.allocator import (
     AllocatorConfig,
     CachingAllocator,
     Sequence,
+    live_peak,
     replay,
     reserve_needed,
     round_size,
@@ -46,19 +48,34 @@ class SimulatedDevice(ProbeDevice):
         gpu: GpuModel,
         runtime: Runtime | None = None,
         allocator: AllocatorConfig | None = None,
+        *,
+        host: bool = False,
+        context_bytes: int | None = None,
     ) -> None:
+        """`host`: the twin of the `cpu` device (CPU semantics, live tensors against a budget,
+        no fixed costs); `context_bytes`: a CUDA context measured on a real card."""
         self.gpu = gpu
         self.name = gpu.name
         self.memory_bytes = gpu.memory_bytes
         self.runtime = runtime or Runtime()
         self.allocator = allocator or AllocatorConfig()
-        self.overhead_bytes = fixed_costs(gpu, self.runtime).outside_allocator
+        self.host = host
+        self.context_bytes = context_bytes
+        self.overhead_bytes = self.fixed_costs(1).outside_allocator
         self.supports_bf16 = gpu.supports_bf16
         self.supports_tf32 = gpu.supports_tf32
         self.bandwidth_gbs = gpu.bandwidth_gbs
 
     def tflops(self, precision: str) -> float | None:
         return self.gpu.tflops(precision)
+
+    def fixed_costs(self, world_size: int) -> FixedCosts:
+        if self.host:
+            return FixedCosts(0, 0, ())
+        costs = fixed_costs(self.gpu, self.runtime, world_size)
+        if self.context_bytes is not None:
+            costs = replace(costs, cuda_context=self.context_bytes)
+        return costs
 
     @classmethod
     def from_spec(cls, spec: SimulatedSpec) -> SimulatedDevice:
@@ -85,10 +102,10 @@ class SimulatedDevice(ProbeDevice):
     @contextmanager
     def session(self, spec: PlanSpec, built: BuiltModel) -> Iterator[ProbeSession]:
         limit = self.limit_bytes(spec.search.headroom)
-        costs = fixed_costs(self.gpu, self.runtime, spec.training.world_size)
-        workspace = nchw_transform_workspace(self.gpu.sm)
+        costs = self.fixed_costs(spec.training.world_size)
+        workspace = None if self.host else nchw_transform_workspace(self.gpu.sm)
         tracker = MemoryTracker(fake_scalars=True, workspace=workspace)
-        autocast = cuda_autocast_on_cpu()
+        autocast = nullcontext() if self.host else cuda_autocast_on_cpu()
         with autocast as policy, FakeTensorMode(allow_non_fake_inputs=True), tracker:
             job = TrainingJob(
                 spec,
@@ -98,6 +115,7 @@ class SimulatedDevice(ProbeDevice):
                 fake=True,
                 autocast_policy=policy,
                 grads_set_to_none=self.runtime.zero_grad_set_to_none,
+                cuda_semantics=not self.host,
             )
             yield _SimulatedSession(self, limit, job, tracker, costs)
 
@@ -116,6 +134,7 @@ class _SimulatedSession(ProbeSession):
         self.tracker = tracker
         self.costs = costs
         self.config = device.allocator
+        self.host = device.host
         self._sequences: dict[int, Sequence] = {}
         # The allocator may reserve what the card offers less the context and NCCL's buffers.
         self.allocator_limit = limit - costs.outside_allocator
@@ -127,6 +146,8 @@ class _SimulatedSession(ProbeSession):
         self.job.iteration(batch)  # tracing time says nothing about the GPU's speed
         sequence = self._allocation_sequence()
         self._sequences[batch] = sequence
+        if self.host:  # the cpu device's rule: live tensors against the budget
+            return self._outcome(batch, tracker.peak, tracker.breakdown_at_peak(), None)
         persistent, events, lazy = sequence
         at_limit = replay(persistent, events, self.allocator_limit, self.config, lazy=lazy)
         need, _ = reserve_needed(persistent, events, self.config, lazy)
@@ -141,6 +162,8 @@ class _SimulatedSession(ProbeSession):
         if model is None:
             return None
         persistent, events, lazy = model.at(batch)
+        if self.host:
+            return live_peak(persistent, events, lazy) <= self.limit_bytes
         return replay(persistent, events, self.allocator_limit, self.config, lazy=lazy).oom is None
 
     def _sequence_model(self) -> AffineSequence | None:

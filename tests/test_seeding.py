@@ -1,0 +1,115 @@
+"""Real devices are seeded by their simulated twin; the store keeps prediction beside truth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.config import Settings
+from service.schemas.spec import PlanSpec
+from service.store import crud
+from service.store.db import make_engine, make_session_factory
+from tests.test_engine import mlp_spec, probe_fresh
+from workers.engine.devices import open_device, twin_of
+from workers.engine.profile import run_plan
+from workers.engine.search import find_max_batch
+
+
+def cpu_spec(seed: bool = True, optimizer: str = "sgd_momentum") -> dict[str, Any]:
+    spec = mlp_spec(optimizer)
+    spec["device"] = {"kind": "cpu", "memory_gib": 0.05}
+    spec["search"] = {**spec["search"], "seed_from_simulation": seed}
+    return spec
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_a_cpu_plan_confirms_its_twins_answer_in_two_real_trials(optimizer: str) -> None:
+    spec = PlanSpec.model_validate(cpu_spec(optimizer=optimizer))
+    result = run_plan(spec)
+    answer = result.max_micro_batch_size
+    search = [t for t in result.trials if t.phase == "search"]
+    assert [(t.batch_size, t.fits) for t in search] == [(answer, True), (answer + 1, False)]
+    checks = probe_fresh(spec, [answer, answer + 1])  # real CPU steps, independent of the plan
+    assert checks == {answer: True, answer + 1: False}
+    p = result.prediction
+    assert p is not None and p.real_max_micro_batch_size == answer
+    assert p.relative_error == (p.predicted_max_micro_batch_size - answer) / answer
+    assert p.simulated_trials >= 2
+
+
+def test_seeding_changes_the_trials_not_the_answer() -> None:
+    seeded = run_plan(PlanSpec.model_validate(cpu_spec(seed=True)))
+    blind = run_plan(PlanSpec.model_validate(cpu_spec(seed=False)))
+    assert seeded.max_micro_batch_size == blind.max_micro_batch_size
+    assert blind.prediction is None
+    search = [t for t in blind.trials if t.phase == "search"]
+    assert len(search) > 2 >= len([t for t in seeded.trials if t.phase == "search"])
+
+
+def test_a_wrong_seed_falls_back_to_an_exact_search() -> None:
+    spec = PlanSpec.model_validate(cpu_spec(seed=False))
+    device = open_device(spec)
+    from workers.engine.models import build_model
+
+    for seed in (1, 7, 100_000):
+        with device.session(spec, build_model(spec)) as session:
+            seeded = find_max_batch(session.probe, session.limit_bytes, 1 << 20, seed=seed)
+        with device.session(spec, build_model(spec)) as session:
+            blind = find_max_batch(session.probe, session.limit_bytes, 1 << 20)
+        assert seeded.max_batch == blind.max_batch
+
+
+def test_twins() -> None:
+    cpu = open_device(PlanSpec.model_validate(cpu_spec()))
+    twin = twin_of(cpu)
+    assert twin is not None and twin.backend == "simulated" and twin.overhead_bytes == 0
+    assert twin.memory_bytes == cpu.memory_bytes
+    simulated = open_device(PlanSpec.model_validate(mlp_spec("adam")))
+    assert twin_of(simulated) is None
+
+
+@pytest.fixture
+def client(db_url: str) -> Iterator[TestClient]:
+    settings = Settings(database_url=db_url, embedded_worker=False)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _finish(db_url: str, spec: dict[str, Any], predicted: int, real: int) -> None:
+    factory = make_session_factory(make_engine(db_url))
+    parsed = PlanSpec.model_validate(spec)
+    with factory() as s:
+        crud.create_plan(s, parsed.canonical(), parsed.spec_hash)
+        s.commit()
+        plan = crud.claim_next(s, "w", 30, ("cpu",))
+        assert plan is not None
+        result = {
+            "device": {"backend": "cpu", "name": "cpu-budget-0.05GiB", "memory_bytes": 1},
+            "prediction": {
+                "predicted_max_micro_batch_size": predicted,
+                "real_max_micro_batch_size": real,
+                "relative_error": (predicted - real) / real,
+                "simulated_trials": 4,
+                "simulated_wall_s": 0.5,
+            },
+        }
+        assert crud.finish(s, plan.id, "w", "succeeded", result=result)
+
+
+def test_fidelity_aggregates_predictions_by_model_and_device(
+    client: TestClient, db_url: str
+) -> None:
+    assert client.get("/v1/fidelity").json() == {"items": []}
+    _finish(db_url, cpu_spec() | {"training": {"epochs": 1}}, predicted=110, real=100)
+    _finish(db_url, cpu_spec() | {"training": {"epochs": 2}}, predicted=95, real=100)
+    body = client.get("/v1/fidelity")
+    assert body.status_code == 200
+    (row,) = body.json()["items"]
+    assert row["device_kind"] == "cpu" and row["device"] == "cpu-budget-0.05GiB"
+    assert row["plans"] == 2 and row["over_predicted"] == 1
+    assert row["mean_abs_relative_error"] == pytest.approx(0.075)
+    assert row["max_abs_relative_error"] == pytest.approx(0.10)

@@ -1,6 +1,7 @@
 """trainplan's search against the peers people use, each run for real against the same oracle.
 
 .venv/bin/python -m bench.search [--quick]
+.venv/bin/python -m bench.search --device cpu [--budget-gib 0.25]   # seeded vs blind, real CPU
 
 The oracle is trainplan's simulated device: `fits(b)` traces one steady-state iteration at micro-
 batch b on the card and compares its peak with the card's memory. Each method gets a fresh session
@@ -263,9 +264,122 @@ def truth(spec: PlanSpec, answer: int) -> int:
     return answer
 
 
+# Real CPU steps under a memory budget: small models, so a real trial takes about a second.
+SMALL_MLP = {
+    "source": "layers",
+    "layers": [
+        {"type": "Linear", "out_features": 1024},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 1024},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 10},
+    ],
+}
+CPU_ZOO: dict[str, dict[str, Any]] = {
+    "mlp 1024 sgd-momentum": {
+        "model": SMALL_MLP,
+        "data": {"kind": "tensor", "shape": [512], "num_classes": 10},
+        "training": {"optimizer": "sgd_momentum"},
+    },
+    "mlp 1024 adam": {
+        "model": SMALL_MLP,
+        "data": {"kind": "tensor", "shape": [512], "num_classes": 10},
+        "training": {"optimizer": "adam"},
+    },
+    "cnn 28x28 gray adam": {
+        "model": GRAY_CNN,
+        "data": image(28, channels=1, classes=10),
+        "training": {"optimizer": "adam"},
+    },
+    "resnet18 64px sgd-momentum": {
+        "model": {"source": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}},
+        "data": image(64, classes=10),
+        "training": {"optimizer": "sgd_momentum"},
+    },
+    "mobilenet_v3_small 64px adamw": {
+        "model": {
+            "source": "torchvision",
+            "name": "mobilenet_v3_small",
+            "kwargs": {"num_classes": 10},
+        },
+        "data": image(64, classes=10),
+        "training": {"optimizer": "adamw"},
+    },
+    "tiny gpt2 seq 64 adamw": {
+        "model": {
+            "source": "transformers",
+            "architecture": "GPT2LMHeadModel",
+            "config": {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 4096},
+        },
+        "data": {"kind": "tokens", "seq_len": 64},
+        "training": {"optimizer": "adamw"},
+    },
+}
+
+
+def cpu_rows(budget_gib: float) -> list[dict[str, Any]]:
+    """The seeded search on the real `cpu` device against the blind one: real trials (search
+    probes only), the answer, and exactness checked by fresh real probes."""
+    from workers.engine.profile import run_plan
+
+    rows = []
+    for name, case in CPU_ZOO.items():
+        row: dict[str, Any] = {"model": name, "budget_gib": budget_gib}
+        for seeded in (True, False):
+            spec = PlanSpec.model_validate(
+                {
+                    "model": case["model"],
+                    "data": {"num_samples": 50_000, **case["data"]},
+                    "training": {"global_batch_size": 64, **case["training"]},
+                    "device": {"kind": "cpu", "memory_gib": budget_gib},
+                    "search": {
+                        "headroom": 0.0,
+                        "what_if": False,
+                        "max_batch_size": BOUND,
+                        "seed_from_simulation": seeded,
+                    },
+                }
+            )
+            start = time.perf_counter()
+            result = run_plan(spec)
+            wall = time.perf_counter() - start
+            label = "seeded" if seeded else "blind"
+            row[f"{label}_max"] = result.max_micro_batch_size
+            row[f"{label}_trials"] = len([t for t in result.trials if t.phase == "search"])
+            row[f"{label}_wall_s"] = wall
+            if seeded and result.prediction is not None:
+                row["predicted_max"] = result.prediction.predicted_max_micro_batch_size
+                row["simulated_trials"] = result.prediction.simulated_trials
+                row["simulated_wall_s"] = result.prediction.simulated_wall_s
+                answer = result.max_micro_batch_size
+                device = open_device(spec)
+                with device.session(spec, build_model(spec)) as session:
+                    row["exact"] = session.probe(answer).fits and not session.probe(answer + 1).fits
+        rows.append(row)
+        print(
+            f"{name:32} predicted {row.get('predicted_max')!s:>6} real {row['seeded_max']:>6} "
+            f"exact {row.get('exact')!s:>5}; real trials seeded {row['seeded_trials']} "
+            f"({row['seeded_wall_s']:.1f} s, twin {row.get('simulated_wall_s', 0):.1f} s) vs "
+            f"blind {row['blind_trials']} ({row['blind_wall_s']:.1f} s)",
+            flush=True,
+        )
+    seeded = [r["seeded_trials"] for r in rows]
+    blind = [r["blind_trials"] for r in rows]
+    print(
+        f"real trials: seeded median {statistics.median(seeded)} (mean "
+        f"{statistics.fmean(seeded):.2f}), blind median {statistics.median(blind)} (mean "
+        f"{statistics.fmean(blind):.2f}); exact {sum(bool(r.get('exact')) for r in rows)}/"
+        f"{len(rows)}; same answer seeded and blind "
+        f"{sum(r['seeded_max'] == r['blind_max'] for r in rows)}/{len(rows)}"
+    )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two models, for a smoke run")
+    parser.add_argument("--device", choices=["simulated", "cpu"], default="simulated")
+    parser.add_argument("--budget-gib", type=float, default=0.25, help="cpu device budget")
     parser.add_argument(
         "--resume", action="store_true", help="keep the (model, card) rows already in the JSON"
     )
@@ -273,6 +387,11 @@ def main() -> None:
     logging.disable(logging.WARNING)  # Lightning narrates every trial at INFO
     warnings.filterwarnings("ignore")
     print(header(), flush=True)
+    if args.device == "cpu":
+        rows = cpu_rows(args.budget_gib)
+        out = Path(__file__).parent / "results" / "search_cpu.json"
+        out.write_text(json.dumps({"header": header(), "rows": rows}, indent=2))
+        return
     names = QUICK if args.quick else list(ZOO)
     out = Path(__file__).parent / "results" / ("search_quick.json" if args.quick else "search.json")
     rows: list[dict[str, Any]] = []

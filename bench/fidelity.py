@@ -32,7 +32,8 @@ import torch
 
 from bench import published
 from bench.machine import header
-from bench.zoo import GRAY_CNN
+from bench.zoo import GRAY_CNN, MLP
+from service.schemas.result import MemoryCategory
 from service.schemas.spec import PlanSpec
 from workers.engine.devices import open_device
 from workers.engine.models import build_model
@@ -40,16 +41,6 @@ from workers.engine.profile import run_plan
 
 MIB = 1 << 20
 
-MLP = {
-    "source": "layers",
-    "layers": [
-        {"type": "Linear", "out_features": 1024},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 1024},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 10},
-    ],
-}
 TINY_GPT = {
     "source": "transformers",
     "architecture": "GPT2LMHeadModel",
@@ -150,14 +141,7 @@ def profiler_peak(job: Any, batch: int) -> int:
     return max(sum(point) for point in sizes)
 
 
-TENSOR_PARTS = (
-    "parameters",
-    "gradients",
-    "optimizer_state",
-    "input_batch",
-    "activations",
-    "temporary",
-)
+TENSOR_PARTS = MemoryCategory.tensors()
 
 
 def tensor_peak(outcome: Any) -> int:

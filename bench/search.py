@@ -38,6 +38,7 @@ import torch
 
 from bench.machine import header
 from bench.zoo import GRAY_CNN
+from bench.zoo import MLP as SMALL_MLP
 from service.schemas.spec import PlanSpec
 from workers.engine.devices import open_device
 from workers.engine.models import build_model
@@ -265,16 +266,6 @@ def truth(spec: PlanSpec, answer: int) -> int:
 
 
 # Real CPU steps under a memory budget: small models, so a real trial takes about a second.
-SMALL_MLP = {
-    "source": "layers",
-    "layers": [
-        {"type": "Linear", "out_features": 1024},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 1024},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 10},
-    ],
-}
 CPU_ZOO: dict[str, dict[str, Any]] = {
     "mlp 1024 sgd-momentum": {
         "model": SMALL_MLP,

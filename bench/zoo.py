@@ -18,3 +18,15 @@ GRAY_CNN: dict[str, Any] = {
         {"type": "Linear", "out_features": 10},
     ],
 }
+
+# A three-layer MLP (512 -> 1024 -> 1024 -> 10) of the `layers` source.
+MLP: dict[str, Any] = {
+    "source": "layers",
+    "layers": [
+        {"type": "Linear", "out_features": 1024},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 1024},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 10},
+    ],
+}

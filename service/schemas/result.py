@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
@@ -21,22 +22,31 @@ class LrScalingInfo(BaseModel):
     warmup_steps: int = Field(description="Suggested linear warm-up, in optimizer steps (0: none).")
 
 
+class MemoryCategory(StrEnum):
+    """Where the bytes of a training step live: the tracker attributes every allocation to one
+    of these, and the breakdown, the CLI and the benches read them from here."""
+
+    PARAMETERS = "parameters"
+    GRADIENTS = "gradients"
+    OPTIMIZER_STATE = "optimizer_state"
+    INPUT_BATCH = "input_batch"
+    ACTIVATIONS = "activations"
+    TEMPORARY = "temporary"  # backward and optimizer intermediates
+    WORKSPACE = "workspace"  # library workspaces: cuBLAS/cuBLASLt, cuDNN layout transforms
+
+    @classmethod
+    def tensors(cls) -> tuple[MemoryCategory, ...]:
+        """The categories of tensors a dispatch-mode tracker (or MemTracker) sees."""
+        return tuple(c for c in cls if c is not cls.WORKSPACE)
+
+
 class MemoryBreakdown(BaseModel):
     """Bytes at the peak of one steady-state training iteration; the parts add up to `peak`
     (allocated). `reserved` is what the caching allocator holds at its peak plus the overhead:
     what `nvidia-smi` shows and what out-of-memory is decided on against `capacity`."""
 
     # The lines that add up to `peak`.
-    PARTS: ClassVar[tuple[str, ...]] = (
-        "parameters",
-        "gradients",
-        "optimizer_state",
-        "input_batch",
-        "activations",
-        "temporary",
-        "workspace",
-        "overhead",
-    )
+    PARTS: ClassVar[tuple[str, ...]] = (*MemoryCategory, "overhead")
 
     parameters: int
     gradients: int

@@ -20,18 +20,12 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from service.schemas.result import MemoryCategory
+
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
 BLOCK_ROUNDING = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 
-CATEGORIES = (
-    "parameters",
-    "gradients",
-    "optimizer_state",
-    "input_batch",
-    "activations",
-    "temporary",
-    "workspace",
-)
+CATEGORIES: tuple[str, ...] = tuple(MemoryCategory)
 # Where an allocation lands when nothing more specific is known about it.
 PHASE_CATEGORY = {
     "parameters": "parameters",

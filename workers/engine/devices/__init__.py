@@ -3,6 +3,8 @@ micro-batches of one job. `simulated` traces on fake tensors, `cpu` and `cuda` r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from service.schemas.spec import PlanSpec
 from workers.engine.devices.base import ProbeDevice, TrialOutcome
 from workers.engine.errors import SpecError
@@ -49,4 +51,5 @@ def twin_of(device: ProbeDevice) -> ProbeDevice | None:
     gpu = custom_gpu(device.memory_bytes / GIB)
     if device.backend == "cpu":
         return SimulatedDevice(gpu, host=True)
+    gpu = replace(gpu, sm=getattr(device, "sm", gpu.sm))  # cuBLAS workspaces follow the arch
     return SimulatedDevice(gpu, context_bytes=device.overhead_bytes)

@@ -45,6 +45,7 @@ class CudaDevice(ProbeDevice):
         self.name = props.name if not memory_gib else f"{props.name}@{memory_gib:g}GiB"
         self.supports_bf16 = torch.cuda.is_bf16_supported()
         self.supports_tf32 = props.major >= 8
+        self.sm = props.major * 10 + props.minor
         free, total = torch.cuda.mem_get_info()
         # What the process lost before any tensor: context, kernels, workspaces (and other users).
         self.overhead_bytes = max(0, total - free - torch.cuda.memory_reserved())

@@ -105,7 +105,7 @@ def healthz() -> dict[str, str]:
     "/readyz",
     tags=["health"],
     summary="Readiness: the database answers and is migrated",
-    responses=response_example(200, {"status": "ready", "schema": "0002"})
+    responses=response_example(200, {"status": "ready", "schema": "0003"})
     | response_example(503, {"status": "unavailable", "detail": "connection refused"}, "Not ready"),
 )
 def readyz(session: SessionDep, response: Response) -> dict[str, Any]:

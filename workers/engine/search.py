@@ -9,8 +9,14 @@ far from affine, or when confirmations keep creeping up by one (a staircase of a
 segments, say). A probe whose peak is only a lower bound, as after a real CUDA OOM,
 counts as a plain failure.
 
-Lightning's binsearch doubles from 2 and then bisects (13-21 trials, not exact); Accelerate halves
-from a start value on each OOM (never exact, never grows).
+Two shortcuts come first where the device offers them. A `predict` callable (the simulated
+device replays its allocator model on the allocation sequence extrapolated from two traces)
+answers "does b fit?" in milliseconds, so the search probes only the predicted answer and
+answer + 1: four trials in all. A `seed` (a real device's simulated twin's answer) is probed with
+its neighbour before anything else: two real trials when the twin is right.
+
+Lightning's binsearch doubles from 2 and then bisects (13-21 trials, not exact); Accelerate
+multiplies by 0.9 from a start value on each OOM (never exact, never grows).
 """
 
 from __future__ import annotations

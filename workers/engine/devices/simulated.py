@@ -136,6 +136,7 @@ class _SimulatedSession(ProbeSession):
         self.config = device.allocator
         self.host = device.host
         self._sequences: dict[int, Sequence] = {}
+        self._model: tuple[tuple[int, ...], AffineSequence | None] | None = None
         # The allocator may reserve what the card offers less the context and NCCL's buffers.
         self.allocator_limit = limit - costs.outside_allocator
 
@@ -167,13 +168,21 @@ class _SimulatedSession(ProbeSession):
         return replay(persistent, events, self.allocator_limit, self.config, lazy=lazy).oom is None
 
     def _sequence_model(self) -> AffineSequence | None:
-        batches = sorted(self._sequences, reverse=True)
+        """The fit on the largest pair of probed batches whose sequences share a shape; cached
+        until another batch is probed (a search asks for dozens of predictions in between)."""
+        batches = tuple(sorted(self._sequences, reverse=True))
+        if self._model is not None and self._model[0] == batches:
+            return self._model[1]
+        found = None
         for index, high in enumerate(batches):
             for low in batches[index + 1 :]:
-                model = AffineSequence.fit(low, self._sequences[low], high, self._sequences[high])
-                if model is not None:
-                    return model
-        return None
+                found = AffineSequence.fit(low, self._sequences[low], high, self._sequences[high])
+                if found is not None:
+                    break
+            if found is not None:
+                break
+        self._model = (batches, found)
+        return found
 
     def _allocation_sequence(self) -> Sequence:
         """What the allocator sees from the process start: workspaces and parameters first;

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from service.schemas.plan import PlanStatus
+
 app = typer.Typer(
     help="Plan PyTorch training jobs: max micro-batch, accumulation, LR, memory.",
     no_args_is_help=True,
@@ -118,7 +120,7 @@ def plan(
         sys.stdout.write(json.dumps(body, indent=2) + "\n")
     else:
         _print_plan(body)
-    if body.get("status") != "succeeded":
+    if body.get("status") != PlanStatus.succeeded:
         raise typer.Exit(1)
 
 
@@ -168,7 +170,7 @@ def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
             raise typer.Exit(2) from None
     return {
         "id": None,
-        "status": "succeeded",
+        "status": PlanStatus.succeeded,
         "spec": spec.canonical(),
         "spec_hash": spec.spec_hash,
         "result": result.model_dump(mode="json"),
@@ -209,7 +211,7 @@ def _gib(n: int) -> str:
 def _print_plan(body: dict[str, Any]) -> None:
     console = Console()
     result = body.get("result")
-    if body.get("status") != "succeeded" or result is None:
+    if body.get("status") != PlanStatus.succeeded or result is None:
         console.print(f"[red]{body.get('status')}[/red]: {json.dumps(body.get('error'))}")
         return
     dev = result["device"]

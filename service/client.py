@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 
+from service.schemas.plan import FINAL
+
 
 class TrainplanError(RuntimeError):
     def __init__(self, problem: dict[str, Any]) -> None:
@@ -74,10 +76,7 @@ class TrainplanClient:
         deadline = time.monotonic() + timeout
         while True:
             plan = self.get(plan_id, wait=min(30.0, max(0.0, deadline - time.monotonic())))
-            if (
-                plan["status"] in ("succeeded", "failed", "cancelled")
-                or time.monotonic() >= deadline
-            ):
+            if plan["status"] in FINAL or time.monotonic() >= deadline:
                 return plan
 
     def events(self, plan_id: str) -> Iterator[tuple[str, dict[str, Any]]]:

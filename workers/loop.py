@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
+from service.schemas.plan import PlanStatus
 from service.store import crud
 from service.store.db import session_scope
 from workers.metrics import PLAN_SECONDS, PLANS_FINISHED, TRIALS
@@ -131,7 +132,7 @@ class PlanWorker:
                             return final
                     return self._end(
                         plan_id,
-                        "failed",
+                        PlanStatus.failed,
                         started,
                         error=crud.problem(
                             "plan-crashed",
@@ -145,7 +146,7 @@ class PlanWorker:
                 if now > deadline:
                     return self._end(
                         plan_id,
-                        "failed",
+                        PlanStatus.failed,
                         started,
                         error=crud.problem(
                             "plan-timeout",
@@ -161,7 +162,7 @@ class PlanWorker:
                         log.warning("plan.lease_lost", plan_id=plan_id)
                         return "lost"
                     if self._cancelled(plan_id):
-                        return self._end(plan_id, "cancelled", started)
+                        return self._end(plan_id, PlanStatus.cancelled, started)
                 if stop.is_set():
                     return "lost"  # shutting down: the lease runs out, another worker retries
         finally:
@@ -189,10 +190,14 @@ class PlanWorker:
         if kind == "trial":
             self._store_trial(plan_id, attempt, state["index"], payload)
             state["index"] += 1
-            return self._end(plan_id, "cancelled", started) if self._cancelled(plan_id) else None
+            return (
+                self._end(plan_id, PlanStatus.cancelled, started)
+                if self._cancelled(plan_id)
+                else None
+            )
         if kind == "result":
-            return self._end(plan_id, "succeeded", started, result=payload)
-        return self._end(plan_id, "failed", started, error=payload)
+            return self._end(plan_id, PlanStatus.succeeded, started, result=payload)
+        return self._end(plan_id, PlanStatus.failed, started, error=payload)
 
     def _retrying(self, what: str, write: Callable[[Session], T]) -> T:
         """Run one store operation, waiting out a database that restarts or a disk that is full
@@ -238,7 +243,7 @@ class PlanWorker:
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
     ) -> str:
-        if status == "cancelled":
+        if status == PlanStatus.cancelled:
             error = crud.problem(
                 "cancelled", "Plan cancelled", "cancelled on request; trials so far are kept", 409
             )

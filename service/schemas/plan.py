@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from service.schemas.result import PlanResult, Trial
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+class PlanStatus(StrEnum):
+    """A plan's life: queued -> running -> succeeded | failed | cancelled (running again when a
+    lease runs out). Member names equal their values, so any driver that adapts an Enum by
+    name or by value stores the same text."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+
+FINAL = frozenset({PlanStatus.succeeded, PlanStatus.failed, PlanStatus.cancelled})
 
 
 class PlanOut(BaseModel):
     id: str
-    status: Status
+    status: PlanStatus
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -30,7 +48,7 @@ class PlanOut(BaseModel):
 
 class PlanSummary(BaseModel):
     id: str
-    status: Status
+    status: PlanStatus
     created_at: datetime
     finished_at: datetime | None = None
     model: str

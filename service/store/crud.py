@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from service.store.models import FINAL, Plan, Trial, Worker
+from service.schemas.plan import FINAL, PlanStatus
+from service.store.models import Plan, Trial, Worker
 
 
 def now() -> datetime:
@@ -41,7 +42,10 @@ def find_by_hash(session: Session, spec_hash: str) -> Plan | None:
     """The newest plan of this spec that did not fail or get cancelled."""
     stmt = (
         select(Plan)
-        .where(Plan.spec_hash == spec_hash, Plan.status.in_(("queued", "running", "succeeded")))
+        .where(
+            Plan.spec_hash == spec_hash,
+            Plan.status.in_((PlanStatus.queued, PlanStatus.running, PlanStatus.succeeded)),
+        )
         .order_by(Plan.seq.desc())
         .limit(1)
     )
@@ -62,7 +66,7 @@ def create_plan(
     plan = Plan(
         id=str(uuid.uuid4()),
         seq=next_seq,
-        status="queued",
+        status=PlanStatus.queued,
         spec=spec,
         spec_hash=spec_hash,
         model_name=model_label(spec)[:200],
@@ -120,8 +124,8 @@ def request_cancel(session: Session, plan_id: str) -> Plan | None:
     if plan is None or plan.status in FINAL:
         return plan
     stamp = now()
-    if plan.status == "queued":
-        plan.status, plan.finished_at = "cancelled", stamp
+    if plan.status == PlanStatus.queued:
+        plan.status, plan.finished_at = PlanStatus.cancelled, stamp
     plan.cancel_requested = True
     plan.updated_at = stamp
     session.flush()
@@ -134,7 +138,10 @@ def claim_next(
 ) -> Plan | None:
     """Atomically take the oldest runnable plan: queued, or running with an expired lease."""
     stamp = now()
-    runnable = or_(Plan.status == "queued", (Plan.status == "running") & (Plan.lease_until < stamp))
+    runnable = or_(
+        Plan.status == PlanStatus.queued,
+        (Plan.status == PlanStatus.running) & (Plan.lease_until < stamp),
+    )
     pick = (
         select(Plan.id)
         .where(runnable, Plan.cancel_requested.is_(False), Plan.device_kind.in_(device_kinds))
@@ -147,7 +154,7 @@ def claim_next(
         update(Plan)
         .where(Plan.id == pick.scalar_subquery())
         .values(
-            status="running",
+            status=PlanStatus.running,
             worker_id=worker_id,
             attempts=Plan.attempts + 1,
             lease_until=stamp + timedelta(seconds=lease_seconds),
@@ -166,9 +173,13 @@ def fail_exhausted(session: Session, max_attempts: int) -> int:
     stamp = now()
     stmt = (
         update(Plan)
-        .where(Plan.status == "running", Plan.lease_until < stamp, Plan.attempts >= max_attempts)
+        .where(
+            Plan.status == PlanStatus.running,
+            Plan.lease_until < stamp,
+            Plan.attempts >= max_attempts,
+        )
         .values(
-            status="failed",
+            status=PlanStatus.failed,
             finished_at=stamp,
             updated_at=stamp,
             error=problem(
@@ -190,7 +201,7 @@ def extend_lease(session: Session, plan_id: str, worker_id: str, lease_seconds: 
     stamp = now()
     stmt = (
         update(Plan)
-        .where(Plan.id == plan_id, Plan.worker_id == worker_id, Plan.status == "running")
+        .where(Plan.id == plan_id, Plan.worker_id == worker_id, Plan.status == PlanStatus.running)
         .values(lease_until=stamp + timedelta(seconds=lease_seconds), updated_at=stamp)
     )
     ok = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
@@ -245,7 +256,7 @@ def finish(
     prediction = (result or {}).get("prediction") or {}
     stmt = (
         update(Plan)
-        .where(Plan.id == plan_id, Plan.worker_id == worker_id, Plan.status == "running")
+        .where(Plan.id == plan_id, Plan.worker_id == worker_id, Plan.status == PlanStatus.running)
         .values(
             status=status,
             result=result,
@@ -278,7 +289,7 @@ def fidelity(session: Session) -> list[dict[str, Any]]:
             func.avg(error),
             func.max(error),
         )
-        .where(Plan.status == "succeeded", Plan.real_max.is_not(None))
+        .where(Plan.status == PlanStatus.succeeded, Plan.real_max.is_not(None))
         .group_by(Plan.model_name, Plan.device_kind, Plan.device_name)
         .order_by(Plan.model_name, Plan.device_name)
     ).all()

@@ -23,10 +23,10 @@ from service.schemas.examples import (
     PLAN_EXAMPLES,
     response_example,
 )
-from service.schemas.plan import PlanOut, PlanPage, PlanSummary
+from service.schemas.plan import FINAL, PlanOut, PlanPage, PlanStatus, PlanSummary
 from service.schemas.spec import PlanSpec
 from service.store import crud
-from service.store.models import FINAL, Plan
+from service.store.models import Plan
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=[Depends(require_auth)])
 
@@ -51,11 +51,15 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 
 def plan_out(plan: Plan, session: Session | None = None) -> PlanOut:
     trials: list[Any] = []
-    if session is not None and plan.status in ("running", "failed", "cancelled"):
+    if session is not None and plan.status in (
+        PlanStatus.running,
+        PlanStatus.failed,
+        PlanStatus.cancelled,
+    ):
         trials = [_trial_json(t) for t in crud.trials_of(session, plan.id, plan.attempts)]
     return PlanOut(
         id=plan.id,
-        status=plan.status,  # type: ignore[arg-type]
+        status=PlanStatus(plan.status),
         created_at=crud.aware(plan.created_at),  # type: ignore[arg-type]
         started_at=crud.aware(plan.started_at),
         finished_at=crud.aware(plan.finished_at),
@@ -114,7 +118,7 @@ def _check_buildable(spec: PlanSpec) -> None:
     responses={
         **response_example(
             202,
-            PLAN_EXAMPLE | {"status": "queued", "result": None},
+            PLAN_EXAMPLE | {"status": PlanStatus.queued, "result": None},
             "Queued; Location names the plan",
         ),
         **response_example(200, PLAN_EXAMPLE, "The stored plan of the same spec (no new plan)"),
@@ -176,9 +180,7 @@ def _existing(response: Response, plan: Plan, session: Session) -> PlanOut:
 def list_plans(
     session: SessionDep,
     settings: SettingsDep,
-    status: Annotated[
-        str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
-    ] = None,
+    status: PlanStatus | None = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
@@ -189,7 +191,7 @@ def list_plans(
     items = [
         PlanSummary(
             id=p.id,
-            status=p.status,  # type: ignore[arg-type]
+            status=PlanStatus(p.status),
             created_at=crud.aware(p.created_at),  # type: ignore[arg-type]
             finished_at=crud.aware(p.finished_at),
             model=p.model_name,
@@ -234,7 +236,7 @@ def _read(factory: Any, plan_id: str) -> PlanOut:
     response_model=PlanOut,
     status_code=202,
     responses=NOT_FOUND
-    | response_example(202, PLAN_EXAMPLE | {"status": "cancelled", "result": None}),
+    | response_example(202, PLAN_EXAMPLE | {"status": PlanStatus.cancelled, "result": None}),
     summary="Cancel: a queued plan at once, a running one at its next trial",
 )
 def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:

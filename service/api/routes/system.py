@@ -18,6 +18,7 @@ from service.schemas.examples import (
     WORKERS_EXAMPLE,
     response_example,
 )
+from service.schemas.plan import PlanStatus
 from service.store import crud
 from service.store.models import Trial
 from workers.engine.catalogue import GPU_CATALOGUE
@@ -127,7 +128,7 @@ def readyz(session: SessionDep, response: Response) -> dict[str, Any]:
 def metrics(session: SessionDep) -> Response:
     depth = crud.queue_depth(session)
     lines = ["# HELP trainplan_plans Plans in the store by status", "# TYPE trainplan_plans gauge"]
-    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+    for status in PlanStatus:
         lines.append(f'trainplan_plans{{status="{status}"}} {depth.get(status, 0)}')
     trials = session.execute(select(Trial.fits, func.count()).group_by(Trial.fits)).all()
     counts = {bool(fits): n for fits, n in trials}

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.schemas.plan import PlanStatus
+from service.schemas.problem import problem
 from service.store import crud
 from service.store.db import session_scope
 from workers.metrics import PLAN_SECONDS, PLANS_FINISHED, TRIALS
@@ -134,7 +135,7 @@ class PlanWorker:
                         plan_id,
                         PlanStatus.failed,
                         started,
-                        error=crud.problem(
+                        error=problem(
                             "plan-crashed",
                             "The plan's process died",
                             f"the child process exited with code {process.exitcode} "
@@ -148,7 +149,7 @@ class PlanWorker:
                         plan_id,
                         PlanStatus.failed,
                         started,
-                        error=crud.problem(
+                        error=problem(
                             "plan-timeout",
                             "The plan exceeded its time limit",
                             f"stopped after {settings.plan_timeout_seconds:g} s "
@@ -244,7 +245,7 @@ class PlanWorker:
         error: dict[str, Any] | None = None,
     ) -> str:
         if status == PlanStatus.cancelled:
-            error = crud.problem(
+            error = problem(
                 "cancelled", "Plan cancelled", "cancelled on request; trials so far are kept", 409
             )
         ok = self._retrying(

@@ -8,7 +8,7 @@ import multiprocessing as mp
 import traceback
 from typing import Any
 
-from service.store.crud import problem
+from service.schemas.problem import problem
 
 
 def child_main(spec_json: str, queue: Any) -> None:

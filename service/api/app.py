@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api import problems
 from service.api.routes import plans, system
 from service.config import Settings, get_settings
-from service.store.crud import problem
+from service.schemas.problem import problem
 from service.store.db import make_engine, make_session_factory, upgrade
 
 DESCRIPTION = """Plans PyTorch training jobs: the largest micro-batch that fits (exact, by OOM

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.store.crud import problem
+from service.schemas.problem import problem
 
 MEDIA_TYPE = "application/problem+json"
 log = structlog.get_logger("trainplan.api")

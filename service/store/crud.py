@@ -13,6 +13,7 @@ from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from service.schemas.plan import FINAL, PlanStatus
+from service.schemas.problem import problem
 from service.store.models import Plan, Trial, Worker
 
 
@@ -305,17 +306,6 @@ def fidelity(session: Session) -> list[dict[str, Any]]:
         }
         for model, kind, device, count, over_count, mean, worst in rows
     ]
-
-
-def problem(kind: str, title: str, detail: str, status: int, **extra: Any) -> dict[str, Any]:
-    """An RFC 9457 problem-details object."""
-    return {
-        "type": f"https://trainplan.dev/problems/{kind}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        **extra,
-    }
 
 
 # -- workers ---------------------------------------------------------------------------------

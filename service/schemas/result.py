@@ -86,7 +86,6 @@ class Throughput(BaseModel):
     epoch_time_s: float
     total_time_s: float = 0.0
     measured: bool = Field(description="False: a roofline estimate, not a timed step.")
-    assumed_utilization: float | None = None
     flops_per_sample: float | None = None
     split: StepSplit | None = None
     samples_per_second_band: tuple[float, float] | None = Field(

@@ -128,11 +128,6 @@ class ProbeDevice(ABC):
     overhead_bytes: int = 0  # held outside the tensors' allocator: CUDA context, NCCL
     supports_bf16: bool = True
     supports_tf32: bool = True
-    bandwidth_gbs: float | None = None
-
-    def tflops(self, precision: str) -> float | None:
-        """Dense peak TFLOP/s for the precision, where known (the catalogue's cards)."""
-        return None
 
     def limit_bytes(self, headroom: float) -> int:
         return int(self.memory_bytes * (1.0 - headroom))

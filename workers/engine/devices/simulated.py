@@ -64,10 +64,6 @@ class SimulatedDevice(ProbeDevice):
         self.overhead_bytes = self.fixed_costs(1).outside_allocator
         self.supports_bf16 = gpu.supports_bf16
         self.supports_tf32 = gpu.supports_tf32
-        self.bandwidth_gbs = gpu.bandwidth_gbs
-
-    def tflops(self, precision: str) -> float | None:
-        return self.gpu.tflops(precision)
 
     def fixed_costs(self, world_size: int) -> FixedCosts:
         if self.host:

@@ -313,7 +313,7 @@ def estimate_throughput(
     optimizer = seconds["optimizer"]
     step = compute + memory_bound + optimizer
     input_bytes = sample_bytes(spec) * batches.micro_batch_size
-    return _throughput(
+    estimate = _throughput(
         spec,
         batches,
         epochs,
@@ -326,10 +326,10 @@ def estimate_throughput(
             optimizer_s=optimizer,
             input_s=input_bytes * k / HOST_TO_DEVICE_BYTES_S,
         ),
-        samples_per_second_band=(
-            batches.micro_batch_size * k * spec.training.world_size / (step * UNCERTAINTY),
-            batches.micro_batch_size * k * spec.training.world_size * UNCERTAINTY / step,
-        ),
+    )
+    rate = estimate.samples_per_second
+    return estimate.model_copy(
+        update={"samples_per_second_band": (rate / UNCERTAINTY, rate * UNCERTAINTY)}
     )
 
 

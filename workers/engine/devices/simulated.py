@@ -186,15 +186,19 @@ class _SimulatedSession(ProbeSession):
         torch 2.0) the gradients in its backward, where a real run creates them."""
         tracker = self.tracker
         events = tracker.window_events()
-        created_later = {"gradients": "backward", "optimizer_state": "optimizer"}
+        # where each lazily created category appears: the first event of its phase
+        created_at = {
+            "gradients": tracker.first_event_in_phase(events, "backward"),
+            "optimizer_state": tracker.first_event_in_phase(events, "optimizer"),
+        }
         persistent = list(self.costs.workspaces)
         lazy: dict[int, list[int]] = {}
         for category, nbytes in tracker.persistent_requests():
-            phase = created_later.get(category)
-            if phase is None:
+            index = created_at.get(category)
+            if index is None:
                 persistent.append(nbytes)
             else:
-                lazy.setdefault(tracker.first_event_in_phase(events, phase), []).append(nbytes)
+                lazy.setdefault(index, []).append(nbytes)
         return persistent, events, lazy
 
     def _replayed_outcome(self, batch: int, at_limit: CachingAllocator, need: int) -> TrialOutcome:

@@ -15,7 +15,7 @@ WORKDIR /app
 # Dependencies first, for layer caching: the package metadata alone.
 COPY pyproject.toml README.md ./
 RUN mkdir -p service workers && touch service/__init__.py workers/__init__.py \
-    && pip install ".[vision,nlp,postgres]" \
+    && pip install ".[vision,nlp,postgres,peft]" \
     && pip uninstall -y trainplan
 
 COPY service ./service

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,vision,postgres,nlp
+EXTRAS ?= dev,vision,postgres,nlp,peft
 STAMP := $(VENV)/.installed
 
 .PHONY: install serve test lint typecheck unit bench clean compose-check

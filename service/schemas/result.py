@@ -33,6 +33,10 @@ class MemoryCategory(StrEnum):
     ACTIVATIONS = "activations"
     TEMPORARY = "temporary"  # backward and optimizer intermediates
     WORKSPACE = "workspace"  # library workspaces: cuBLAS/cuBLASLt, cuDNN layout transforms
+    # Sharded and parameter-efficient plans (FSDPMemTracker's `_FSDPRefType` names the same).
+    GATHERED_PARAMETERS = "gathered_parameters"  # FSDP's unsharded copies during compute
+    COMMUNICATION = "communication"  # all-gather outputs, reduce-scatter inputs, DDP buckets
+    ADAPTER_PARAMETERS = "adapter_parameters"  # LoRA's A and B (the base stays `parameters`)
 
     @classmethod
     def tensors(cls) -> tuple[MemoryCategory, ...]:

@@ -202,6 +202,86 @@ Precision = Literal["fp32", "tf32", "fp16-mixed", "bf16-mixed", "bf16"]
 LrScaling = Literal["linear", "sqrt", "none", "auto"]
 
 
+Strategy = Literal["none", "ddp", "fsdp", "hybrid_shard", "zero1", "zero2", "zero3"]
+SHARDED: frozenset[str] = frozenset({"fsdp", "hybrid_shard", "zero2", "zero3"})
+
+
+class ParallelismSpec(StrictModel):
+    """How the job spreads over `world_size` GPUs. Each strategy is traced with the real wrapper
+    under a fake process group, as rank 0 (the worst rank) sees it: ddp `DistributedDataParallel`;
+    zero1 DDP + `ZeroRedundancyOptimizer`; fsdp/zero3 `fully_shard`; zero2 `fully_shard` without
+    resharding after forward (FSDP's SHARD_GRAD_OP, PyTorch's ZeRO-2); hybrid_shard
+    `fully_shard` on a (nodes, gpus_per_node) mesh: sharded within a node, replicated across."""
+
+    strategy: Strategy | None = Field(
+        default=None, description="null: ddp when world_size > 1, else none."
+    )
+    world_size: int | Literal["auto"] | None = Field(
+        default=None,
+        description="GPUs in all (same as training.world_size); 'auto': the fewest that fit.",
+    )
+    gpus_per_node: int = Field(default=8, ge=1, le=64)
+    cpu_offload: bool = Field(
+        default=False,
+        description="fsdp/zero3/hybrid_shard: sharded parameters, gradients and optimizer state "
+        "live in host memory (FSDP's CPUOffloadPolicy); the optimizer steps on the CPU.",
+    )
+    reshard_after_forward: bool = Field(
+        default=True, description="fsdp/hybrid_shard: free gathered parameters after forward."
+    )
+    bucket_cap_mb: float = Field(
+        default=25, gt=0, le=4096, description="DDP's gradient bucket size (MiB)."
+    )
+
+    @field_validator("world_size")
+    @classmethod
+    def _world(cls, value: Any) -> Any:
+        if isinstance(value, int) and not 1 <= value <= 1 << 16:
+            raise ValueError("world_size is between 1 and 65536")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParallelismSpec:
+        if self.cpu_offload and self.strategy not in ("fsdp", "zero3", "hybrid_shard"):
+            raise ValueError(
+                f"cpu_offload needs a strategy that shards parameters (fsdp, zero3, "
+                f"hybrid_shard), not {self.strategy!r}"
+            )
+        if not self.reshard_after_forward and self.strategy not in ("fsdp", "hybrid_shard"):
+            raise ValueError("reshard_after_forward applies to fsdp and hybrid_shard")
+        return self
+
+    def resolved(self, world_size: int) -> Strategy:
+        """The strategy a plan traces: an unset one is DDP as soon as there are two ranks."""
+        if self.strategy is not None:
+            return self.strategy
+        return "ddp" if world_size > 1 else "none"
+
+
+class PeftSpec(StrictModel):
+    """Parameter-efficient fine-tuning with Hugging Face `peft`: LoRA adapters on the target
+    modules, the base frozen; QLoRA also stores the base in 4-bit NF4 (bitsandbytes)."""
+
+    method: Literal["lora", "qlora"]
+    r: int = Field(default=16, ge=1, le=4096)
+    alpha: int = Field(default=32, ge=1, le=1 << 16)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        default="all-linear", description="Module-name suffixes, or 'all-linear'."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not 1 <= len(value) <= 64:
+                raise ValueError("between 1 and 64 module names")
+            for name in value:
+                if not re.fullmatch(r"[A-Za-z0-9_.]{1,128}", name):
+                    raise ValueError(f"{name!r} is not a module name")
+        return value
+
+
 class TrainingSpec(StrictModel):
     optimizer: Optimizer = "adamw"
     precision: Precision = "fp32"
@@ -216,6 +296,8 @@ class TrainingSpec(StrictModel):
         default="all",
         description="'all', or the parameter-name prefixes to FREEZE (no gradient, no state).",
     )
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
+    peft: PeftSpec | None = None
 
     @field_validator("trainable")
     @classmethod
@@ -228,8 +310,38 @@ class TrainingSpec(StrictModel):
                     raise ValueError(f"{prefix!r} is not a parameter-name prefix")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_world_size(cls, data: Any) -> Any:
+        """`parallelism.world_size` and `world_size` are one number; the top-level one is kept
+        (DESIGN.md's field), the nested one is where the strategy is described."""
+        if not isinstance(data, dict):
+            return data
+        parallelism = data.get("parallelism")
+        asked = (
+            parallelism.get("world_size")
+            if isinstance(parallelism, dict)
+            else getattr(parallelism, "world_size", None)
+        )
+        if isinstance(asked, int) and not isinstance(asked, bool) and 1 <= asked <= 1 << 16:
+            given = data.get("world_size")
+            if given is not None and given != asked:
+                raise ValueError(f"world_size {given} and parallelism.world_size {asked} differ")
+            data = {**data, "world_size": asked}
+        return data
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.parallelism.resolved(self.world_size)
+
+    @property
+    def auto_world_size(self) -> bool:
+        return self.parallelism.world_size == "auto"
+
     @model_validator(mode="after")
     def _world_fits(self) -> TrainingSpec:
+        if self.peft is not None and self.strategy in ("zero1", "hybrid_shard"):
+            raise ValueError(f"peft with parallelism.strategy {self.strategy!r} is not planned")
         if self.global_batch_size < self.world_size:
             raise ValueError("global_batch_size must be at least world_size (one sample per rank)")
         return self

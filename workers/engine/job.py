@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from service.schemas.spec import PlanSpec
 from workers.engine.autocast_policy import CudaAutocastPolicy, autocast_region
 from workers.engine.data import sample_input, sample_target
+from workers.engine.distributed import World, local, replicate, shard
 from workers.engine.models import BuiltModel
 from workers.engine.tracker import MemoryTracker
 
@@ -41,13 +42,24 @@ TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def make_optimizer(
-    name: str, params: list[nn.Parameter], lr: float, foreach: bool | None
+    name: str,
+    params: list[nn.Parameter],
+    lr: float,
+    foreach: bool | None,
+    partitioned: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizers of the spec. `foreach=True` reproduces CUDA's default multi-tensor kernels,
-    whose temporaries count in the peak."""
+    whose temporaries count in the peak; `partitioned`: ZeRO-1, each rank keeps the state of
+    its partition of the parameters (`ZeroRedundancyOptimizer`)."""
     if name not in TORCH_OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name}")
     cls, kwargs = TORCH_OPTIMIZERS[name]
+    if partitioned:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(
+            params, optimizer_class=getattr(torch.optim, cls), lr=lr, foreach=foreach, **kwargs
+        )
     optimizer: torch.optim.Optimizer = getattr(torch.optim, cls)(
         params, lr=lr, foreach=foreach, **kwargs
     )
@@ -151,6 +163,7 @@ class TrainingJob:
         autocast_policy: CudaAutocastPolicy | None = None,
         grads_set_to_none: bool = True,
         cuda_semantics: bool | None = None,
+        world: World | None = None,
     ) -> None:
         self.spec = spec
         self.autocast_policy = autocast_policy  # CUDA's rules on a trace made on the CPU
@@ -166,6 +179,8 @@ class TrainingJob:
         self.autocast_dtype = LOW_PRECISION.get(self.precision)
         self.param_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.checkpointed_segments = 0
+        self.world = world
+        self.host_bytes = 0  # what FSDP's CPU offload keeps in host memory
         model = built.module
         self.forward_loss = built.forward_loss
         self.vocab_size = built.vocab_size or getattr(spec.data, "vocab_size", None)
@@ -173,7 +188,20 @@ class TrainingJob:
             self.checkpointed_segments = enable_checkpointing(model)
         self.frozen = self._freeze(model)
         with tracker.in_phase("parameters"):
-            model = self._materialise(model, fill)
+            if world is not None and world.shards:
+                model = self._materialise_sharded(model, world)
+            else:
+                model = self._materialise(model, fill)
+            if training.peft is not None and training.peft.method == "qlora":
+                from workers.engine.qlora import quantize_materialised
+
+                quantize_materialised(model)
+        if training.peft is not None:
+            from workers.engine.peft import adapter_parameters
+
+            tracker.mark(adapter_parameters(model), "adapter_parameters")
+        if world is not None and world.replicates:
+            model = replicate(model, spec, tracker)
         self.model = model.train()
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
@@ -185,7 +213,11 @@ class TrainingJob:
             cuda_semantics = fake or device.startswith("cuda")
         foreach = True if cuda_semantics else None
         self.optimizer = make_optimizer(
-            training.optimizer, self.trainable, training.base_lr, foreach
+            training.optimizer,
+            self.trainable,
+            training.base_lr,
+            foreach,
+            partitioned=world is not None and world.strategy == "zero1",
         )
         self.scaler = self._make_scaler()
         self._prime_optimizer()
@@ -237,6 +269,17 @@ class TrainingJob:
                 first[key] = param
         return model
 
+    def _materialise_sharded(self, model: nn.Module, world: World) -> nn.Module:
+        """fully_shard the meta model, then give each rank its local shards."""
+        if self.param_dtype is not None:
+            model = model.to(self.param_dtype)
+        shard(model, world, self.spec)
+        model.to_empty(device=self.device)
+        retie = getattr(model, "tie_weights", None)
+        if retie is not None:  # `to_empty` gives tied slots separate parameters
+            retie()
+        return model
+
     def _output_classes(self) -> int | None:
         if self.family == "hf_sequence":
             return self.spec.data.num_classes or 2
@@ -255,17 +298,30 @@ class TrainingJob:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
         self.tracker.mark(self.optimizer_state_tensors(), "optimizer_state")
-        self.tracker.mark((p.grad for p in self.trainable), "gradients")
+        self.tracker.mark(self.gradients(), "gradients")
         if self.fake:
             self.tracker.exclude(self.optimizer_state_tensors(scalars=True))
+        if self.offloaded:
+            params = (local(p) for p in self.model.parameters())
+            self.host_bytes = self.tracker.exclude(params)
+            self.host_bytes += self.tracker.exclude(self.optimizer_state_tensors())
+
+    @property
+    def offloaded(self) -> bool:
+        return self.world is not None and self.spec.training.parallelism.cpu_offload
+
+    def gradients(self) -> Iterator[torch.Tensor | None]:
+        """This rank's gradients (local shards under FSDP)."""
+        return (None if p.grad is None else local(p.grad) for p in self.trainable)
 
     def optimizer_state_tensors(self, scalars: bool = False) -> Iterator[torch.Tensor]:
         """The optimizer's state tensors; `scalars`: only its 0-d counters (`step`), which a
         non-capturable optimizer keeps on the host."""
-        for state in self.optimizer.state.values():
+        inner = getattr(self.optimizer, "optim", self.optimizer)  # ZeRO-1 wraps the local one
+        for state in inner.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor) and (value.dim() == 0) == scalars:
-                    yield value
+                    yield local(value)
 
     # -- one iteration ---------------------------------------------------------------------
     def autocast(self) -> AbstractContextManager[Any]:
@@ -314,7 +370,9 @@ class TrainingJob:
             else:
                 loss.backward()
         del loss, x, y
-        tracker.mark((p.grad for p in self.trainable), "gradients")
+        tracker.mark(self.gradients(), "gradients")
+        if self.offloaded:  # reduce-scattered, then copied to the host for the CPU step
+            tracker.exclude(self.gradients())
         with tracker.in_phase("optimizer"):
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -326,7 +384,7 @@ class TrainingJob:
             self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
 
     def _fake_unscale(self) -> None:
-        grads = [p.grad for p in self.trainable if p.grad is not None]
+        grads = [g for g in self.gradients() if g is not None]
         found_inf = torch.zeros(1, device=self.device)
         inv_scale = torch.full((1,), 1.0 / 65536.0, device=self.device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -23,6 +23,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from service.schemas.result import MemoryCategory
 
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+_WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
+# The buffer argument of the collectives FSDP runs: the all-gather output (its gathered
+# parameters before the copy-out) and the reduce-scatter input (unsharded gradients).
+_COLLECTIVE_BUFFERS = {
+    torch.ops.c10d._allgather_base_.default: 0,
+    torch.ops.c10d._reduce_scatter_base_.default: 1,
+}
 BLOCK_ROUNDING = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 
 CATEGORIES: tuple[str, ...] = tuple(MemoryCategory)
@@ -34,6 +41,7 @@ PHASE_CATEGORY = {
     "backward": "temporary",
     "optimizer": "temporary",
     "other": "temporary",
+    "communication": "communication",
 }
 
 
@@ -44,6 +52,13 @@ class MemoryBudgetExceeded(RuntimeError):
         super().__init__(f"live tensors reached {live} bytes, over the budget of {budget} bytes")
         self.live = live
         self.budget = budget
+
+
+@cache
+def _dtensor_type() -> type:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
 
 
 def round_block(nbytes: int) -> int:
@@ -94,11 +109,41 @@ class MemoryTracker(TorchDispatchMode):
         self._by_storage: dict[int, Allocation] = {}
         self._refs: dict[int, weakref.ref[Any]] = {}
         self._records: list[Allocation] = []
+        self._paused = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops run here make no memory on a real device (DTensor's sharding propagation runs
+        the op at full shapes on fake tensors to learn the output's metadata)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
+
+    def resized(self, storage: Any, nbytes: int, category: str | None = None) -> None:
+        """`UntypedStorage.resize_`: FSDP frees a gathered parameter with `resize_(0)` and gathers
+        it again into the same storage, which no op's output reveals."""
+        self._free(id(storage))
+        if nbytes > 0:
+            self._record_storage(storage, nbytes, category)
 
     # -- recording -------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self._paused:
+            return func(*args, **(kwargs or {}))
+        if any(issubclass(t, _dtensor_type()) for t in types):
+            # Let DTensor run first and come back with the local shards' ops: those are the
+            # bytes a rank holds.
+            return NotImplemented
         if self.fake_scalars and func is _LOCAL_SCALAR:
             return 1.0 if args[0].is_floating_point() else 1
+        if func is _WAIT_TENSOR and self.fake_scalars:
+            # A collective's result under a fake group is its input; fake `wait_tensor` would
+            # return a copy that a real wait never makes.
+            return args[0]
+        if func in _COLLECTIVE_BUFFERS:
+            self.mark([args[_COLLECTIVE_BUFFERS[func]]], "communication")
         out = func(*args, **(kwargs or {}))
         self._record_outputs(out)
         if self.workspace is not None:
@@ -130,15 +175,16 @@ class MemoryTracker(TorchDispatchMode):
 
     def _record(self, tensor: torch.Tensor, category: str | None = None) -> Allocation | None:
         storage = tensor.untyped_storage()
-        key = id(storage)
-        alloc = self._by_storage.get(key)
+        alloc = self._by_storage.get(id(storage))
         if alloc is not None:
             return alloc
-        nbytes = round_block(storage.nbytes())
+        return self._record_storage(storage, storage.nbytes(), category)
+
+    def _record_storage(self, storage: Any, size: int, category: str | None) -> Allocation:
+        key = id(storage)
+        nbytes = round_block(size)
         self._seq += 1
-        alloc = Allocation(
-            nbytes, self.phase, self._seq, category=category, requested=storage.nbytes()
-        )
+        alloc = Allocation(nbytes, self.phase, self._seq, category=category, requested=size)
         self._by_storage[key] = alloc
         self._refs[key] = weakref.ref(storage, partial(self._on_storage_freed, key))
         self._records.append(alloc)
@@ -177,14 +223,20 @@ class MemoryTracker(TorchDispatchMode):
             if alloc is not None:
                 alloc.category = category
 
-    def exclude(self, tensors: Iterable[torch.Tensor]) -> None:
+    def exclude(self, tensors: Iterable[torch.Tensor | None]) -> int:
         """Stop counting tensors that live in host memory on a real GPU run (the optimizers'
-        scalar `step` counters), though the trace made them on the traced device."""
+        scalar `step` counters, what FSDP offloads), though the trace made them on the traced
+        device. Returns the bytes moved to the host."""
+        moved = 0
         for tensor in tensors:
+            if tensor is None:
+                continue
             alloc = self._by_storage.get(id(tensor.untyped_storage()))
             if alloc is not None and alloc.nbytes:
                 self.live -= alloc.nbytes
+                moved += alloc.requested
                 alloc.nbytes = alloc.requested = 0
+        return moved
 
     @contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:

@@ -12,7 +12,7 @@ needed: that exact figure is what lets the search land on the answer in a few tr
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -33,6 +33,7 @@ from workers.engine.autocast_policy import cuda_autocast_on_cpu
 from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, MIB, GpuModel, custom_gpu
 from workers.engine.cudnn import nchw_transform_workspace
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
+from workers.engine.distributed import fake_world, traced_collectives
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
 from workers.engine.roofline import Roofline, StepCost, StepCostMode
@@ -102,7 +103,13 @@ class SimulatedDevice(ProbeDevice):
         workspace = None if self.host else nchw_transform_workspace(self.gpu.sm)
         tracker = MemoryTracker(fake_scalars=True, workspace=workspace)
         autocast = nullcontext() if self.host else cuda_autocast_on_cpu()
-        with autocast as policy, FakeTensorMode(allow_non_fake_inputs=True), tracker:
+        with ExitStack() as stack:
+            world = stack.enter_context(fake_world(spec))  # the mesh: outside the fake mode
+            if world is not None:
+                stack.enter_context(traced_collectives(tracker))
+            policy = stack.enter_context(autocast)
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            stack.enter_context(tracker)
             job = TrainingJob(
                 spec,
                 built,
@@ -112,6 +119,7 @@ class SimulatedDevice(ProbeDevice):
                 autocast_policy=policy,
                 grads_set_to_none=self.runtime.zero_grad_set_to_none,
                 cuda_semantics=not self.host,
+                world=world,
             )
             yield _SimulatedSession(self, limit, job, tracker, costs)
 

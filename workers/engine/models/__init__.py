@@ -30,7 +30,18 @@ class BuiltModel:
 
 
 def build_model(spec: PlanSpec) -> BuiltModel:
-    """Build the spec's model on the meta device, or raise SpecError naming the field."""
+    """Build the spec's model on the meta device (with its LoRA adapters when the spec asks for
+    them), or raise SpecError naming the field."""
+    built = _build_base(spec)
+    if spec.training.peft is not None:
+        from workers.engine.peft import apply_peft
+
+        with torch.device("meta"):
+            built.module = apply_peft(built.module, spec.training.peft, built.family)
+    return built
+
+
+def _build_base(spec: PlanSpec) -> BuiltModel:
     try:
         with torch.device("meta"):
             return _build(spec)

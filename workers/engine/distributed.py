@@ -1,0 +1,192 @@
+"""One rank of a multi-GPU job, traced: the real wrappers under a fake process group.
+
+PyTorch's `fake` process group (torch.testing's `FakeStore`) answers every collective at once
+without moving data, so `DistributedDataParallel`, `ZeroRedundancyOptimizer` and FSDP2's
+`fully_shard` run their own code on rank 0 of `world_size` ranks and allocate exactly what they
+allocate on a GPU: local shards, gathered parameters, all-gather and reduce-scatter buffers,
+gradient buckets. Rank 0 is the worst rank (FSDP pads the last shards, ZeRO-1's greedy partition
+gives rank 0 the first and largest parameters).
+
+What this module adds to a plain trace, each found by running torch 2.14 (see issue 11):
+- the device mesh is made outside FakeTensorMode (it holds real rank tensors);
+- DTensor's sharding propagation runs each op at full shapes under the same fake mode to learn
+  the output's metadata: the tracker is paused there (`ShardingPropagator`'s private
+  `_propagate_tensor_meta_non_cached`, the one place it happens);
+- FSDP2 frees gathered parameters with `UntypedStorage.resize_(0)` and regathers into the same
+  storage, which no op's output shows: `resize_` is wrapped while tracing (PyTorch's own
+  `FSDPMemTracker` does the same);
+- DDP's one-time bucket rebuild broadcasts real indices, which fake tensors cannot hold, so DDP
+  runs with `find_unused_parameters=True` (no rebuild; the buckets are the same size) and a comm
+  hook that returns the bucket as reduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from service.schemas.spec import PlanSpec
+from workers.engine.tracker import MemoryTracker
+
+SHARDING = frozenset({"fsdp", "zero3", "zero2", "hybrid_shard"})
+REPLICATING = frozenset({"ddp", "zero1"})
+
+
+@dataclass
+class World:
+    """Rank 0's view of the job: the strategy, its size and (for sharding) the device mesh."""
+
+    strategy: str
+    world_size: int
+    gpus_per_node: int
+    mesh: Any = None
+
+    @property
+    def shards(self) -> bool:
+        return self.strategy in SHARDING
+
+    @property
+    def replicates(self) -> bool:
+        return self.strategy in REPLICATING
+
+    @property
+    def shard_group(self) -> int:
+        """Ranks one parameter is split over: all of them, or one node's for hybrid_shard."""
+        if self.strategy == "hybrid_shard":
+            return min(self.gpus_per_node, self.world_size)
+        return self.world_size
+
+
+@contextmanager
+def fake_world(spec: PlanSpec) -> Iterator[World | None]:
+    """A fake process group of the spec's world size for the length of one session (None for a
+    single-process job). Only one group exists per process: sessions do not nest."""
+    training = spec.training
+    strategy = training.strategy
+    if strategy == "none":
+        yield None
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    size = training.world_size
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+    try:
+        world = World(strategy, size, training.parallelism.gpus_per_node)
+        if world.shards:
+            world.mesh = _mesh(world)
+        yield world
+    finally:
+        dist.destroy_process_group()
+
+
+def _mesh(world: World) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard = world.shard_group
+    if world.strategy == "hybrid_shard" and world.world_size > shard:
+        if world.world_size % shard:
+            raise ValueError(
+                f"hybrid_shard needs world_size ({world.world_size}) to be whole nodes of "
+                f"{shard} GPUs"
+            )
+        return init_device_mesh(
+            "cpu", (world.world_size // shard, shard), mesh_dim_names=("replicate", "shard")
+        )
+    return init_device_mesh("cpu", (world.world_size,))
+
+
+@contextmanager
+def traced_collectives(tracker: MemoryTracker) -> Iterator[None]:
+    """Let the tracker see FSDP's storage resizes and not see DTensor's sharding propagation."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    resize = torch.UntypedStorage.resize_
+    propagate = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def tracked_resize(storage: Any, size: int) -> Any:
+        out = resize(storage, size)
+        tracker.resized(storage, int(size), "gathered_parameters")
+        return out
+
+    def untracked_propagate(self: Any, op_schema: Any) -> Any:
+        with tracker.paused():
+            return propagate(self, op_schema)
+
+    torch.UntypedStorage.resize_ = tracked_resize  # type: ignore[method-assign,assignment]
+    ShardingPropagator._propagate_tensor_meta_non_cached = untracked_propagate  # type: ignore
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = resize  # type: ignore[method-assign]
+        ShardingPropagator._propagate_tensor_meta_non_cached = propagate  # type: ignore
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP shards one at a time: a Hugging Face model's `_no_split_modules` (its
+    decoder layers), else the parametered children of each Sequential/ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if names:
+        found = [m for m in model.modules() if type(m).__name__ in names]
+        if found:
+            return found
+    out: list[nn.Module] = []
+    for parent in model.modules():
+        if isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            out += [c for c in parent.children() if any(True for _ in c.parameters())]
+    return out
+
+
+def shard(model: nn.Module, world: World, spec: PlanSpec) -> None:
+    """`fully_shard` each block, then the root, on the meta model (before materialising)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    parallelism = spec.training.parallelism
+    reshard = parallelism.reshard_after_forward and world.strategy != "zero2"
+    policy = MixedPrecisionPolicy()
+    low = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(spec.training.precision)
+    if low is not None:  # gathered in low precision, gradients reduced in fp32 (FSDP2's advice)
+        policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+    seen: set[int] = set()
+    for block in blocks(model):
+        if id(block) in seen or block is model:
+            continue
+        seen.update(id(m) for m in block.modules())
+        fully_shard(block, mesh=world.mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=world.mesh, reshard_after_forward=reshard, mp_policy=policy)
+
+
+def replicate(model: nn.Module, spec: PlanSpec, tracker: MemoryTracker) -> nn.Module:
+    """DDP around the materialised model; its gradient buckets count as communication."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    with tracker.in_phase("communication"):
+        wrapped = DistributedDataParallel(
+            model,
+            bucket_cap_mb=spec.training.parallelism.bucket_cap_mb,
+            init_sync=False,
+            find_unused_parameters=True,
+        )
+    wrapped.register_comm_hook(None, _reduced)
+    return wrapped
+
+
+def _reduced(_state, bucket):  # type: ignore[no-untyped-def]
+    """A comm hook whose all-reduce is done at once. DDP checks the hook's annotations as
+    objects, which this module's postponed (string) annotations are not: none given."""
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes this rank holds of a (possibly distributed) tensor."""
+    inner = getattr(tensor, "_local_tensor", None)
+    return inner if isinstance(inner, torch.Tensor) else tensor

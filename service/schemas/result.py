@@ -59,6 +59,13 @@ class MemoryBreakdown(BaseModel):
     activations: int
     temporary: int
     workspace: int = Field(default=0, description="cuBLAS/cuBLASLt workspaces (allocator).")
+    gathered_parameters: int = Field(
+        default=0, description="FSDP: parameters all-gathered for the blocks computing now."
+    )
+    communication: int = Field(
+        default=0, description="All-gather / reduce-scatter buffers, DDP's gradient buckets."
+    )
+    adapter_parameters: int = Field(default=0, description="LoRA's A and B matrices.")
     overhead: int = Field(description="Outside the allocator: CUDA context, NCCL buffers.")
     cuda_context: int = Field(default=0, description="Part of `overhead`.")
     nccl_buffers: int = Field(default=0, description="Part of `overhead` (world_size > 1).")
@@ -71,6 +78,11 @@ class MemoryBreakdown(BaseModel):
         description="reserved - peak: rounding, unsplit blocks, cached free segments.",
     )
     capacity: int
+    host_offloaded: int = Field(
+        default=0,
+        description="Host memory per rank (FSDP CPU offload: sharded parameters, gradients, "
+        "optimizer state); not part of `peak`.",
+    )
 
 
 class StepSplit(BaseModel):
@@ -82,6 +94,12 @@ class StepSplit(BaseModel):
     input_s: float = Field(
         description="Host-to-device copy of the batch; overlapped with compute, not added."
     )
+    communication_s: float = Field(
+        default=0.0,
+        description="Collectives per step (ring all-reduce / all-gather / reduce-scatter over "
+        "the card's links); overlapped with compute, only the excess is added.",
+    )
+    communication_bytes: float = Field(default=0.0, description="Through each rank's link.")
 
 
 class Throughput(BaseModel):
@@ -104,7 +122,7 @@ class Trial(BaseModel):
     peak_bytes: int
     duration_s: float
     reason: str | None = None
-    phase: Literal["search", "breakdown", "what_if"] = "search"
+    phase: Literal["search", "breakdown", "what_if", "scale_out"] = "search"
     scenario: str | None = Field(
         default=None, description="The what-if neighbour this probe belongs to, if any."
     )
@@ -132,6 +150,18 @@ class Prediction(BaseModel):
     relative_error: float = Field(description="(predicted - real) / real; > 0: over-predicted.")
     simulated_trials: int
     simulated_wall_s: float
+
+
+class WorldSizeCheck(BaseModel):
+    world_size: int
+    fits: bool
+    peak_bytes: int = Field(description="Per rank, at a micro-batch of one.")
+
+
+class ScaleOut(BaseModel):
+    strategy: str
+    world_size: int | None = Field(description="Fewest GPUs that fit; null: none up to 65536.")
+    checked: list[WorldSizeCheck]
 
 
 class PlanWarning(BaseModel):
@@ -166,4 +196,11 @@ class PlanResult(BaseModel):
     model_summary: dict[str, Any] = Field(default_factory=dict)
     prediction: Prediction | None = Field(
         default=None, description="Real devices: the simulated answer beside the real one."
+    )
+    world_size: int = 1
+    strategy: str = Field(default="none", description="The parallelism strategy traced.")
+    scale_out: list[ScaleOut] = Field(
+        default_factory=list,
+        description="The fewest GPUs per strategy (world_size 'auto', or a job that does not "
+        "fit): each the smallest world size where a micro-batch of one fits per rank.",
     )

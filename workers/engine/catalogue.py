@@ -173,3 +173,33 @@ def custom_gpu(memory_gib: float, base: GpuModel | None = None) -> GpuModel:
         "capped by the spec's memory_gib",
         card.matmul_tflops,
     )
+
+
+# Interconnect between the GPUs of one node, GB/s per direction per GPU, from each datasheet:
+# NVLink totals are bidirectional (A100 600 GB/s, H100/H200 900 GB/s, V100 SXM2 300 GB/s), so
+# half goes each way; PCIe x16 per direction is 15.75 (3.0), 31.5 (4.0), 63 (5.0) GB/s (PCI-SIG).
+PCIE3, PCIE4, PCIE5 = 15.75, 31.5, 63.0
+INTRA_NODE_GBS: dict[str, tuple[float, str]] = {
+    "T4": (PCIE3, "PCIe 3.0 x16 (T4 datasheet)"),
+    "V100-16GB": (150.0, "NVLink 2, 300 GB/s bidirectional (V100 SXM2 datasheet)"),
+    "V100-32GB": (150.0, "NVLink 2, 300 GB/s bidirectional (V100 SXM2 datasheet)"),
+    "A10": (PCIE4, "PCIe 4.0 x16 (A10 datasheet)"),
+    "RTX-3090": (PCIE4, "PCIe 4.0 x16 (no NVLink bridge assumed)"),
+    "A100-40GB": (300.0, "NVLink 3, 600 GB/s bidirectional (A100 SXM datasheet)"),
+    "A100-80GB": (300.0, "NVLink 3, 600 GB/s bidirectional (A100 SXM datasheet)"),
+    "L4": (PCIE4, "PCIe 4.0 x16 (L4 datasheet)"),
+    "RTX-4090": (PCIE4, "PCIe 4.0 x16 (no NVLink)"),
+    "L40S": (PCIE4, "PCIe 4.0 x16 (L40S datasheet, no NVLink)"),
+    "H100-PCIe": (PCIE5, "PCIe 5.0 x16 (H100 PCIe datasheet; no NVLink bridge assumed)"),
+    "H100-80GB": (450.0, "NVLink 4, 900 GB/s bidirectional (H100 SXM datasheet)"),
+    "H200": (450.0, "NVLink 4, 900 GB/s bidirectional (H200 datasheet)"),
+}
+# Between nodes: one 400 Gb/s NIC per GPU (InfiniBand NDR / ConnectX-7, as in a DGX H100):
+# 50 GB/s per direction. An assumption about the cluster, not the card: stated in each plan.
+INTER_NODE_GBS = 50.0
+
+
+def intra_node_gbs(gpu: GpuModel) -> float:
+    """The card's link to its node peers; a capped or custom card uses its base's, else PCIe 4."""
+    base = gpu.name.split("@")[0]
+    return INTRA_NODE_GBS.get(base, (PCIE4, ""))[0]

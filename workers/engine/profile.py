@@ -14,21 +14,28 @@ from service.schemas.result import (
     DeviceInfo,
     LrScalingInfo,
     MemoryBreakdown,
+    MemoryCategory,
     PlanResult,
     PlanWarning,
     Prediction,
+    ScaleOut,
     StepSplit,
     Throughput,
     Trial,
+    WorldSizeCheck,
 )
 from service.schemas.spec import PlanSpec
 from workers.engine import planner
+from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.data import sample_bytes
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, twin_of
 from workers.engine.devices.base import ProbeSession
+from workers.engine.devices.simulated import SimulatedDevice
+from workers.engine.distributed import SHARDING
 from workers.engine.models import build_model
 from workers.engine.roofline import UNCERTAINTY, StepCost
+from workers.engine.scale_out import fewest_gpus, with_world
 from workers.engine.search import SearchResult, find_max_batch
 from workers.engine.what_if import explore
 
@@ -69,7 +76,7 @@ class _Recorder:
         self.trials: list[Trial] = []
 
     def emit(self, trial: Trial) -> None:
-        if trial.phase != "what_if":
+        if trial.phase not in ("what_if", "scale_out"):
             self.trials.append(trial)
         if self.hooks.on_trial is not None:
             self.hooks.on_trial(trial)
@@ -94,7 +101,19 @@ def run_plan(
     what-if neighbours when the spec asks for them."""
     recorder = _Recorder(hooks or ProfileHooks())
     device = device or open_device(spec)
+    scale_out: list[ScaleOut] = []
+    if spec.training.auto_world_size:
+        answer = _scale_out(spec, device, recorder, spec.training.parallelism.strategy or "fsdp")
+        scale_out.append(answer)
+        if answer.world_size is not None:
+            spec = with_world(spec, answer.strategy, answer.world_size)
     result = _plan(spec, device, recorder)
+    if not result.feasible and not scale_out and isinstance(device, SimulatedDevice):
+        strategy = spec.training.strategy
+        scale_out.append(
+            _scale_out(spec, device, recorder, strategy if strategy in SHARDING else "fsdp")
+        )
+    result.scale_out = scale_out
     if spec.search.what_if:
         result.what_if = explore(
             spec,
@@ -103,6 +122,23 @@ def run_plan(
             lambda outcome, label: to_trial(outcome, "what_if", label),
         )
     return result
+
+
+def _scale_out(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder, strategy: str) -> ScaleOut:
+    """The fewest GPUs for `strategy`, each world size checked reported as a trial."""
+
+    def report(size: int, outcome: TrialOutcome) -> None:
+        recorder.emit(to_trial(outcome, "scale_out", f"{strategy}@world_size={size}"))
+
+    answer = fewest_gpus(spec, device, strategy, on_probe=report)
+    return ScaleOut(
+        strategy=strategy,
+        world_size=answer.world_size,
+        checked=[
+            WorldSizeCheck(world_size=size, fits=o.fits, peak_bytes=o.peak_bytes)
+            for size, o in sorted(answer.checked.items())
+        ],
+    )
 
 
 def simulate_twin(spec: PlanSpec, device: ProbeDevice) -> tuple[int, int, float] | None:
@@ -118,40 +154,55 @@ def simulate_twin(spec: PlanSpec, device: ProbeDevice) -> tuple[int, int, float]
     return search.max_batch, len(search.trials), time.perf_counter() - start
 
 
+@dataclass
+class Measured:
+    """What the probes found for one spec on one device: the inputs of the plan arithmetic."""
+
+    search: SearchResult
+    trials: list[Trial]
+    notes: list[str]
+    has_batchnorm: bool = False
+    counts: tuple[int, int] = (0, 0)  # parameters, trainable parameters
+    batches: planner.BatchPlan | None = None
+    at_micro: TrialOutcome | None = None
+    cost: StepCost | None = None
+    host_bytes: int = 0
+
+
 def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResult:
     twin = simulate_twin(spec, device)
     built = build_model(spec)
-    recorded = recorder.trials
     with device.session(spec, built) as session:
-        limit = session.limit_bytes
         search = find_max_batch(
             recorder.probe(session),
-            limit,
+            session.limit_bytes,
             spec.search.max_batch_size,
             session.predict_fits,
             seed=twin[0] if twin else None,
         )
         job = session.job
-        has_bn = job.has_batchnorm() if job is not None else False
-        counts = job.parameter_count() if job is not None else (0, 0)
-        if search.max_batch == 0:
-            result = _infeasible(spec, device, search, recorded, built.notes, has_bn)
-            result.prediction = _prediction(twin, search.max_batch)
-            return result
-        batches = planner.choose_batches(
-            search.max_batch,
-            spec.training.global_batch_size,
-            spec.training.world_size,
-            spec.search.micro_batch,
-        )
-        at_micro = search.outcome_at(batches.micro_batch_size)
-        if at_micro is None:  # the breakdown is reported at the chosen micro-batch: measure it
-            at_micro = session.probe(batches.micro_batch_size)
-            recorder.emit(to_trial(at_micro, phase="breakdown"))
-        cost = session.step_cost(batches.micro_batch_size)
-    result = _feasible(
-        spec, device, search, recorded, batches, at_micro, built.notes, has_bn, counts, cost
-    )
+        measured = Measured(search, recorder.trials, built.notes)
+        if job is not None:
+            measured.has_batchnorm = job.has_batchnorm()
+            measured.counts = job.parameter_count()
+            measured.host_bytes = job.host_bytes
+        if search.max_batch > 0:
+            measured.batches = batches = planner.choose_batches(
+                search.max_batch,
+                spec.training.global_batch_size,
+                spec.training.world_size,
+                spec.search.micro_batch,
+            )
+            at_micro = search.outcome_at(batches.micro_batch_size)
+            if at_micro is None:  # the breakdown is reported at the chosen micro-batch
+                at_micro = session.probe(batches.micro_batch_size)
+                recorder.emit(to_trial(at_micro, phase="breakdown"))
+            measured.at_micro = at_micro
+            measured.cost = session.step_cost(batches.micro_batch_size)
+    if measured.batches is None:
+        result = _infeasible(spec, device, measured)
+    else:
+        result = _feasible(spec, device, measured)
     result.prediction = _prediction(twin, search.max_batch)
     return result
 
@@ -178,19 +229,14 @@ def _device_info(device: ProbeDevice) -> DeviceInfo:
     )
 
 
-def _memory(outcome: TrialOutcome, capacity: int) -> MemoryBreakdown:
+def _memory(outcome: TrialOutcome, capacity: int, host: int = 0) -> MemoryBreakdown:
     parts = outcome.breakdown
     allocated = outcome.allocated_bytes
     reserved = outcome.reserved_bytes
     return MemoryBreakdown(
-        parameters=parts.get("parameters", 0),
-        gradients=parts.get("gradients", 0),
-        optimizer_state=parts.get("optimizer_state", 0),
-        input_batch=parts.get("input_batch", 0),
-        activations=parts.get("activations", 0),
-        temporary=parts.get("temporary", 0),
-        workspace=parts.get("workspace", 0),
+        **{category: parts.get(category, 0) for category in MemoryCategory},
         overhead=parts.get("overhead", 0),
+        host_offloaded=host,
         cuda_context=parts.get("cuda_context", parts.get("overhead", 0)),
         nccl_buffers=parts.get("nccl_buffers", 0),
         peak=allocated if allocated is not None else outcome.peak_bytes,
@@ -200,18 +246,9 @@ def _memory(outcome: TrialOutcome, capacity: int) -> MemoryBreakdown:
     )
 
 
-def _feasible(
-    spec: PlanSpec,
-    device: ProbeDevice,
-    search: SearchResult,
-    trials: list[Trial],
-    batches: planner.BatchPlan,
-    at_micro: TrialOutcome,
-    notes: list[str],
-    has_bn: bool,
-    counts: tuple[int, int],
-    cost: StepCost | None = None,
-) -> PlanResult:
+def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanResult:
+    search, batches, at_micro = measured.search, measured.batches, measured.at_micro
+    assert batches is not None and at_micro is not None
     training, data = spec.training, spec.data
     epochs = planner.epoch_arithmetic(
         data.num_samples,
@@ -229,11 +266,12 @@ def _feasible(
         epochs.optimizer_steps_per_epoch,
         epochs.total_optimizer_steps,
     )
-    warnings = plan_warnings(spec, device, search, batches, lr, has_bn)
+    warnings = plan_warnings(spec, device, search, batches, lr, measured.has_batchnorm)
     throughput = _measured_throughput(spec, batches, epochs, at_micro)
-    if throughput is None and cost is not None:
-        throughput = estimate_throughput(spec, batches, epochs, cost)
-    warnings += [PlanWarning(code="model_adapted", message=n) for n in notes]
+    if throughput is None and measured.cost is not None:
+        traffic = _traffic(spec, device, measured.counts, batches.accumulation_steps)
+        throughput = estimate_throughput(spec, batches, epochs, measured.cost, traffic)
+    warnings += [PlanWarning(code="model_adapted", message=n) for n in measured.notes]
     numbers = PlanNumbers(
         micro_batch_size=batches.micro_batch_size,
         accumulation_steps=batches.accumulation_steps,
@@ -261,12 +299,17 @@ def _feasible(
         iterations_per_epoch=epochs.iterations_per_epoch,
         optimizer_steps_per_epoch=epochs.optimizer_steps_per_epoch,
         total_optimizer_steps=epochs.total_optimizer_steps,
-        memory=_memory(at_micro, device.memory_bytes),
+        memory=_memory(at_micro, device.memory_bytes, measured.host_bytes),
         throughput=throughput,
-        trials=trials,
+        trials=measured.trials,
         search_bound_reached=search.bound_reached,
         warnings=warnings,
-        model_summary={"parameters": counts[0], "trainable_parameters": counts[1]},
+        model_summary={
+            "parameters": measured.counts[0],
+            "trainable_parameters": measured.counts[1],
+        },
+        world_size=training.world_size,
+        strategy=training.strategy,
         configs=build_configs(spec, numbers),
     )
 
@@ -300,18 +343,43 @@ def _throughput(
     )
 
 
+def _traffic(
+    spec: PlanSpec, device: ProbeDevice, counts: tuple[int, int], accumulation: int
+) -> StepTraffic | None:
+    if not isinstance(device, SimulatedDevice):
+        return None
+    training = spec.training
+    return step_traffic(
+        training.strategy,
+        device.gpu,
+        training.world_size,
+        training.parallelism.gpus_per_node,
+        trainable=counts[1],
+        parameters=counts[0],
+        precision=training.precision,
+        accumulation=accumulation,
+        reshard_after_forward=training.parallelism.reshard_after_forward,
+    )
+
+
 def estimate_throughput(
-    spec: PlanSpec, batches: planner.BatchPlan, epochs: planner.EpochPlan, cost: StepCost
+    spec: PlanSpec,
+    batches: planner.BatchPlan,
+    epochs: planner.EpochPlan,
+    cost: StepCost,
+    traffic: StepTraffic | None = None,
 ) -> Throughput:
     """Roofline time of the micro-step, times the accumulation steps; the optimizer's kernels run
     once per optimizer step. The host-to-device copy of the batch is reported but taken as
-    overlapped with compute (a DataLoader with pinned memory and non_blocking copies)."""
+    overlapped with compute (a DataLoader with pinned memory and non_blocking copies);
+    collectives overlap compute too, and only what exceeds it adds to the step."""
     k = batches.accumulation_steps
     seconds = cost.seconds()
     compute = (seconds["matmul"] + seconds["conv"]) * k
     memory_bound = seconds["memory"] * k
     optimizer = seconds["optimizer"]
-    step = compute + memory_bound + optimizer
+    comm = traffic.seconds if traffic is not None else 0.0
+    step = compute + memory_bound + optimizer + exposed(comm, compute + memory_bound)
     input_bytes = sample_bytes(spec) * batches.micro_batch_size
     estimate = _throughput(
         spec,
@@ -325,6 +393,8 @@ def estimate_throughput(
             memory_bound_s=memory_bound,
             optimizer_s=optimizer,
             input_s=input_bytes * k / HOST_TO_DEVICE_BYTES_S,
+            communication_s=comm,
+            communication_bytes=traffic.bytes_per_rank if traffic is not None else 0.0,
         ),
     )
     rate = estimate.samples_per_second
@@ -451,14 +521,8 @@ def suggestions_for(spec: PlanSpec) -> list[str]:
     return out
 
 
-def _infeasible(
-    spec: PlanSpec,
-    device: ProbeDevice,
-    search: SearchResult,
-    trials: list[Trial],
-    notes: list[str],
-    has_bn: bool,
-) -> PlanResult:
+def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanResult:
+    search, trials, notes = measured.search, measured.trials, measured.notes
     first = search.trials[0]
     lr_rule = planner.resolve_rule(spec.training.lr_scaling, spec.training.optimizer)
     return PlanResult(
@@ -480,8 +544,10 @@ def _infeasible(
         iterations_per_epoch=0,
         optimizer_steps_per_epoch=0,
         total_optimizer_steps=0,
-        memory=_memory(first, device.memory_bytes),
+        memory=_memory(first, device.memory_bytes, measured.host_bytes),
         trials=trials,
+        world_size=spec.training.world_size,
+        strategy=spec.training.strategy,
         warnings=[
             PlanWarning(
                 code="infeasible",

@@ -1,0 +1,101 @@
+"""The fewest GPUs: the smallest world size at which a strategy fits a micro-batch of one.
+
+World sizes a scheduler hands out are powers of two up to a node, then whole nodes. Per-rank
+memory under a strategy that shards falls as a + b / world_size (the sharded states divide, the
+activations and the gathered block do not), so two traced world sizes predict the answer and
+two more confirm it exactly: the answer fits, the world size below it does not. Each is one traced
+step at micro-batch 1 under a fake process group of that size.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.schemas.spec import PlanSpec
+from workers.engine.devices import ProbeDevice, TrialOutcome
+from workers.engine.models import build_model
+
+MAX_WORLD = 1 << 16
+
+
+def world_sizes(gpus_per_node: int, upto: int) -> list[int]:
+    """1, 2, 4 ... up to a node, then 2, 3, 4 ... nodes."""
+    out = []
+    size = 1
+    while size < gpus_per_node and size <= upto:
+        out.append(size)
+        size *= 2
+    nodes = 1
+    while nodes * gpus_per_node <= upto:
+        out.append(nodes * gpus_per_node)
+        nodes += 1 if nodes < 64 else nodes // 8
+    return out
+
+
+@dataclass
+class ScaleOutAnswer:
+    strategy: str
+    world_size: int | None  # None: no world size fits a micro-batch of one
+    checked: dict[int, TrialOutcome]
+
+
+def with_world(spec: PlanSpec, strategy: str, world_size: int) -> PlanSpec:
+    parallelism = spec.training.parallelism.model_copy(
+        update={"strategy": strategy, "world_size": world_size}
+    )
+    training = spec.training.model_copy(
+        update={"parallelism": parallelism, "world_size": world_size}
+    )
+    return spec.model_copy(update={"training": training})
+
+
+def fewest_gpus(
+    spec: PlanSpec,
+    device: ProbeDevice,
+    strategy: str,
+    on_probe: Callable[[int, TrialOutcome], None] | None = None,
+) -> ScaleOutAnswer:
+    """The smallest world size (within the global batch: a sample per rank) where `strategy`
+    fits a micro-batch of one on `device`."""
+    gpus = spec.training.parallelism.gpus_per_node
+    sizes = world_sizes(gpus, min(MAX_WORLD, spec.training.global_batch_size))
+    checked: dict[int, TrialOutcome] = {}
+
+    def probe(size: int) -> TrialOutcome:
+        if size not in checked:
+            target = with_world(spec, strategy, size)
+            with device.session(target, build_model(target)) as session:
+                checked[size] = session.probe(1)
+            if on_probe is not None:
+                on_probe(size, checked[size])
+        return checked[size]
+
+    limit = device.limit_bytes(spec.search.headroom)
+    if strategy in ("ddp", "none"):  # replicas do not shrink: one card's answer holds
+        first = sizes[0] if strategy == "none" else sizes[min(1, len(sizes) - 1)]
+        return ScaleOutAnswer(strategy, first if probe(first).fits else None, checked)
+    low, high = sizes[min(1, len(sizes) - 1)], sizes[min(len(sizes) - 1, 4)]
+    index = bisect.bisect_left(sizes, _predicted(probe(low), probe(high), low, high, limit))
+    index = min(index, len(sizes) - 1)
+    while not probe(sizes[index]).fits:  # the prediction was short: walk up
+        if index == len(sizes) - 1:
+            return ScaleOutAnswer(strategy, None, checked)
+        index += 1
+    while index > 0 and probe(sizes[index - 1]).fits:  # or long: walk down
+        index -= 1
+    return ScaleOutAnswer(strategy, sizes[index], checked)
+
+
+def _predicted(a: TrialOutcome, b: TrialOutcome, wa: int, wb: int, limit: int) -> float:
+    """World size where peak = fixed + sharded / world_size meets the limit."""
+    if wa == wb:
+        return wa
+    sharded = (a.peak_bytes - b.peak_bytes) / (1 / wa - 1 / wb)
+    fixed = a.peak_bytes - sharded / wa
+    if sharded <= 0:
+        return wa
+    if fixed >= limit:
+        return float("inf")
+    return sharded / (limit - fixed)

@@ -325,7 +325,7 @@ class TrainingSpec(StrictModel):
         )
         if isinstance(asked, int) and not isinstance(asked, bool) and 1 <= asked <= 1 << 16:
             given = data.get("world_size")
-            if given is not None and given != asked:
+            if given not in (None, 1, asked):  # 1 is the default a dumped spec carries
                 raise ValueError(f"world_size {given} and parallelism.world_size {asked} differ")
             data = {**data, "world_size": asked}
         return data
@@ -340,8 +340,11 @@ class TrainingSpec(StrictModel):
 
     @model_validator(mode="after")
     def _world_fits(self) -> TrainingSpec:
-        if self.peft is not None and self.strategy in ("zero1", "hybrid_shard"):
-            raise ValueError(f"peft with parallelism.strategy {self.strategy!r} is not planned")
+        if self.peft is not None and self.peft.method == "qlora" and self.strategy in SHARDED:
+            raise ValueError(
+                f"qlora with parallelism.strategy {self.strategy!r} is not planned: sharding "
+                "4-bit weights needs bnb_4bit_quant_storage, which this planner does not trace"
+            )
         if self.global_batch_size < self.world_size:
             raise ValueError("global_batch_size must be at least world_size (one sample per rank)")
         return self

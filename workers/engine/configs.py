@@ -41,12 +41,104 @@ class PlanNumbers:
         return self.micro_batch_size * self.accumulation_steps * self.world_size
 
 
+ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "hybrid_shard": 3}
+# FSDP's sharding strategies by the names Lightning, the HF Trainer and Accelerate take.
+FSDP_SHARDING = {
+    "fsdp": "FULL_SHARD",
+    "zero3": "FULL_SHARD",
+    "zero2": "SHARD_GRAD_OP",
+    "hybrid_shard": "HYBRID_SHARD",
+}
+
+
 def build_configs(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
-    return {
+    out = {
         "pytorch": pytorch_loop(spec, numbers),
         "lightning": lightning_settings(spec, numbers),
         "hf_trainer": hf_trainer_arguments(spec, numbers),
         "deepspeed": deepspeed_config(spec, numbers),
+        "accelerate": accelerate_config(spec, numbers),
+    }
+    if spec.training.peft is not None:
+        out["peft"] = peft_settings(spec)
+    return out
+
+
+def _sharding(spec: PlanSpec) -> str:
+    """FSDP's sharding strategy; with reshard_after_forward false, fsdp is SHARD_GRAD_OP."""
+    strategy = spec.training.strategy
+    if strategy == "fsdp" and not spec.training.parallelism.reshard_after_forward:
+        return "SHARD_GRAD_OP"
+    return FSDP_SHARDING[strategy]
+
+
+def _nodes(spec: PlanSpec, n: PlanNumbers) -> tuple[int, int]:
+    """(nodes, GPUs per node) of the plan's world."""
+    per_node = min(spec.training.parallelism.gpus_per_node, n.world_size)
+    return math.ceil(n.world_size / per_node), per_node
+
+
+def peft_settings(spec: PlanSpec) -> dict[str, Any]:
+    """`peft.LoraConfig(**lora_config)`; for QLoRA also
+    `transformers.BitsAndBytesConfig(**bnb_config)` to load the base model with."""
+    peft = spec.training.peft
+    assert peft is not None
+    lora = {
+        "r": peft.r,
+        "lora_alpha": peft.alpha,
+        "lora_dropout": peft.dropout,
+        "target_modules": peft.target_modules,
+        "task_type": "CAUSAL_LM" if spec.model.source == "transformers" else None,
+    }
+    out: dict[str, Any] = {"lora_config": lora}
+    if peft.method == "qlora":
+        out["bnb_config"] = {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "bfloat16",
+        }
+    return out
+
+
+def accelerate_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+    """The YAML of `accelerate config` (write it out and `accelerate launch --config_file`)."""
+    strategy = spec.training.strategy
+    nodes, _ = _nodes(spec, n)
+    precision = spec.training.precision
+    out: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "num_machines": nodes,
+        "num_processes": n.world_size,
+        "mixed_precision": {"fp16-mixed": "fp16", "bf16-mixed": "bf16"}.get(precision, "no"),
+        "gradient_accumulation_steps": n.accumulation_steps,
+        "machine_rank": 0,
+        "main_training_function": "main",
+    }
+    if strategy == "none" or n.world_size == 1:
+        return out | {"distributed_type": "NO"}
+    if strategy == "ddp":
+        return out | {"distributed_type": "MULTI_GPU"}
+    if strategy == "zero1":
+        return out | {
+            "distributed_type": "DEEPSPEED",
+            "deepspeed_config": {
+                "zero_stage": 1,
+                "gradient_accumulation_steps": n.accumulation_steps,
+            },
+        }
+    parallelism = spec.training.parallelism
+    return out | {
+        "distributed_type": "FSDP",
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "fsdp_sharding_strategy": _sharding(spec),
+            "fsdp_reshard_after_forward": parallelism.reshard_after_forward and strategy != "zero2",
+            "fsdp_offload_params": parallelism.cpu_offload,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_activation_checkpointing": spec.training.gradient_checkpointing,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        },
     }
 
 
@@ -61,7 +153,9 @@ def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "trainer": {
             "accumulate_grad_batches": n.accumulation_steps,
             "precision": LIGHTNING_PRECISION[spec.training.precision],
-            "devices": n.world_size,
+            "devices": _nodes(spec, n)[1],
+            "num_nodes": _nodes(spec, n)[0],
+            "strategy": _lightning_strategy(spec),
             "max_epochs": math.ceil(spec.training.epochs),
             "max_steps": n.total_optimizer_steps,
         },
@@ -71,6 +165,21 @@ def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "optimizer": f"torch.optim.{name}",
         "optimizer_kwargs": kwargs,
         "gradient_checkpointing": spec.training.gradient_checkpointing,
+    }
+
+
+def _lightning_strategy(spec: PlanSpec) -> Any:
+    """A strategy name Lightning's registry knows, or FSDPStrategy's arguments."""
+    strategy = spec.training.strategy
+    if strategy in ("none", "ddp"):
+        return "ddp" if strategy == "ddp" else "auto"
+    if strategy == "zero1":
+        return "deepspeed_stage_1"
+    return {
+        "class": "lightning.pytorch.strategies.FSDPStrategy",
+        "sharding_strategy": _sharding(spec),
+        "cpu_offload": spec.training.parallelism.cpu_offload,
+        "auto_wrap_policy": "transformer blocks (model._no_split_modules)",
     }
 
 
@@ -97,6 +206,15 @@ def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         out["tf32"] = True
     if optim_args:
         out["optim_args"] = optim_args
+    strategy = training.strategy
+    if strategy == "zero1":
+        out["deepspeed"] = deepspeed_config(spec, n)
+    elif strategy in FSDP_SHARDING:
+        options = [_sharding(spec).lower(), "auto_wrap"]
+        if training.parallelism.cpu_offload:
+            options.append("offload")
+        out["fsdp"] = " ".join(options)
+        out["fsdp_config"] = {"version": 2}
     return out
 
 
@@ -137,8 +255,20 @@ def deepspeed_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         },
         "bf16": {"enabled": training.precision in ("bf16-mixed", "bf16")},
         "fp16": {"enabled": training.precision == "fp16-mixed"},
-        "zero_optimization": {"stage": 0},
+        "zero_optimization": _zero(spec),
     }
+
+
+def _zero(spec: PlanSpec) -> dict[str, Any]:
+    """ZeRO's stage for the strategy (fsdp's equivalent is stage 3), with CPU offload."""
+    stage = ZERO_STAGE.get(spec.training.strategy, 0)
+    out: dict[str, Any] = {"stage": stage}
+    if stage and spec.training.parallelism.cpu_offload:
+        out["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        out["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3 and spec.training.parallelism.strategy == "hybrid_shard":
+        out["zero_hpz_partition_size"] = spec.training.parallelism.gpus_per_node
+    return out
 
 
 def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
@@ -175,7 +305,7 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
         lines += ["torch.backends.cuda.matmul.allow_tf32 = True  # convolutions already are", ""]
     lines += _model_setup(spec, hf, ddp)
     lines += [
-        f"optimizer = torch.optim.{name}(model.parameters(), lr=LR{opt_args})",
+        *_optimizer_lines(training.strategy, name, opt_args),
         "# Linear warm-up, then constant: put your decay schedule after WARMUP_STEPS.",
         "scheduler = torch.optim.lr_scheduler.LambdaLR(",
         "    optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) if WARMUP_STEPS else 1.0",
@@ -188,6 +318,18 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _optimizer_lines(strategy: str, name: str, opt_args: str) -> list[str]:
+    params = "[p for p in model.parameters() if p.requires_grad]"
+    if strategy == "zero1":  # each rank keeps the optimizer state of its partition
+        return [
+            "from torch.distributed.optim import ZeroRedundancyOptimizer",
+            "",
+            f"optimizer = ZeroRedundancyOptimizer({params}, "
+            f"optimizer_class=torch.optim.{name}, lr=LR{opt_args})",
+        ]
+    return [f"optimizer = torch.optim.{name}({params}, lr=LR{opt_args})"]
+
+
 def _device_setup(ddp: bool) -> list[str]:
     if not ddp:
         return ['DEVICE = "cuda" if torch.cuda.is_available() else "cpu"', ""]
@@ -197,10 +339,13 @@ def _device_setup(ddp: bool) -> list[str]:
         "from torch.nn.parallel import DistributedDataParallel",
         "from torch.utils.data.distributed import DistributedSampler",
         "",
-        'torch.distributed.init_process_group("nccl")',
+        "# NCCL on GPUs; gloo runs the same loop on CPUs (torchrun --nproc_per_node=2)",
+        'BACKEND = "nccl" if torch.cuda.is_available() else "gloo"',
+        "torch.distributed.init_process_group(BACKEND)",
         'LOCAL_RANK = int(os.environ["LOCAL_RANK"])',
-        "torch.cuda.set_device(LOCAL_RANK)",
-        'DEVICE = "cuda"',
+        'DEVICE = f"cuda:{LOCAL_RANK}" if BACKEND == "nccl" else "cpu"',
+        'if BACKEND == "nccl":',
+        "    torch.cuda.set_device(LOCAL_RANK)",
         "",
     ]
 
@@ -220,9 +365,76 @@ def _model_setup(spec: PlanSpec, hf: bool, ddp: bool) -> list[str]:
                 "# gradient checkpointing: wrap blocks in torch.utils.checkpoint.checkpoint"
                 "(block, x, use_reentrant=False), as trainplan probed"
             )
-    if ddp:
-        lines.append("model = DistributedDataParallel(model, device_ids=[LOCAL_RANK])")
+    lines += _peft_setup(spec)
+    strategy = training.strategy
+    if strategy in FSDP_SHARDING:
+        lines += _fully_shard(spec)
+    elif ddp:
+        lines.append(
+            "model = DistributedDataParallel("
+            'model, device_ids=[LOCAL_RANK] if BACKEND == "nccl" else None)'
+        )
     lines.append("")
+    return lines
+
+
+def _peft_setup(spec: PlanSpec) -> list[str]:
+    peft = spec.training.peft
+    if peft is None:
+        return []
+    settings = peft_settings(spec)
+    lines = [
+        "from peft import LoraConfig, get_peft_model",
+        "",
+        f"model = get_peft_model(model, LoraConfig(**{settings['lora_config']!r}))",
+    ]
+    if peft.method == "qlora":
+        lines.insert(
+            0,
+            "# QLoRA: load `model` with quantization_config="
+            f"transformers.BitsAndBytesConfig(**{settings['bnb_config']!r})",
+        )
+    return lines
+
+
+def _fully_shard(spec: PlanSpec) -> list[str]:
+    """FSDP2: shard each block, then the root; sharding strategies are fully_shard's arguments."""
+    parallelism = spec.training.parallelism
+    strategy = spec.training.strategy
+    reshard = parallelism.reshard_after_forward and strategy != "zero2"
+    lines = [
+        "from torch.distributed.device_mesh import init_device_mesh",
+        "from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard",
+        "",
+        "WORLD = torch.distributed.get_world_size()",
+    ]
+    if strategy == "hybrid_shard":
+        per_node = min(parallelism.gpus_per_node, spec.training.world_size)
+        lines += [
+            f"PER_NODE = min({per_node}, WORLD)",
+            "mesh = init_device_mesh(DEVICE.split(':')[0], (WORLD // PER_NODE, PER_NODE), "
+            'mesh_dim_names=("replicate", "shard"))',
+        ]
+    else:
+        lines.append("mesh = init_device_mesh(DEVICE.split(':')[0], (WORLD,))")
+    low = {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}.get(spec.training.precision)
+    policy = (
+        f"MixedPrecisionPolicy(param_dtype=torch.{low}, reduce_dtype=torch.float32)"
+        if low
+        else "MixedPrecisionPolicy()"
+    )
+    offload = ", offload_policy=CPUOffloadPolicy()" if parallelism.cpu_offload else ""
+    lines += [
+        f"SHARD = dict(mesh=mesh, reshard_after_forward={reshard}, mp_policy={policy}{offload})",
+        "blocks = set(getattr(model, '_no_split_modules', None) or ())",
+        "for module in list(model.modules()):",
+        "    if type(module).__name__ in blocks or (",
+        "        not blocks",
+        "        and isinstance(module, torch.nn.Linear)",
+        "    ):",
+        "        fully_shard(module, **SHARD)",
+        "fully_shard(model, **SHARD)",
+    ]
     return lines
 
 
@@ -268,7 +480,9 @@ def _loop_body(spec: PlanSpec, hf: bool, ddp: bool) -> list[str]:
     autocast = _autocast(spec.training.precision)
     micro_step = [f"with {autocast}:", f"    {forward}"] if autocast else [forward]
     micro_step.append(backward)
-    if ddp:  # gradients are all-reduced only on the micro-batch that steps
+    if spec.training.strategy in FSDP_SHARDING:  # reduce-scatter on the stepping micro-batch
+        micro_step = ["model.set_requires_gradient_sync(stepping)", *micro_step]
+    elif ddp:  # gradients are all-reduced only on the micro-batch that steps
         micro_step = [
             "with model.no_sync() if not stepping else contextlib.nullcontext():",
             *("    " + line for line in micro_step),

@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from service.schemas.spec import PlanSpec
+from service.schemas.spec import SHARDED, PlanSpec
 from workers.engine.tracker import MemoryTracker
 
-SHARDING = frozenset({"fsdp", "zero3", "zero2", "hybrid_shard"})
+SHARDING = SHARDED
 REPLICATING = frozenset({"ddp", "zero1"})
 
 

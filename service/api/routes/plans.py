@@ -96,6 +96,12 @@ def _check_buildable(spec: PlanSpec) -> None:
     try:
         if spec.device.kind == "simulated":  # a real device is the worker's to open
             open_device(spec)
+        elif spec.training.parallelism.strategy not in (None, "none"):
+            raise SpecError(
+                ("training", "parallelism", "strategy"),
+                "multi-GPU strategies are traced on the simulated device (device.kind "
+                "'simulated'); a real device probes one process",
+            )
         build_model(spec)
     except SpecError as exc:
         error = field_error(exc.loc, exc.message, "spec_error")

@@ -74,7 +74,7 @@ def test_configs_agree_with_the_plan_and_each_other(planned: tuple[PlanSpec, Any
     micro, k = result.micro_batch_size, result.accumulation_steps
     assert (micro, k) == (32, 8)  # bound 48 -> power of two 32; 256 / 32
     configs = result.configs
-    assert set(configs) == {"pytorch", "lightning", "hf_trainer", "deepspeed"}
+    assert set(configs) == {"pytorch", "lightning", "hf_trainer", "deepspeed", "accelerate"}
     lightning, hf, ds = configs["lightning"], configs["hf_trainer"], configs["deepspeed"]
     assert lightning["batch_size"] == hf["per_device_train_batch_size"] == micro
     assert ds["train_micro_batch_size_per_gpu"] == micro

@@ -353,3 +353,15 @@ def test_rendered_loop_runs_at_world_size_two_on_gloo(strategy: str, tmp_path: P
     if strategy == "fsdp":
         assert "DTensor" in line
     assert json.dumps(code)  # the rendering is plain text
+
+
+def test_what_if_offers_lora_and_the_next_strategy() -> None:
+    spec = llama_spec(1.6, WIDER, parallelism={"strategy": "ddp", "world_size": 2})
+    spec = spec.model_copy(update={"search": spec.search.model_copy(update={"what_if": True})})
+    result = run_plan(spec)
+    by_change = {(w.change, w.value): w for w in result.what_if}
+    lora = by_change[("peft", "lora")]
+    zero1 = by_change[("strategy", "zero1")]
+    # adapters instead of full gradients and Adam state; ZeRO-1 splits the Adam state
+    assert lora.max_micro_batch_size > result.max_micro_batch_size
+    assert zero1.max_micro_batch_size >= result.max_micro_batch_size

@@ -131,7 +131,7 @@ class Trial(BaseModel):
 class WhatIf(BaseModel):
     """The exact max micro-batch under one neighbouring choice of the spec."""
 
-    change: Literal["precision", "gradient_checkpointing", "gpu"]
+    change: Literal["precision", "gradient_checkpointing", "gpu", "peft", "strategy"]
     value: str | bool
     device: DeviceInfo
     feasible: bool
@@ -191,7 +191,8 @@ class PlanResult(BaseModel):
     configs: dict[str, Any] = Field(default_factory=dict)
     what_if: list[WhatIf] = Field(
         default_factory=list,
-        description="Max micro-batch: other precision, checkpointing toggled, bigger card.",
+        description="Max micro-batch: other precision, checkpointing toggled, bigger card; "
+        "LoRA (or QLoRA) and the next sharding strategy where they apply.",
     )
     model_summary: dict[str, Any] = Field(default_factory=dict)
     prediction: Prediction | None = Field(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from service.schemas.result import DeviceInfo, Trial, WhatIf
-from service.schemas.spec import PlanSpec, SimulatedDevice
+from service.schemas.spec import SHARDED, PeftSpec, PlanSpec, SimulatedDevice
 from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, GpuModel
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device
 from workers.engine.devices.base import ProbeSession
@@ -21,7 +21,9 @@ from workers.engine.errors import SpecError
 from workers.engine.models import build_model
 from workers.engine.search import find_max_batch
 
-Change = Literal["precision", "gradient_checkpointing", "gpu"]
+Change = Literal["precision", "gradient_checkpointing", "gpu", "peft", "strategy"]
+# The strategy that keeps less per rank than each one.
+NEXT_STRATEGY = {"ddp": "zero1", "zero1": "zero2", "zero2": "fsdp"}
 # (session, scenario label) -> a probe that records and reports each trial
 MakeProbe = Callable[[ProbeSession, str], Callable[[int], TrialOutcome]]
 
@@ -49,7 +51,29 @@ def neighbours(spec: PlanSpec, device: ProbeDevice) -> list[Scenario]:
         if bigger is not None:
             card = SimulatedDevice(kind="simulated", gpu=bigger.name)
             out.append(Scenario("gpu", bigger.name, spec.model_copy(update={"device": card})))
+    return out + _scale_neighbours(spec)
+
+
+def _scale_neighbours(spec: PlanSpec) -> list[Scenario]:
+    """LoRA for a full fine-tune (QLoRA for a LoRA one), and the next sharding strategy."""
+    training = spec.training
+    out = []
+    peft = training.peft
+    if peft is None and spec.model.source == "transformers":
+        out.append(_with_peft(spec, PeftSpec(method="lora")))
+    elif peft is not None and peft.method == "lora" and training.strategy not in SHARDED:
+        out.append(_with_peft(spec, peft.model_copy(update={"method": "qlora"})))
+    following = NEXT_STRATEGY.get(training.strategy)
+    if following is not None and spec.device.kind == "simulated":
+        parallelism = training.parallelism.model_copy(update={"strategy": following})
+        changed = training.model_copy(update={"parallelism": parallelism})
+        out.append(Scenario("strategy", following, spec.model_copy(update={"training": changed})))
     return out
+
+
+def _with_peft(spec: PlanSpec, peft: PeftSpec) -> Scenario:
+    training = spec.training.model_copy(update={"peft": peft})
+    return Scenario("peft", peft.method, spec.model_copy(update={"training": training}))
 
 
 def other_precision(precision: str, device: ProbeDevice) -> str:

@@ -167,6 +167,10 @@ def find_max_batch(
         br.probe(2)
     width_before = br.hi - br.lo
     creep = 0  # confirmations in a row that fitted: the model keeps under-predicting
+    # Once per search, a guess right under a failure is probed even when the bracket did not
+    # halve: a secant that lands one above the answer (rounding of the peaks it starts from)
+    # then confirms from above instead of bisecting all over again.
+    above_unused = True
     while br.hi - br.lo > 1:
         predicted = predicted_answer(predict, br.lo, br.hi) if predict else None
         guess = predicted if predicted is not None else br.predict()
@@ -182,6 +186,9 @@ def find_max_batch(
             and width * 2 > width_before
             and (br.hi_known or len(br.trials) > 8)
         )
+        from_above = br.hi_known and not confirming and candidate == br.hi - 1
+        if stalled and from_above and above_unused:
+            stalled = above_unused = False
         if not beyond_bound and len(br.trials) > 3 and (stalled or creep >= 2):
             candidate = (br.lo + br.hi) // 2  # the model is not to be trusted here: bisect
             creep = 0

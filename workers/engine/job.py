@@ -362,6 +362,11 @@ class TrainingJob:
                 loss = self.forward_loss(self.model, x, y)
             else:
                 loss = compute_loss(self.model(x), y, self.family)
+        if self.world is not None and self.world.shards:
+            # Parameters still gathered after forward (all of them without resharding: zero2)
+            # are FSDP's unsharded copies, whatever op made their storage.
+            gathered = (p for p in self.model.parameters() if local(p) is p)
+            tracker.mark(gathered, "gathered_parameters")
         with tracker.in_phase("backward"):
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()

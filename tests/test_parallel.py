@@ -102,6 +102,11 @@ def test_bad_parallelism_is_rejected(training: dict[str, Any], message: str) -> 
         llama_spec(**training)
 
 
+def test_hybrid_shard_needs_whole_nodes() -> None:
+    with pytest.raises(ValidationError, match="whole nodes"):
+        llama_spec(parallelism={"strategy": "hybrid_shard", "world_size": 12})
+
+
 def test_world_size_is_one_number_and_the_strategy_defaults_to_ddp() -> None:
     spec = llama_spec(parallelism={"strategy": "fsdp", "world_size": 8})
     assert spec.training.world_size == 8 and spec.training.strategy == "fsdp"
@@ -155,6 +160,21 @@ def test_fsdp_holds_a_shard_of_the_parameters_and_state() -> None:
         assert full / world <= parts["parameters"] <= full / world * 1.01 + 512 * 32
         assert parts["optimizer_state"] == pytest.approx(2 * parts["parameters"], rel=0.01)
         assert job.world.world_size == world
+
+
+def test_hybrid_shard_shards_within_a_node_and_zero2_keeps_parameters_gathered() -> None:
+    full = parameter_bytes(llama_spec())
+    hybrid, _ = probe(
+        llama_spec(parallelism={"strategy": "hybrid_shard", "world_size": 16, "gpus_per_node": 8})
+    )
+    fsdp16, _ = probe(llama_spec(parallelism={"strategy": "fsdp", "world_size": 16}))
+    assert hybrid.breakdown["parameters"] == pytest.approx(full / 8, rel=0.02)
+    assert fsdp16.breakdown["parameters"] == pytest.approx(full / 16, rel=0.02)
+    zero2, _ = probe(llama_spec(parallelism={"strategy": "zero2", "world_size": 4}), batch=2)
+    zero3, _ = probe(llama_spec(parallelism={"strategy": "zero3", "world_size": 4}), batch=2)
+    # SHARD_GRAD_OP keeps every block's bf16 parameters from forward through backward
+    assert zero2.breakdown["gathered_parameters"] >= full / 2 * 0.95
+    assert zero3.breakdown["gathered_parameters"] < zero2.breakdown["gathered_parameters"]
 
 
 def test_per_rank_peak_falls_with_the_world_size_under_fsdp_not_ddp() -> None:

@@ -345,6 +345,16 @@ class TrainingSpec(StrictModel):
                 f"qlora with parallelism.strategy {self.strategy!r} is not planned: sharding "
                 "4-bit weights needs bnb_4bit_quant_storage, which this planner does not trace"
             )
+        per_node = self.parallelism.gpus_per_node
+        if (
+            self.strategy == "hybrid_shard"
+            and self.world_size > per_node
+            and self.world_size % per_node
+        ):
+            raise ValueError(
+                f"hybrid_shard needs whole nodes: world_size {self.world_size} is not a "
+                f"multiple of parallelism.gpus_per_node {per_node}"
+            )
         if self.global_batch_size < self.world_size:
             raise ValueError("global_batch_size must be at least world_size (one sample per rank)")
         return self

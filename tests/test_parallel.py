@@ -309,6 +309,35 @@ def test_deepspeed_and_accelerate_configs(
     assert accelerate["distributed_type"] == expected
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "fsdp", "hybrid_shard"])
+def test_accelerate_and_lightning_take_the_strategy(strategy: str) -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+    from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+
+    parallelism: dict[str, Any] = {"strategy": strategy}
+    if strategy == "hybrid_shard":
+        parallelism["gpus_per_node"] = 1
+    cfg = build_configs(tiny_spec(**parallelism), NUMBERS)
+    cluster = ClusterConfig(**cfg["accelerate"])  # accelerate's own config class
+    assert cluster.num_processes == 2
+    expected = {"ddp": "MULTI_GPU", "zero1": "DEEPSPEED"}.get(strategy, "FSDP")
+    assert cluster.distributed_type.value == expected
+    trainer = cfg["lightning"]["trainer"]
+    assert trainer["devices"] * trainer["num_nodes"] == 2
+    chosen = trainer["strategy"]
+    if isinstance(chosen, str):
+        assert chosen in StrategyRegistry or chosen == "ddp"
+    else:
+        from torch import nn
+
+        made = FSDPStrategy(  # the user names the block class the rendering describes
+            sharding_strategy=chosen["sharding_strategy"],
+            cpu_offload=chosen["cpu_offload"],
+            auto_wrap_policy={nn.Linear},
+        )
+        assert made.sharding_strategy.name == chosen["sharding_strategy"]
+
+
 def test_hf_trainer_fsdp_arguments_are_accepted(tmp_path: Path) -> None:
     from transformers import TrainingArguments
 

@@ -102,7 +102,9 @@ def peft_settings(spec: PlanSpec) -> dict[str, Any]:
 
 
 def accelerate_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
-    """The YAML of `accelerate config` (write it out and `accelerate launch --config_file`)."""
+    """The YAML of `accelerate config` (write it out and `accelerate launch --config_file`);
+    accumulation goes to `Accelerator(gradient_accumulation_steps=...)` (the HF Trainer's
+    arguments carry it)."""
     strategy = spec.training.strategy
     nodes, _ = _nodes(spec, n)
     precision = spec.training.precision
@@ -111,8 +113,9 @@ def accelerate_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "num_machines": nodes,
         "num_processes": n.world_size,
         "mixed_precision": {"fp16-mixed": "fp16", "bf16-mixed": "bf16"}.get(precision, "no"),
-        "gradient_accumulation_steps": n.accumulation_steps,
         "machine_rank": 0,
+        "use_cpu": False,
+        "debug": False,
         "main_training_function": "main",
     }
     if strategy == "none" or n.world_size == 1:

@@ -486,6 +486,18 @@ def plan_warnings(
                 ),
             )
         )
+    if training.strategy in ("zero2", "zero3"):
+        out.append(
+            PlanWarning(
+                code="deepspeed_layout",
+                message=(
+                    f"{training.strategy} is traced as PyTorch's FSDP2 runs it (fp32 shards, "
+                    f"bf16 gathers); DeepSpeed's own engine also keeps fp16 parameter copies "
+                    f"(about 2 bytes per parameter more per rank for ZeRO-2): plan with "
+                    f"more headroom if you run the rendered DeepSpeed config."
+                ),
+            )
+        )
     if micro == 1 and batches.accumulation_steps > 64:
         out.append(
             PlanWarning(

@@ -274,21 +274,10 @@ NUMBERS = PlanNumbers(
 
 
 def tiny_spec(**parallelism: Any) -> PlanSpec:
-    return PlanSpec.model_validate(
-        {
-            "model": {
-                "source": "layers",
-                "layers": [
-                    {"type": "Linear", "out_features": 32},
-                    {"type": "ReLU"},
-                    {"type": "Linear", "out_features": 4},
-                ],
-            },
-            "data": {"kind": "tensor", "shape": [16], "num_classes": 4, "num_samples": 64},
-            "training": {"optimizer": "adamw", "global_batch_size": 16, "world_size": 2,
-                         "parallelism": parallelism},
-        }
-    )  # fmt: skip
+    """test_configs' small MLP, on two ranks under the given parallelism."""
+    from tests.test_configs import tensor_spec
+
+    return tensor_spec(world_size=2, parallelism=parallelism)
 
 
 @pytest.mark.parametrize("strategy, stage", [("zero1", 1), ("zero2", 2), ("zero3", 3)])
@@ -375,7 +364,6 @@ register_optimizer_step_pre_hook(lambda *a: STEPS.append(1))
 EPILOGUE = """
 if int(os.environ["RANK"]) == 0:
     print("STEPS", len(STEPS), "LOCAL", type(next(model.parameters())).__name__)
-torch.distributed.destroy_process_group()
 """
 
 

@@ -202,6 +202,17 @@ Precision = Literal["fp32", "tf32", "fp16-mixed", "bf16-mixed", "bf16"]
 LrScaling = Literal["linear", "sqrt", "none", "auto"]
 
 
+def _dotted_names(value: Any, most: int, what: str) -> Any:
+    """A list of 1..most dotted module or parameter names (a literal such as 'all' passes)."""
+    if isinstance(value, list):
+        if not 1 <= len(value) <= most:
+            raise ValueError(f"between 1 and {most} of them (each a {what})")
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.]{1,128}", name):
+                raise ValueError(f"{name!r} is not a {what}")
+    return value
+
+
 Strategy = Literal["none", "ddp", "fsdp", "hybrid_shard", "zero1", "zero2", "zero3"]
 SHARDED: frozenset[str] = frozenset({"fsdp", "hybrid_shard", "zero2", "zero3"})
 
@@ -273,13 +284,7 @@ class PeftSpec(StrictModel):
     @field_validator("target_modules")
     @classmethod
     def _names(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if not 1 <= len(value) <= 64:
-                raise ValueError("between 1 and 64 module names")
-            for name in value:
-                if not re.fullmatch(r"[A-Za-z0-9_.]{1,128}", name):
-                    raise ValueError(f"{name!r} is not a module name")
-        return value
+        return _dotted_names(value, 64, "module name")
 
 
 class TrainingSpec(StrictModel):
@@ -302,13 +307,7 @@ class TrainingSpec(StrictModel):
     @field_validator("trainable")
     @classmethod
     def _prefixes(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if not 1 <= len(value) <= 256:
-                raise ValueError("between 1 and 256 prefixes")
-            for prefix in value:
-                if not re.fullmatch(r"[A-Za-z0-9_.]{1,128}", prefix):
-                    raise ValueError(f"{prefix!r} is not a parameter-name prefix")
-        return value
+        return _dotted_names(value, 256, "parameter-name prefix")
 
     @model_validator(mode="before")
     @classmethod

@@ -318,6 +318,8 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
         lines.append("scaler = torch.amp.GradScaler(DEVICE)")
     lines += _data_setup(ddp)
     lines += _loop_body(spec, hf, ddp)
+    if ddp:  # every rank done before the group goes (gloo aborts on a peer that left early)
+        lines += ["", "torch.distributed.barrier()", "torch.distributed.destroy_process_group()"]
     return "\n".join(lines) + "\n"
 
 

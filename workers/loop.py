@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -46,6 +47,16 @@ def device_kinds() -> tuple[str, ...]:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return tuple(kinds)
+
+
+@dataclass
+class _Run:
+    """One attempt at one plan, as the worker follows it: trials are numbered in arrival order."""
+
+    plan_id: str
+    attempt: int
+    started: float
+    trials: int = 0
 
 
 class PlanWorker:
@@ -116,19 +127,19 @@ class PlanWorker:
         deadline = started + settings.plan_timeout_seconds
         process, channel = start_child(json.dumps(spec))
         next_beat = time.monotonic() + settings.heartbeat_seconds
-        state = {"index": 0}
+        run = _Run(plan_id, attempt, started)
         try:
             while True:
                 message = self._receive(channel, 0.2)
                 if message is not None:
-                    final = self._handle(plan_id, attempt, state, message, started)
+                    final = self._handle(run, message)
                     if final is not None:
                         return final
                     continue
                 if not process.is_alive():
                     # The child is gone: what it left in the pipe still counts, in order.
                     while (message := self._receive(channel, 0.5)) is not None:
-                        final = self._handle(plan_id, attempt, state, message, started)
+                        final = self._handle(run, message)
                         if final is not None:
                             return final
                     return self._end(
@@ -178,27 +189,20 @@ class PlanWorker:
         except (queue_mod.Empty, EOFError, OSError):
             return None
 
-    def _handle(
-        self,
-        plan_id: str,
-        attempt: int,
-        state: dict[str, int],
-        message: tuple[str, Any],
-        started: float,
-    ) -> str | None:
+    def _handle(self, run: _Run, message: tuple[str, Any]) -> str | None:
         """Store a trial (None: go on) or record the end (the final status)."""
         kind, payload = message
         if kind == "trial":
-            self._store_trial(plan_id, attempt, state["index"], payload)
-            state["index"] += 1
+            self._store_trial(run.plan_id, run.attempt, run.trials, payload)
+            run.trials += 1
             return (
-                self._end(plan_id, PlanStatus.cancelled, started)
-                if self._cancelled(plan_id)
+                self._end(run.plan_id, PlanStatus.cancelled, run.started)
+                if self._cancelled(run.plan_id)
                 else None
             )
         if kind == "result":
-            return self._end(plan_id, PlanStatus.succeeded, started, result=payload)
-        return self._end(plan_id, PlanStatus.failed, started, error=payload)
+            return self._end(run.plan_id, PlanStatus.succeeded, run.started, result=payload)
+        return self._end(run.plan_id, PlanStatus.failed, run.started, error=payload)
 
     def _retrying(self, what: str, write: Callable[[Session], T]) -> T:
         """Run one store operation, waiting out a database that restarts or a disk that is full

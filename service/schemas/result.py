@@ -1,4 +1,5 @@
-"""The plan result of DESIGN.md: what a succeeded plan answers."""
+"""The plan result: what a succeeded plan answers (the response contract of the README's API
+section and the OpenAPI document)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The plan request of DESIGN.md, strict and bounded.
+"""The plan request, strict and bounded (the contract the README and OpenAPI document show).
 
 Every bound here exists so that a hostile or mistaken spec is refused with a 422 naming the field,
 instead of hanging a worker or exhausting its memory. Nothing in a spec is ever executed: model
@@ -313,7 +313,7 @@ class TrainingSpec(StrictModel):
     @classmethod
     def _one_world_size(cls, data: Any) -> Any:
         """`parallelism.world_size` and `world_size` are one number; the top-level one is kept
-        (DESIGN.md's field), the nested one is where the strategy is described."""
+        (the field plans always had), the nested one is where the strategy is described."""
         if not isinstance(data, dict):
             return data
         parallelism = data.get("parallelism")

@@ -34,26 +34,24 @@ from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.distributed import SHARDING
 from workers.engine.models import build_model
+from workers.engine.plan_warnings import Facts, plan_warnings
 from workers.engine.roofline import UNCERTAINTY, StepCost
 from workers.engine.scale_out import fewest_gpus, with_world
 from workers.engine.search import SearchResult, find_max_batch
 from workers.engine.what_if import explore
 
-BATCHNORM_MIN = 16
 # PCIe 4.0 x16: 31.5 GB/s per direction (PCI-SIG); pinned copies reach about 80% of it.
 HOST_TO_DEVICE_BYTES_S = 25e9
 
 OnTrial = Callable[[Trial], None]
 
 
-class PlanCancelled(Exception):
-    """Raised between trials when the plan was cancelled."""
-
-
 @dataclass
 class ProfileHooks:
+    """What a caller hears while a plan runs. Cancelling is not a hook: the worker kills the
+    plan's child process, which no trace in progress can delay."""
+
     on_trial: OnTrial | None = None
-    should_cancel: Callable[[], bool] | None = None
 
 
 def to_trial(outcome: TrialOutcome, phase: str = "search", scenario: str | None = None) -> Trial:
@@ -85,8 +83,6 @@ class _Recorder:
         self, session: ProbeSession, phase: str = "search", scenario: str | None = None
     ) -> Callable[[int], TrialOutcome]:
         def probe(batch: int) -> TrialOutcome:
-            if self.hooks.should_cancel is not None and self.hooks.should_cancel():
-                raise PlanCancelled()
             outcome = session.probe(batch)
             self.emit(to_trial(outcome, phase, scenario))
             return outcome
@@ -266,7 +262,7 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         epochs.optimizer_steps_per_epoch,
         epochs.total_optimizer_steps,
     )
-    warnings = plan_warnings(spec, device, search, batches, lr, measured.has_batchnorm)
+    warnings = plan_warnings(Facts(spec, device, search, batches, lr, measured.has_batchnorm))
     throughput = _measured_throughput(spec, batches, epochs, at_micro)
     if throughput is None and measured.cost is not None:
         traffic = _traffic(spec, device, measured.counts, batches.accumulation_steps)
@@ -401,115 +397,6 @@ def estimate_throughput(
     return estimate.model_copy(
         update={"samples_per_second_band": (rate / UNCERTAINTY, rate * UNCERTAINTY)}
     )
-
-
-def plan_warnings(
-    spec: PlanSpec,
-    device: ProbeDevice,
-    search: SearchResult,
-    batches: planner.BatchPlan,
-    lr: planner.LrPlan,
-    has_bn: bool,
-) -> list[PlanWarning]:
-    training, data = spec.training, spec.data
-    out: list[PlanWarning] = []
-    micro = batches.micro_batch_size
-    if has_bn and micro < BATCHNORM_MIN:
-        sync = micro * training.world_size
-        hint = (
-            f"SyncBatchNorm would normalise over {sync} samples across the "
-            f"{training.world_size} ranks"
-            if sync >= BATCHNORM_MIN
-            else "GroupNorm does not depend on the batch"
-        )
-        out.append(
-            PlanWarning(
-                code="batchnorm_small_micro_batch",
-                message=(
-                    f"BatchNorm normalises over the micro-batch of {micro} (< {BATCHNORM_MIN}); "
-                    f"gradient accumulation does not enlarge it. "
-                    f"Use GroupNorm or SyncBatchNorm: {hint}; "
-                    f"or free memory (mixed precision, checkpointing) for a larger micro-batch."
-                ),
-            )
-        )
-    if batches.effective_global_batch_size != training.global_batch_size:
-        out.append(
-            PlanWarning(
-                code="global_batch_adjusted",
-                message=(
-                    f"{batches.micro_batch_size} x {batches.accumulation_steps} x "
-                    f"{training.world_size} "
-                    f"= {batches.effective_global_batch_size}, not the requested "
-                    f"{training.global_batch_size}; micro_batch='divisor' finds an exact split "
-                    f"when world_size divides the global batch."
-                ),
-            )
-        )
-    if batches.effective_global_batch_size > data.num_samples:
-        out.append(
-            PlanWarning(
-                code="global_batch_exceeds_dataset",
-                message=(
-                    f"the global batch {batches.effective_global_batch_size} is larger than the "
-                    f"{data.num_samples} samples of an epoch: every step sees the whole data set."
-                ),
-            )
-        )
-    if training.precision in ("bf16", "bf16-mixed") and not device.supports_bf16:
-        out.append(
-            PlanWarning(
-                code="bf16_unsupported",
-                message=(
-                    f"{device.name} has no bfloat16 support; use fp16-mixed (with a GradScaler)."
-                ),
-            )
-        )
-    if lr.rule == "linear" and lr.factor > 32:
-        out.append(
-            PlanWarning(
-                code="large_lr_factor",
-                message=(
-                    f"the linear rule scales the learning rate by {lr.factor:g}; beyond about 8k "
-                    f"samples per batch it breaks down (Goyal et al.): consider LARS/LAMB."
-                ),
-            )
-        )
-    if search.bound_reached:
-        out.append(
-            PlanWarning(
-                code="search_bound_reached",
-                message=(
-                    f"the largest micro-batch allowed ({spec.search.max_batch_size}) fits; "
-                    f"the real "
-                    f"maximum may be larger (raise search.max_batch_size)."
-                ),
-            )
-        )
-    if training.strategy in ("zero2", "zero3"):
-        out.append(
-            PlanWarning(
-                code="deepspeed_layout",
-                message=(
-                    f"{training.strategy} is traced as PyTorch's FSDP2 runs it (fp32 shards, "
-                    f"bf16 gathers); DeepSpeed's own engine also keeps fp16 parameter copies "
-                    f"(about 2 bytes per parameter more per rank for ZeRO-2): plan with "
-                    f"more headroom if you run the rendered DeepSpeed config."
-                ),
-            )
-        )
-    if micro == 1 and batches.accumulation_steps > 64:
-        out.append(
-            PlanWarning(
-                code="heavy_accumulation",
-                message=(
-                    f"{batches.accumulation_steps} accumulation steps of one sample each: "
-                    f"the step is "
-                    f"slow; mixed precision or checkpointing would allow a larger micro-batch."
-                ),
-            )
-        )
-    return out
 
 
 def suggestions_for(spec: PlanSpec) -> list[str]:

@@ -1,0 +1,156 @@
+"""What a plan warns about: one small rule per warning, each given the same facts.
+
+A rule returns its warning or None; `plan_warnings` runs them all in order. A new warning is a new
+function added to `RULES`, not another branch in a long function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.schemas.result import PlanWarning
+from service.schemas.spec import PlanSpec
+from workers.engine import planner
+from workers.engine.devices import ProbeDevice
+from workers.engine.search import SearchResult
+
+BATCHNORM_MIN = 16  # BatchNorm's statistics need a real batch of 16-32
+
+
+@dataclass(frozen=True)
+class Facts:
+    spec: PlanSpec
+    device: ProbeDevice
+    search: SearchResult
+    batches: planner.BatchPlan
+    lr: planner.LrPlan
+    has_batchnorm: bool
+
+
+Rule = Callable[[Facts], PlanWarning | None]
+
+
+def batchnorm_small_micro_batch(f: Facts) -> PlanWarning | None:
+    micro, world = f.batches.micro_batch_size, f.spec.training.world_size
+    if not f.has_batchnorm or micro >= BATCHNORM_MIN:
+        return None
+    sync = micro * world
+    hint = (
+        f"SyncBatchNorm would normalise over {sync} samples across the {world} ranks"
+        if sync >= BATCHNORM_MIN
+        else "GroupNorm does not depend on the batch"
+    )
+    return PlanWarning(
+        code="batchnorm_small_micro_batch",
+        message=(
+            f"BatchNorm normalises over the micro-batch of {micro} (< {BATCHNORM_MIN}); "
+            f"gradient accumulation does not enlarge it. Use GroupNorm or SyncBatchNorm: {hint}; "
+            f"or free memory (mixed precision, checkpointing) for a larger micro-batch."
+        ),
+    )
+
+
+def global_batch_adjusted(f: Facts) -> PlanWarning | None:
+    b, training = f.batches, f.spec.training
+    if b.effective_global_batch_size == training.global_batch_size:
+        return None
+    return PlanWarning(
+        code="global_batch_adjusted",
+        message=(
+            f"{b.micro_batch_size} x {b.accumulation_steps} x {training.world_size} "
+            f"= {b.effective_global_batch_size}, not the requested "
+            f"{training.global_batch_size}; micro_batch='divisor' finds an exact split "
+            f"when world_size divides the global batch."
+        ),
+    )
+
+
+def global_batch_exceeds_dataset(f: Facts) -> PlanWarning | None:
+    effective, samples = f.batches.effective_global_batch_size, f.spec.data.num_samples
+    if effective <= samples:
+        return None
+    return PlanWarning(
+        code="global_batch_exceeds_dataset",
+        message=(
+            f"the global batch {effective} is larger than the {samples} samples of an epoch: "
+            f"every step sees the whole data set."
+        ),
+    )
+
+
+def bf16_unsupported(f: Facts) -> PlanWarning | None:
+    if f.spec.training.precision not in ("bf16", "bf16-mixed") or f.device.supports_bf16:
+        return None
+    return PlanWarning(
+        code="bf16_unsupported",
+        message=f"{f.device.name} has no bfloat16 support; use fp16-mixed (with a GradScaler).",
+    )
+
+
+def large_lr_factor(f: Facts) -> PlanWarning | None:
+    if f.lr.rule != "linear" or f.lr.factor <= 32:
+        return None
+    return PlanWarning(
+        code="large_lr_factor",
+        message=(
+            f"the linear rule scales the learning rate by {f.lr.factor:g}; beyond about 8k "
+            f"samples per batch it breaks down (Goyal et al.): consider LARS/LAMB."
+        ),
+    )
+
+
+def search_bound_reached(f: Facts) -> PlanWarning | None:
+    if not f.search.bound_reached:
+        return None
+    return PlanWarning(
+        code="search_bound_reached",
+        message=(
+            f"the largest micro-batch allowed ({f.spec.search.max_batch_size}) fits; the real "
+            f"maximum may be larger (raise search.max_batch_size)."
+        ),
+    )
+
+
+def deepspeed_layout(f: Facts) -> PlanWarning | None:
+    strategy = f.spec.training.strategy
+    if strategy not in ("zero2", "zero3"):
+        return None
+    return PlanWarning(
+        code="deepspeed_layout",
+        message=(
+            f"{strategy} is traced as PyTorch's FSDP2 runs it (fp32 shards, bf16 gathers); "
+            f"DeepSpeed's own engine also keeps fp16 parameter copies (about 2 bytes per "
+            f"parameter more per rank for ZeRO-2): plan with more headroom if you run the "
+            f"rendered DeepSpeed config."
+        ),
+    )
+
+
+def heavy_accumulation(f: Facts) -> PlanWarning | None:
+    b = f.batches
+    if b.micro_batch_size != 1 or b.accumulation_steps <= 64:
+        return None
+    return PlanWarning(
+        code="heavy_accumulation",
+        message=(
+            f"{b.accumulation_steps} accumulation steps of one sample each: the step is slow; "
+            f"mixed precision or checkpointing would allow a larger micro-batch."
+        ),
+    )
+
+
+RULES: tuple[Rule, ...] = (
+    batchnorm_small_micro_batch,
+    global_batch_adjusted,
+    global_batch_exceeds_dataset,
+    bf16_unsupported,
+    large_lr_factor,
+    search_bound_reached,
+    deepspeed_layout,
+    heavy_accumulation,
+)
+
+
+def plan_warnings(facts: Facts) -> list[PlanWarning]:
+    return [warning for rule in RULES if (warning := rule(facts)) is not None]

@@ -172,6 +172,7 @@ WORKERS_EXAMPLE: dict[str, Any] = {
             "heartbeat_at": "2026-11-23T06:00:05Z",
             "current_plan_id": None,
             "plans_done": 12,
+            "stopped": False,
             "state": "alive",
         }
     ]

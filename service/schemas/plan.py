@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from service.schemas.common import UtcDatetime
 from service.schemas.result import PlanResult, Trial
 
 
@@ -33,9 +33,9 @@ FINAL = frozenset({PlanStatus.succeeded, PlanStatus.failed, PlanStatus.cancelled
 class PlanOut(BaseModel):
     id: str
     status: PlanStatus
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
     spec: dict[str, Any]
     spec_hash: str
     attempts: int = 0
@@ -49,8 +49,8 @@ class PlanOut(BaseModel):
 class PlanSummary(BaseModel):
     id: str
     status: PlanStatus
-    created_at: datetime
-    finished_at: datetime | None = None
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None = None
     model: str
     spec_hash: str
     max_micro_batch_size: int | None = None

@@ -60,9 +60,9 @@ def plan_out(plan: Plan, session: Session | None = None) -> PlanOut:
     return PlanOut(
         id=plan.id,
         status=PlanStatus(plan.status),
-        created_at=crud.aware(plan.created_at),  # type: ignore[arg-type]
-        started_at=crud.aware(plan.started_at),
-        finished_at=crud.aware(plan.finished_at),
+        created_at=plan.created_at,
+        started_at=plan.started_at,
+        finished_at=plan.finished_at,
         spec=plan.spec,
         spec_hash=plan.spec_hash,
         attempts=plan.attempts,
@@ -198,8 +198,8 @@ def list_plans(
         PlanSummary(
             id=p.id,
             status=PlanStatus(p.status),
-            created_at=crud.aware(p.created_at),  # type: ignore[arg-type]
-            finished_at=crud.aware(p.finished_at),
+            created_at=p.created_at,
+            finished_at=p.finished_at,
             model=p.model_name,
             spec_hash=p.spec_hash,
             max_micro_batch_size=(p.result or {}).get("max_micro_batch_size"),

@@ -19,6 +19,7 @@ from service.schemas.examples import (
     response_example,
 )
 from service.schemas.plan import PlanStatus
+from service.schemas.worker import WorkerOut, WorkerPage
 from service.store import crud
 from service.store.models import Trial
 from workers.engine.catalogue import GPU_CATALOGUE
@@ -67,29 +68,19 @@ def fidelity(session: SessionDep) -> FidelityOut:
     "/v1/workers",
     tags=["workers"],
     summary="Workers, with their last heartbeat",
+    response_model=WorkerPage,
     responses=response_example(200, WORKERS_EXAMPLE),
 )
-def workers(session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+def workers(session: SessionDep, settings: SettingsDep) -> WorkerPage:
     stale = timedelta(seconds=max(settings.lease_seconds, settings.heartbeat_seconds * 3))
     now = crud.now()
     items = []
-    for w in crud.list_workers(session):
-        beat = crud.aware(w.heartbeat_at)
-        assert beat is not None
-        alive = not w.stopped and now - beat < stale
-        items.append(
-            {
-                "id": w.id,
-                "hostname": w.hostname,
-                "devices": w.devices,
-                "started_at": crud.aware(w.started_at),
-                "heartbeat_at": beat,
-                "current_plan_id": w.current_plan_id,
-                "plans_done": w.plans_done,
-                "state": "alive" if alive else ("stopped" if w.stopped else "lost"),
-            }
-        )
-    return {"items": items}
+    for row in crud.list_workers(session):
+        worker = WorkerOut.model_validate(row)
+        alive = not worker.stopped and now - worker.heartbeat_at < stale
+        state = "alive" if alive else ("stopped" if worker.stopped else "lost")
+        items.append(worker.model_copy(update={"state": state}))
+    return WorkerPage(items=items)
 
 
 @router.get(

@@ -1,6 +1,9 @@
 """Queries on the store. The queue's claim is one atomic UPDATE ... RETURNING: on PostgreSQL its
 subquery takes the oldest queued row with FOR UPDATE SKIP LOCKED, so N workers never wait on each
-other nor claim one plan twice; on SQLite the single statement holds the write lock throughout."""
+other nor claim one plan twice; on SQLite the single statement holds the write lock throughout.
+
+Every function here that writes commits its own transaction: one call is one unit of work, so
+the API and the worker loop never commit (or half-commit) on the store's behalf."""
 
 from __future__ import annotations
 
@@ -81,6 +84,7 @@ def create_plan(
     session.add(plan)
     session.flush()
     session.refresh(plan, ["seq"])
+    session.commit()
     return plan
 
 
@@ -129,7 +133,7 @@ def request_cancel(session: Session, plan_id: str) -> Plan | None:
         plan.status, plan.finished_at = PlanStatus.cancelled, stamp
     plan.cancel_requested = True
     plan.updated_at = stamp
-    session.flush()
+    session.commit()
     return plan
 
 

@@ -157,7 +157,6 @@ def submit_plan(
             time.sleep(0.005 * attempt)
         try:
             plan = crud.create_plan(session, spec.canonical(), spec_hash, idempotency_key)
-            session.commit()
             break
         except IntegrityError:
             session.rollback()
@@ -249,7 +248,6 @@ def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
     plan = crud.request_cancel(session, plan_id)
     if plan is None:
         raise ProblemException(404, "not-found", "Not found", f"no plan {plan_id!r}")
-    session.commit()
     return plan_out(plan, session)
 
 

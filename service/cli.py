@@ -85,18 +85,19 @@ def db_upgrade() -> None:
 @app.command()
 def gpus() -> None:
     """List the GPU catalogue of the simulated device."""
-    from workers.engine.catalogue import GIB, GPU_CATALOGUE
+    from workers import engine
 
     table = Table("name", "usable GiB", "fp32 TF", "tf32 TF", "fp16 TF", "bf16 TF", "GB/s")
-    for g in GPU_CATALOGUE.values():
+    for g in engine.gpus():
+        tflops = g["tflops"]
         table.add_row(
-            g.name,
-            f"{g.memory_bytes / GIB:.2f}",
-            f"{g.tflops_fp32:g}",
-            f"{g.tflops_tf32 or '-'}",
-            f"{g.tflops_fp16:g}",
-            f"{g.tflops_bf16 or '-'}",
-            f"{g.bandwidth_gbs:g}",
+            g["name"],
+            f"{g['memory_gib']:.2f}",
+            f"{tflops['fp32']:g}",
+            f"{tflops['tf32'] or '-'}",
+            f"{tflops['fp16']:g}",
+            f"{tflops['bf16'] or '-'}",
+            f"{g['bandwidth_gbs']:g}",
         )
     Console().print(table)
 
@@ -146,8 +147,7 @@ def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
     from pydantic import ValidationError
 
     from service.schemas.spec import PlanSpec
-    from workers.engine.errors import SpecError
-    from workers.engine.profile import ProfileHooks, run_plan
+    from workers import engine
 
     try:
         spec = PlanSpec.model_validate_json(raw)
@@ -164,8 +164,8 @@ def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
                 progress.console.print("  " + _trial_text(trial.model_dump()))
 
         try:
-            result = run_plan(spec, ProfileHooks(on_trial=on_trial))
-        except SpecError as exc:
+            result = engine.plan(spec, on_trial)
+        except engine.SpecError as exc:
             err.print(f"[red]invalid[/red] {'.'.join(map(str, exc.loc))}: {exc.message}")
             raise typer.Exit(2) from None
     return {

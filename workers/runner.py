@@ -15,14 +15,12 @@ def child_main(spec_json: str, queue: Any) -> None:
     """Entry point of the child process."""
     try:
         from service.schemas.spec import PlanSpec
-        from workers.engine.errors import SpecError
-        from workers.engine.profile import ProfileHooks, run_plan
+        from workers import engine
 
         spec = PlanSpec.model_validate_json(spec_json)
-        hooks = ProfileHooks(on_trial=lambda t: queue.put(("trial", t.model_dump(mode="json"))))
         try:
-            result = run_plan(spec, hooks)
-        except SpecError as exc:
+            result = engine.plan(spec, lambda t: queue.put(("trial", t.model_dump(mode="json"))))
+        except engine.SpecError as exc:
             queue.put(
                 (
                     "error",

@@ -1,4 +1,47 @@
-"""The profiling engine: build the job, probe micro-batches on a device, make the plan.
+"""The profiling engine, usable with no server around it. Its public face (what the API, the CLI
+and the worker's child process call; nothing else of the engine is theirs to import):
 
-Usable with no server: `workers.engine.profile.run_plan(spec)` returns a `PlanResult`.
+- `check(spec)`: what submit checks beyond the schema (the model builds on the meta device, LoRA
+  targets exist, the card and runtime are known, a strategy runs on the device kind); raises
+  `SpecError` naming the field.
+- `plan(spec, on_trial=None)`: the plan (`PlanResult`), reporting each probe as it happens.
+- `gpus()`: the simulated device's catalogue.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from service.schemas.result import PlanResult, Trial
+from service.schemas.spec import PlanSpec
+from workers.engine.errors import SpecError
+
+__all__ = ["SpecError", "check", "gpus", "plan"]
+
+
+def check(spec: PlanSpec) -> None:
+    from workers.engine.devices import open_device
+    from workers.engine.models import build_model
+
+    if spec.device.kind == "simulated":  # a real device is the worker's to open
+        open_device(spec)
+    elif spec.training.parallelism.strategy not in (None, "none"):
+        raise SpecError(
+            ("training", "parallelism", "strategy"),
+            "multi-GPU strategies are traced on the simulated device (device.kind "
+            "'simulated'); a real device probes one process",
+        )
+    build_model(spec)
+
+
+def plan(spec: PlanSpec, on_trial: Callable[[Trial], None] | None = None) -> PlanResult:
+    from workers.engine.profile import ProfileHooks, run_plan
+
+    return run_plan(spec, ProfileHooks(on_trial=on_trial))
+
+
+def gpus() -> list[dict[str, Any]]:
+    from workers.engine.catalogue import GPU_CATALOGUE
+
+    return [g.as_json() for g in GPU_CATALOGUE.values()]

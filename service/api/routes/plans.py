@@ -87,23 +87,13 @@ def _trial_json(trial: Any) -> dict[str, Any]:
 
 
 def _check_buildable(spec: PlanSpec) -> None:
-    """Build the model on the meta device: a shape that does not chain, an unknown torchvision
-    name or kwargs its factory rejects become a 422 now, not a failed plan later."""
-    from workers.engine.devices import open_device
-    from workers.engine.errors import SpecError
-    from workers.engine.models import build_model
+    """The engine's checks beyond the schema (the model builds on the meta device, the LoRA
+    targets exist, ...): a 422 now, not a failed plan later."""
+    from workers import engine
 
     try:
-        if spec.device.kind == "simulated":  # a real device is the worker's to open
-            open_device(spec)
-        elif spec.training.parallelism.strategy not in (None, "none"):
-            raise SpecError(
-                ("training", "parallelism", "strategy"),
-                "multi-GPU strategies are traced on the simulated device (device.kind "
-                "'simulated'); a real device probes one process",
-            )
-        build_model(spec)
-    except SpecError as exc:
+        engine.check(spec)
+    except engine.SpecError as exc:
         error = field_error(exc.loc, exc.message, "spec_error")
     except ImportError as exc:
         error = field_error(

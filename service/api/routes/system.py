@@ -22,7 +22,7 @@ from service.schemas.plan import PlanStatus
 from service.schemas.worker import WorkerOut, WorkerPage
 from service.store import crud
 from service.store.models import Trial
-from workers.engine.catalogue import GPU_CATALOGUE
+from workers import engine
 
 router = APIRouter()
 
@@ -34,7 +34,7 @@ router = APIRouter()
     responses=response_example(200, GPUS_EXAMPLE),
 )
 def gpus() -> dict[str, Any]:
-    return {"items": [g.as_json() for g in GPU_CATALOGUE.values()]}
+    return {"items": engine.gpus()}
 
 
 class FidelityRow(BaseModel):

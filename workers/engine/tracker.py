@@ -90,8 +90,11 @@ class MemoryTracker(TorchDispatchMode):
         raise_above: int | None = None,
         fake_scalars: bool = False,
         workspace: Callable[[Any, Any, Any], int] | None = None,
+        distributed: bool = False,
     ) -> None:
         super().__init__()
+        # One rank of a multi-GPU job (`distributed.py`): DTensors, collectives, resizes.
+        self.distributed = distributed
         # Bytes a library kernel takes for the length of one op beyond its outputs (cuDNN's
         # layout transforms): `workspace(func, args, out)`, allocated after the outputs and
         # freed when the op returns.
@@ -132,18 +135,19 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if self._paused:
             return func(*args, **(kwargs or {}))
-        if any(issubclass(t, _dtensor_type()) for t in types):
-            # Let DTensor run first and come back with the local shards' ops: those are the
-            # bytes a rank holds.
-            return NotImplemented
+        if self.distributed:
+            if any(issubclass(t, _dtensor_type()) for t in types):
+                # Let DTensor run first and come back with the local shards' ops: those are
+                # the bytes a rank holds.
+                return NotImplemented
+            if func is _WAIT_TENSOR and self.fake_scalars:
+                # A collective's result under a fake group is its input; fake `wait_tensor`
+                # would return a copy that a real wait never makes.
+                return args[0]
+            if func in _COLLECTIVE_BUFFERS:
+                self.mark([args[_COLLECTIVE_BUFFERS[func]]], "communication")
         if self.fake_scalars and func is _LOCAL_SCALAR:
             return 1.0 if args[0].is_floating_point() else 1
-        if func is _WAIT_TENSOR and self.fake_scalars:
-            # A collective's result under a fake group is its input; fake `wait_tensor` would
-            # return a copy that a real wait never makes.
-            return args[0]
-        if func in _COLLECTIVE_BUFFERS:
-            self.mark([args[_COLLECTIVE_BUFFERS[func]]], "communication")
         out = func(*args, **(kwargs or {}))
         self._record_outputs(out)
         if self.workspace is not None:

@@ -101,10 +101,12 @@ class SimulatedDevice(ProbeDevice):
         limit = self.limit_bytes(spec.search.headroom)
         costs = self.fixed_costs(spec.training.world_size)
         workspace = None if self.host else nchw_transform_workspace(self.gpu.sm)
-        tracker = MemoryTracker(fake_scalars=True, workspace=workspace)
         autocast = nullcontext() if self.host else cuda_autocast_on_cpu()
         with ExitStack() as stack:
             world = stack.enter_context(fake_world(spec))  # the mesh: outside the fake mode
+            tracker = MemoryTracker(
+                fake_scalars=True, workspace=workspace, distributed=world is not None
+            )
             if world is not None:
                 stack.enter_context(traced_collectives(tracker))
             policy = stack.enter_context(autocast)

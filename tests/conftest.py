@@ -79,16 +79,6 @@ def plugins(monkeypatch: pytest.MonkeyPatch) -> str:
     return PLUGINS
 
 
-def registered_spec(name: str, **kwargs: Any) -> dict[str, Any]:
-    return {
-        "model": {"source": "registered", "name": name, "kwargs": kwargs},
-        "data": {"kind": "tensor", "shape": [64], "num_classes": 10, "num_samples": 1000},
-        "training": {"optimizer": "adam", "global_batch_size": 128},
-        "device": {"kind": "simulated", "memory_gib": 1},
-        "search": {"what_if": False},
-    }
-
-
 # CI runs property tests from a fixed seed, so a red run is reproducible; a local run explores.
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 

@@ -17,39 +17,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
 from service.schemas.spec import PlanSpec
+from tests.helpers import Mpu, deepspeed_config_module, tensor_spec
 from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.job import TORCH_OPTIMIZERS
 from workers.engine.profile import run_plan
 
 OPTIMIZERS = list(TORCH_OPTIMIZERS)
 PRECISIONS = ["fp32", "tf32", "fp16-mixed", "bf16-mixed", "bf16"]
-
-
-def tensor_spec(**training: Any) -> PlanSpec:
-    """A small MLP on 16 features; the search bound of 48 forces accumulation for a global 256."""
-    return PlanSpec.model_validate(
-        {
-            "model": {
-                "source": "layers",
-                "layers": [
-                    {"type": "Linear", "out_features": 32},
-                    {"type": "ReLU"},
-                    {"type": "Linear", "out_features": 4},
-                ],
-            },
-            "data": {"kind": "tensor", "shape": [16], "num_classes": 4, "num_samples": 1000},
-            "training": {
-                "optimizer": "sgd_momentum",
-                "global_batch_size": 256,
-                "base_lr": 0.1,
-                "base_batch_size": 64,
-                "epochs": 2,
-                **training,
-            },
-            "device": {"kind": "simulated", "memory_gib": 1},
-            "search": {"max_batch_size": 48, "micro_batch": "power_of_two", "what_if": False},
-        }
-    )
 
 
 @pytest.fixture(scope="module")
@@ -259,33 +233,6 @@ def test_hf_trainer_arguments_are_valid(tmp_path: Any, optimizer: str, precision
     assert group["lr"] == pytest.approx(0.4)
     for key, value in kwargs.items():
         assert group[key] == value
-
-
-class Mpu:
-    """The model-parallel unit DeepSpeed asks for the data-parallel world size."""
-
-    def __init__(self, world: int) -> None:
-        self.world = world
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.world
-
-    def get_data_parallel_rank(self) -> int:
-        return 0
-
-    def get_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_model_parallel_rank(self) -> int:
-        return 0
-
-
-def deepspeed_config_module(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """DeepSpeed's config module, told it runs as rank 0 so that it asks the mpu for the
-    data-parallel world size (without a process group it would assume 1)."""
-    module = pytest.importorskip("deepspeed.runtime.config")
-    monkeypatch.setattr(module.dist, "get_rank", lambda *a, **k: 0)
-    return module
 
 
 @pytest.mark.parametrize("world", [1, 4])

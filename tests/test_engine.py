@@ -8,59 +8,13 @@ from typing import Any
 import pytest
 
 from service.schemas.spec import PlanSpec
+from tests.helpers import assert_exact, mlp_spec
 from workers.engine.devices import open_device
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model
 from workers.engine.profile import run_plan
 
 MIB = 1 << 20
-
-
-def mlp_spec(
-    optimizer: str = "adam", precision: str = "fp32", memory_gib: float = 0.25, **training: Any
-) -> dict[str, Any]:
-    return {
-        "model": {
-            "source": "layers",
-            "layers": [
-                {"type": "Linear", "out_features": 1024},
-                {"type": "ReLU"},
-                {"type": "Linear", "out_features": 1024},
-                {"type": "ReLU"},
-                {"type": "Linear", "out_features": 10},
-            ],
-        },
-        "data": {"kind": "tensor", "shape": [512], "num_classes": 10, "num_samples": 10000},
-        "training": {
-            "optimizer": optimizer,
-            "precision": precision,
-            "global_batch_size": 64,
-            **training,
-        },
-        "device": {"kind": "simulated", "memory_gib": memory_gib},
-        "search": {"headroom": 0.0, "max_batch_size": 1 << 20, "what_if": False},
-    }
-
-
-def probe_fresh(spec: PlanSpec, batches: list[int]) -> dict[int, bool]:
-    """Probe batches in a new session, independent of the search that produced the answer."""
-    device = open_device(spec)
-    with device.session(spec, build_model(spec)) as session:
-        return {b: session.probe(b).fits for b in batches}
-
-
-def assert_exact(spec_dict: dict[str, Any]) -> Any:
-    """Plan the spec (without what-ifs) and check the answer with independent fresh probes."""
-    spec_dict = spec_dict | {"search": {**spec_dict.get("search", {}), "what_if": False}}
-    spec = PlanSpec.model_validate(spec_dict)
-    result = run_plan(spec)
-    answer = result.max_micro_batch_size
-    assert answer >= 1
-    checks = probe_fresh(spec, [answer, answer + 1])
-    assert checks[answer] is True and checks[answer + 1] is False
-    by_batch = {t.batch_size: t for t in result.trials}
-    assert by_batch[answer].fits and not by_batch[answer + 1].fits
-    return result
 
 
 def test_grayscale_cnn_is_exact_in_few_trials(small_spec: dict[str, Any]) -> None:

@@ -21,8 +21,7 @@ from service.api.app import create_app
 from service.config import Settings
 from service.store import crud
 from service.store.db import make_engine, make_session_factory, upgrade
-from tests.conftest import registered_spec
-from tests.test_worker import _enqueue
+from tests.helpers import enqueue, registered_spec
 from workers.loop import PlanWorker
 
 
@@ -111,8 +110,8 @@ def test_database_restart_mid_plan_costs_a_pause_not_the_plan(
         database_url=proxied, heartbeat_seconds=0.3, poll_seconds=0.1, lease_seconds=30
     )
     worker = PlanWorker(settings, make_session_factory(make_engine(proxied)), "w-outage")
-    first = _enqueue(direct, small_spec)  # warms the worker's process pool before the outage
-    slow = _enqueue(direct, registered_spec("test-slow", seconds=2))
+    first = enqueue(direct, small_spec)  # warms the worker's process pool before the outage
+    slow = enqueue(direct, registered_spec("test-slow", seconds=2))
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop, 2), daemon=True)
     try:
@@ -200,7 +199,7 @@ def test_full_disk_while_a_worker_finishes_recovers_once_space_returns(
     url, cap = capped_sqlite
     settings = Settings(database_url=url, heartbeat_seconds=0.3, poll_seconds=0.1, lease_seconds=2)
     factory = make_session_factory(make_engine(url))
-    plan_id = _enqueue(factory, small_spec)
+    plan_id = enqueue(factory, small_spec)
     cap["pages"] = _page_count(url)  # the file may not grow: new rows and the result do not fit
     full = PlanWorker(settings, make_session_factory(make_engine(url)), "w-full")
     with pytest.raises(Exception, match="full"):
@@ -245,8 +244,8 @@ def test_a_spec_that_would_trace_for_minutes_fails_that_plan_only(
         "device": {"kind": "simulated", "gpu": "H200"},
         "search": {"what_if": False},
     }
-    slow_id = _enqueue(factory, huge)
-    next_id = _enqueue(factory, small_spec)
+    slow_id = enqueue(factory, huge)
+    next_id = enqueue(factory, small_spec)
     settings = Settings(
         database_url=db_url, heartbeat_seconds=0.5, poll_seconds=0.1, plan_timeout_seconds=4.0
     )

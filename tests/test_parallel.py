@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from service.api.app import create_app
 from service.config import Settings
 from service.schemas.spec import PlanSpec
+from tests.helpers import Mpu, deepspeed_config_module, tensor_spec
 from workers.engine.catalogue import GPU_CATALOGUE
 from workers.engine.communication import ring, step_traffic
 from workers.engine.configs import PlanNumbers, build_configs
@@ -275,8 +276,6 @@ NUMBERS = PlanNumbers(
 
 def tiny_spec(**parallelism: Any) -> PlanSpec:
     """test_configs' small MLP, on two ranks under the given parallelism."""
-    from tests.test_configs import tensor_spec
-
     return tensor_spec(world_size=2, parallelism=parallelism)
 
 
@@ -284,8 +283,6 @@ def tiny_spec(**parallelism: Any) -> PlanSpec:
 def test_deepspeed_and_accelerate_configs(
     monkeypatch: pytest.MonkeyPatch, strategy: str, stage: int
 ) -> None:
-    from tests.test_configs import Mpu, deepspeed_config_module
-
     config_module = deepspeed_config_module(monkeypatch)
     cfg = build_configs(tiny_spec(strategy=strategy), NUMBERS)
     assert cfg["deepspeed"]["zero_optimization"]["stage"] == stage

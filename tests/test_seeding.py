@@ -13,7 +13,7 @@ from service.config import Settings
 from service.schemas.spec import PlanSpec
 from service.store import crud
 from service.store.db import make_engine, make_session_factory
-from tests.test_engine import mlp_spec, probe_fresh
+from tests.helpers import mlp_spec, probe_fresh
 from workers.engine.devices import open_device, twin_of
 from workers.engine.profile import run_plan
 from workers.engine.search import find_max_batch

@@ -19,7 +19,7 @@ from service.client import TrainplanClient
 from service.schemas.spec import PlanSpec
 from service.store import crud
 from service.store.db import make_engine, make_session_factory, upgrade
-from tests.conftest import registered_spec
+from tests.helpers import registered_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

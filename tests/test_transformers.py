@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from service.schemas.spec import PlanSpec
-from tests.test_engine import assert_exact
+from tests.helpers import assert_exact
 from workers.engine.devices import open_device
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model

@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 from service.config import Settings
-from service.schemas.spec import PlanSpec
 from service.store import crud
 from service.store.db import make_engine, make_session_factory, upgrade
-from tests.conftest import registered_spec
+from tests.helpers import enqueue, registered_spec
 from workers.loop import PlanWorker
 
 
@@ -18,14 +17,6 @@ def _setup(db_url: str, **overrides: Any) -> tuple[Settings, Any]:
     settings = Settings(database_url=db_url, heartbeat_seconds=0.5, poll_seconds=0.1, **overrides)
     upgrade(db_url)
     return settings, make_session_factory(make_engine(db_url))
-
-
-def _enqueue(factory: Any, spec: dict[str, Any]) -> str:
-    parsed = PlanSpec.model_validate(spec)
-    with factory() as s:
-        plan = crud.create_plan(s, parsed.canonical(), parsed.spec_hash)
-        s.commit()
-        return plan.id
 
 
 def _plan(factory: Any, plan_id: str) -> Any:
@@ -37,7 +28,7 @@ def test_worker_runs_a_plan_and_records_every_trial(
     db_url: str, small_spec: dict[str, Any]
 ) -> None:
     settings, factory = _setup(db_url)
-    plan_id = _enqueue(factory, small_spec)
+    plan_id = enqueue(factory, small_spec)
     worker = PlanWorker(settings, factory, "w-test")
     assert worker.run_once() == 1
     plan = _plan(factory, plan_id)
@@ -51,7 +42,7 @@ def test_worker_runs_a_plan_and_records_every_trial(
 
 def test_registered_model_plans(db_url: str, plugins: str) -> None:
     settings, factory = _setup(db_url)
-    plan_id = _enqueue(factory, registered_spec("test-mlp", hidden=128))
+    plan_id = enqueue(factory, registered_spec("test-mlp", hidden=128))
     PlanWorker(settings, factory).run_once()
     plan = _plan(factory, plan_id)
     assert plan.status == "succeeded", plan.error
@@ -60,8 +51,8 @@ def test_registered_model_plans(db_url: str, plugins: str) -> None:
 
 def test_a_crashing_plan_costs_that_plan_only(db_url: str, plugins: str) -> None:
     settings, factory = _setup(db_url)
-    crash_id = _enqueue(factory, registered_spec("test-crash"))
-    ok_id = _enqueue(factory, registered_spec("test-mlp"))
+    crash_id = enqueue(factory, registered_spec("test-crash"))
+    ok_id = enqueue(factory, registered_spec("test-mlp"))
     worker = PlanWorker(settings, factory)
     assert worker.run_once() == 1 and worker.run_once() == 1
     crashed = _plan(factory, crash_id)
@@ -71,7 +62,7 @@ def test_a_crashing_plan_costs_that_plan_only(db_url: str, plugins: str) -> None
 
 def test_time_limit_fails_the_plan(db_url: str, plugins: str) -> None:
     settings, factory = _setup(db_url, plan_timeout_seconds=2.0)
-    plan_id = _enqueue(factory, registered_spec("test-slow", seconds=60))
+    plan_id = enqueue(factory, registered_spec("test-slow", seconds=60))
     start = time.monotonic()
     PlanWorker(settings, factory).run_once()
     assert time.monotonic() - start < 30
@@ -81,7 +72,7 @@ def test_time_limit_fails_the_plan(db_url: str, plugins: str) -> None:
 
 def test_unknown_registered_model_fails_with_422_problem(db_url: str, plugins: str) -> None:
     settings, factory = _setup(db_url)
-    plan_id = _enqueue(factory, registered_spec("no-such-model"))
+    plan_id = enqueue(factory, registered_spec("no-such-model"))
     PlanWorker(settings, factory).run_once()
     plan = _plan(factory, plan_id)
     assert plan.status == "failed" and plan.error["status"] == 422
@@ -90,7 +81,7 @@ def test_unknown_registered_model_fails_with_422_problem(db_url: str, plugins: s
 
 def test_cancel_stops_a_running_plan(db_url: str, plugins: str) -> None:
     settings, factory = _setup(db_url)
-    plan_id = _enqueue(factory, registered_spec("test-slow", seconds=4))
+    plan_id = enqueue(factory, registered_spec("test-slow", seconds=4))
     worker = PlanWorker(settings, factory)
     thread = threading.Thread(target=worker.run_once)
     thread.start()

@@ -1,0 +1,133 @@
+"""Helpers the tests share: specs, a fresh probe, an exactness check, a queued plan, DeepSpeed's
+config module told it runs as rank 0. Tests import these from here, not from each other."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.schemas.spec import PlanSpec
+from service.store import crud
+from workers.engine.devices import open_device
+from workers.engine.models import build_model
+from workers.engine.profile import run_plan
+
+
+def registered_spec(name: str, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "model": {"source": "registered", "name": name, "kwargs": kwargs},
+        "data": {"kind": "tensor", "shape": [64], "num_classes": 10, "num_samples": 1000},
+        "training": {"optimizer": "adam", "global_batch_size": 128},
+        "device": {"kind": "simulated", "memory_gib": 1},
+        "search": {"what_if": False},
+    }
+
+
+def enqueue(factory: Any, spec: dict[str, Any]) -> str:
+    parsed = PlanSpec.model_validate(spec)
+    with factory() as s:
+        plan = crud.create_plan(s, parsed.canonical(), parsed.spec_hash)
+        s.commit()
+        return plan.id
+
+
+def mlp_spec(
+    optimizer: str = "adam", precision: str = "fp32", memory_gib: float = 0.25, **training: Any
+) -> dict[str, Any]:
+    return {
+        "model": {
+            "source": "layers",
+            "layers": [
+                {"type": "Linear", "out_features": 1024},
+                {"type": "ReLU"},
+                {"type": "Linear", "out_features": 1024},
+                {"type": "ReLU"},
+                {"type": "Linear", "out_features": 10},
+            ],
+        },
+        "data": {"kind": "tensor", "shape": [512], "num_classes": 10, "num_samples": 10000},
+        "training": {
+            "optimizer": optimizer,
+            "precision": precision,
+            "global_batch_size": 64,
+            **training,
+        },
+        "device": {"kind": "simulated", "memory_gib": memory_gib},
+        "search": {"headroom": 0.0, "max_batch_size": 1 << 20, "what_if": False},
+    }
+
+
+def probe_fresh(spec: PlanSpec, batches: list[int]) -> dict[int, bool]:
+    """Probe batches in a new session, independent of the search that produced the answer."""
+    device = open_device(spec)
+    with device.session(spec, build_model(spec)) as session:
+        return {b: session.probe(b).fits for b in batches}
+
+
+def assert_exact(spec_dict: dict[str, Any]) -> Any:
+    """Plan the spec (without what-ifs) and check the answer with independent fresh probes."""
+    spec_dict = spec_dict | {"search": {**spec_dict.get("search", {}), "what_if": False}}
+    spec = PlanSpec.model_validate(spec_dict)
+    result = run_plan(spec)
+    answer = result.max_micro_batch_size
+    assert answer >= 1
+    checks = probe_fresh(spec, [answer, answer + 1])
+    assert checks[answer] is True and checks[answer + 1] is False
+    by_batch = {t.batch_size: t for t in result.trials}
+    assert by_batch[answer].fits and not by_batch[answer + 1].fits
+    return result
+
+
+def tensor_spec(**training: Any) -> PlanSpec:
+    """A small MLP on 16 features; the search bound of 48 forces accumulation for a global 256."""
+    return PlanSpec.model_validate(
+        {
+            "model": {
+                "source": "layers",
+                "layers": [
+                    {"type": "Linear", "out_features": 32},
+                    {"type": "ReLU"},
+                    {"type": "Linear", "out_features": 4},
+                ],
+            },
+            "data": {"kind": "tensor", "shape": [16], "num_classes": 4, "num_samples": 1000},
+            "training": {
+                "optimizer": "sgd_momentum",
+                "global_batch_size": 256,
+                "base_lr": 0.1,
+                "base_batch_size": 64,
+                "epochs": 2,
+                **training,
+            },
+            "device": {"kind": "simulated", "memory_gib": 1},
+            "search": {"max_batch_size": 48, "micro_batch": "power_of_two", "what_if": False},
+        }
+    )
+
+
+class Mpu:
+    """The model-parallel unit DeepSpeed asks for the data-parallel world size."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.world
+
+    def get_data_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+
+def deepspeed_config_module(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """DeepSpeed's config module, told it runs as rank 0 so that it asks the mpu for the
+    data-parallel world size (without a process group it would assume 1)."""
+    module = pytest.importorskip("deepspeed.runtime.config")
+    monkeypatch.setattr(module.dist, "get_rank", lambda *a, **k: 0)
+    return module

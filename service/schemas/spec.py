@@ -334,6 +334,12 @@ class TrainingSpec(StrictModel):
         return self.parallelism.resolved(self.world_size)
 
     @property
+    def reshards_after_forward(self) -> bool:
+        """FSDP frees gathered parameters after forward: not under zero2 (SHARD_GRAD_OP), nor
+        where the spec keeps them."""
+        return self.parallelism.reshard_after_forward and self.strategy != "zero2"
+
+    @property
     def auto_world_size(self) -> bool:
         return self.parallelism.world_size == "auto"
 

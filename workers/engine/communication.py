@@ -55,7 +55,7 @@ def step_traffic(
     parameters: int,
     precision: str,
     accumulation: int,
-    reshard_after_forward: bool = True,
+    reshards_after_forward: bool = True,
 ) -> StepTraffic | None:
     """Bytes and seconds of communication per optimizer step; None for one process."""
     if strategy == "none" or world_size <= 1:
@@ -70,7 +70,7 @@ def step_traffic(
         total = ring(n, "all_reduce") * grad_bytes + ring(n, "all_gather") * trainable * 4
         return _timed(total, link_gbs(gpu, n, gpus_per_node))
     shard = min(gpus_per_node, n) if strategy == "hybrid_shard" else n
-    gathers = 2 if reshard_after_forward and strategy != "zero2" else 1
+    gathers = 2 if reshards_after_forward else 1
     per_micro = ring(shard, "all_gather") * gathered_bytes * gathers
     per_micro += ring(shard, "reduce_scatter") * grad_bytes
     seconds = per_micro * accumulation / (link_gbs(gpu, shard, gpus_per_node) * 1e9)

@@ -41,6 +41,8 @@ class PlanNumbers:
         return self.micro_batch_size * self.accumulation_steps * self.world_size
 
 
+# The mixed precisions' lower dtype, as rendered code names it (autocast, FSDP's param_dtype).
+AUTOCAST_DTYPE = {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}
 ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "hybrid_shard": 3}
 # FSDP's sharding strategies by the names Lightning, the HF Trainer and Accelerate take.
 FSDP_SHARDING = {
@@ -136,7 +138,7 @@ def accelerate_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "fsdp_config": {
             "fsdp_version": 2,
             "fsdp_sharding_strategy": _sharding(spec),
-            "fsdp_reshard_after_forward": parallelism.reshard_after_forward and strategy != "zero2",
+            "fsdp_reshard_after_forward": spec.training.reshards_after_forward,
             "fsdp_offload_params": parallelism.cpu_offload,
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_activation_checkpointing": spec.training.gradient_checkpointing,
@@ -151,13 +153,14 @@ def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     accumulation window, as the plan's `optimizer_steps_per_epoch` assumes."""
     name, kwargs = TORCH_OPTIMIZERS[spec.training.optimizer]
     tf32 = spec.training.precision == "tf32"
+    nodes, per_node = _nodes(spec, n)
     return {
         **({"float32_matmul_precision": "high"} if tf32 else {}),
         "trainer": {
             "accumulate_grad_batches": n.accumulation_steps,
             "precision": LIGHTNING_PRECISION[spec.training.precision],
-            "devices": _nodes(spec, n)[1],
-            "num_nodes": _nodes(spec, n)[0],
+            "devices": per_node,
+            "num_nodes": nodes,
             "strategy": _lightning_strategy(spec),
             "max_epochs": math.ceil(spec.training.epochs),
             "max_steps": n.total_optimizer_steps,
@@ -406,7 +409,7 @@ def _fully_shard(spec: PlanSpec) -> list[str]:
     """FSDP2: shard each block, then the root; sharding strategies are fully_shard's arguments."""
     parallelism = spec.training.parallelism
     strategy = spec.training.strategy
-    reshard = parallelism.reshard_after_forward and strategy != "zero2"
+    reshard = spec.training.reshards_after_forward
     lines = [
         "from torch.distributed.device_mesh import init_device_mesh",
         "from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard",
@@ -422,7 +425,7 @@ def _fully_shard(spec: PlanSpec) -> list[str]:
         ]
     else:
         lines.append("mesh = init_device_mesh(DEVICE.split(':')[0], (WORLD,))")
-    low = {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}.get(spec.training.precision)
+    low = AUTOCAST_DTYPE.get(spec.training.precision)
     policy = (
         f"MixedPrecisionPolicy(param_dtype=torch.{low}, reduce_dtype=torch.float32)"
         if low
@@ -458,10 +461,8 @@ def _data_setup(ddp: bool) -> list[str]:
 
 
 def _autocast(precision: str) -> str | None:
-    if precision in ("bf16-mixed", "fp16-mixed"):
-        dtype = "bfloat16" if precision == "bf16-mixed" else "float16"
-        return f"torch.autocast(DEVICE, dtype=torch.{dtype})"
-    return None
+    dtype = AUTOCAST_DTYPE.get(precision)
+    return f"torch.autocast(DEVICE, dtype=torch.{dtype})" if dtype else None
 
 
 def _loop_body(spec: PlanSpec, hf: bool, ddp: bool) -> list[str]:

@@ -34,7 +34,6 @@ from torch import nn
 from service.schemas.spec import SHARDED, PlanSpec
 from workers.engine.tracker import MemoryTracker
 
-SHARDING = SHARDED
 REPLICATING = frozenset({"ddp", "zero1"})
 
 
@@ -49,7 +48,7 @@ class World:
 
     @property
     def shards(self) -> bool:
-        return self.strategy in SHARDING
+        return self.strategy in SHARDED
 
     @property
     def replicates(self) -> bool:
@@ -144,14 +143,13 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def shard(model: nn.Module, world: World, spec: PlanSpec) -> None:
-    """`fully_shard` each block, then the root, on the meta model (before materialising)."""
+def shard(model: nn.Module, world: World, spec: PlanSpec, low: torch.dtype | None) -> None:
+    """`fully_shard` each block, then the root, on the meta model (before materialising);
+    `low`: the mixed-precision dtype, if any."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    parallelism = spec.training.parallelism
-    reshard = parallelism.reshard_after_forward and world.strategy != "zero2"
+    reshard = spec.training.reshards_after_forward
     policy = MixedPrecisionPolicy()
-    low = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(spec.training.precision)
     if low is not None:  # gathered in low precision, gradients reduced in fp32 (FSDP2's advice)
         policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
     seen: set[int] = set()

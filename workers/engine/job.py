@@ -273,7 +273,7 @@ class TrainingJob:
         """fully_shard the meta model, then give each rank its local shards."""
         if self.param_dtype is not None:
             model = model.to(self.param_dtype)
-        shard(model, world, self.spec)
+        shard(model, world, self.spec, self.autocast_dtype)
         model.to_empty(device=self.device)
         retie = getattr(model, "tie_weights", None)
         if retie is not None:  # `to_empty` gives tied slots separate parameters

@@ -24,7 +24,7 @@ from service.schemas.result import (
     Trial,
     WorldSizeCheck,
 )
-from service.schemas.spec import PlanSpec
+from service.schemas.spec import SHARDED, PlanSpec
 from workers.engine import planner
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.configs import PlanNumbers, build_configs
@@ -32,7 +32,6 @@ from workers.engine.data import sample_bytes
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, twin_of
 from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
-from workers.engine.distributed import SHARDING
 from workers.engine.models import build_model
 from workers.engine.plan_warnings import Facts, plan_warnings
 from workers.engine.roofline import UNCERTAINTY, StepCost
@@ -107,7 +106,7 @@ def run_plan(
     if not result.feasible and not scale_out and isinstance(device, SimulatedDevice):
         strategy = spec.training.strategy
         scale_out.append(
-            _scale_out(spec, device, recorder, strategy if strategy in SHARDING else "fsdp")
+            _scale_out(spec, device, recorder, strategy if strategy in SHARDED else "fsdp")
         )
     result.scale_out = scale_out
     if spec.search.what_if:
@@ -354,7 +353,7 @@ def _traffic(
         parameters=counts[0],
         precision=training.precision,
         accumulation=accumulation,
-        reshard_after_forward=training.parallelism.reshard_after_forward,
+        reshards_after_forward=training.reshards_after_forward,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from copy import deepcopy
 from typing import Any
 
@@ -51,43 +51,71 @@ def test_idempotency_key(client: TestClient, small_spec: dict[str, Any]) -> None
     assert first.json()["id"] == second.json()["id"]
 
 
+def _five_channels(spec: dict[str, Any]) -> None:
+    spec["data"]["channels"] = 5
+
+
+def _unknown_optimizer(spec: dict[str, Any]) -> None:
+    spec["training"]["optimizer"] = "lion"
+
+
+def _unknown_layer_type(spec: dict[str, Any]) -> None:
+    spec["model"]["layers"][0] = {"type": "Exec"}
+
+
+def _linear_of_the_wrong_width(spec: dict[str, Any]) -> None:
+    spec["model"]["layers"].insert(8, {"type": "Linear", "in_features": 3, "out_features": 4})
+
+
+def _unknown_gpu(spec: dict[str, Any]) -> None:
+    spec["device"] = {"kind": "simulated", "gpu": "nope"}
+
+
+def _headroom_over_one(spec: dict[str, Any]) -> None:
+    spec["search"]["headroom"] = 2
+
+
+def _tf32_on_a_t4(spec: dict[str, Any]) -> None:
+    spec["device"] = {"kind": "simulated", "gpu": "T4"}
+    spec["training"]["precision"] = "tf32"
+
+
+def _split_size_under_the_minimum(spec: dict[str, Any]) -> None:
+    spec["device"]["allocator"] = {"max_split_size_mb": 5}
+
+
+def _roundup_divisions_not_a_power_of_two(spec: dict[str, Any]) -> None:
+    spec["device"]["allocator"] = {"roundup_power2_divisions": 3}
+
+
+def _unknown_torch_release(spec: dict[str, Any]) -> None:
+    spec["device"]["runtime"] = {"torch": "latest"}
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda s: s["data"].update(channels=5), "data.image.channels"),
-        (lambda s: s["training"].update(optimizer="lion"), "training.optimizer"),
-        (lambda s: s["model"]["layers"].__setitem__(0, {"type": "Exec"}), "model.layers.layers.0"),
+        (_five_channels, "data.image.channels"),
+        (_unknown_optimizer, "training.optimizer"),
+        (_unknown_layer_type, "model.layers.layers.0"),
+        (_linear_of_the_wrong_width, "model.layers.8"),
+        (_unknown_gpu, "device.simulated"),
+        (_headroom_over_one, "search.headroom"),
+        (_tf32_on_a_t4, "training.precision"),
+        (_split_size_under_the_minimum, "device.simulated.allocator.max_split_size_mb"),
         (
-            lambda s: s["model"]["layers"].insert(
-                8, {"type": "Linear", "in_features": 3, "out_features": 4}
-            ),
-            "model.layers.8",
-        ),
-        (lambda s: s.update(device={"kind": "simulated", "gpu": "nope"}), "device.simulated"),
-        (lambda s: s["search"].update(headroom=2), "search.headroom"),
-        (
-            lambda s: s.update(
-                device={"kind": "simulated", "gpu": "T4"},
-                training={**s["training"], "precision": "tf32"},
-            ),
-            "training.precision",
-        ),
-        (
-            lambda s: s["device"].update(allocator={"max_split_size_mb": 5}),
-            "device.simulated.allocator.max_split_size_mb",
-        ),
-        (
-            lambda s: s["device"].update(allocator={"roundup_power2_divisions": 3}),
+            _roundup_divisions_not_a_power_of_two,
             "device.simulated.allocator.roundup_power2_divisions",
         ),
-        (
-            lambda s: s["device"].update(runtime={"torch": "latest"}),
-            "device.simulated.runtime.torch",
-        ),
+        (_unknown_torch_release, "device.simulated.runtime.torch"),
     ],
+    ids=lambda case: case.__name__.strip("_") if callable(case) else None,
 )
 def test_invalid_specs_are_422_naming_the_field(
-    client: TestClient, small_spec: dict[str, Any], mutate: Any, field: str
+    client: TestClient,
+    small_spec: dict[str, Any],
+    mutate: Callable[[dict[str, Any]], None],
+    field: str,
 ) -> None:
     spec = deepcopy(small_spec)
     mutate(spec)

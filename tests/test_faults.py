@@ -135,9 +135,9 @@ def test_database_restart_mid_plan_costs_a_pause_not_the_plan(
             plan = crud.get_plan(s, plan_id, with_trials=True)
             assert plan.status == "succeeded", plan.error
             assert plan.attempts == 1  # waited out, not re-run
-            indexes = [t.index for t in plan.trials]
+            indexes = [t.index for t in plan.trial_rows]
             assert indexes == list(range(len(indexes)))  # every trial once, in order
-            assert len(plan.trials) == len(plan.result["trials"])
+            assert len(plan.trial_rows) == len(plan.result["trials"])
 
 
 @pytest.fixture
@@ -214,7 +214,7 @@ def test_full_disk_while_a_worker_finishes_recovers_once_space_returns(
     with factory() as s:
         plan = crud.get_plan(s, plan_id, with_trials=True)
     assert plan.status == "succeeded" and plan.attempts == 2 and plan.worker_id == "w-fresh"
-    latest = [t for t in plan.trials if t.attempt == 2]
+    latest = [t for t in plan.trial_rows if t.attempt == 2]
     assert len(latest) == len(plan.result["trials"])
 
 

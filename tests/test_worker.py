@@ -35,7 +35,7 @@ def test_worker_runs_a_plan_and_records_every_trial(
     assert plan.status == "succeeded", plan.error
     result = plan.result
     assert result["max_micro_batch_size"] > 0
-    stored = [(t.batch_size, t.fits) for t in plan.trials]
+    stored = [(t.batch_size, t.fits) for t in plan.trial_rows]
     assert stored == [(t["batch_size"], t["fits"]) for t in result["trials"]]
     assert plan.finished_at is not None and plan.worker_id == "w-test"
 

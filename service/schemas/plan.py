@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.schemas.common import UtcDatetime
 from service.schemas.result import PlanResult, Trial
@@ -31,6 +31,11 @@ FINAL = frozenset({PlanStatus.succeeded, PlanStatus.failed, PlanStatus.cancelled
 
 
 class PlanOut(BaseModel):
+    """Read from the ORM row (`PlanOut.model_validate(plan)`); `trials` are the current
+    attempt's, filled in by the route for a plan that is running or ended without a result."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     status: PlanStatus
     created_at: UtcDatetime
@@ -47,11 +52,13 @@ class PlanOut(BaseModel):
 
 
 class PlanSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     status: PlanStatus
     created_at: UtcDatetime
     finished_at: UtcDatetime | None = None
-    model: str
+    model: str = Field(validation_alias="model_name")
     spec_hash: str
     max_micro_batch_size: int | None = None
 

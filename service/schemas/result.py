@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class DeviceInfo(BaseModel):
@@ -118,6 +118,8 @@ class Throughput(BaseModel):
 
 
 class Trial(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     batch_size: int
     fits: bool
     peak_bytes: int

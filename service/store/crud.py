@@ -91,7 +91,7 @@ def create_plan(
 def get_plan(session: Session, plan_id: str, with_trials: bool = False) -> Plan | None:
     stmt = select(Plan).where(Plan.id == plan_id)
     if with_trials:
-        stmt = stmt.options(selectinload(Plan.trials))
+        stmt = stmt.options(selectinload(Plan.trial_rows))
     return session.scalars(stmt).first()
 
 

@@ -51,11 +51,16 @@ class Plan(Base):
     predicted_max: Mapped[int | None] = mapped_column(Integer)
     real_max: Mapped[int | None] = mapped_column(Integer)
 
-    trials: Mapped[list[Trial]] = relationship(
+    # Every attempt's trials; the API shows only the current attempt's (`crud.trials_of`).
+    trial_rows: Mapped[list[Trial]] = relationship(
         back_populates="plan", order_by="Trial.index", cascade="all, delete-orphan"
     )
 
     __table_args__ = (Index("ix_plans_status_seq", "status", "seq"),)
+
+    @property
+    def max_micro_batch_size(self) -> int | None:
+        return (self.result or {}).get("max_micro_batch_size")
 
 
 class Trial(Base):
@@ -75,7 +80,7 @@ class Trial(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
 
-    plan: Mapped[Plan] = relationship(back_populates="trials")
+    plan: Mapped[Plan] = relationship(back_populates="trial_rows")
 
 
 class Worker(Base):

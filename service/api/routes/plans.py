@@ -12,7 +12,7 @@ from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import FactoryDep, SessionDep, SettingsDep, require_auth
 from service.api.problems import ProblemException, field_error, validation_problem
@@ -24,9 +24,11 @@ from service.schemas.examples import (
     response_example,
 )
 from service.schemas.plan import FINAL, PlanOut, PlanPage, PlanStatus, PlanSummary
+from service.schemas.result import Trial
 from service.schemas.spec import PlanSpec
 from service.store import crud
 from service.store.models import Plan
+from service.store.models import Trial as TrialRow
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=[Depends(require_auth)])
 
@@ -44,46 +46,38 @@ INVALID_EXAMPLE = {
         }
     ],
 }
+SHOWS_TRIALS = frozenset({PlanStatus.running, PlanStatus.failed, PlanStatus.cancelled})
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such plan (problem details)"}
 }
 
 
 def plan_out(plan: Plan, session: Session | None = None) -> PlanOut:
-    trials: list[Any] = []
-    if session is not None and plan.status in (
-        PlanStatus.running,
-        PlanStatus.failed,
-        PlanStatus.cancelled,
-    ):
-        trials = [_trial_json(t) for t in crud.trials_of(session, plan.id, plan.attempts)]
-    return PlanOut(
-        id=plan.id,
-        status=PlanStatus(plan.status),
-        created_at=plan.created_at,
-        started_at=plan.started_at,
-        finished_at=plan.finished_at,
-        spec=plan.spec,
-        spec_hash=plan.spec_hash,
-        attempts=plan.attempts,
-        worker_id=plan.worker_id,
-        cancel_requested=plan.cancel_requested,
-        error=plan.error,
-        result=plan.result,
-        trials=trials,
-    )  # type: ignore[arg-type]
+    """The plan as the API shows it; with a session, a plan that is running or ended without a
+    result also shows its current attempt's trials."""
+    out = PlanOut.model_validate(plan)
+    if session is not None and plan.status in SHOWS_TRIALS:
+        out.trials = [
+            Trial.model_validate(t) for t in crud.trials_of(session, plan.id, plan.attempts)
+        ]
+    return out
 
 
-def _trial_json(trial: Any) -> dict[str, Any]:
-    return {
-        "batch_size": trial.batch_size,
-        "fits": trial.fits,
-        "peak_bytes": trial.peak_bytes,
-        "duration_s": trial.duration_s,
-        "reason": trial.reason,
-        "phase": trial.phase,
-        "scenario": trial.scenario,
-    }
+def not_found(plan_id: str) -> ProblemException:
+    return ProblemException(404, "not-found", "Not found", f"no plan {plan_id!r}")
+
+
+def read_plan(plan_id: str, factory: FactoryDep) -> PlanOut:
+    """The plan or a 404, read in a session of its own (a long poll or a stream must not hold
+    one open while it waits)."""
+    with factory() as session:
+        plan = crud.get_plan(session, plan_id)
+        if plan is None:
+            raise not_found(plan_id)
+        return plan_out(plan, session)
+
+
+PlanDep = Annotated[PlanOut, Depends(read_plan)]
 
 
 def _check_buildable(spec: PlanSpec) -> None:
@@ -183,18 +177,7 @@ def list_plans(
     page = crud.list_plans(
         session, status, model, min(limit, settings.page_size_max), int(cursor) if cursor else None
     )
-    items = [
-        PlanSummary(
-            id=p.id,
-            status=PlanStatus(p.status),
-            created_at=p.created_at,
-            finished_at=p.finished_at,
-            model=p.model_name,
-            spec_hash=p.spec_hash,
-            max_micro_batch_size=(p.result or {}).get("max_micro_batch_size"),
-        )
-        for p in page.items
-    ]
+    items = [PlanSummary.model_validate(p) for p in page.items]
     return PlanPage(items=items, next_cursor=page.next_cursor)
 
 
@@ -205,25 +188,16 @@ def list_plans(
     summary="Read a plan; ?wait=N long-polls until it ends",
 )
 async def get_plan(
-    plan_id: Annotated[str, ...],
+    plan: PlanDep,
     factory: FactoryDep,
     settings: SettingsDep,
     wait: Annotated[float, Query(ge=0, le=3600)] = 0,
 ) -> PlanOut:
     deadline = time.monotonic() + min(wait, settings.max_wait_seconds)
-    while True:
-        out = await run_in_threadpool(_read, factory, plan_id)
-        if out.status in FINAL or time.monotonic() >= deadline:
-            return out
+    while plan.status not in FINAL and time.monotonic() < deadline:
         await asyncio.sleep(0.25)
-
-
-def _read(factory: Any, plan_id: str) -> PlanOut:
-    with factory() as session:
-        plan = crud.get_plan(session, plan_id)
-        if plan is None:
-            raise ProblemException(404, "not-found", "Not found", f"no plan {plan_id!r}")
-        return plan_out(plan, session)
+        plan = await run_in_threadpool(read_plan, plan.id, factory)
+    return plan
 
 
 @router.post(
@@ -237,7 +211,7 @@ def _read(factory: Any, plan_id: str) -> PlanOut:
 def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
     plan = crud.request_cancel(session, plan_id)
     if plan is None:
-        raise ProblemException(404, "not-found", "Not found", f"no plan {plan_id!r}")
+        raise not_found(plan_id)
     return plan_out(plan, session)
 
 
@@ -247,18 +221,17 @@ def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
     summary="Server-sent events: one `trial` per probe, then one `end`",
     response_class=StreamingResponse,
 )
-async def plan_events(plan_id: str, request: Request, factory: FactoryDep) -> StreamingResponse:
-    await run_in_threadpool(_read, factory, plan_id)  # 404 before the stream starts
+async def plan_events(plan: PlanDep, request: Request, factory: FactoryDep) -> StreamingResponse:
     return StreamingResponse(
-        _event_stream(plan_id, request, factory),
+        _event_stream(plan.id, request, factory),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 def _poll(
-    factory: Any, plan_id: str, attempt_seen: int, after: int
-) -> tuple[Plan | None, list[Any]]:
+    factory: sessionmaker[Session], plan_id: str, attempt_seen: int, after: int
+) -> tuple[Plan | None, list[TrialRow]]:
     with factory() as session:
         plan = crud.get_plan(session, plan_id)
         if plan is None:
@@ -269,7 +242,9 @@ def _poll(
         return plan, trials
 
 
-async def _event_stream(plan_id: str, request: Request, factory: Any) -> AsyncIterator[bytes]:
+async def _event_stream(
+    plan_id: str, request: Request, factory: sessionmaker[Session]
+) -> AsyncIterator[bytes]:
     attempt, last = -1, -1
     event_id = 0
     while True:
@@ -283,10 +258,9 @@ async def _event_stream(plan_id: str, request: Request, factory: Any) -> AsyncIt
             attempt, last = plan.attempts, -1
         for trial in trials:
             last = trial.index
+            trial_json = Trial.model_validate(trial).model_dump(mode="json")
             yield _sse(
-                "trial",
-                _trial_json(trial) | {"index": trial.index, "attempt": trial.attempt},
-                event_id,
+                "trial", trial_json | {"index": trial.index, "attempt": trial.attempt}, event_id
             )
             event_id += 1
         if plan.status in FINAL:
@@ -295,7 +269,7 @@ async def _event_stream(plan_id: str, request: Request, factory: Any) -> AsyncIt
                 {
                     "status": plan.status,
                     "error": plan.error,
-                    "max_micro_batch_size": (plan.result or {}).get("max_micro_batch_size"),
+                    "max_micro_batch_size": plan.max_micro_batch_size,
                 },
                 event_id,
             )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -19,6 +18,7 @@ from service.schemas.examples import (
     response_example,
 )
 from service.schemas.plan import PlanStatus
+from service.schemas.system import GpuPage, Health, Readiness
 from service.schemas.worker import WorkerOut, WorkerPage
 from service.store import crud
 from service.store.models import Trial
@@ -33,8 +33,8 @@ router = APIRouter()
     summary="The simulated device's GPU catalogue",
     responses=response_example(200, GPUS_EXAMPLE),
 )
-def gpus() -> dict[str, Any]:
-    return {"items": engine.gpus()}
+def gpus() -> GpuPage:
+    return GpuPage.model_validate({"items": engine.gpus()})
 
 
 class FidelityRow(BaseModel):
@@ -89,24 +89,25 @@ def workers(session: SessionDep, settings: SettingsDep) -> WorkerPage:
     summary="Liveness: the process answers",
     responses=response_example(200, {"status": "ok"}),
 )
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+def healthz() -> Health:
+    return Health()
 
 
 @router.get(
     "/readyz",
     tags=["health"],
     summary="Readiness: the database answers and is migrated",
+    response_model_exclude_none=True,
     responses=response_example(200, {"status": "ready", "schema": "0003"})
     | response_example(503, {"status": "unavailable", "detail": "connection refused"}, "Not ready"),
 )
-def readyz(session: SessionDep, response: Response) -> dict[str, Any]:
+def readyz(session: SessionDep, response: Response) -> Readiness:
     try:
         version = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
     except Exception as exc:
         response.status_code = 503
-        return {"status": "unavailable", "detail": str(exc).splitlines()[0][:200]}
-    return {"status": "ready", "schema": version}
+        return Readiness(status="unavailable", detail=str(exc).splitlines()[0][:200])
+    return Readiness(status="ready", schema_version=version)
 
 
 @router.get(

@@ -9,8 +9,11 @@ from copy import deepcopy
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from service.api.app import create_app
+from service.config import Settings
 from service.schemas.examples import SMALL_GRAYSCALE_CNN
 
 PG_URL = os.environ.get("TRAINPLAN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -52,6 +55,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def client(db_url: str) -> Iterator[TestClient]:
+    """The API on each database, without its embedded worker (plans stay queued)."""
+    settings = Settings(database_url=db_url, embedded_worker=False, max_body_bytes=64 * 1024)
+    with TestClient(create_app(settings)) as c:
+        yield c
 
 
 @pytest.fixture

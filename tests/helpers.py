@@ -3,9 +3,14 @@ config module told it runs as rank 0. Tests import these from here, not from eac
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.data import TensorDataset
 
 from service.schemas.spec import PlanSpec
 from service.store import crud
@@ -131,3 +136,43 @@ def deepspeed_config_module(monkeypatch: pytest.MonkeyPatch) -> Any:
     module = pytest.importorskip("deepspeed.runtime.config")
     monkeypatch.setattr(module.dist, "get_rank", lambda *a, **k: 0)
     return module
+
+
+class Counting(nn.Module):
+    """A tiny classifier that counts the samples of each optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        return self.net(x)
+
+
+def run_pytorch_loop(code: str, num_samples: int) -> dict[str, Any]:
+    """Execute the generated loop (trainplan's own text, never a request's) on the CPU."""
+    torch.manual_seed(0)
+    model = Counting()
+    steps: list[int] = []
+    data = TensorDataset(torch.randn(num_samples, 16), torch.randint(0, 4, (num_samples,)))
+    scope: dict[str, Any] = {
+        "model": model,
+        "train_dataset": data,
+        "loss_fn": nn.CrossEntropyLoss(),
+    }
+
+    def record(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        steps.append(model.seen)
+        model.seen = 0
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GradScaler without CUDA
+            exec(compile(code, "<plan>", "exec"), scope)
+    finally:
+        handle.remove()
+    scope["steps"] = steps
+    return scope

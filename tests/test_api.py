@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from copy import deepcopy
 from typing import Any
 
@@ -12,13 +12,6 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.config import Settings
 from service.schemas.examples import RESNET50_A100
-
-
-@pytest.fixture
-def client(db_url: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=db_url, embedded_worker=False, max_body_bytes=64 * 1024)
-    with TestClient(create_app(settings)) as c:
-        yield c
 
 
 def _problem(response: Any, status: int) -> dict[str, Any]:
@@ -56,7 +49,7 @@ def _five_channels(spec: dict[str, Any]) -> None:
 
 
 def _unknown_optimizer(spec: dict[str, Any]) -> None:
-    spec["training"]["optimizer"] = "lion"
+    spec["training"]["optimizer"] = "lamb"
 
 
 def _unknown_layer_type(spec: dict[str, Any]) -> None:

@@ -260,7 +260,7 @@ def test_local_cli_names_the_bad_field(small_spec: dict[str, Any], tmp_path: Any
 
     from service.cli import app
 
-    small_spec["training"]["optimizer"] = "lion"
+    small_spec["training"]["optimizer"] = "lamb"
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(small_spec))
     result = CliRunner().invoke(app, ["plan", str(spec_file), "--local"])

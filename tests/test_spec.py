@@ -47,7 +47,7 @@ def test_examples_validate() -> None:
         ("data.height", 0, "data.image.height"),
         ("data.width", 100000, "data.image.width"),
         ("data.num_samples", 0, "data.image.num_samples"),
-        ("training.optimizer", "lion", "training.optimizer"),
+        ("training.optimizer", "lamb", "training.optimizer"),
         ("training.precision", "fp8", "training.precision"),
         ("training.global_batch_size", 0, "training.global_batch_size"),
         ("training.base_lr", -1, "training.base_lr"),

@@ -82,7 +82,7 @@ class MemoryBreakdown(BaseModel):
     host_offloaded: int = Field(
         default=0,
         description="Host memory per rank (FSDP CPU offload: sharded parameters, gradients, "
-        "optimizer state); not part of `peak`.",
+        "optimizer state; a paged optimizer's states in unified memory); not part of `peak`.",
     )
 
 
@@ -134,7 +134,9 @@ class Trial(BaseModel):
 class WhatIf(BaseModel):
     """The exact max micro-batch under one neighbouring choice of the spec."""
 
-    change: Literal["precision", "gradient_checkpointing", "gpu", "peft", "strategy"]
+    change: Literal[
+        "precision", "gradient_checkpointing", "gpu", "peft", "strategy", "optimizer_impl"
+    ]
     value: str | bool
     device: DeviceInfo
     feasible: bool

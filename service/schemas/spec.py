@@ -13,7 +13,14 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from service.schemas.layers import LAYER_TYPES
 
@@ -194,8 +201,30 @@ class TensorData(_DataBase):
 DataSpec = Annotated[ImageData | TokensData | TensorData, Field(discriminator="kind")]
 
 Optimizer = Literal[
-    "sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adafactor"
+    "sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lion"
 ]
+# How the optimizer runs: PyTorch's multi-tensor (`foreach`), `fused` or per-parameter
+# (`for_loop`) kernels; bitsandbytes' 32-bit or 8-bit block-wise states, paged or not.
+OptimizerImpl = Literal[
+    "foreach", "fused", "for_loop", "32bit", "8bit", "paged_32bit", "paged_8bit"
+]
+BNB_IMPLS = frozenset({"32bit", "8bit", "paged_32bit", "paged_8bit"})
+_TORCH: tuple[OptimizerImpl, ...] = ("foreach", "fused", "for_loop")
+_UNFUSED: tuple[OptimizerImpl, ...] = ("foreach", "for_loop")  # no fused kernel in torch
+_BNB_ADAM: tuple[OptimizerImpl, ...] = ("8bit", "paged_32bit", "paged_8bit")
+# What each optimizer can run as; the first is what PyTorch picks on CUDA (foreach since torch 2.0
+# wherever it exists; fused is opt-in). Lion exists only in bitsandbytes.
+OPTIMIZER_IMPLS: dict[str, tuple[OptimizerImpl, ...]] = {
+    "sgd": _TORCH,
+    "sgd_momentum": _TORCH,
+    "nesterov": _TORCH,
+    "adam": (*_TORCH, *_BNB_ADAM),
+    "adamw": (*_TORCH, *_BNB_ADAM),
+    "rmsprop": _UNFUSED,
+    "adagrad": _TORCH,
+    "adafactor": _UNFUSED,
+    "lion": ("32bit", "8bit", "paged_32bit", "paged_8bit"),
+}
 # fp32 follows PyTorch's defaults (cuDNN convolutions in TF32 on Ampere and later, matmuls not);
 # tf32 also runs matmuls in TF32 (`torch.backends.cuda.matmul.allow_tf32 = True`).
 Precision = Literal["fp32", "tf32", "fp16-mixed", "bf16-mixed", "bf16"]
@@ -289,6 +318,11 @@ class PeftSpec(StrictModel):
 
 class TrainingSpec(StrictModel):
     optimizer: Optimizer = "adamw"
+    optimizer_impl: OptimizerImpl | None = Field(
+        default=None,
+        description="How the optimizer runs (its temporaries and state size differ); null: what "
+        "PyTorch picks on CUDA (foreach), bitsandbytes' 32-bit for lion.",
+    )
     precision: Precision = "fp32"
     gradient_checkpointing: bool = False
     global_batch_size: int = Field(default=256, ge=1, le=1 << 24)
@@ -308,6 +342,20 @@ class TrainingSpec(StrictModel):
     @classmethod
     def _prefixes(cls, value: Any) -> Any:
         return _dotted_names(value, 256, "parameter-name prefix")
+
+    @field_validator("optimizer_impl")
+    @classmethod
+    def _impl_exists(cls, value: OptimizerImpl | None, info: ValidationInfo) -> Any:
+        optimizer = info.data.get("optimizer")
+        if value is not None and optimizer is not None and value not in OPTIMIZER_IMPLS[optimizer]:
+            options = ", ".join(OPTIMIZER_IMPLS[optimizer])
+            raise ValueError(f"{optimizer} has no {value!r} implementation (it has: {options})")
+        return value
+
+    @property
+    def implementation(self) -> OptimizerImpl:
+        """The optimizer's implementation on a GPU: the spec's, or PyTorch's CUDA default."""
+        return self.optimizer_impl or OPTIMIZER_IMPLS[self.optimizer][0]
 
     @model_validator(mode="before")
     @classmethod
@@ -345,6 +393,11 @@ class TrainingSpec(StrictModel):
 
     @model_validator(mode="after")
     def _world_fits(self) -> TrainingSpec:
+        if self.implementation in BNB_IMPLS and self.strategy in SHARDED:
+            raise ValueError(
+                f"optimizer_impl {self.implementation!r} (bitsandbytes) with parallelism.strategy "
+                f"{self.strategy!r} is not planned: its state is not sharded; use ddp or none"
+            )
         if self.peft is not None and self.peft.method == "qlora" and self.strategy in SHARDED:
             raise ValueError(
                 f"qlora with parallelism.strategy {self.strategy!r} is not planned: sharding "

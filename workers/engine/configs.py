@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.schemas.spec import PlanSpec
-from workers.engine.job import TORCH_OPTIMIZERS
+from workers.engine.optimizers import OptimizerChoice, choose
 
 LIGHTNING_PRECISION = {
     "fp32": "32-true",
@@ -151,7 +151,7 @@ def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     """`trainer` is `lightning.pytorch.Trainer(**trainer)`; the rest goes to your DataLoader and
     `configure_optimizers`. Lightning steps at the end of an epoch even with a partial
     accumulation window, as the plan's `optimizer_steps_per_epoch` assumes."""
-    name, kwargs = TORCH_OPTIMIZERS[spec.training.optimizer]
+    choice = choose(spec.training)
     tf32 = spec.training.precision == "tf32"
     nodes, per_node = _nodes(spec, n)
     return {
@@ -168,8 +168,8 @@ def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "batch_size": n.micro_batch_size,
         "learning_rate": n.learning_rate,
         "warmup_steps": n.warmup_steps,
-        "optimizer": f"torch.optim.{name}",
-        "optimizer_kwargs": kwargs,
+        "optimizer": choice.path,
+        "optimizer_kwargs": choice.kwargs,
         "gradient_checkpointing": spec.training.gradient_checkpointing,
     }
 
@@ -193,7 +193,7 @@ def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     """Keyword arguments of `transformers.TrainingArguments` (add `output_dir`). HF's `adamw_torch`
     with weight_decay 0 is Adam; its `adafactor` is transformers' own Adafactor."""
     training = spec.training
-    optim, optim_args, weight_decay = _hf_optimizer(training.optimizer)
+    optim, optim_args, weight_decay = _hf_optimizer(choose(training))
     out: dict[str, Any] = {
         "per_device_train_batch_size": n.micro_batch_size,
         "gradient_accumulation_steps": n.accumulation_steps,
@@ -224,7 +224,14 @@ def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     return out
 
 
-def _hf_optimizer(name: str) -> tuple[str, str | None, float]:
+def _hf_optimizer(choice: OptimizerChoice) -> tuple[str, str | None, float]:
+    """The Trainer's `optim`, `optim_args` and weight decay for the plan's optimizer. Its torch
+    names other than `adamw_torch_fused` leave the implementation to PyTorch (foreach on CUDA):
+    a for_loop plan has no Trainer name of its own."""
+    name = choice.name
+    weight_decay = float(choice.kwargs.get("weight_decay", 0.0))
+    if choice.hf_optim is not None:
+        return choice.hf_optim, None, weight_decay
     if name in ("sgd", "sgd_momentum", "nesterov"):
         args = {
             "sgd": None,
@@ -241,15 +248,11 @@ def deepspeed_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     """A DeepSpeed JSON: DeepSpeed asserts train_batch_size = micro x accumulation x world size.
     Optimizer names outside DeepSpeed's own set resolve to the torch.optim class of that name."""
     training = spec.training
-    name, kwargs = TORCH_OPTIMIZERS[training.optimizer]
-    params: dict[str, Any] = {"lr": n.learning_rate, **kwargs}
-    if name == "Adam":
-        params["adam_w_mode"] = False  # DeepSpeed's "Adam" is AdamW unless told otherwise
     return {
         "train_batch_size": n.global_batch_size,
         "train_micro_batch_size_per_gpu": n.micro_batch_size,
         "gradient_accumulation_steps": n.accumulation_steps,
-        "optimizer": {"type": name, "params": params},
+        **_deepspeed_optimizer(choose(training), n),
         "scheduler": {
             "type": "WarmupLR",
             "params": {
@@ -263,6 +266,19 @@ def deepspeed_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "fp16": {"enabled": training.precision == "fp16-mixed"},
         "zero_optimization": _zero(spec),
     }
+
+
+def _deepspeed_optimizer(choice: OptimizerChoice, n: PlanNumbers) -> dict[str, Any]:
+    """DeepSpeed's own optimizer block (its fused Adam for Adam and AdamW: the implementation
+    flags are PyTorch's and stay out); none for bitsandbytes, whose optimizer is passed to
+    `deepspeed.initialize(optimizer=...)` as the PyTorch loop builds it."""
+    if choice.bitsandbytes:
+        return {}
+    params = {"lr": n.learning_rate}
+    params |= {k: v for k, v in choice.kwargs.items() if k not in ("foreach", "fused")}
+    if choice.cls == "Adam":
+        params["adam_w_mode"] = False  # DeepSpeed's "Adam" is AdamW unless told otherwise
+    return {"optimizer": {"type": choice.cls, "params": params}}
 
 
 def _zero(spec: PlanSpec) -> dict[str, Any]:
@@ -283,8 +299,7 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
     training = spec.training
     hf = spec.model.source == "transformers"
     ddp = n.world_size > 1
-    name, kwargs = TORCH_OPTIMIZERS[training.optimizer]
-    opt_args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    choice = choose(training)
     lines = [
         f"# trainplan: micro-batch {n.micro_batch_size} x {n.accumulation_steps} accumulation "
         f"x {n.world_size} rank(s) = global batch {n.global_batch_size}",
@@ -296,6 +311,7 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
             else " to be defined."
         ),
         *(["import contextlib", ""] if ddp else []),
+        *(["import bitsandbytes"] if choice.bitsandbytes else []),
         "import torch",
         "from torch.utils.data import DataLoader",
         "",
@@ -311,7 +327,7 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
         lines += ["torch.backends.cuda.matmul.allow_tf32 = True  # convolutions already are", ""]
     lines += _model_setup(spec, hf, ddp)
     lines += [
-        *_optimizer_lines(training.strategy, name, opt_args),
+        *_optimizer_lines(training.strategy, choice),
         "# Linear warm-up, then constant: put your decay schedule after WARMUP_STEPS.",
         "scheduler = torch.optim.lr_scheduler.LambdaLR(",
         "    optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) if WARMUP_STEPS else 1.0",
@@ -326,16 +342,17 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _optimizer_lines(strategy: str, name: str, opt_args: str) -> list[str]:
+def _optimizer_lines(strategy: str, choice: OptimizerChoice) -> list[str]:
     params = "[p for p in model.parameters() if p.requires_grad]"
+    opt_args = "".join(f", {k}={v!r}" for k, v in choice.kwargs.items())
     if strategy == "zero1":  # each rank keeps the optimizer state of its partition
         return [
             "from torch.distributed.optim import ZeroRedundancyOptimizer",
             "",
             f"optimizer = ZeroRedundancyOptimizer({params}, "
-            f"optimizer_class=torch.optim.{name}, lr=LR{opt_args})",
+            f"optimizer_class={choice.path}, lr=LR{opt_args})",
         ]
-    return [f"optimizer = torch.optim.{name}({params}, lr=LR{opt_args})"]
+    return [f"optimizer = {choice.path}({params}, lr=LR{opt_args})"]
 
 
 def _device_setup(ddp: bool) -> list[str]:

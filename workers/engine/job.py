@@ -22,48 +22,10 @@ from workers.engine.autocast_policy import CudaAutocastPolicy, autocast_region
 from workers.engine.data import sample_input, sample_target
 from workers.engine.distributed import World, local, replicate, shard
 from workers.engine.models import BuiltModel
+from workers.engine.optimizers import choose, make_optimizer, paged_states
 from workers.engine.tracker import MemoryTracker
 
 LOW_PRECISION = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
-
-
-# The spec's optimizers: torch.optim class name and keyword arguments. The engine probes these
-# and `configs` renders the same ones for each framework.
-TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sgd": ("SGD", {}),
-    "sgd_momentum": ("SGD", {"momentum": 0.9}),
-    "nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
-    "adam": ("Adam", {}),
-    "adamw": ("AdamW", {"weight_decay": 0.01}),
-    "rmsprop": ("RMSprop", {}),
-    "adagrad": ("Adagrad", {}),
-    "adafactor": ("Adafactor", {}),
-}
-
-
-def make_optimizer(
-    name: str,
-    params: list[nn.Parameter],
-    lr: float,
-    foreach: bool | None,
-    partitioned: bool = False,
-) -> torch.optim.Optimizer:
-    """The optimizers of the spec. `foreach=True` reproduces CUDA's default multi-tensor kernels,
-    whose temporaries count in the peak; `partitioned`: ZeRO-1, each rank keeps the state of
-    its partition of the parameters (`ZeroRedundancyOptimizer`)."""
-    if name not in TORCH_OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name}")
-    cls, kwargs = TORCH_OPTIMIZERS[name]
-    if partitioned:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        return ZeroRedundancyOptimizer(
-            params, optimizer_class=getattr(torch.optim, cls), lr=lr, foreach=foreach, **kwargs
-        )
-    optimizer: torch.optim.Optimizer = getattr(torch.optim, cls)(
-        params, lr=lr, foreach=foreach, **kwargs
-    )
-    return optimizer
 
 
 class Checkpointed(nn.Module):
@@ -180,7 +142,7 @@ class TrainingJob:
         self.param_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.checkpointed_segments = 0
         self.world = world
-        self.host_bytes = 0  # what FSDP's CPU offload keeps in host memory
+        self.host_bytes = 0  # what CPU offload or paged optimizer states keep in host memory
         model = built.module
         self.forward_loss = built.forward_loss
         self.vocab_size = built.vocab_size or getattr(spec.data, "vocab_size", None)
@@ -211,12 +173,11 @@ class TrainingJob:
         # (unless the trace stands for a real CPU run: the cpu device's twin).
         if cuda_semantics is None:
             cuda_semantics = fake or device.startswith("cuda")
-        foreach = True if cuda_semantics else None
+        self.optimizer_choice = choose(training, gpu=cuda_semantics)
         self.optimizer = make_optimizer(
-            training.optimizer,
+            self.optimizer_choice,
             self.trainable,
             training.base_lr,
-            foreach,
             partitioned=world is not None and world.strategy == "zero1",
         )
         self.scaler = self._make_scaler()
@@ -305,6 +266,8 @@ class TrainingJob:
             params = (local(p) for p in self.model.parameters())
             self.host_bytes = self.tracker.exclude(params)
             self.host_bytes += self.tracker.exclude(self.optimizer_state_tensors())
+        elif self.optimizer_choice.paged:
+            self.host_bytes = self.tracker.exclude(paged_states(self.optimizer))
 
     @property
     def offloaded(self) -> bool:

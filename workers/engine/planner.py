@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ADAPTIVE = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adafactor"})
+ADAPTIVE = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adafactor", "lion"})
 WARMUP_EPOCHS = 5  # Goyal et al.: 5 epochs of linear warm-up for large-batch SGD
 WARMUP_MAX_FRACTION = 0.1  # never more than a tenth of the whole run
 

@@ -115,6 +115,7 @@ def run_plan(
             device,
             lambda session, label: recorder.probe(session, "what_if", label),
             lambda outcome, label: to_trial(outcome, "what_if", label),
+            result.max_micro_batch_size,
         )
     return result
 
@@ -410,6 +411,11 @@ def suggestions_for(spec: PlanSpec) -> list[str]:
         out.append("gradient_checkpointing trades recomputation for most of the activations")
     if training.optimizer in ("adam", "adamw"):
         out.append("optimizer 'adafactor' or 'sgd_momentum' keeps less optimizer state than Adam")
+        if training.implementation == "foreach":
+            out.append(
+                "optimizer_impl 'fused' drops the multi-tensor kernels' temporary copy of the "
+                "state; '8bit' (bitsandbytes) keeps the state at about 1 byte per element"
+            )
     if training.trainable == "all":
         out.append(
             "freeze parameters (training.trainable prefixes) to drop their gradients and "

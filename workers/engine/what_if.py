@@ -8,12 +8,21 @@ A card that is not in the worker is always simulated; the other changes run on t
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from service.schemas.result import DeviceInfo, Trial, WhatIf
-from service.schemas.spec import SHARDED, PeftSpec, PlanSpec, SimulatedDevice
+from service.schemas.spec import (
+    BNB_IMPLS,
+    OPTIMIZER_IMPLS,
+    SHARDED,
+    PeftSpec,
+    PlanSpec,
+    SimulatedDevice,
+    TrainingSpec,
+)
 from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, GpuModel
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device
 from workers.engine.devices.base import ProbeSession
@@ -21,7 +30,7 @@ from workers.engine.errors import SpecError
 from workers.engine.models import build_model
 from workers.engine.search import find_max_batch
 
-Change = Literal["precision", "gradient_checkpointing", "gpu", "peft", "strategy"]
+Change = Literal["precision", "gradient_checkpointing", "gpu", "peft", "strategy", "optimizer_impl"]
 # The strategy that keeps less per rank than each one.
 NEXT_STRATEGY = {"ddp": "zero1", "zero1": "zero2", "zero2": "fsdp"}
 # (session, scenario label) -> a probe that records and reports each trial
@@ -51,7 +60,25 @@ def neighbours(spec: PlanSpec, device: ProbeDevice) -> list[Scenario]:
         if bigger is not None:
             card = SimulatedDevice(kind="simulated", gpu=bigger.name)
             out.append(Scenario("gpu", bigger.name, spec.model_copy(update={"device": card})))
-    return out + _scale_neighbours(spec)
+    return out + _scale_neighbours(spec) + _optimizer_neighbours(spec)
+
+
+def _optimizer_neighbours(spec: PlanSpec) -> list[Scenario]:
+    """The fused kernels (no multi-tensor temporaries) and bitsandbytes' 8-bit states, where the
+    optimizer has them; kept only when they buy a larger micro-batch (see `explore`)."""
+    training = spec.training
+    options = OPTIMIZER_IMPLS[training.optimizer]
+    out = []
+    if training.implementation == "foreach" and "fused" in options:
+        out.append(_with_training(spec, "optimizer_impl", "fused"))
+    if (
+        training.implementation not in BNB_IMPLS
+        and "8bit" in options
+        and training.strategy not in SHARDED
+        and importlib.util.find_spec("bitsandbytes") is not None
+    ):
+        out.append(_with_training(spec, "optimizer_impl", "8bit"))
+    return out
 
 
 def _scale_neighbours(spec: PlanSpec) -> list[Scenario]:
@@ -103,7 +130,8 @@ def bigger_gpu(capacity: int, precision: str) -> GpuModel | None:
 
 
 def _with_training(spec: PlanSpec, field: Change, value: str | bool) -> Scenario:
-    training = spec.training.model_copy(update={field: value})
+    # validated again: a changed field can make the spec's other choices inconsistent
+    training = TrainingSpec.model_validate(spec.training.model_dump() | {field: value})
     return Scenario(field, value, spec.model_copy(update={"training": training}))
 
 
@@ -112,8 +140,11 @@ def explore(
     device: ProbeDevice,
     make_probe: MakeProbe,
     to_trial: Callable[[TrialOutcome, str], Trial],
+    baseline: int,
 ) -> list[WhatIf]:
-    """Run the exact search for each neighbour; a neighbour that cannot be built is skipped."""
+    """Run the exact search for each neighbour; a neighbour that cannot be built is skipped, and
+    an optimizer implementation that buys no micro-batch over the plan's `baseline` is left out
+    (what it saves then is headroom, not batch)."""
     out = []
     for scenario in neighbours(spec, device):
         target = open_device(scenario.spec) if scenario.change == "gpu" else device
@@ -128,6 +159,8 @@ def explore(
                 spec.search.max_batch_size,
                 session.predict_fits,
             )
+        if scenario.change == "optimizer_impl" and search.max_batch <= baseline:
+            continue
         best = search.outcome_at(search.max_batch) if search.max_batch else search.trials[0]
         assert best is not None
         out.append(

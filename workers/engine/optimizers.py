@@ -1,0 +1,186 @@
+"""The optimizer a spec names, built the way users run it.
+
+The implementation changes the memory a step needs: PyTorch's multi-tensor (foreach) kernels, its
+CUDA default, allocate a temporary copy of the states for the whole parameter list; the fused
+kernels allocate none; the per-parameter (for_loop) path one parameter's worth. bitsandbytes
+keeps 8-bit states (one byte per element plus a float32 absmax per 256-element block, 32-bit for
+parameters under 4,096 elements) and pages states of 100,000 elements or more to unified memory.
+The tracer runs each of them for real on fake tensors, so these costs are measured, not assumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.schemas.spec import BNB_IMPLS, OptimizerImpl, TrainingSpec
+
+# The spec's optimizers: class name and keyword arguments (torch.optim's, or bitsandbytes' for
+# lion). The engine probes these and `configs` renders the same ones for each framework.
+TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("SGD", {}),
+    "sgd_momentum": ("SGD", {"momentum": 0.9}),
+    "nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
+    "adam": ("Adam", {}),
+    "adamw": ("AdamW", {"weight_decay": 0.01}),
+    "rmsprop": ("RMSprop", {}),
+    "adagrad": ("Adagrad", {}),
+    "adafactor": ("Adafactor", {}),
+    "lion": ("Lion", {}),
+}
+# bitsandbytes' class per (optimizer, implementation): its Adam classes keep Adam's and AdamW's
+# weight decay semantics apart like torch's.
+_BNB_CLASS = {
+    ("adam", "8bit"): "Adam8bit",
+    ("adam", "paged_32bit"): "PagedAdam",
+    ("adam", "paged_8bit"): "PagedAdam8bit",
+    ("adamw", "8bit"): "AdamW8bit",
+    ("adamw", "paged_32bit"): "PagedAdamW",
+    ("adamw", "paged_8bit"): "PagedAdamW8bit",
+    ("lion", "32bit"): "Lion",
+    ("lion", "8bit"): "Lion8bit",
+    ("lion", "paged_32bit"): "PagedLion",
+    ("lion", "paged_8bit"): "PagedLion8bit",
+}
+# bitsandbytes' `get_state_buffer`: only states of at least this many elements are paged.
+PAGED_MIN_ELEMENTS = 100_000
+# The Hugging Face Trainer's `optim` for each implementation it can name. Its bitsandbytes
+# "adamw" classes are Adam with weight_decay 0, as torch's AdamW is.
+_HF_BNB = {
+    "8bit": "adamw_bnb_8bit",
+    "paged_32bit": "paged_adamw_32bit",
+    "paged_8bit": "paged_adamw_8bit",
+}
+_HF_LION = {
+    "32bit": "lion_32bit",
+    "8bit": "lion_8bit",
+    "paged_32bit": "paged_lion_32bit",
+    "paged_8bit": "paged_lion_8bit",
+}
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """One optimizer with its implementation, as code names it."""
+
+    name: str  # the spec's optimizer
+    impl: OptimizerImpl
+    cls: str  # class name in `module`
+    kwargs: dict[str, Any]  # hyper-parameters and the implementation's flags
+
+    @property
+    def bitsandbytes(self) -> bool:
+        return self.impl in BNB_IMPLS
+
+    @property
+    def paged(self) -> bool:
+        return self.impl.startswith("paged")
+
+    @property
+    def module(self) -> str:
+        return "bitsandbytes.optim" if self.bitsandbytes else "torch.optim"
+
+    @property
+    def path(self) -> str:
+        return f"{self.module}.{self.cls}"
+
+    @property
+    def hf_optim(self) -> str | None:
+        """The Trainer's `optim` naming this implementation (None: the Trainer has no name for
+        it; the torch optimizers' own names mean PyTorch's default, foreach on CUDA)."""
+        if self.name == "lion":
+            return _HF_LION[self.impl]
+        if self.name in ("adam", "adamw"):
+            if self.bitsandbytes:
+                return _HF_BNB[self.impl]
+            return {"fused": "adamw_torch_fused", "foreach": "adamw_torch"}.get(self.impl)
+        return None
+
+
+def choose(training: TrainingSpec, gpu: bool = True) -> OptimizerChoice:
+    """The spec's optimizer and implementation. `gpu=False` (a trace that stands for a real CPU
+    run) keeps PyTorch's CPU default, the per-parameter loop, unless the spec names one."""
+    cls, kwargs = TORCH_OPTIMIZERS[training.optimizer]
+    impl = training.implementation if gpu or training.optimizer_impl else _cpu_default(training)
+    if impl in BNB_IMPLS:
+        return OptimizerChoice(
+            training.optimizer, impl, _BNB_CLASS[training.optimizer, impl], kwargs
+        )
+    flags = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for_loop": {"foreach": False}}
+    return OptimizerChoice(training.optimizer, impl, cls, {**kwargs, **flags[impl]})
+
+
+def _cpu_default(training: TrainingSpec) -> OptimizerImpl:
+    return "for_loop" if training.optimizer != "lion" else "32bit"
+
+
+def make_optimizer(
+    choice: OptimizerChoice, params: list[nn.Parameter], lr: float, partitioned: bool = False
+) -> torch.optim.Optimizer:
+    """`partitioned`: ZeRO-1, each rank keeps the state of its partition of the parameters
+    (`ZeroRedundancyOptimizer`)."""
+    cls = _optimizer_class(choice)
+    if partitioned:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, lr=lr, **choice.kwargs)
+    with _traceable_bitsandbytes() if choice.bitsandbytes else _nothing():
+        optimizer: torch.optim.Optimizer = cls(params, lr=lr, **choice.kwargs)
+    return optimizer
+
+
+def _optimizer_class(choice: OptimizerChoice) -> Any:
+    if choice.bitsandbytes:
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, choice.cls)
+    return getattr(torch.optim, choice.cls)
+
+
+def paged_states(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """The state tensors bitsandbytes puts in unified (host-backed) memory."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key.startswith("state") and value.numel() >= PAGED_MIN_ELEMENTS:
+                yield value
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@cache
+def _quantization_maps() -> dict[bool, list[float]]:
+    from bitsandbytes import functional
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return {s: functional.create_dynamic_map(signed=s).tolist() for s in (True, False)}
+
+
+@contextmanager
+def _traceable_bitsandbytes() -> Iterator[None]:
+    """bitsandbytes builds its 8-bit quantization maps with `.tolist()`, which a fake tensor
+    cannot answer: hand it the same maps computed once on real tensors."""
+    from bitsandbytes import functional
+
+    maps = _quantization_maps()
+    original = functional.create_dynamic_map
+
+    def cached(signed: bool = True, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:
+            return original(signed, *args, **kwargs)
+        return torch.tensor(maps[bool(signed)])
+
+    functional.create_dynamic_map = cached
+    try:
+        yield
+    finally:
+        functional.create_dynamic_map = original

@@ -4,6 +4,7 @@ config module told it runs as rank 0. Tests import these from here, not from eac
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -151,28 +152,45 @@ class Counting(nn.Module):
         return self.net(x)
 
 
-def run_pytorch_loop(code: str, num_samples: int) -> dict[str, Any]:
-    """Execute the generated loop (trainplan's own text, never a request's) on the CPU."""
+def run_pytorch_loop(
+    code: str,
+    num_samples: int,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    model: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Execute the generated loop (trainplan's own text, never a request's) on the CPU; `steps`
+    holds the samples and `lrs` each group's learning rate of every optimizer step."""
     torch.manual_seed(0)
-    model = Counting()
+    model = model or Counting()
     steps: list[int] = []
+    lrs: list[list[float]] = []
     data = TensorDataset(torch.randn(num_samples, 16), torch.randint(0, 4, (num_samples,)))
     scope: dict[str, Any] = {
         "model": model,
         "train_dataset": data,
         "loss_fn": nn.CrossEntropyLoss(),
+        "evaluate": evaluate,
     }
 
     def record(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        steps.append(model.seen)
+        steps.append(getattr(model, "seen", 0))
+        lrs.append([float(group["lr"]) for group in opt.param_groups])
         model.seen = 0
 
     handle = register_optimizer_step_pre_hook(record)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # GradScaler without CUDA
-            exec(compile(code, "<plan>", "exec"), scope)
+            exec(compile(code, "<plan>", "exec", dont_inherit=True), scope)
     finally:
         handle.remove()
     scope["steps"] = steps
+    scope["lrs"] = lrs
+    return scope
+
+
+def recipe_scope(source: str) -> dict[str, Any]:
+    """Run a plan's `configs.recipe` (trainplan's own text) into a namespace."""
+    scope: dict[str, Any] = {}
+    exec(compile(source, "<recipe>", "exec", dont_inherit=True), scope)
     return scope

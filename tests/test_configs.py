@@ -53,7 +53,14 @@ def test_configs_agree_with_the_plan_and_each_other(planned: tuple[PlanSpec, Any
     micro, k = result.micro_batch_size, result.accumulation_steps
     assert (micro, k) == (32, 8)  # bound 48 -> power of two 32; 256 / 32
     configs = result.configs
-    assert set(configs) == {"pytorch", "lightning", "hf_trainer", "deepspeed", "accelerate"}
+    assert set(configs) == {
+        "recipe",
+        "pytorch",
+        "lightning",
+        "hf_trainer",
+        "deepspeed",
+        "accelerate",
+    }
     lightning, hf, ds = configs["lightning"], configs["hf_trainer"], configs["deepspeed"]
     assert lightning["batch_size"] == hf["per_device_train_batch_size"] == micro
     assert ds["train_micro_batch_size_per_gpu"] == micro
@@ -61,11 +68,11 @@ def test_configs_agree_with_the_plan_and_each_other(planned: tuple[PlanSpec, Any
     assert hf["gradient_accumulation_steps"] == ds["gradient_accumulation_steps"] == k
     assert ds["train_batch_size"] == result.effective_global_batch_size == 256
     assert lightning["learning_rate"] == hf["learning_rate"] == result.learning_rate
-    assert ds["optimizer"]["params"]["lr"] == ds["scheduler"]["params"]["warmup_max_lr"]
     assert ds["optimizer"]["params"]["lr"] == result.learning_rate
     warmup = result.lr_scaling.warmup_steps
     assert lightning["warmup_steps"] == hf["warmup_steps"] == warmup
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == warmup
+    assert ds["scheduler"]["type"] == "LinearLR"  # warm-up, then constant
+    assert ds["scheduler"]["params"]["total_iters"] == warmup
     assert lightning["trainer"]["max_steps"] == hf["max_steps"] == result.total_optimizer_steps
     assert f"ACCUMULATION = {k}" in configs["pytorch"]
     assert f"MICRO_BATCH = {micro}" in configs["pytorch"]

@@ -174,6 +174,41 @@ class PlanWarning(BaseModel):
     message: str
 
 
+class LrPoint(BaseModel):
+    label: str = Field(examples=["warmup_end"])
+    step: int = Field(description="Optimizer step (0-based).")
+    learning_rate: float
+
+
+class LrSchedule(BaseModel):
+    """The schedule over the run, in optimizer steps, as every config renders it."""
+
+    kind: str
+    warmup_steps: int
+    total_steps: int
+    points: list[LrPoint] = Field(description="Start, end of warm-up, 25/50/75%, last step.")
+    upper_bound: bool = Field(
+        default=False,
+        description="plateau: its cuts depend on the validation metric; these are the rates "
+        "before any cut.",
+    )
+
+
+class ParamGroupRate(BaseModel):
+    prefix: str | None = Field(description="null: every parameter no group's prefix matches.")
+    lr_scale: float
+    learning_rate: float = Field(description="Peak rate of the group (after batch scaling).")
+
+
+class OptimizerAdjustment(BaseModel):
+    """Malladi et al. (2022): the square-root rule's matching betas and epsilon."""
+
+    batch_factor: float = Field(description="k: effective batch / base batch.")
+    betas: list[float] = Field(description="1 - k (1 - beta) (RMSprop: its alpha).")
+    eps: float = Field(description="eps / sqrt(k).")
+    applied: bool = Field(description="False: a beta would leave (0, 1); the rule fails here.")
+
+
 class PlanResult(BaseModel):
     feasible: bool = True
     device: DeviceInfo
@@ -187,6 +222,14 @@ class PlanResult(BaseModel):
     iterations_per_epoch: int
     optimizer_steps_per_epoch: int
     total_optimizer_steps: int
+    total_steps_upper_bound: bool = Field(
+        default=False, description="Early stopping may end the run before total_optimizer_steps."
+    )
+    schedule: LrSchedule | None = None
+    param_groups: list[ParamGroupRate] = Field(default_factory=list)
+    optimizer: str | None = Field(default=None, description="The optimizer class traced.")
+    optimizer_impl: str | None = Field(default=None, description="Its implementation traced.")
+    optimizer_adjustment: OptimizerAdjustment | None = None
     memory: MemoryBreakdown
     throughput: Throughput | None = None
     trials: list[Trial]

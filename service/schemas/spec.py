@@ -316,6 +316,67 @@ class PeftSpec(StrictModel):
         return _dotted_names(value, 64, "module name")
 
 
+ScheduleKind = Literal[
+    "constant", "linear", "cosine", "step", "multistep", "exponential", "plateau", "one_cycle"
+]
+MetricName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]{1,64}$", examples=["val_loss"])]
+
+
+class ScheduleSpec(StrictModel):
+    """Warm-up, then the decay. Counted in optimizer steps (one per accumulation window), so
+    accumulation and world size change it correctly; `unit: epochs` gives `step_size`,
+    `milestones` and `gamma` per epoch instead."""
+
+    kind: ScheduleKind = "constant"
+    warmup_steps: int | None = Field(
+        default=None, ge=0, le=1 << 30, description="null (and no ratio): the plan's suggestion."
+    )
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    unit: Literal["steps", "epochs"] = "steps"
+    min_lr_ratio: float = Field(default=0.0, ge=0, lt=1, description="linear/cosine floor.")
+    step_size: float | None = Field(default=None, gt=0, le=1 << 30)
+    milestones: list[float] | None = Field(default=None, min_length=1, max_length=64)
+    gamma: float = Field(default=0.1, gt=0, le=1)
+    monitor: MetricName | None = Field(default=None, description="plateau: the metric.")
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(default=10, ge=0, le=100_000, description="plateau: epochs.")
+    factor: float = Field(default=0.1, gt=0, lt=1, description="plateau: the cut.")
+    pct_start: float = Field(default=0.3, gt=0, lt=1, description="one_cycle: rising part.")
+    div_factor: float = Field(default=25.0, ge=1, le=1e6)
+    final_div_factor: float = Field(default=1e4, ge=1, le=1e9)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ScheduleSpec:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        needs = {"step": "step_size", "multistep": "milestones", "plateau": "monitor"}
+        if self.kind in needs and getattr(self, needs[self.kind]) is None:
+            raise ValueError(f"a {self.kind} schedule needs {needs[self.kind]}")
+        if self.milestones is not None and any(
+            b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)
+        ):
+            raise ValueError("milestones must increase")
+        if self.kind == "one_cycle" and (self.warmup_steps or self.warmup_ratio):
+            raise ValueError("one_cycle warms up over pct_start: leave warmup unset")
+        return self
+
+
+class EarlyStoppingSpec(StrictModel):
+    """Stop when the monitored validation metric stops improving (checked once per epoch)."""
+
+    monitor: MetricName
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(default=3, ge=1, le=100_000, description="Epochs without improvement.")
+    min_delta: float = Field(default=0.0, ge=0, le=1e9)
+
+
+class ParamGroup(StrictModel):
+    """Parameters whose names start with `prefix` train at `lr_scale` x the plan's rate."""
+
+    prefix: str = Field(pattern=r"^[A-Za-z0-9_.]{1,128}$", examples=["backbone."])
+    lr_scale: float = Field(gt=0, le=1000)
+
+
 class TrainingSpec(StrictModel):
     optimizer: Optimizer = "adamw"
     optimizer_impl: OptimizerImpl | None = Field(
@@ -337,6 +398,14 @@ class TrainingSpec(StrictModel):
     )
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     peft: PeftSpec | None = None
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    param_groups: list[ParamGroup] | None = Field(
+        default=None,
+        max_length=64,
+        description="Per-layer learning rates by parameter-name prefix (first match wins); the "
+        "rest train at the plan's rate. Frozen prefixes (`trainable`) stay frozen.",
+    )
+    early_stopping: EarlyStoppingSpec | None = None
 
     @field_validator("trainable")
     @classmethod

@@ -2,7 +2,8 @@
 and the worker's child process call; nothing else of the engine is theirs to import):
 
 - `check(spec)`: what submit checks beyond the schema (the model builds on the meta device, LoRA
-  targets exist, the card and runtime are known, a strategy runs on the device kind); raises
+  targets and param-group prefixes exist, the schedule fits the run, the card and runtime are
+  known, a strategy runs on the device kind); raises
   `SpecError` naming the field.
 - `plan(spec, on_trial=None)`: the plan (`PlanResult`), reporting each probe as it happens.
 - `gpus()`: the simulated device's catalogue.
@@ -21,6 +22,7 @@ __all__ = ["SpecError", "check", "gpus", "plan"]
 
 
 def check(spec: PlanSpec) -> None:
+    from workers.engine import recipe
     from workers.engine.devices import open_device
     from workers.engine.models import build_model
 
@@ -32,7 +34,7 @@ def check(spec: PlanSpec) -> None:
             "multi-GPU strategies are traced on the simulated device (device.kind "
             "'simulated'); a real device probes one process",
         )
-    build_model(spec)
+    recipe.check(spec, build_model(spec).module)
 
 
 def plan(spec: PlanSpec, on_trial: Callable[[Trial], None] | None = None) -> PlanResult:

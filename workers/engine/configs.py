@@ -1,20 +1,24 @@
 """Launch settings that carry a plan into the frameworks people train with.
 
-One source of truth, `PlanNumbers`, feeds all four renderings (a plain PyTorch loop, Lightning, the
-Hugging Face Trainer, DeepSpeed), so they cannot disagree with each other or with the plan:
-micro-batch x accumulation x world_size = the effective global batch, the scaled learning rate, a
-linear warm-up of the plan's length and then a constant rate (add your own decay after it).
-Each rendering is checked against the library's own validation in `tests/test_configs.py`.
+One source of truth, `PlanNumbers`, feeds all the renderings (a plain PyTorch loop, Lightning, the
+Hugging Face Trainer, DeepSpeed, Accelerate), so they cannot disagree with each other or with the
+plan: micro-batch x accumulation x world_size = the effective global batch, the scaled learning
+rate and its schedule (`configs.recipe`, the very functions the plan's rates come from), the
+optimizer and its implementation, per-group rates, early stopping. Each rendering is checked
+against the library's own code in `tests/test_configs.py` and `tests/test_recipe.py`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.schemas.spec import PlanSpec
 from workers.engine.optimizers import OptimizerChoice, choose
+from workers.engine.recipe import param_groups
+from workers.engine.recipe_source import recipe_source
+from workers.engine.schedule import Schedule
 
 LIGHTNING_PRECISION = {
     "fp32": "32-true",
@@ -35,10 +39,25 @@ class PlanNumbers:
     learning_rate: float
     warmup_steps: int
     total_optimizer_steps: int
+    schedule: Schedule | None = None  # None: warm-up, then constant
+    # the optimizer's hyper-parameters for the scaled batch (Malladi et al.'s betas and eps)
+    optimizer_overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.accumulation_steps * self.world_size
+
+    @property
+    def lr_schedule(self) -> Schedule:
+        if self.schedule is not None:
+            return self.schedule
+        return Schedule("constant", self.warmup_steps, max(1, self.total_optimizer_steps))
+
+
+def optimizer_kwargs(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+    """The optimizer's keyword arguments as the plan runs it: its implementation's flags and
+    hyper-parameters, with the scaled batch's betas and eps."""
+    return {**choose(spec.training).kwargs, **n.optimizer_overrides}
 
 
 # The mixed precisions' lower dtype, as rendered code names it (autocast, FSDP's param_dtype).
@@ -54,7 +73,8 @@ FSDP_SHARDING = {
 
 
 def build_configs(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
-    out = {
+    out: dict[str, Any] = {
+        "recipe": recipe_source(numbers.lr_schedule, numbers.learning_rate, param_groups(spec)),
         "pytorch": pytorch_loop(spec, numbers),
         "lightning": lightning_settings(spec, numbers),
         "hf_trainer": hf_trainer_arguments(spec, numbers),
@@ -63,6 +83,8 @@ def build_configs(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     }
     if spec.training.peft is not None:
         out["peft"] = peft_settings(spec)
+    if spec.training.early_stopping is not None:
+        out["hf_callbacks"] = hf_callbacks(spec)
     return out
 
 
@@ -148,13 +170,17 @@ def accelerate_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
 
 
 def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
-    """`trainer` is `lightning.pytorch.Trainer(**trainer)`; the rest goes to your DataLoader and
-    `configure_optimizers`. Lightning steps at the end of an epoch even with a partial
-    accumulation window, as the plan's `optimizer_steps_per_epoch` assumes."""
+    """`trainer` is `lightning.pytorch.Trainer(**trainer)` (with `callbacks` built from their
+    class paths); the rest goes to your DataLoader and `configure_optimizers`, which builds the
+    optimizer over `configs.recipe`'s `param_groups(self)` and returns
+    `{"scheduler": make_scheduler(optimizer), **lr_scheduler}` (plus `make_plateau`'s, per epoch,
+    with `monitor`). Lightning steps at the end of an epoch even with a partial accumulation
+    window, as the plan's `optimizer_steps_per_epoch` assumes."""
     choice = choose(spec.training)
     tf32 = spec.training.precision == "tf32"
     nodes, per_node = _nodes(spec, n)
-    return {
+    schedule = n.lr_schedule
+    out: dict[str, Any] = {
         **({"float32_matmul_precision": "high"} if tf32 else {}),
         "trainer": {
             "accumulate_grad_batches": n.accumulation_steps,
@@ -169,9 +195,21 @@ def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "learning_rate": n.learning_rate,
         "warmup_steps": n.warmup_steps,
         "optimizer": choice.path,
-        "optimizer_kwargs": choice.kwargs,
+        "optimizer_kwargs": optimizer_kwargs(spec, n),
+        "lr_scheduler": {"interval": "step", "frequency": 1},
         "gradient_checkpointing": spec.training.gradient_checkpointing,
     }
+    if schedule.kind == "plateau":
+        out["plateau"] = {"monitor": schedule.params["monitor"], "interval": "epoch"}
+    stopping = spec.training.early_stopping
+    if stopping is not None:
+        out["callbacks"] = [
+            {
+                "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                "init_args": stopping.model_dump(),
+            }
+        ]
+    return out
 
 
 def _lightning_strategy(spec: PlanSpec) -> Any:
@@ -193,13 +231,14 @@ def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     """Keyword arguments of `transformers.TrainingArguments` (add `output_dir`). HF's `adamw_torch`
     with weight_decay 0 is Adam; its `adafactor` is transformers' own Adafactor."""
     training = spec.training
-    optim, optim_args, weight_decay = _hf_optimizer(choose(training))
+    optim, optim_args, weight_decay = _hf_optimizer(choose(training), n.optimizer_overrides)
     out: dict[str, Any] = {
         "per_device_train_batch_size": n.micro_batch_size,
         "gradient_accumulation_steps": n.accumulation_steps,
         "learning_rate": n.learning_rate,
-        "warmup_steps": n.warmup_steps,
-        "lr_scheduler_type": "constant_with_warmup",
+        **_hf_schedule(spec, n),
+        **_hf_betas(n.optimizer_overrides),
+        **_hf_evaluation(spec, n),
         "num_train_epochs": training.epochs,
         "max_steps": n.total_optimizer_steps,
         "optim": optim,
@@ -224,7 +263,65 @@ def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     return out
 
 
-def _hf_optimizer(choice: OptimizerChoice) -> tuple[str, str | None, float]:
+def _hf_schedule(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+    """The Trainer's own scheduler where it equals the plan's; else a constant rate, to be
+    replaced by `Trainer(optimizers=(optimizer, make_scheduler(optimizer)))` from
+    `configs.recipe` (a plan warning says so), as per-group rates need anyway."""
+    schedule = n.lr_schedule
+    native = None if spec.training.param_groups else schedule.hf_native
+    if native is None:
+        return {"warmup_steps": 0, "lr_scheduler_type": "constant"}
+    name, kwargs = native
+    out: dict[str, Any] = {"warmup_steps": schedule.warmup, "lr_scheduler_type": name}
+    if kwargs:
+        out["lr_scheduler_kwargs"] = kwargs
+    return out
+
+
+def _hf_betas(overrides: dict[str, Any]) -> dict[str, Any]:
+    if "betas" not in overrides:
+        return {}
+    beta1, beta2 = overrides["betas"]
+    return {"adam_beta1": beta1, "adam_beta2": beta2, "adam_epsilon": overrides["eps"]}
+
+
+def _hf_evaluation(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+    """An epoch-end evaluation for early stopping (`configs.hf_callbacks`) and for a plateau
+    schedule, which both read `metric_for_best_model`."""
+    stopping = spec.training.early_stopping
+    schedule = n.lr_schedule
+    if stopping is None and schedule.kind != "plateau":
+        return {}
+    monitor = stopping.monitor if stopping else schedule.params["monitor"]
+    mode = stopping.mode if stopping else schedule.params["mode"]
+    out: dict[str, Any] = {
+        "eval_strategy": "epoch",
+        "metric_for_best_model": monitor,
+        "greater_is_better": mode == "max",
+    }
+    if stopping is not None:  # EarlyStoppingCallback needs the best model kept
+        out |= {"save_strategy": "epoch", "load_best_model_at_end": True}
+    return out
+
+
+def hf_callbacks(spec: PlanSpec) -> list[dict[str, Any]]:
+    """`Trainer(callbacks=[EarlyStoppingCallback(**kwargs)])`."""
+    stopping = spec.training.early_stopping
+    assert stopping is not None
+    return [
+        {
+            "class": "transformers.EarlyStoppingCallback",
+            "kwargs": {
+                "early_stopping_patience": stopping.patience,
+                "early_stopping_threshold": stopping.min_delta,
+            },
+        }
+    ]
+
+
+def _hf_optimizer(
+    choice: OptimizerChoice, overrides: dict[str, Any]
+) -> tuple[str, str | None, float]:
     """The Trainer's `optim`, `optim_args` and weight decay for the plan's optimizer. Its torch
     names other than `adamw_torch_fused` leave the implementation to PyTorch (foreach on CUDA):
     a for_loop plan has no Trainer name of its own."""
@@ -241,6 +338,8 @@ def _hf_optimizer(choice: OptimizerChoice) -> tuple[str, str | None, float]:
         return "sgd", args[name], 0.0
     if name in ("adam", "adamw"):
         return "adamw_torch", None, 0.01 if name == "adamw" else 0.0
+    if name == "rmsprop" and overrides:  # the Trainer reads RMSprop's alpha and eps from here
+        return name, f"alpha={overrides['alpha']!r},eps={overrides['eps']!r}", 0.0
     return name, None, 0.0  # rmsprop, adagrad, adafactor have HF names of their own
 
 
@@ -252,33 +351,34 @@ def deepspeed_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "train_batch_size": n.global_batch_size,
         "train_micro_batch_size_per_gpu": n.micro_batch_size,
         "gradient_accumulation_steps": n.accumulation_steps,
-        **_deepspeed_optimizer(choose(training), n),
-        "scheduler": {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": n.learning_rate,
-                "warmup_num_steps": n.warmup_steps,
-                "warmup_type": "linear",
-            },
-        },
+        **_deepspeed_optimizer(spec, n),
+        **_deepspeed_scheduler(spec, n),
         "bf16": {"enabled": training.precision in ("bf16-mixed", "bf16")},
         "fp16": {"enabled": training.precision == "fp16-mixed"},
         "zero_optimization": _zero(spec),
     }
 
 
-def _deepspeed_optimizer(choice: OptimizerChoice, n: PlanNumbers) -> dict[str, Any]:
+def _deepspeed_optimizer(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     """DeepSpeed's own optimizer block (its fused Adam for Adam and AdamW: the implementation
-    flags are PyTorch's and stay out); none for bitsandbytes, whose optimizer is passed to
-    `deepspeed.initialize(optimizer=...)` as the PyTorch loop builds it."""
-    if choice.bitsandbytes:
+    flags are PyTorch's and stay out); none for bitsandbytes or per-group rates: that optimizer
+    is passed to `deepspeed.initialize(optimizer=...)` as the PyTorch loop builds it."""
+    choice = choose(spec.training)
+    if choice.bitsandbytes or spec.training.param_groups:
         return {}
     params = {"lr": n.learning_rate}
-    params |= {k: v for k, v in choice.kwargs.items() if k not in ("foreach", "fused")}
+    kwargs = optimizer_kwargs(spec, n)
+    params |= {k: v for k, v in kwargs.items() if k not in ("foreach", "fused")}
     if choice.cls == "Adam":
         params["adam_w_mode"] = False  # DeepSpeed's "Adam" is AdamW unless told otherwise
     return {"optimizer": {"type": choice.cls, "params": params}}
+
+
+def _deepspeed_scheduler(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+    """A scheduler block where DeepSpeed's equals the plan's (see `Schedule.deepspeed_native`);
+    none for a constant rate, or where `make_scheduler` goes to `deepspeed.initialize`."""
+    native = n.lr_schedule.deepspeed_native(n.learning_rate)
+    return {} if native is None else {"scheduler": native}
 
 
 def _zero(spec: PlanSpec) -> dict[str, Any]:
@@ -295,16 +395,19 @@ def _zero(spec: PlanSpec) -> dict[str, Any]:
 
 def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
     """A complete training loop with accumulation (loss / k, step every k, and at an epoch's end).
-    It expects `model`, `train_dataset` and, for non-Hugging Face models, `loss_fn`."""
+    It expects `model`, `train_dataset` and, for non-Hugging Face models, `loss_fn`; with early
+    stopping or a plateau schedule also `evaluate(model)`, returning the monitored metric."""
     training = spec.training
     hf = spec.model.source == "transformers"
     ddp = n.world_size > 1
     choice = choose(training)
+    evaluates = _evaluates(spec, n)
     lines = [
         f"# trainplan: micro-batch {n.micro_batch_size} x {n.accumulation_steps} accumulation "
         f"x {n.world_size} rank(s) = global batch {n.global_batch_size}",
         "# Expects `model`, `train_dataset`"
         + ("" if hf else " and `loss_fn`")
+        + (" and `evaluate(model)` (the monitored metric)" if evaluates else "")
         + (
             f"; launch with: torchrun --nproc_per_node={n.world_size} train.py"
             if ddp
@@ -317,34 +420,66 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
         "",
         f"MICRO_BATCH = {n.micro_batch_size}",
         f"ACCUMULATION = {n.accumulation_steps}",
-        f"LR = {n.learning_rate!r}",
-        f"WARMUP_STEPS = {n.warmup_steps}",
         f"TOTAL_STEPS = {n.total_optimizer_steps}",
         "",
+        recipe_source(n.lr_schedule, n.learning_rate, param_groups(spec)),
     ]
     lines += _device_setup(ddp)
     if training.precision == "tf32":
         lines += ["torch.backends.cuda.matmul.allow_tf32 = True  # convolutions already are", ""]
     lines += _model_setup(spec, hf, ddp)
     lines += [
-        *_optimizer_lines(training.strategy, choice),
-        "# Linear warm-up, then constant: put your decay schedule after WARMUP_STEPS.",
-        "scheduler = torch.optim.lr_scheduler.LambdaLR(",
-        "    optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) if WARMUP_STEPS else 1.0",
-        ")",
+        *_optimizer_lines(training.strategy, choice, optimizer_kwargs(spec, n)),
+        "scheduler = make_scheduler(optimizer)  # stepped after each optimizer step",
+        *(["plateau = make_plateau(optimizer)  # stepped each epoch"] if _plateau(n) else []),
     ]
     if training.precision == "fp16-mixed":
         lines.append("scaler = torch.amp.GradScaler(DEVICE)")
     lines += _data_setup(ddp)
     lines += _loop_body(spec, hf, ddp)
+    if evaluates:
+        lines += _epoch_end(spec, n)
     if ddp:  # every rank done before the group goes (gloo aborts on a peer that left early)
         lines += ["", "torch.distributed.barrier()", "torch.distributed.destroy_process_group()"]
     return "\n".join(lines) + "\n"
 
 
-def _optimizer_lines(strategy: str, choice: OptimizerChoice) -> list[str]:
-    params = "[p for p in model.parameters() if p.requires_grad]"
-    opt_args = "".join(f", {k}={v!r}" for k, v in choice.kwargs.items())
+def _plateau(n: PlanNumbers) -> bool:
+    return n.lr_schedule.kind == "plateau"
+
+
+def _evaluates(spec: PlanSpec, n: PlanNumbers) -> bool:
+    return spec.training.early_stopping is not None or _plateau(n)
+
+
+def _epoch_end(spec: PlanSpec, n: PlanNumbers) -> list[str]:
+    """At each epoch's end: the metric, the plateau's cut, early stopping's count."""
+    lines = ["    metric = float(evaluate(model))"]
+    if _plateau(n):
+        lines.append("    plateau.step(metric)")
+    stopping = spec.training.early_stopping
+    if stopping is not None:
+        better = (
+            f"metric < best - {stopping.min_delta!r}"
+            if stopping.mode == "min"
+            else f"metric > best + {stopping.min_delta!r}"
+        )
+        lines += [
+            f"    # early stopping on {stopping.monitor!r}: {stopping.patience} epochs without "
+            "improvement",
+            f"    if best is None or {better}:",
+            "        best, stale = metric, 0",
+            "    else:",
+            "        stale += 1",
+            f"    if stale >= {stopping.patience}:",
+            "        break",
+        ]
+    return lines
+
+
+def _optimizer_lines(strategy: str, choice: OptimizerChoice, kwargs: dict[str, Any]) -> list[str]:
+    params = "param_groups(model)"
+    opt_args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     if strategy == "zero1":  # each rank keeps the optimizer state of its partition
         return [
             "from torch.distributed.optim import ZeroRedundancyOptimizer",
@@ -513,6 +648,7 @@ def _loop_body(spec: PlanSpec, hf: bool, ddp: bool) -> list[str]:
     lines = [
         "step = 0",
         "epoch = 0",
+        *(["best, stale = None, 0"] if spec.training.early_stopping else []),
         "model.train()",
         "while step < TOTAL_STEPS:",
     ]

@@ -13,6 +13,9 @@ from service.schemas.result import PlanWarning
 from service.schemas.spec import PlanSpec
 from workers.engine import planner
 from workers.engine.devices import ProbeDevice
+from workers.engine.optimizers import choose
+from workers.engine.recipe import Adjustment
+from workers.engine.schedule import Schedule
 from workers.engine.search import SearchResult
 
 BATCHNORM_MIN = 16  # BatchNorm's statistics need a real batch of 16-32
@@ -26,6 +29,8 @@ class Facts:
     batches: planner.BatchPlan
     lr: planner.LrPlan
     has_batchnorm: bool
+    schedule: Schedule | None = None
+    adjustment: Adjustment | None = None
 
 
 Rule = Callable[[Facts], PlanWarning | None]
@@ -140,6 +145,73 @@ def heavy_accumulation(f: Facts) -> PlanWarning | None:
     )
 
 
+def early_stopping_upper_bound(f: Facts) -> PlanWarning | None:
+    stopping = f.spec.training.early_stopping
+    if stopping is None:
+        return None
+    return PlanWarning(
+        code="early_stopping_upper_bound",
+        message=(
+            f"early stopping on {stopping.monitor!r} (patience {stopping.patience} epochs) may "
+            "end the run sooner: total_optimizer_steps and the throughput's time are upper "
+            "bounds, and the schedule's later points may never be reached"
+        ),
+    )
+
+
+def paged_optimizer_state(f: Facts) -> PlanWarning | None:
+    if not choose(f.spec.training).paged:
+        return None
+    return PlanWarning(
+        code="paged_optimizer_state",
+        message=(
+            "paged optimizer states live in CUDA unified memory (memory.host_offloaded): they "
+            "stay on the GPU while it has room and move to the host under pressure, each "
+            "round trip over PCIe; the peak here leaves them out"
+        ),
+    )
+
+
+def framework_fallback(f: Facts) -> PlanWarning | None:
+    """Where the HF Trainer's or DeepSpeed's own settings cannot express the recipe."""
+    if f.schedule is None:
+        return None
+    missing = []
+    groups = bool(f.spec.training.param_groups)
+    if f.schedule.hf_native is None or groups:
+        missing.append(
+            "the HF Trainer (pass Trainer(optimizers=(optimizer, scheduler)) built with "
+            "configs.recipe's param_groups and make_scheduler)"
+        )
+    plain_constant = f.schedule.kind == "constant" and not f.schedule.warmup
+    if (f.schedule.deepspeed_native(1.0) is None and not plain_constant) or groups:
+        missing.append("DeepSpeed (pass them to deepspeed.initialize(optimizer=, lr_scheduler=))")
+    if not missing:
+        return None
+    what = "per-group learning rates" if groups else f"a {f.schedule.kind} schedule"
+    if f.schedule.warmup and not groups:
+        what += " after warm-up"
+    return PlanWarning(
+        code="framework_fallback",
+        message=f"{what} has no setting of its own in " + " or ".join(missing),
+    )
+
+
+def sde_rule_out_of_range(f: Facts) -> PlanWarning | None:
+    a = f.adjustment
+    if a is None or a.applies:
+        return None
+    return PlanWarning(
+        code="sde_rule_out_of_range",
+        message=(
+            f"the square-root rule's matching betas (Malladi et al., 2022) would be "
+            f"{[round(b, 4) for b in a.betas]} at a batch factor of {a.k:g}: outside (0, 1), "
+            "so the rule's approximation does not hold here and the betas stay at their "
+            "defaults; consider a smaller factor or re-tuning the learning rate"
+        ),
+    )
+
+
 RULES: tuple[Rule, ...] = (
     batchnorm_small_micro_batch,
     global_batch_adjusted,
@@ -149,6 +221,10 @@ RULES: tuple[Rule, ...] = (
     search_bound_reached,
     deepspeed_layout,
     heavy_accumulation,
+    early_stopping_upper_bound,
+    paged_optimizer_state,
+    framework_fallback,
+    sde_rule_out_of_range,
 )
 
 

@@ -12,9 +12,13 @@ from typing import Any
 
 from service.schemas.result import (
     DeviceInfo,
+    LrPoint,
     LrScalingInfo,
+    LrSchedule,
     MemoryBreakdown,
     MemoryCategory,
+    OptimizerAdjustment,
+    ParamGroupRate,
     PlanResult,
     PlanWarning,
     Prediction,
@@ -25,7 +29,7 @@ from service.schemas.result import (
     WorldSizeCheck,
 )
 from service.schemas.spec import SHARDED, PlanSpec
-from workers.engine import planner
+from workers.engine import planner, recipe
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.data import sample_bytes
@@ -33,9 +37,12 @@ from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, twin_
 from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.models import build_model
+from workers.engine.optimizers import choose
 from workers.engine.plan_warnings import Facts, plan_warnings
 from workers.engine.roofline import UNCERTAINTY, StepCost
 from workers.engine.scale_out import fewest_gpus, with_world
+from workers.engine.schedule import Schedule
+from workers.engine.schedule import resolve as resolve_schedule
 from workers.engine.search import SearchResult, find_max_batch
 from workers.engine.what_if import explore
 
@@ -262,7 +269,18 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         epochs.optimizer_steps_per_epoch,
         epochs.total_optimizer_steps,
     )
-    warnings = plan_warnings(Facts(spec, device, search, batches, lr, measured.has_batchnorm))
+    schedule = resolve_schedule(
+        training.schedule,
+        lr.warmup_steps,
+        epochs.optimizer_steps_per_epoch,
+        epochs.total_optimizer_steps,
+    )
+    adjustment = recipe.sde_adjustment(
+        training.optimizer, lr.rule, batches.effective_global_batch_size / training.base_batch_size
+    )
+    warnings = plan_warnings(
+        Facts(spec, device, search, batches, lr, measured.has_batchnorm, schedule, adjustment)
+    )
     throughput = _measured_throughput(spec, batches, epochs, at_micro)
     if throughput is None and measured.cost is not None:
         traffic = _traffic(spec, device, measured.counts, batches.accumulation_steps)
@@ -273,9 +291,12 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         accumulation_steps=batches.accumulation_steps,
         world_size=training.world_size,
         learning_rate=lr.learning_rate,
-        warmup_steps=lr.warmup_steps,
+        warmup_steps=schedule.warmup,
         total_optimizer_steps=epochs.total_optimizer_steps,
+        schedule=schedule,
+        optimizer_overrides=adjustment.kwargs if adjustment and adjustment.applies else {},
     )
+    choice = choose(training)
     return PlanResult(
         feasible=True,
         device=_device_info(device),
@@ -290,11 +311,17 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
             base_lr=training.base_lr,  # type: ignore[arg-type]
             base_batch_size=training.base_batch_size,
             factor=lr.factor,
-            warmup_steps=lr.warmup_steps,
+            warmup_steps=schedule.warmup,
         ),
         iterations_per_epoch=epochs.iterations_per_epoch,
         optimizer_steps_per_epoch=epochs.optimizer_steps_per_epoch,
         total_optimizer_steps=epochs.total_optimizer_steps,
+        total_steps_upper_bound=training.early_stopping is not None,
+        schedule=_schedule_out(schedule, lr.learning_rate),
+        param_groups=_group_rates(spec, lr.learning_rate),
+        optimizer=choice.path,
+        optimizer_impl=choice.impl,
+        optimizer_adjustment=_adjustment_out(adjustment),
         memory=_memory(at_micro, device.memory_bytes, measured.host_bytes),
         throughput=throughput,
         trials=measured.trials,
@@ -307,6 +334,41 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         world_size=training.world_size,
         strategy=training.strategy,
         configs=build_configs(spec, numbers),
+    )
+
+
+def _schedule_out(schedule: Schedule, peak: float) -> LrSchedule:
+    return LrSchedule(
+        kind=schedule.kind,
+        warmup_steps=schedule.warmup_end,
+        total_steps=schedule.total,
+        points=[
+            LrPoint(label=label, step=step, learning_rate=peak * schedule.factor(step))
+            for label, step in schedule.points()
+        ],
+        upper_bound=schedule.kind == "plateau",
+    )
+
+
+def _group_rates(spec: PlanSpec, peak: float) -> list[ParamGroupRate]:
+    groups = recipe.param_groups(spec)
+    if not groups:
+        return []
+    rest = ParamGroupRate(prefix=None, lr_scale=1.0, learning_rate=peak)
+    return [
+        *(ParamGroupRate(prefix=p, lr_scale=s, learning_rate=peak * s) for p, s in groups),
+        rest,
+    ]
+
+
+def _adjustment_out(adjustment: recipe.Adjustment | None) -> OptimizerAdjustment | None:
+    if adjustment is None:
+        return None
+    return OptimizerAdjustment(
+        batch_factor=adjustment.k,
+        betas=list(adjustment.betas),
+        eps=adjustment.eps,
+        applied=adjustment.applies,
     )
 
 

@@ -1,0 +1,102 @@
+"""The training recipe around the batch: per-layer learning rates, the schedule's fit to the
+run, early stopping, and the optimizer adjustments the square-root rule implies.
+
+Malladi et al. (2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"): when an
+adaptive optimizer's batch grows by k and its learning rate by sqrt(k), the moment decays follow
+as beta -> 1 - k(1 - beta) and epsilon as eps / sqrt(k). For k >= 1 / (1 - beta) that would make
+beta non-positive: the approximation behind the rule no longer holds, and the plan says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from service.schemas.spec import PlanSpec
+from workers.engine.errors import SpecError
+
+# PyTorch's defaults, which the spec's adaptive optimizers run with.
+DEFAULT_BETAS = {"adam": (0.9, 0.999), "adamw": (0.9, 0.999), "rmsprop": (0.99,)}
+DEFAULT_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """Optimizer hyper-parameters matching the scaled batch (`applies` False: out of range)."""
+
+    k: float
+    betas: tuple[float, ...]
+    eps: float
+    applies: bool
+
+    @property
+    def kwargs(self) -> dict[str, object]:
+        """Keyword arguments of the torch optimizer (RMSprop names its one decay `alpha`)."""
+        if len(self.betas) == 1:
+            return {"alpha": self.betas[0], "eps": self.eps}
+        return {"betas": self.betas, "eps": self.eps}
+
+
+def sde_adjustment(optimizer: str, rule: str, k: float) -> Adjustment | None:
+    """Betas and epsilon for an adaptive optimizer under the square-root rule (None: not one)."""
+    if rule != "sqrt" or optimizer not in DEFAULT_BETAS or k == 1:
+        return None
+    betas = tuple(1 - k * (1 - b) for b in DEFAULT_BETAS[optimizer])
+    applies = all(0 < b < 1 for b in betas)
+    return Adjustment(k, tuple(round(b, 12) for b in betas), DEFAULT_EPS / math.sqrt(k), applies)
+
+
+def estimated_total_steps(spec: PlanSpec) -> tuple[int, int]:
+    """Optimizer steps per epoch and in all from the requested global batch: the plan's
+    effective batch is never smaller, so its run is never longer than this."""
+    per_epoch = math.ceil(spec.data.num_samples / spec.training.global_batch_size)
+    return per_epoch, math.ceil(spec.training.epochs * per_epoch)
+
+
+def check(spec: PlanSpec, model: nn.Module) -> None:
+    """What the schema cannot see: a group prefix that matches no trainable parameter, and a
+    schedule whose milestones or step size lie past the end of the run."""
+    _check_groups(spec, model)
+    _check_schedule(spec)
+
+
+def _check_groups(spec: PlanSpec, model: nn.Module) -> None:
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    frozen = spec.training.trainable
+    for i, group in enumerate(spec.training.param_groups or ()):
+        matched = [n for n in names if n.startswith(group.prefix)]
+        if frozen != "all":
+            matched = [n for n in matched if not any(n.startswith(f) for f in frozen)]
+        if not matched:
+            sample = ", ".join(n.rsplit(".", 1)[0] for n in names[:3])
+            raise SpecError(
+                ("training", "param_groups", i, "prefix"),
+                f"{group.prefix!r} matches no trainable parameter (names look like: {sample})",
+            )
+
+
+def _check_schedule(spec: PlanSpec) -> None:
+    schedule = spec.training.schedule
+    per_epoch, total = estimated_total_steps(spec)
+    per = per_epoch if schedule.unit == "epochs" else 1
+    unit = schedule.unit
+    length = f"{total} optimizer steps ({spec.training.epochs:g} epochs of {per_epoch})"
+    if schedule.kind == "multistep" and schedule.milestones:
+        late = [m for m in schedule.milestones if m * per >= total]
+        if late:
+            raise SpecError(
+                ("training", "schedule", "milestones"),
+                f"milestones {late} ({unit}) lie past the run: it has {length}",
+            )
+    if schedule.kind == "step" and schedule.step_size and schedule.step_size * per >= total:
+        raise SpecError(
+            ("training", "schedule", "step_size"),
+            f"step_size {schedule.step_size:g} ({unit}) never decays: the run has {length}",
+        )
+
+
+def param_groups(spec: PlanSpec) -> list[tuple[str, float]]:
+    """(prefix, lr_scale) in the order the first match is taken."""
+    return [(g.prefix, g.lr_scale) for g in spec.training.param_groups or ()]

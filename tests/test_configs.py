@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from service.schemas.spec import PlanSpec
+from service.schemas.spec import BNB_OPTIMIZERS, PlanSpec
 from tests.helpers import (
     Counting,
     Mpu,
@@ -199,6 +199,9 @@ def test_hf_trainer_arguments_are_valid(tmp_path: Any, optimizer: str, precision
     inner = getattr(opt, "optimizer", opt)
     if optimizer == "adafactor":
         assert type(inner).__name__ == "Adafactor"
+    elif optimizer in BNB_OPTIMIZERS:  # the Trainer's bitsandbytes classes take optim_bits
+        assert type(inner).__name__ == ("Lion" if "lion" in optimizer else "AdamW")
+        assert inner.args.optim_bits == (8 if "8bit" in optimizer else 32)
     else:
         assert type(inner).__name__ == ("AdamW" if optimizer == "adam" else name)
     group = inner.param_groups[0]
@@ -222,7 +225,7 @@ def test_deepspeed_config_is_valid(
     # names outside DeepSpeed's own optimizers must resolve to a torch.optim class
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
-    if optimizer == "lion":  # bitsandbytes' optimizer goes to deepspeed.initialize(optimizer=)
+    if optimizer in BNB_OPTIMIZERS:  # it goes to deepspeed.initialize(optimizer=...)
         assert ds.optimizer_name is None
     elif ds.optimizer_name not in DEEPSPEED_OPTIMIZERS:
         assert hasattr(torch.optim, ds.optimizer_name)

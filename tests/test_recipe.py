@@ -21,15 +21,15 @@ from workers.engine.schedule import LINEAR_START, lr_factor
 
 # tensor_spec: 1,000 samples, global batch 256 -> 4 optimizer steps an epoch; 5 epochs -> 20
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "constant": {"kind": "constant", "warmup_steps": 3},
-    "linear": {"kind": "linear", "warmup_steps": 2, "min_lr_ratio": 0.1},
-    "cosine": {"kind": "cosine", "warmup_ratio": 0.2},
-    "cosine_floor": {"kind": "cosine", "warmup_steps": 4, "min_lr_ratio": 0.05},
-    "step": {"kind": "step", "warmup_steps": 0, "step_size": 6, "gamma": 0.5},
-    "step_epochs": {"kind": "step", "unit": "epochs", "step_size": 2, "gamma": 0.5},
-    "multistep": {"kind": "multistep", "warmup_steps": 2, "milestones": [8, 15], "gamma": 0.3},
-    "exponential": {"kind": "exponential", "warmup_steps": 0, "gamma": 0.9},
-    "one_cycle": {"kind": "one_cycle", "pct_start": 0.25},
+    "constant": {"name": "constant", "warmup_steps": 3},
+    "linear": {"name": "linear", "warmup_steps": 2, "min_lr_ratio": 0.1},
+    "cosine": {"name": "cosine", "warmup_ratio": 0.2},
+    "cosine_floor": {"name": "cosine", "warmup_steps": 4, "min_lr_ratio": 0.05},
+    "step": {"name": "step", "warmup_steps": 0, "step_size": 6, "gamma": 0.5},
+    "step_epochs": {"name": "step", "unit": "epochs", "step_size": 2, "gamma": 0.5},
+    "multistep": {"name": "multistep", "warmup_steps": 2, "milestones": [8, 15], "gamma": 0.3},
+    "exponential": {"name": "exponential", "warmup_steps": 0, "gamma": 0.9},
+    "one_cycle": {"name": "one_cycle", "pct_start": 0.25},
 }
 
 
@@ -188,7 +188,7 @@ def test_deepspeed_scheduler_where_it_has_one(plan: tuple[str, PlanSpec, PlanRes
 
 
 def test_plateau_cuts_after_patience_and_the_plan_says_upper_bound() -> None:
-    schedule = {"kind": "plateau", "monitor": "val_loss", "patience": 0, "factor": 0.5}
+    schedule = {"name": "plateau", "monitor": "val_loss", "patience": 0, "factor": 0.5}
     spec, result = planned(schedule | {"warmup_steps": 2})
     assert result.schedule is not None and result.schedule.upper_bound
     assert result.configs["lightning"]["plateau"]["monitor"] == "val_loss"
@@ -204,16 +204,16 @@ def test_plateau_cuts_after_patience_and_the_plan_says_upper_bound() -> None:
 @pytest.mark.parametrize(
     ("schedule", "field"),
     [
-        ({"kind": "multistep", "milestones": [5, 40]}, "training.schedule.milestones"),
+        ({"name": "multistep", "milestones": [5, 40]}, "training.schedule.milestones"),
         (
-            {"kind": "multistep", "milestones": [6], "unit": "epochs"},
+            {"name": "multistep", "milestones": [6], "unit": "epochs"},
             "training.schedule.milestones",
         ),
-        ({"kind": "step", "step_size": 20}, "training.schedule.step_size"),
-        ({"kind": "plateau"}, "training.schedule"),
-        ({"kind": "one_cycle", "warmup_steps": 3}, "training.schedule"),
-        ({"kind": "cosine", "warmup_steps": 3, "warmup_ratio": 0.1}, "training.schedule"),
-        ({"kind": "multistep", "milestones": [5, 3]}, "training.schedule"),
+        ({"name": "step", "step_size": 20}, "training.schedule.step_size"),
+        ({"name": "plateau"}, "training.schedule"),
+        ({"name": "one_cycle", "warmup_steps": 3}, "training.schedule"),
+        ({"name": "cosine", "warmup_steps": 3, "warmup_ratio": 0.1}, "training.schedule"),
+        ({"name": "multistep", "milestones": [5, 3]}, "training.schedule"),
     ],
 )
 def test_bad_schedules_are_422_at_the_field(
@@ -232,7 +232,7 @@ def _raw_spec() -> dict[str, Any]:
 
 def test_param_groups_set_each_groups_rate() -> None:
     groups = [{"prefix": "0.", "lr_scale": 0.1}]
-    spec, result = planned({"kind": "cosine", "warmup_steps": 2}, param_groups=groups)
+    spec, result = planned({"name": "cosine", "warmup_steps": 2}, param_groups=groups)
     lr = result.learning_rate
     assert [(g.prefix, g.learning_rate) for g in result.param_groups] == [
         ("0.", pytest.approx(lr * 0.1)),
@@ -269,7 +269,7 @@ def test_a_group_matching_no_trainable_parameter_is_a_422(
 
 def test_early_stopping_stops_the_loop_and_bounds_the_plan(tmp_path: Any) -> None:
     stopping = {"monitor": "val_loss", "mode": "min", "patience": 2, "min_delta": 0.01}
-    spec, result = planned({"kind": "constant"}, early_stopping=stopping)
+    spec, result = planned({"name": "constant"}, early_stopping=stopping)
     assert result.total_steps_upper_bound
     assert "early_stopping_upper_bound" in {w.code for w in result.warnings}
     # 1.0, then 0.5 (better), then 0.499 and 0.6 (not better by min_delta): stops after epoch 4

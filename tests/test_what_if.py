@@ -42,6 +42,8 @@ def test_each_what_if_equals_the_plan_of_its_spec(small_spec: dict[str, Any]) ->
         ("precision", "bf16-mixed"),
         ("gradient_checkpointing", True),
         ("gpu", "T4"),  # the smallest card above 1 GiB (15095 MiB usable; a V100 has 16160)
+        ("optimizer_impl", "fused"),  # Adam's multi-tensor default has a fused kernel
+        ("optimizer", "adamw_8bit"),
     }
     for what_if in result.what_if:
         alone = replan(spec, what_if.change, what_if.value)
@@ -120,7 +122,7 @@ def test_bigger_gpu() -> None:
 def test_cpu_plans_have_no_card_neighbour(small_spec: dict[str, Any]) -> None:
     spec = PlanSpec.model_validate(small_spec | {"device": {"kind": "cpu", "memory_gib": 0.5}})
     changes = [n.change for n in neighbours(spec, open_device(spec))]
-    assert changes == ["precision", "gradient_checkpointing"]
+    assert changes == ["precision", "gradient_checkpointing", "optimizer_impl", "optimizer"]
 
 
 def test_store_keeps_the_scenario_of_a_trial(db_url: str, small_spec: dict[str, Any]) -> None:

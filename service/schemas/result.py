@@ -135,7 +135,13 @@ class WhatIf(BaseModel):
     """The exact max micro-batch under one neighbouring choice of the spec."""
 
     change: Literal[
-        "precision", "gradient_checkpointing", "gpu", "peft", "strategy", "optimizer_impl"
+        "precision",
+        "gradient_checkpointing",
+        "gpu",
+        "peft",
+        "strategy",
+        "optimizer_impl",
+        "optimizer",
     ]
     value: str | bool
     device: DeviceInfo
@@ -183,7 +189,7 @@ class LrPoint(BaseModel):
 class LrSchedule(BaseModel):
     """The schedule over the run, in optimizer steps, as every config renders it."""
 
-    kind: str
+    name: str
     warmup_steps: int
     total_steps: int
     points: list[LrPoint] = Field(description="Start, end of warm-up, 25/50/75%, last step.")

@@ -201,30 +201,57 @@ class TensorData(_DataBase):
 DataSpec = Annotated[ImageData | TokensData | TensorData, Field(discriminator="kind")]
 
 Optimizer = Literal[
-    "sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lion"
+    "sgd",
+    "sgd_momentum",
+    "nesterov",
+    "adam",
+    "adamw",
+    "rmsprop",
+    "adagrad",
+    "adafactor",
+    # bitsandbytes': 8-bit block-wise states and/or paged (unified-memory) states; Lion
+    "adamw_8bit",
+    "paged_adamw",
+    "paged_adamw_8bit",
+    "lion",
+    "lion_8bit",
+    "paged_lion",
+    "paged_lion_8bit",
 ]
-# How the optimizer runs: PyTorch's multi-tensor (`foreach`), `fused` or per-parameter
-# (`for_loop`) kernels; bitsandbytes' 32-bit or 8-bit block-wise states, paged or not.
-OptimizerImpl = Literal[
-    "foreach", "fused", "for_loop", "32bit", "8bit", "paged_32bit", "paged_8bit"
-]
-BNB_IMPLS = frozenset({"32bit", "8bit", "paged_32bit", "paged_8bit"})
+# How a torch.optim optimizer runs: multi-tensor (`foreach`), `fused` or per-parameter
+# (`for_loop`) kernels; each allocates different temporaries.
+OptimizerImpl = Literal["foreach", "fused", "for_loop"]
+# bitsandbytes' optimizers: (the algorithm, its state: 32bit | 8bit, paged or not)
+BNB_OPTIMIZERS: dict[str, tuple[str, str]] = {
+    "adamw_8bit": ("adamw", "8bit"),
+    "paged_adamw": ("adamw", "paged_32bit"),
+    "paged_adamw_8bit": ("adamw", "paged_8bit"),
+    "lion": ("lion", "32bit"),
+    "lion_8bit": ("lion", "8bit"),
+    "paged_lion": ("lion", "paged_32bit"),
+    "paged_lion_8bit": ("lion", "paged_8bit"),
+}
 _TORCH: tuple[OptimizerImpl, ...] = ("foreach", "fused", "for_loop")
 _UNFUSED: tuple[OptimizerImpl, ...] = ("foreach", "for_loop")  # no fused kernel in torch
-_BNB_ADAM: tuple[OptimizerImpl, ...] = ("8bit", "paged_32bit", "paged_8bit")
-# What each optimizer can run as; the first is what PyTorch picks on CUDA (foreach since torch 2.0
-# wherever it exists; fused is opt-in). Lion exists only in bitsandbytes.
+# The kernels each torch optimizer has; the first is what PyTorch picks on CUDA (foreach since
+# torch 2.0 wherever it exists; fused is opt-in).
 OPTIMIZER_IMPLS: dict[str, tuple[OptimizerImpl, ...]] = {
     "sgd": _TORCH,
     "sgd_momentum": _TORCH,
     "nesterov": _TORCH,
-    "adam": (*_TORCH, *_BNB_ADAM),
-    "adamw": (*_TORCH, *_BNB_ADAM),
+    "adam": _TORCH,
+    "adamw": _TORCH,
     "rmsprop": _UNFUSED,
     "adagrad": _TORCH,
     "adafactor": _UNFUSED,
-    "lion": ("32bit", "8bit", "paged_32bit", "paged_8bit"),
 }
+
+
+def algorithm(optimizer: str) -> str:
+    """The update rule an optimizer name runs (a bitsandbytes name: its base algorithm)."""
+    return BNB_OPTIMIZERS[optimizer][0] if optimizer in BNB_OPTIMIZERS else optimizer
+
+
 # fp32 follows PyTorch's defaults (cuDNN convolutions in TF32 on Ampere and later, matmuls not);
 # tf32 also runs matmuls in TF32 (`torch.backends.cuda.matmul.allow_tf32 = True`).
 Precision = Literal["fp32", "tf32", "fp16-mixed", "bf16-mixed", "bf16"]
@@ -316,7 +343,7 @@ class PeftSpec(StrictModel):
         return _dotted_names(value, 64, "module name")
 
 
-ScheduleKind = Literal[
+ScheduleName = Literal[
     "constant", "linear", "cosine", "step", "multistep", "exponential", "plateau", "one_cycle"
 ]
 MetricName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]{1,64}$", examples=["val_loss"])]
@@ -327,7 +354,7 @@ class ScheduleSpec(StrictModel):
     accumulation and world size change it correctly; `unit: epochs` gives `step_size`,
     `milestones` and `gamma` per epoch instead."""
 
-    kind: ScheduleKind = "constant"
+    name: ScheduleName = "constant"
     warmup_steps: int | None = Field(
         default=None, ge=0, le=1 << 30, description="null (and no ratio): the plan's suggestion."
     )
@@ -350,13 +377,13 @@ class ScheduleSpec(StrictModel):
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
         needs = {"step": "step_size", "multistep": "milestones", "plateau": "monitor"}
-        if self.kind in needs and getattr(self, needs[self.kind]) is None:
-            raise ValueError(f"a {self.kind} schedule needs {needs[self.kind]}")
+        if self.name in needs and getattr(self, needs[self.name]) is None:
+            raise ValueError(f"a {self.name} schedule needs {needs[self.name]}")
         if self.milestones is not None and any(
             b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)
         ):
             raise ValueError("milestones must increase")
-        if self.kind == "one_cycle" and (self.warmup_steps or self.warmup_ratio):
+        if self.name == "one_cycle" and (self.warmup_steps or self.warmup_ratio):
             raise ValueError("one_cycle warms up over pct_start: leave warmup unset")
         return self
 
@@ -381,8 +408,8 @@ class TrainingSpec(StrictModel):
     optimizer: Optimizer = "adamw"
     optimizer_impl: OptimizerImpl | None = Field(
         default=None,
-        description="How the optimizer runs (its temporaries and state size differ); null: what "
-        "PyTorch picks on CUDA (foreach), bitsandbytes' 32-bit for lion.",
+        description="How a torch.optim optimizer runs (its temporaries differ); null: what "
+        "PyTorch picks on CUDA (foreach). bitsandbytes' optimizers have kernels of their own.",
     )
     precision: Precision = "fp32"
     gradient_checkpointing: bool = False
@@ -416,14 +443,23 @@ class TrainingSpec(StrictModel):
     @classmethod
     def _impl_exists(cls, value: OptimizerImpl | None, info: ValidationInfo) -> Any:
         optimizer = info.data.get("optimizer")
-        if value is not None and optimizer is not None and value not in OPTIMIZER_IMPLS[optimizer]:
+        if value is None or optimizer is None:
+            return value
+        if optimizer in BNB_OPTIMIZERS:
+            raise ValueError(
+                f"{optimizer} runs bitsandbytes' own kernels: optimizer_impl is for torch.optim's"
+            )
+        if value not in OPTIMIZER_IMPLS[optimizer]:
             options = ", ".join(OPTIMIZER_IMPLS[optimizer])
             raise ValueError(f"{optimizer} has no {value!r} implementation (it has: {options})")
         return value
 
     @property
-    def implementation(self) -> OptimizerImpl:
-        """The optimizer's implementation on a GPU: the spec's, or PyTorch's CUDA default."""
+    def implementation(self) -> str:
+        """How the optimizer runs on a GPU: the spec's kernels or PyTorch's CUDA default; for a
+        bitsandbytes optimizer its state (32bit, 8bit, paged_32bit, paged_8bit)."""
+        if self.optimizer in BNB_OPTIMIZERS:
+            return BNB_OPTIMIZERS[self.optimizer][1]
         return self.optimizer_impl or OPTIMIZER_IMPLS[self.optimizer][0]
 
     @model_validator(mode="before")
@@ -462,9 +498,9 @@ class TrainingSpec(StrictModel):
 
     @model_validator(mode="after")
     def _world_fits(self) -> TrainingSpec:
-        if self.implementation in BNB_IMPLS and self.strategy in SHARDED:
+        if self.optimizer in BNB_OPTIMIZERS and self.strategy in SHARDED:
             raise ValueError(
-                f"optimizer_impl {self.implementation!r} (bitsandbytes) with parallelism.strategy "
+                f"optimizer {self.optimizer!r} (bitsandbytes) with parallelism.strategy "
                 f"{self.strategy!r} is not planned: its state is not sharded; use ddp or none"
             )
         if self.peft is not None and self.peft.method == "qlora" and self.strategy in SHARDED:

@@ -199,7 +199,7 @@ def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         "lr_scheduler": {"interval": "step", "frequency": 1},
         "gradient_checkpointing": spec.training.gradient_checkpointing,
     }
-    if schedule.kind == "plateau":
+    if schedule.name == "plateau":
         out["plateau"] = {"monitor": schedule.params["monitor"], "interval": "epoch"}
     stopping = spec.training.early_stopping
     if stopping is not None:
@@ -290,7 +290,7 @@ def _hf_evaluation(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     schedule, which both read `metric_for_best_model`."""
     stopping = spec.training.early_stopping
     schedule = n.lr_schedule
-    if stopping is None and schedule.kind != "plateau":
+    if stopping is None and schedule.name != "plateau":
         return {}
     monitor = stopping.monitor if stopping else schedule.params["monitor"]
     mode = stopping.mode if stopping else schedule.params["mode"]
@@ -445,7 +445,7 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
 
 
 def _plateau(n: PlanNumbers) -> bool:
-    return n.lr_schedule.kind == "plateau"
+    return n.lr_schedule.name == "plateau"
 
 
 def _evaluates(spec: PlanSpec, n: PlanNumbers) -> bool:

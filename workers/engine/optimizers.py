@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.schemas.spec import BNB_IMPLS, OptimizerImpl, TrainingSpec
+from service.schemas.spec import BNB_OPTIMIZERS, TrainingSpec
 
-# The spec's optimizers: class name and keyword arguments (torch.optim's, or bitsandbytes' for
-# lion). The engine probes these and `configs` renders the same ones for each framework.
+# The spec's optimizers: class name (torch.optim's, or bitsandbytes.optim's for its names) and
+# keyword arguments. The engine probes these and `configs` renders the same ones everywhere;
+# bitsandbytes' AdamW classes take AdamW's weight decay like torch's.
 TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("SGD", {}),
     "sgd_momentum": ("SGD", {"momentum": 0.9}),
@@ -32,36 +33,25 @@ TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "rmsprop": ("RMSprop", {}),
     "adagrad": ("Adagrad", {}),
     "adafactor": ("Adafactor", {}),
+    "adamw_8bit": ("AdamW8bit", {"weight_decay": 0.01}),
+    "paged_adamw": ("PagedAdamW", {"weight_decay": 0.01}),
+    "paged_adamw_8bit": ("PagedAdamW8bit", {"weight_decay": 0.01}),
     "lion": ("Lion", {}),
-}
-# bitsandbytes' class per (optimizer, implementation): its Adam classes keep Adam's and AdamW's
-# weight decay semantics apart like torch's.
-_BNB_CLASS = {
-    ("adam", "8bit"): "Adam8bit",
-    ("adam", "paged_32bit"): "PagedAdam",
-    ("adam", "paged_8bit"): "PagedAdam8bit",
-    ("adamw", "8bit"): "AdamW8bit",
-    ("adamw", "paged_32bit"): "PagedAdamW",
-    ("adamw", "paged_8bit"): "PagedAdamW8bit",
-    ("lion", "32bit"): "Lion",
-    ("lion", "8bit"): "Lion8bit",
-    ("lion", "paged_32bit"): "PagedLion",
-    ("lion", "paged_8bit"): "PagedLion8bit",
+    "lion_8bit": ("Lion8bit", {}),
+    "paged_lion": ("PagedLion", {}),
+    "paged_lion_8bit": ("PagedLion8bit", {}),
 }
 # bitsandbytes' `get_state_buffer`: only states of at least this many elements are paged.
 PAGED_MIN_ELEMENTS = 100_000
-# The Hugging Face Trainer's `optim` for each implementation it can name. Its bitsandbytes
-# "adamw" classes are Adam with weight_decay 0, as torch's AdamW is.
-_HF_BNB = {
-    "8bit": "adamw_bnb_8bit",
-    "paged_32bit": "paged_adamw_32bit",
-    "paged_8bit": "paged_adamw_8bit",
-}
-_HF_LION = {
-    "32bit": "lion_32bit",
-    "8bit": "lion_8bit",
-    "paged_32bit": "paged_lion_32bit",
-    "paged_8bit": "paged_lion_8bit",
+# The Hugging Face Trainer's `optim` for the optimizers it has a name for.
+_HF_NAMES = {
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw": "paged_adamw_32bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "lion": "lion_32bit",
+    "lion_8bit": "lion_8bit",
+    "paged_lion": "paged_lion_32bit",
+    "paged_lion_8bit": "paged_lion_8bit",
 }
 
 
@@ -70,13 +60,13 @@ class OptimizerChoice:
     """One optimizer with its implementation, as code names it."""
 
     name: str  # the spec's optimizer
-    impl: OptimizerImpl
+    impl: str  # foreach | fused | for_loop, or bitsandbytes' state: 32bit | 8bit | paged_...
     cls: str  # class name in `module`
     kwargs: dict[str, Any]  # hyper-parameters and the implementation's flags
 
     @property
     def bitsandbytes(self) -> bool:
-        return self.impl in BNB_IMPLS
+        return self.name in BNB_OPTIMIZERS
 
     @property
     def paged(self) -> bool:
@@ -94,11 +84,9 @@ class OptimizerChoice:
     def hf_optim(self) -> str | None:
         """The Trainer's `optim` naming this implementation (None: the Trainer has no name for
         it; the torch optimizers' own names mean PyTorch's default, foreach on CUDA)."""
-        if self.name == "lion":
-            return _HF_LION[self.impl]
+        if self.bitsandbytes:
+            return _HF_NAMES[self.name]
         if self.name in ("adam", "adamw"):
-            if self.bitsandbytes:
-                return _HF_BNB[self.impl]
             return {"fused": "adamw_torch_fused", "foreach": "adamw_torch"}.get(self.impl)
         return None
 
@@ -107,17 +95,11 @@ def choose(training: TrainingSpec, gpu: bool = True) -> OptimizerChoice:
     """The spec's optimizer and implementation. `gpu=False` (a trace that stands for a real CPU
     run) keeps PyTorch's CPU default, the per-parameter loop, unless the spec names one."""
     cls, kwargs = TORCH_OPTIMIZERS[training.optimizer]
-    impl = training.implementation if gpu or training.optimizer_impl else _cpu_default(training)
-    if impl in BNB_IMPLS:
-        return OptimizerChoice(
-            training.optimizer, impl, _BNB_CLASS[training.optimizer, impl], kwargs
-        )
+    if training.optimizer in BNB_OPTIMIZERS:
+        return OptimizerChoice(training.optimizer, training.implementation, cls, kwargs)
+    impl = training.implementation if gpu or training.optimizer_impl else "for_loop"
     flags = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for_loop": {"foreach": False}}
     return OptimizerChoice(training.optimizer, impl, cls, {**kwargs, **flags[impl]})
-
-
-def _cpu_default(training: TrainingSpec) -> OptimizerImpl:
-    return "for_loop" if training.optimizer != "lion" else "32bit"
 
 
 def make_optimizer(

@@ -183,12 +183,12 @@ def framework_fallback(f: Facts) -> PlanWarning | None:
             "the HF Trainer (pass Trainer(optimizers=(optimizer, scheduler)) built with "
             "configs.recipe's param_groups and make_scheduler)"
         )
-    plain_constant = f.schedule.kind == "constant" and not f.schedule.warmup
+    plain_constant = f.schedule.name == "constant" and not f.schedule.warmup
     if (f.schedule.deepspeed_native(1.0) is None and not plain_constant) or groups:
         missing.append("DeepSpeed (pass them to deepspeed.initialize(optimizer=, lr_scheduler=))")
     if not missing:
         return None
-    what = "per-group learning rates" if groups else f"a {f.schedule.kind} schedule"
+    what = "per-group learning rates" if groups else f"a {f.schedule.name} schedule"
     if f.schedule.warmup and not groups:
         what += " after warm-up"
     return PlanWarning(

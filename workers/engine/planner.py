@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from service.schemas.spec import algorithm
+
 ADAPTIVE = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adafactor", "lion"})
 WARMUP_EPOCHS = 5  # Goyal et al.: 5 epochs of linear warm-up for large-batch SGD
 WARMUP_MAX_FRACTION = 0.1  # never more than a tenth of the whole run
@@ -69,7 +71,7 @@ def _divisors(n: int) -> list[int]:
 def resolve_rule(rule: str, optimizer: str) -> str:
     if rule != "auto":
         return rule
-    return "sqrt" if optimizer in ADAPTIVE else "linear"
+    return "sqrt" if algorithm(optimizer) in ADAPTIVE else "linear"
 
 
 def scale_lr(

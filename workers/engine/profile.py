@@ -122,7 +122,6 @@ def run_plan(
             device,
             lambda session, label: recorder.probe(session, "what_if", label),
             lambda outcome, label: to_trial(outcome, "what_if", label),
-            result.max_micro_batch_size,
         )
     return result
 
@@ -339,14 +338,14 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
 
 def _schedule_out(schedule: Schedule, peak: float) -> LrSchedule:
     return LrSchedule(
-        kind=schedule.kind,
+        name=schedule.name,
         warmup_steps=schedule.warmup_end,
         total_steps=schedule.total,
         points=[
             LrPoint(label=label, step=step, learning_rate=peak * schedule.factor(step))
             for label, step in schedule.points()
         ],
-        upper_bound=schedule.kind == "plateau",
+        upper_bound=schedule.name == "plateau",
     )
 
 
@@ -476,7 +475,7 @@ def suggestions_for(spec: PlanSpec) -> list[str]:
         if training.implementation == "foreach":
             out.append(
                 "optimizer_impl 'fused' drops the multi-tensor kernels' temporary copy of the "
-                "state; '8bit' (bitsandbytes) keeps the state at about 1 byte per element"
+                "state; optimizer 'adamw_8bit' (bitsandbytes) keeps it at about 1 byte per element"
             )
     if training.trainable == "all":
         out.append(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from service.schemas.spec import PlanSpec
+from service.schemas.spec import PlanSpec, algorithm
 from workers.engine.errors import SpecError
 
 # PyTorch's defaults, which the spec's adaptive optimizers run with.
@@ -41,9 +41,10 @@ class Adjustment:
 
 def sde_adjustment(optimizer: str, rule: str, k: float) -> Adjustment | None:
     """Betas and epsilon for an adaptive optimizer under the square-root rule (None: not one)."""
-    if rule != "sqrt" or optimizer not in DEFAULT_BETAS or k == 1:
+    base = algorithm(optimizer)
+    if rule != "sqrt" or base not in DEFAULT_BETAS or k == 1:
         return None
-    betas = tuple(1 - k * (1 - b) for b in DEFAULT_BETAS[optimizer])
+    betas = tuple(1 - k * (1 - b) for b in DEFAULT_BETAS[base])
     applies = all(0 < b < 1 for b in betas)
     return Adjustment(k, tuple(round(b, 12) for b in betas), DEFAULT_EPS / math.sqrt(k), applies)
 
@@ -83,14 +84,14 @@ def _check_schedule(spec: PlanSpec) -> None:
     per = per_epoch if schedule.unit == "epochs" else 1
     unit = schedule.unit
     length = f"{total} optimizer steps ({spec.training.epochs:g} epochs of {per_epoch})"
-    if schedule.kind == "multistep" and schedule.milestones:
+    if schedule.name == "multistep" and schedule.milestones:
         late = [m for m in schedule.milestones if m * per >= total]
         if late:
             raise SpecError(
                 ("training", "schedule", "milestones"),
                 f"milestones {late} ({unit}) lie past the run: it has {length}",
             )
-    if schedule.kind == "step" and schedule.step_size and schedule.step_size * per >= total:
+    if schedule.name == "step" and schedule.step_size and schedule.step_size * per >= total:
         raise SpecError(
             ("training", "schedule", "step_size"),
             f"step_size {schedule.step_size:g} ({unit}) never decays: the run has {length}",

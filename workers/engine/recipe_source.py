@@ -42,7 +42,7 @@ def recipe_source(schedule: Schedule, learning_rate: float, groups: list[tuple[s
         "",
         *_make_scheduler(schedule),
     ]
-    if schedule.kind == "plateau":
+    if schedule.name == "plateau":
         lines += ["", "", *_make_plateau(schedule)]
     return "\n".join(lines) + "\n"
 
@@ -50,7 +50,7 @@ def recipe_source(schedule: Schedule, learning_rate: float, groups: list[tuple[s
 def _make_scheduler(schedule: Schedule) -> list[str]:
     """Stepped once per optimizer step, after `optimizer.step()`."""
     head = ["def make_scheduler(optimizer):"]
-    if schedule.kind == "one_cycle":
+    if schedule.name == "one_cycle":
         p = schedule.params
         return [
             *head,
@@ -64,12 +64,12 @@ def _make_scheduler(schedule: Schedule) -> list[str]:
             f"        final_div_factor={p['final_div_factor']!r},",
             "    )",
         ]
-    if schedule.kind == "plateau" and not schedule.warmup:
+    if schedule.name == "plateau" and not schedule.warmup:
         return [
             *head,
             "    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)",
         ]
-    if schedule.kind == "plateau":
+    if schedule.name == "plateau":
         # chainable: after its last step it leaves the rate to ReduceLROnPlateau's cuts
         return [
             *head,

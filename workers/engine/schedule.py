@@ -2,7 +2,7 @@
 
 Steps are optimizer steps (one per accumulation window), counted from 0; `lr_factor(step)` is the
 multiplier of the plan's (scaled) learning rate for that step. Warm-up is linear from 0, as the
-Hugging Face Trainer's: step / warmup. Then the kind's decay: `linear` and `cosine` run from the
+Hugging Face Trainer's: step / warmup. Then the decay: `linear` and `cosine` run from the
 end of warm-up to the last step (down to `floor`); `step` and `multistep` count from step 0 (a
 milestone means the same step with or without warm-up); `exponential` decays from the end of
 warm-up; `one_cycle` is PyTorch's OneCycleLR (its own warm-up, `pct_start`). `plateau` is flat
@@ -25,23 +25,23 @@ from service.schemas.spec import ScheduleSpec
 
 def lr_factor(step: int, schedule: dict[str, Any]) -> float:
     """The multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    kind, warmup, total = schedule["kind"], schedule["warmup"], schedule["total"]
-    if kind == "one_cycle":
+    name, warmup, total = schedule["name"], schedule["warmup"], schedule["total"]
+    if name == "one_cycle":
         return one_cycle(step, total, schedule)
     if step < warmup:
         return step / warmup
     floor = schedule.get("floor", 0.0)
     decay = max(1, total - warmup)
     progress = min(1.0, (step - warmup) / decay)
-    if kind == "linear":
+    if name == "linear":
         return floor + (1 - floor) * (1 - progress)
-    if kind == "cosine":
+    if name == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if kind == "step":
+    if name == "step":
         return float(schedule["gamma"] ** (step // schedule["step_size"]))
-    if kind == "multistep":
+    if name == "multistep":
         return float(schedule["gamma"] ** bisect.bisect_right(schedule["milestones"], step))
-    if kind == "exponential":
+    if name == "exponential":
         return float(schedule["gamma"] ** (step - warmup))
     return 1.0  # constant, and plateau before any cut
 
@@ -69,7 +69,7 @@ NATIVE_HF = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "
 class Schedule:
     """A spec's schedule resolved against the run: steps, not epochs."""
 
-    kind: str
+    name: str
     warmup: int
     total: int
     params: dict[str, Any] = field(default_factory=dict)
@@ -77,14 +77,14 @@ class Schedule:
     @property
     def table(self) -> dict[str, Any]:
         """The argument `lr_factor` takes (rendered as a literal into the configs)."""
-        return {"kind": self.kind, "warmup": self.warmup, "total": self.total, **self.params}
+        return {"name": self.name, "warmup": self.warmup, "total": self.total, **self.params}
 
     def factor(self, step: int) -> float:
         return lr_factor(step, self.table)
 
     @property
     def warmup_end(self) -> int:
-        if self.kind == "one_cycle":
+        if self.name == "one_cycle":
             return max(0, math.ceil(self.params["pct_start"] * self.total) - 1)
         return self.warmup
 
@@ -99,11 +99,11 @@ class Schedule:
     def hf_native(self) -> tuple[str, dict[str, Any]] | None:
         """The HF Trainer's `lr_scheduler_type` and kwargs that equal this schedule, if any."""
         floor = self.params.get("floor", 0.0)
-        if self.kind == "cosine" and floor:
+        if self.name == "cosine" and floor:
             return "cosine_with_min_lr", {"min_lr_rate": floor}
-        if self.kind in NATIVE_HF and not floor:
-            return NATIVE_HF[self.kind], {}
-        if self.kind == "plateau" and not self.warmup:
+        if self.name in NATIVE_HF and not floor:
+            return NATIVE_HF[self.name], {}
+        if self.name == "plateau" and not self.warmup:
             return "reduce_lr_on_plateau", self.plateau_kwargs
         return None
 
@@ -120,12 +120,12 @@ class Schedule:
         1e-10 (PyTorch requires more than 0), and a warm-up followed by a decay, which needs
         two chained schedulers, goes to `deepspeed.initialize(lr_scheduler=...)`."""
         p = self.params
-        if self.kind == "one_cycle":
+        if self.name == "one_cycle":
             return {
                 "type": "OneCycleLR",
                 "params": {"max_lr": peak, "total_steps": self.total, **p},
             }
-        if self.kind == "constant" and self.warmup:
+        if self.name == "constant" and self.warmup:
             warmup = {"start_factor": LINEAR_START, "end_factor": 1.0, "total_iters": self.warmup}
             return {"type": "LinearLR", "params": warmup}
         if self.warmup:
@@ -135,9 +135,9 @@ class Schedule:
             "multistep": ("MultiStepLR", ("milestones", "gamma")),
             "exponential": ("ExponentialLR", ("gamma",)),
         }
-        if self.kind not in blocks:
+        if self.name not in blocks:
             return None
-        name, keys = blocks[self.kind]
+        name, keys = blocks[self.name]
         return {"type": name, "params": {k: p[k] for k in keys}}
 
 
@@ -155,26 +155,26 @@ def resolve(
     warmup = min(warmup, max(0, total - 1))
     per = steps_per_epoch if spec.unit == "epochs" else 1
     params: dict[str, Any] = {}
-    if spec.kind in ("linear", "cosine"):
+    if spec.name in ("linear", "cosine"):
         params["floor"] = spec.min_lr_ratio
-    elif spec.kind == "step" and spec.step_size is not None:
+    elif spec.name == "step" and spec.step_size is not None:
         params |= {"step_size": max(1, round(spec.step_size * per)), "gamma": spec.gamma}
-    elif spec.kind == "multistep" and spec.milestones is not None:
+    elif spec.name == "multistep" and spec.milestones is not None:
         params |= {"milestones": [round(m * per) for m in spec.milestones], "gamma": spec.gamma}
-    elif spec.kind == "exponential":
+    elif spec.name == "exponential":
         params["gamma"] = spec.gamma ** (1 / per)
-    elif spec.kind == "plateau":
+    elif spec.name == "plateau":
         params |= {
             "mode": spec.mode,
             "factor": spec.factor,
             "patience": spec.patience,
             "monitor": spec.monitor,
         }
-    elif spec.kind == "one_cycle":
+    elif spec.name == "one_cycle":
         warmup = 0
         params |= {
             "pct_start": spec.pct_start,
             "div_factor": spec.div_factor,
             "final_div_factor": spec.final_div_factor,
         }
-    return Schedule(spec.kind, warmup, max(1, total), params)
+    return Schedule(spec.name, warmup, max(1, total), params)

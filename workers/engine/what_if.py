@@ -1,8 +1,9 @@
 """What-if: the max micro-batch under the choices a user would try next.
 
 After the plan, the same exact search runs for each neighbouring spec: the other precision, gradient
-checkpointing toggled, and the next bigger card of the catalogue. One request then answers "would
-bf16 / checkpointing / an H200 let me double the batch?" without a second round trip.
+checkpointing toggled, the next bigger card of the catalogue, LoRA and the next sharding strategy,
+and for Adam the fused kernels and 8-bit states. One request then answers "would bf16 /
+checkpointing / an H200 / adamw_8bit let me double the batch?" without a second round trip.
 A card that is not in the worker is always simulated; the other changes run on the plan's device.
 """
 
@@ -15,7 +16,6 @@ from typing import Literal
 
 from service.schemas.result import DeviceInfo, Trial, WhatIf
 from service.schemas.spec import (
-    BNB_IMPLS,
     OPTIMIZER_IMPLS,
     SHARDED,
     PeftSpec,
@@ -30,7 +30,9 @@ from workers.engine.errors import SpecError
 from workers.engine.models import build_model
 from workers.engine.search import find_max_batch
 
-Change = Literal["precision", "gradient_checkpointing", "gpu", "peft", "strategy", "optimizer_impl"]
+Change = Literal[
+    "precision", "gradient_checkpointing", "gpu", "peft", "strategy", "optimizer_impl", "optimizer"
+]
 # The strategy that keeps less per rank than each one.
 NEXT_STRATEGY = {"ddp": "zero1", "zero1": "zero2", "zero2": "fsdp"}
 # (session, scenario label) -> a probe that records and reports each trial
@@ -64,20 +66,22 @@ def neighbours(spec: PlanSpec, device: ProbeDevice) -> list[Scenario]:
 
 
 def _optimizer_neighbours(spec: PlanSpec) -> list[Scenario]:
-    """The fused kernels (no multi-tensor temporaries) and bitsandbytes' 8-bit states, where the
-    optimizer has them; kept only when they buy a larger micro-batch (see `explore`)."""
+    """The fused kernels (no multi-tensor temporaries) and bitsandbytes' 8-bit AdamW, where they
+    apply: what each frees shows as the micro-batch it buys."""
     training = spec.training
-    options = OPTIMIZER_IMPLS[training.optimizer]
     out = []
-    if training.implementation == "foreach" and "fused" in options:
+    if training.implementation == "foreach" and "fused" in OPTIMIZER_IMPLS[training.optimizer]:
         out.append(_with_training(spec, "optimizer_impl", "fused"))
     if (
-        training.implementation not in BNB_IMPLS
-        and "8bit" in options
+        training.optimizer in ("adam", "adamw")
         and training.strategy not in SHARDED
         and importlib.util.find_spec("bitsandbytes") is not None
     ):
-        out.append(_with_training(spec, "optimizer_impl", "8bit"))
+        eight_bit = TrainingSpec.model_validate(
+            training.model_dump() | {"optimizer": "adamw_8bit", "optimizer_impl": None}
+        )
+        changed = spec.model_copy(update={"training": eight_bit})
+        out.append(Scenario("optimizer", "adamw_8bit", changed))
     return out
 
 
@@ -140,11 +144,8 @@ def explore(
     device: ProbeDevice,
     make_probe: MakeProbe,
     to_trial: Callable[[TrialOutcome, str], Trial],
-    baseline: int,
 ) -> list[WhatIf]:
-    """Run the exact search for each neighbour; a neighbour that cannot be built is skipped, and
-    an optimizer implementation that buys no micro-batch over the plan's `baseline` is left out
-    (what it saves then is headroom, not batch)."""
+    """Run the exact search for each neighbour; a neighbour that cannot be built is skipped."""
     out = []
     for scenario in neighbours(spec, device):
         target = open_device(scenario.spec) if scenario.change == "gpu" else device
@@ -159,8 +160,6 @@ def explore(
                 spec.search.max_batch_size,
                 session.predict_fits,
             )
-        if scenario.change == "optimizer_impl" and search.max_batch <= baseline:
-            continue
         best = search.outcome_at(search.max_batch) if search.max_batch else search.trials[0]
         assert best is not None
         out.append(

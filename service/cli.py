@@ -230,6 +230,7 @@ def _print_plan(body: dict[str, Any]) -> None:
             f"x{result['lr_scaling']['factor']:.4g}, warm-up "
             f"{result['lr_scaling']['warmup_steps']} steps)",
         ),
+        ("optimizer", f"{result.get('optimizer')} ({result.get('optimizer_impl')})"),
         ("iterations / epoch", str(result["iterations_per_epoch"])),
         (
             "optimizer steps / epoch, total",
@@ -258,11 +259,28 @@ def _print_plan(body: dict[str, Any]) -> None:
             "",
         )
     console.print(mem)
+    _print_schedule(console, result)
     _print_what_if(console, result)
     for w in result.get("warnings", []):
         console.print(f"[yellow]warning[/yellow] {w['code']}: {w['message']}")
     for s in result.get("suggestions", []):
         console.print(f"[cyan]suggestion[/cyan] {s}")
+
+
+def _print_schedule(console: Console, result: dict[str, Any]) -> None:
+    """The learning rate at the schedule's points, with a bar against the peak."""
+    schedule = result.get("schedule")
+    if not schedule:
+        return
+    peak = max((p["learning_rate"] for p in schedule["points"]), default=0.0) or 1.0
+    title = f"{schedule['name']} schedule over {schedule['total_steps']} optimizer steps"
+    if schedule.get("upper_bound"):
+        title += " (before any plateau cut)"
+    table = Table("point", "step", "learning rate", "", title=title)
+    for point in schedule["points"]:
+        bar = "█" * round(point["learning_rate"] / peak * 20)
+        table.add_row(point["label"], str(point["step"]), f"{point['learning_rate']:.4g}", bar)
+    console.print(table)
 
 
 def _print_what_if(console: Console, result: dict[str, Any]) -> None:

@@ -319,3 +319,13 @@ def test_square_root_rule_out_of_range_is_said_not_applied() -> None:
     assert "sde_rule_out_of_range" in {w.code for w in result.warnings}
     assert "adam_beta1" not in result.configs["hf_trainer"]
     assert run_plan(tensor_spec(optimizer="sgd_momentum")).optimizer_adjustment is None
+
+
+def test_the_fine_tune_example_validates_and_builds() -> None:
+    """The OpenAPI example that shows the recipe fields is a spec the engine accepts."""
+    from service.schemas.examples import PLAN_EXAMPLES
+    from workers import engine
+
+    spec = PlanSpec.model_validate(PLAN_EXAMPLES["fine_tune"]["value"])
+    engine.check(spec)
+    assert spec.training.param_groups and spec.training.param_groups[0].prefix == "fc."

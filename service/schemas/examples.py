@@ -63,11 +63,39 @@ SMALL_GRAYSCALE_CNN: dict[str, Any] = {
     "device": {"kind": "simulated", "gpu": "T4"},
 }
 
+RESNET50_FINE_TUNE: dict[str, Any] = {
+    "model": {"source": "torchvision", "name": "resnet50", "kwargs": {"num_classes": 102}},
+    "data": {
+        "kind": "image",
+        "channels": 3,
+        "height": 224,
+        "width": 224,
+        "num_classes": 102,
+        "num_samples": 8189,
+    },
+    "training": {
+        "optimizer": "adamw",
+        "optimizer_impl": "fused",
+        "precision": "bf16-mixed",
+        "global_batch_size": 128,
+        "base_lr": 1e-3,
+        "base_batch_size": 128,
+        "epochs": 30,
+        "schedule": {"name": "cosine", "warmup_ratio": 0.05, "min_lr_ratio": 0.01},
+        "param_groups": [{"prefix": "fc.", "lr_scale": 10.0}],
+        "early_stopping": {"monitor": "val_loss", "patience": 5},
+    },
+    "device": {"kind": "simulated", "gpu": "L4"},
+}
 PLAN_EXAMPLES: dict[str, Any] = {
     "resnet50": {"summary": "ResNet-50 on ImageNet, A100-80GB, bf16-mixed", "value": RESNET50_A100},
     "grayscale_cnn": {
         "summary": "A small grayscale CNN from layers, T4",
         "value": SMALL_GRAYSCALE_CNN,
+    },
+    "fine_tune": {
+        "summary": "Fine-tune ResNet-50: cosine schedule, a 10x head, early stopping, fused AdamW",
+        "value": RESNET50_FINE_TUNE,
     },
 }
 

@@ -9,12 +9,13 @@ beta non-positive: the approximation behind the rule no longer holds, and the pl
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
 from torch import nn
 
-from service.schemas.spec import PlanSpec, algorithm
+from service.schemas.spec import BNB_OPTIMIZERS, PlanSpec, algorithm
 from workers.engine.errors import SpecError
 
 # PyTorch's defaults, which the spec's adaptive optimizers run with.
@@ -57,10 +58,21 @@ def estimated_total_steps(spec: PlanSpec) -> tuple[int, int]:
 
 
 def check(spec: PlanSpec, model: nn.Module) -> None:
-    """What the schema cannot see: a group prefix that matches no trainable parameter, and a
-    schedule whose milestones or step size lie past the end of the run."""
+    """What the schema cannot see: a group prefix that matches no trainable parameter, a
+    schedule whose milestones or step size lie past the end of the run, a bitsandbytes optimizer
+    on a server without bitsandbytes."""
     _check_groups(spec, model)
     _check_schedule(spec)
+    _check_optimizer(spec)
+
+
+def _check_optimizer(spec: PlanSpec) -> None:
+    optimizer = spec.training.optimizer
+    if optimizer in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+        raise SpecError(
+            ("training", "optimizer"),
+            f"this server lacks bitsandbytes, which {optimizer} needs (the 'peft' extra)",
+        )
 
 
 def _check_groups(spec: PlanSpec, model: nn.Module) -> None:

@@ -1,6 +1,6 @@
 """What the optimizer's implementation costs (issue 17): llama-3-8b, pure bf16, checkpointing,
-seq 2048 on a simulated H100 (80 GB), under AdamW's foreach (PyTorch's CUDA default), fused and for_loop
-kernels, bitsandbytes' 8-bit and paged 8-bit AdamW, and Lion. For each: the exact max
+seq 2048 on a simulated H100 (80 GB), under AdamW's foreach (PyTorch's CUDA default), fused and
+for_loop kernels, bitsandbytes' 8-bit and paged 8-bit AdamW, and Lion. For each: the exact max
 micro-batch, the optimizer state and temporaries at that batch, host-backed bytes, and the wall
 time of the plan on this machine.
 

@@ -67,6 +67,7 @@ def main() -> None:
                 "temporary_gib": round(memory.temporary / GIB, 2),
                 "host_gib": round(memory.host_offloaded / GIB, 2),
                 "peak_gib": round(memory.peak / GIB, 2),
+                "reserved_gib": round((memory.reserved or 0) / GIB, 2),
                 "search_trials": len([t for t in result.trials if t.phase == "search"]),
                 "wall_s": round(wall, 1),
             }

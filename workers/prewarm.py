@@ -1,7 +1,7 @@
 """Imported by the forkserver before it forks any plan: pays the one-off costs of a first plan
-(lazy imports, FakeTensorMode's and the dispatcher's caches) once per worker instead of once per
-plan. Forward and optimizer step only: running backward here would start autograd's threads,
-which a forked child may not inherit."""
+(lazy imports, bitsandbytes for Adam's 8-bit what-if, FakeTensorMode's and the dispatcher's
+caches) once per worker instead of once per plan. Forward and optimizer step only: running
+backward here would start autograd's threads, which a forked child may not inherit."""
 
 from __future__ import annotations
 
@@ -43,3 +43,7 @@ def prewarm() -> None:
 
 with contextlib.suppress(Exception):  # a failed warm-up only costs speed
     prewarm()
+with contextlib.suppress(Exception):  # absent without the `peft` extra
+    from workers.engine.optimizers import prepare_bitsandbytes
+
+    prepare_bitsandbytes()

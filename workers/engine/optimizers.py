@@ -138,6 +138,11 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+def prepare_bitsandbytes() -> None:
+    """Import bitsandbytes (about 4 s) and build its 8-bit maps once, ahead of any plan."""
+    _quantization_maps()
+
+
 @cache
 def _quantization_maps() -> dict[bool, list[float]]:
     from bitsandbytes import functional

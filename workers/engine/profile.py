@@ -509,6 +509,8 @@ def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> Plan
         iterations_per_epoch=0,
         optimizer_steps_per_epoch=0,
         total_optimizer_steps=0,
+        optimizer=choose(spec.training).path,
+        optimizer_impl=choose(spec.training).impl,
         memory=_memory(first, device.memory_bytes, measured.host_bytes),
         trials=trials,
         world_size=spec.training.world_size,

@@ -194,3 +194,47 @@ def recipe_scope(source: str) -> dict[str, Any]:
     scope: dict[str, Any] = {}
     exec(compile(source, "<recipe>", "exec", dont_inherit=True), scope)
     return scope
+
+
+def run_lightning(configs: dict[str, Any], num_samples: int) -> tuple[Any, list[float]]:
+    """Fit Counting with Lightning as a plan's configs say (its trainer arguments, optimizer,
+    `configs.recipe`'s param groups and scheduler); returns the trainer and the first group's
+    learning rate at each optimizer step."""
+    pl = pytest.importorskip("lightning.pytorch")
+    cfg = configs["lightning"]
+    recipe = recipe_scope(configs["recipe"])
+    rates: list[float] = []
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Counting()
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+            rates.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+            super().optimizer_step(*args, **kwargs)
+
+        def configure_optimizers(self) -> Any:
+            module, name = cfg["optimizer"].rsplit(".", 1)
+            optimizer_class = getattr(__import__(module, fromlist=[name]), name)
+            optimizer = optimizer_class(
+                recipe["param_groups"](self), lr=cfg["learning_rate"], **cfg["optimizer_kwargs"]
+            )
+            scheduler = {"scheduler": recipe["make_scheduler"](optimizer), **cfg["lr_scheduler"]}
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    data = TensorDataset(torch.randn(num_samples, 16), torch.randint(0, 4, (num_samples,)))
+    trainer = pl.Trainer(
+        **cfg["trainer"],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=cfg["batch_size"]))
+    return trainer, rates

@@ -13,13 +13,12 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from service.schemas.spec import BNB_OPTIMIZERS, PlanSpec
 from tests.helpers import (
-    Counting,
     Mpu,
     deepspeed_config_module,
+    run_lightning,
     run_pytorch_loop,
     tensor_spec,
 )
@@ -134,36 +133,9 @@ def test_pytorch_loop_for_ddp_and_transformers_compiles() -> None:
 
 
 def test_lightning_trainer_takes_the_plans_steps(planned: tuple[PlanSpec, Any]) -> None:
-    pl = pytest.importorskip("lightning.pytorch")
     spec, result = planned
-    cfg = result.configs["lightning"]
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = Counting()
-
-        def training_step(self, batch: Any, _: int) -> torch.Tensor:
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self) -> Any:
-            cls = getattr(torch.optim, cfg["optimizer"].rsplit(".", 1)[1])
-            return cls(self.parameters(), lr=cfg["learning_rate"], **cfg["optimizer_kwargs"])
-
-    n = spec.data.num_samples
-    data = TensorDataset(torch.randn(n, 16), torch.randint(0, 4, (n,)))
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg["batch_size"])
-    trainer = pl.Trainer(
-        **cfg["trainer"],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(Module(), loader)
-    assert trainer.global_step == result.total_optimizer_steps
+    trainer, rates = run_lightning(result.configs, spec.data.num_samples)
+    assert trainer.global_step == len(rates) == result.total_optimizer_steps
     assert trainer.accumulate_grad_batches == result.accumulation_steps
 
 

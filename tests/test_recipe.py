@@ -15,7 +15,7 @@ from torch import nn
 
 from service.schemas.result import PlanResult
 from service.schemas.spec import PlanSpec
-from tests.helpers import Counting, recipe_scope, run_pytorch_loop, tensor_spec
+from tests.helpers import Counting, recipe_scope, run_lightning, run_pytorch_loop, tensor_spec
 from workers.engine.profile import run_plan
 from workers.engine.schedule import LINEAR_START, lr_factor
 
@@ -97,45 +97,8 @@ def test_pytorch_loop_steps_the_plans_rates(plan: tuple[str, PlanSpec, PlanResul
 
 
 def test_lightning_steps_the_plans_rates(plan: tuple[str, PlanSpec, PlanResult]) -> None:
-    pl = pytest.importorskip("lightning.pytorch")
     name, spec, result = plan
-    cfg = result.configs["lightning"]
-    recipe = recipe_scope(result.configs["recipe"])
-    rates: list[float] = []
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = Counting()
-
-        def training_step(self, batch: Any, _: int) -> torch.Tensor:
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-            rates.append(self.trainer.optimizers[0].param_groups[0]["lr"])
-            super().optimizer_step(*args, **kwargs)
-
-        def configure_optimizers(self) -> Any:
-            module, cls = cfg["optimizer"].rsplit(".", 1)
-            optimizer_class = getattr(__import__(module, fromlist=[cls]), cls)
-            optimizer = optimizer_class(
-                recipe["param_groups"](self), lr=cfg["learning_rate"], **cfg["optimizer_kwargs"]
-            )
-            scheduler = {"scheduler": recipe["make_scheduler"](optimizer), **cfg["lr_scheduler"]}
-            return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    n = spec.data.num_samples
-    data = torch.utils.data.TensorDataset(torch.randn(n, 16), torch.randint(0, 4, (n,)))
-    trainer = pl.Trainer(
-        **cfg["trainer"],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=cfg["batch_size"]))
+    _, rates = run_lightning(result.configs, spec.data.num_samples)
     assert rates == pytest.approx(expected_rates(result), rel=1e-9, abs=1e-12), name
 
 

@@ -292,3 +292,19 @@ def test_the_fine_tune_example_validates_and_builds() -> None:
     spec = PlanSpec.model_validate(PLAN_EXAMPLES["fine_tune"]["value"])
     engine.check(spec)
     assert spec.training.param_groups and spec.training.param_groups[0].prefix == "fc."
+
+
+def test_rmsprop_gets_its_alpha_and_eps_through_the_trainers_optim_args(tmp_path: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    spec = tensor_spec(optimizer="rmsprop", global_batch_size=1024, base_batch_size=256)
+    result = run_plan(spec)
+    assert result.optimizer_adjustment is not None
+    assert result.optimizer_adjustment.betas == pytest.approx([0.96])  # 1 - 4 x (1 - 0.99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", **result.configs["hf_trainer"]
+        )
+        optimizer = transformers.Trainer(model=Counting(), args=args).create_optimizer()
+    group = getattr(optimizer, "optimizer", optimizer).param_groups[0]
+    assert (group["alpha"], group["eps"]) == pytest.approx((0.96, 5e-9))

@@ -155,6 +155,15 @@ def test_llama_3_8b_has_8b_parameters_and_tied_1b() -> None:
         ({"architecture": "os"}, ("model", "architecture")),
         ({"architecture": "PreTrainedModelForCausalLM"}, ("model", "architecture")),
         ({"preset": "gpt-5"}, ("model", "preset")),
+        # the library's own checks, which raise what they like (these were 500s)
+        ({"architecture": "LlamaForCausalLM", "config": {"hidden_size": -5}}, ("model", "config")),
+        (
+            {
+                "architecture": "LlamaForCausalLM",
+                "config": {"num_attention_heads": 7, "hidden_size": 4096},
+            },
+            ("model", "config"),
+        ),
     ],
 )
 def test_bad_transformers_specs(change: dict[str, Any], loc: tuple[str, ...]) -> None:

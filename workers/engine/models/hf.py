@@ -199,8 +199,8 @@ def build_transformers(spec: PlanSpec) -> Any:
         config_values.setdefault("num_labels", data.num_classes or 2)
     try:
         config = cls.config_class(**config_values)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(("model", "config"), f"{architecture}: {exc}") from None
+    except Exception as exc:  # whatever the library raises on a config it rejects is a 422
+        raise _config_error(architecture, exc) from None
     if data.kind == "tokens":
         limit = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
@@ -212,10 +212,17 @@ def build_transformers(spec: PlanSpec) -> Any:
             )
     try:
         module = cls(config)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise SpecError(("model", "config"), f"{architecture}: {exc}") from None
+    except Exception as exc:
+        raise _config_error(architecture, exc) from None
     module.config.use_cache = False
     family = "hf_sequence" if architecture.endswith("ForSequenceClassification") else "hf"
     return BuiltModel(
         module, family, forward_loss=hf_forward_loss, vocab_size=getattr(config, "vocab_size", None)
     )
+
+
+def _config_error(architecture: str, exc: Exception) -> SpecError:
+    """A config the architecture rejects (a negative size, heads that do not divide the width),
+    however the library says it: its message, at `model.config`."""
+    message = str(exc) or type(exc).__name__
+    return SpecError(("model", "config"), f"{architecture} rejects this config: {message}")

@@ -95,3 +95,28 @@ def test_cancel_stops_a_running_plan(db_url: str, plugins: str) -> None:
     plan = _plan(factory, plan_id)
     assert plan.status == "cancelled"
     assert plan.result is None
+
+
+def test_a_busy_worker_keeps_its_heartbeat(db_url: str, plugins: str) -> None:
+    """While a plan runs, the worker's own heartbeat advances (it used to beat only when idle,
+    so GET /v1/workers showed a busy worker as lost)."""
+    settings, factory = _setup(db_url)
+    plan_id = enqueue(factory, registered_spec("test-slow", seconds=4))
+    worker = PlanWorker(settings, factory, "w-busy")
+    thread = threading.Thread(target=worker.run, args=(threading.Event(), 1))
+    thread.start()
+    deadline = time.monotonic() + 20
+    while _plan(factory, plan_id).status != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    def beat() -> Any:
+        with factory() as s:
+            (row,) = [w for w in crud.list_workers(s) if w.id == "w-busy"]
+            return row.heartbeat_at, row.current_plan_id
+
+    first, current = beat()
+    time.sleep(2.0)  # four heartbeat periods
+    later, still = beat()
+    thread.join(timeout=60)
+    assert current == still == plan_id
+    assert later > first

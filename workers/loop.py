@@ -28,7 +28,7 @@ from service.schemas.problem import problem
 from service.store import crud
 from service.store.db import session_scope
 from workers.metrics import PLAN_SECONDS, PLANS_FINISHED, TRIALS
-from workers.runner import start_child
+from workers.runner import start_child, start_forkserver
 
 log = structlog.get_logger("trainplan.worker")
 T = TypeVar("T")
@@ -71,31 +71,44 @@ class PlanWorker:
         self.factory = factory
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.kinds = kinds or device_kinds()
+        self.current_plan: str | None = None  # what the heartbeat reports
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event, max_plans: int | None = None) -> int:
         """Work until `stop` is set (or `max_plans` are done); returns plans handled."""
+        start_forkserver()
         with session_scope(self.factory) as session:
             crud.register_worker(
                 session, self.worker_id, socket.gethostname(), {"kinds": list(self.kinds)}
             )
         done = 0
-        last_beat = 0.0
-        while not stop.is_set() and (max_plans is None or done < max_plans):
-            try:
-                handled = self.run_once(stop)
-            except Exception as exc:  # the database may be restarting: wait, then retry
-                log.warning("worker.loop_error", error=str(exc)[:500])
-                stop.wait(min(5.0, self.settings.poll_seconds * 4))
-                continue
-            done += handled
-            if not handled:
-                if time.monotonic() - last_beat > self.settings.heartbeat_seconds:
-                    self._beat(None)
-                    last_beat = time.monotonic()
-                stop.wait(self.settings.poll_seconds)
+        finished = threading.Event()
+        beating = threading.Thread(
+            target=self._heartbeat, args=(finished,), daemon=True, name="trainplan-heartbeat"
+        )
+        beating.start()
+        try:
+            while not stop.is_set() and (max_plans is None or done < max_plans):
+                try:
+                    handled = self.run_once(stop)
+                except Exception as exc:  # the database may be restarting: wait, then retry
+                    log.warning("worker.loop_error", error=str(exc)[:500])
+                    stop.wait(min(5.0, self.settings.poll_seconds * 4))
+                    continue
+                done += handled
+                if not handled:
+                    stop.wait(self.settings.poll_seconds)
+        finally:
+            finished.set()
+            beating.join(timeout=5)
         self._beat(None, stopped=True)
         return done
+
+    def _heartbeat(self, finished: threading.Event) -> None:
+        """Beat on a thread of its own, so a worker busy with a plan (or starting the process
+        it runs in) is still seen alive by `GET /v1/workers`."""
+        while not finished.wait(self.settings.heartbeat_seconds):
+            self._beat(self.current_plan)
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         with self.factory() as session:
@@ -105,8 +118,12 @@ class PlanWorker:
                 return 0
             plan_id, attempt, spec = plan.id, plan.attempts, plan.spec
         log.info("plan.claimed", plan_id=plan_id, attempt=attempt, worker=self.worker_id)
+        self.current_plan = plan_id
         self._beat(plan_id)
-        self.execute(plan_id, attempt, spec, stop or threading.Event())
+        try:
+            self.execute(plan_id, attempt, spec, stop or threading.Event())
+        finally:
+            self.current_plan = None
         self._beat(None, done=1)
         return 1
 

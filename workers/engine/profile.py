@@ -122,6 +122,7 @@ def run_plan(
             device,
             lambda session, label: recorder.probe(session, "what_if", label),
             lambda outcome, label: to_trial(outcome, "what_if", label),
+            result.memory.optimizer_state / result.memory.capacity,
         )
     return result
 

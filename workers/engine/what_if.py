@@ -51,7 +51,13 @@ class Scenario:
         return f"{self.change}={value}"
 
 
-def neighbours(spec: PlanSpec, device: ProbeDevice) -> list[Scenario]:
+# Adam's fused kernels and 8-bit states are offered where its state is at least this share of
+# the card: below it they free too little to buy a sample (a small CNN), and cost a search.
+OPTIMIZER_STATE_SHARE = 0.1
+
+
+def neighbours(spec: PlanSpec, device: ProbeDevice, state_share: float = 0.0) -> list[Scenario]:
+    """`state_share`: the plan's optimizer state over the card's capacity."""
     training = spec.training
     out = [
         _with_training(spec, "precision", other_precision(training.precision, device)),
@@ -62,12 +68,15 @@ def neighbours(spec: PlanSpec, device: ProbeDevice) -> list[Scenario]:
         if bigger is not None:
             card = SimulatedDevice(kind="simulated", gpu=bigger.name)
             out.append(Scenario("gpu", bigger.name, spec.model_copy(update={"device": card})))
-    return out + _scale_neighbours(spec) + _optimizer_neighbours(spec)
+    out += _scale_neighbours(spec)
+    if state_share >= OPTIMIZER_STATE_SHARE:
+        out += _optimizer_neighbours(spec)
+    return out
 
 
 def _optimizer_neighbours(spec: PlanSpec) -> list[Scenario]:
-    """The fused kernels (no multi-tensor temporaries) and bitsandbytes' 8-bit AdamW, where they
-    apply: what each frees shows as the micro-batch it buys."""
+    """The fused kernels (no multi-tensor temporary copy of the state) and bitsandbytes' 8-bit
+    AdamW, where they apply: what each frees shows as the micro-batch it buys."""
     training = spec.training
     out = []
     if training.implementation == "foreach" and "fused" in OPTIMIZER_IMPLS[training.optimizer]:
@@ -144,10 +153,11 @@ def explore(
     device: ProbeDevice,
     make_probe: MakeProbe,
     to_trial: Callable[[TrialOutcome, str], Trial],
+    state_share: float = 0.0,
 ) -> list[WhatIf]:
     """Run the exact search for each neighbour; a neighbour that cannot be built is skipped."""
     out = []
-    for scenario in neighbours(spec, device):
+    for scenario in neighbours(spec, device, state_share):
         target = open_device(scenario.spec) if scenario.change == "gpu" else device
         try:
             built = build_model(scenario.spec)

@@ -173,6 +173,7 @@ def test_plateau_cuts_after_patience_and_the_plan_says_upper_bound() -> None:
             "training.schedule.milestones",
         ),
         ({"name": "step", "step_size": 20}, "training.schedule.step_size"),
+        ({"name": "one_cycle", "pct_start": 0.04}, "training.schedule.pct_start"),
         ({"name": "plateau"}, "training.schedule"),
         ({"name": "one_cycle", "warmup_steps": 3}, "training.schedule"),
         ({"name": "cosine", "warmup_steps": 3, "warmup_ratio": 0.1}, "training.schedule"),

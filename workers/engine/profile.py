@@ -269,15 +269,7 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         epochs.optimizer_steps_per_epoch,
         epochs.total_optimizer_steps,
     )
-    schedule = resolve_schedule(
-        training.schedule,
-        lr.warmup_steps,
-        epochs.optimizer_steps_per_epoch,
-        epochs.total_optimizer_steps,
-    )
-    adjustment = recipe.sde_adjustment(
-        training.optimizer, lr.rule, batches.effective_global_batch_size / training.base_batch_size
-    )
+    schedule, adjustment = _recipe(spec, lr, batches, epochs)
     warnings = plan_warnings(
         Facts(spec, device, search, batches, lr, measured.has_batchnorm, schedule, adjustment)
     )
@@ -335,6 +327,21 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         strategy=training.strategy,
         configs=build_configs(spec, numbers),
     )
+
+
+def _recipe(
+    spec: PlanSpec, lr: planner.LrPlan, batches: planner.BatchPlan, epochs: planner.EpochPlan
+) -> tuple[Schedule, recipe.Adjustment | None]:
+    """The schedule in this run's optimizer steps, and the square-root rule's betas."""
+    training = spec.training
+    schedule = resolve_schedule(
+        training.schedule,
+        lr.warmup_steps,
+        epochs.optimizer_steps_per_epoch,
+        epochs.total_optimizer_steps,
+    )
+    k = batches.effective_global_batch_size / training.base_batch_size
+    return schedule, recipe.sde_adjustment(training.optimizer, lr.rule, k)
 
 
 def _schedule_out(schedule: Schedule, peak: float) -> LrSchedule:

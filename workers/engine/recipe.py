@@ -103,6 +103,12 @@ def _check_schedule(spec: PlanSpec) -> None:
                 ("training", "schedule", "milestones"),
                 f"milestones {late} ({unit}) lie past the run: it has {length}",
             )
+    if schedule.name == "one_cycle" and schedule.pct_start * total <= 1:
+        raise SpecError(
+            ("training", "schedule", "pct_start"),
+            f"pct_start {schedule.pct_start:g} of a {length} run leaves OneCycleLR no rising "
+            "phase (it divides by zero): the run needs more than 1 / pct_start steps",
+        )
     if schedule.name == "step" and schedule.step_size and schedule.step_size * per >= total:
         raise SpecError(
             ("training", "schedule", "step_size"),

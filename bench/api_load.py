@@ -111,7 +111,10 @@ def main() -> None:
     proc = _start(db_url, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        seed = httpx.post(url + "/v1/plans", json=SMALL_GRAYSCALE_CNN | {"refresh": True})
+        # the first submit builds a model in a cold process: seconds on a busy 2-core box
+        seed = httpx.post(
+            url + "/v1/plans", json=SMALL_GRAYSCALE_CNN | {"refresh": True}, timeout=120
+        )
         plan_id = seed.json()["id"]
 
         async def post(client: httpx.AsyncClient, i: int) -> httpx.Response:

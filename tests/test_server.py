@@ -163,7 +163,11 @@ def test_workers_on_postgres_run_each_plan_exactly_once(
             _stop(p)
     with factory() as s:
         plans = [crud.get_plan(s, i) for i in ids]
-        assert all(p is not None and p.status == "succeeded" for p in plans), crud.queue_depth(s)
+        errors = [p.error for p in plans if p is not None and p.status == "failed"][:3]
+        assert all(p is not None and p.status == "succeeded" for p in plans), (
+            crud.queue_depth(s),
+            errors,
+        )
         assert all(p.attempts == 1 for p in plans if p is not None)  # none ran twice
         assert len({p.worker_id for p in plans if p is not None}) == workers  # all took part
 

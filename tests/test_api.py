@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from service.api.app import create_app
 from service.config import Settings
 from service.schemas.examples import RESNET50_A100
+from service.store.models import Plan
 
 
 def _problem(response: Any, status: int) -> dict[str, Any]:
@@ -34,6 +36,33 @@ def test_submit_get_and_dedupe(client: TestClient, small_spec: dict[str, Any]) -
     assert again.status_code == 200 and again.json()["id"] == plan["id"]
     fresh = client.post("/v1/plans", json=small_spec | {"refresh": True})
     assert fresh.status_code == 202 and fresh.json()["id"] != plan["id"]
+
+
+def test_a_plan_of_an_older_engine_is_not_reused(
+    client: TestClient, small_spec: dict[str, Any]
+) -> None:
+    """Reuse is keyed by the spec and the versions it was made with: after an upgrade of the
+    engine, torch or the catalogue, a submit makes a new plan; the old one stays readable."""
+    from workers import engine
+
+    first = client.post("/v1/plans", json=small_spec).json()
+    assert first["versions"] == engine.versions()
+    assert set(first["versions"]) == {"engine", "torch", "catalogue"}
+    # the stored plan as an older engine would have left it
+    factory = client.app.state.session_factory  # type: ignore[attr-defined]
+    with factory() as s:
+        s.execute(
+            update(Plan)
+            .where(Plan.id == first["id"])
+            .values(versions={"engine": "0.0.1+r1"}, reuse_key="0" * 64)
+        )
+        s.commit()
+    second = client.post("/v1/plans", json=small_spec)
+    assert second.status_code == 202 and second.json()["id"] != first["id"]
+    assert second.json()["spec_hash"] == first["spec_hash"]
+    old = client.get(f"/v1/plans/{first['id']}").json()
+    assert old["versions"] == {"engine": "0.0.1+r1"}
+    assert client.post("/v1/plans", json=small_spec).json()["id"] == second.json()["id"]
 
 
 def test_idempotency_key(client: TestClient, small_spec: dict[str, Any]) -> None:
@@ -180,7 +209,7 @@ def test_system_routes(client: TestClient) -> None:
     assert len(gpus) >= 12 and {"A100-80GB", "H100-80GB", "T4"} <= {g["name"] for g in gpus}
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["status"] == "ready" and ready["schema"] == "0003"
+    assert ready["status"] == "ready" and ready["schema"] == "0004"
     metrics = client.get("/metrics").text
     assert 'trainplan_plans{status="queued"}' in metrics
     assert client.get("/v1/workers").json() == {"items": []}

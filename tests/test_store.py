@@ -140,8 +140,8 @@ def test_dedupe_by_hash_and_idempotency_key(db_url: str, small_spec: dict[str, A
     factory = _factory(db_url)
     spec = PlanSpec.model_validate(small_spec)
     with factory() as s:
-        plan = crud.create_plan(s, spec.canonical(), spec.spec_hash, "key-1")
+        plan = crud.create_plan(s, spec.canonical(), spec.spec_hash, "key-1", {}, "k" * 64)
         s.commit()
-        assert crud.find_by_hash(s, spec.spec_hash).id == plan.id  # type: ignore[union-attr]
+        assert crud.find_reusable(s, "k" * 64).id == plan.id  # type: ignore[union-attr]
         assert crud.find_by_idempotency_key(s, "key-1").id == plan.id  # type: ignore[union-attr]
-        assert crud.find_by_hash(s, "0" * 64) is None
+        assert crud.find_reusable(s, "0" * 64) is None

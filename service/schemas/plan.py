@@ -43,6 +43,11 @@ class PlanOut(BaseModel):
     finished_at: UtcDatetime | None = None
     spec: dict[str, Any]
     spec_hash: str
+    versions: dict[str, str] | None = Field(
+        default=None,
+        description="The engine, torch and catalogue it was made with: a submit reuses a stored "
+        "plan only when they match the server's.",
+    )
     attempts: int = 0
     worker_id: str | None = None
     cancel_requested: bool = False

@@ -42,12 +42,12 @@ def model_label(spec: dict[str, Any]) -> str:
 
 
 # -- plans -----------------------------------------------------------------------------------
-def find_by_hash(session: Session, spec_hash: str) -> Plan | None:
-    """The newest plan of this spec that did not fail or get cancelled."""
+def find_reusable(session: Session, reuse_key: str) -> Plan | None:
+    """The newest plan of this spec, by this engine, that did not fail or get cancelled."""
     stmt = (
         select(Plan)
         .where(
-            Plan.spec_hash == spec_hash,
+            Plan.reuse_key == reuse_key,
             Plan.status.in_((PlanStatus.queued, PlanStatus.running, PlanStatus.succeeded)),
         )
         .order_by(Plan.seq.desc())
@@ -61,7 +61,12 @@ def find_by_idempotency_key(session: Session, key: str) -> Plan | None:
 
 
 def create_plan(
-    session: Session, spec: dict[str, Any], spec_hash: str, idempotency_key: str | None = None
+    session: Session,
+    spec: dict[str, Any],
+    spec_hash: str,
+    idempotency_key: str | None = None,
+    versions: dict[str, str] | None = None,
+    reuse_key: str | None = None,
 ) -> Plan:
     stamp = now()
     # Computed inside the INSERT itself: atomic on SQLite (the statement holds the write lock);
@@ -73,6 +78,8 @@ def create_plan(
         status=PlanStatus.queued,
         spec=spec,
         spec_hash=spec_hash,
+        versions=versions,
+        reuse_key=reuse_key,
         model_name=model_label(spec)[:200],
         device_kind=spec.get("device", {}).get("kind", "simulated"),
         idempotency_key=idempotency_key,

@@ -33,6 +33,10 @@ class Plan(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_hash: Mapped[str] = mapped_column(String(64), index=True)
+    # The engine, torch and catalogue versions the plan is made with, and the key a new submit
+    # is reused by: the spec's hash with those versions (an upgrade makes new plans).
+    versions: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    reuse_key: Mapped[str | None] = mapped_column(String(64), index=True)
     model_name: Mapped[str] = mapped_column(String(200), index=True)
     device_kind: Mapped[str] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)

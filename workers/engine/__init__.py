@@ -7,18 +7,24 @@ and the worker's child process call; nothing else of the engine is theirs to imp
   `SpecError` naming the field.
 - `plan(spec, on_trial=None)`: the plan (`PlanResult`), reporting each probe as it happens.
 - `gpus()`: the simulated device's catalogue.
+- `versions()`: what a plan's answer depends on besides its spec (engine, torch, catalogue).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 from service.schemas.result import PlanResult, Trial
 from service.schemas.spec import PlanSpec
 from workers.engine.errors import SpecError
 
-__all__ = ["SpecError", "check", "gpus", "plan"]
+__all__ = ["SpecError", "check", "gpus", "plan", "versions"]
+
+# Bumped whenever the engine answers the same spec differently (a new model of memory, a new
+# field in the result): plans made before are then not reused for new submits.
+ENGINE_REVISION = 17
 
 
 def check(spec: PlanSpec) -> None:
@@ -47,3 +53,23 @@ def gpus() -> list[dict[str, Any]]:
     from workers.engine.catalogue import GPU_CATALOGUE
 
     return [g.as_json() for g in GPU_CATALOGUE.values()]
+
+
+@cache
+def versions() -> dict[str, str]:
+    import hashlib
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        package = version("trainplan")
+    except PackageNotFoundError:  # run from a source tree without installing
+        package = "0"
+    catalogue = json.dumps(gpus(), sort_keys=True).encode()
+    return {
+        "engine": f"{package}+r{ENGINE_REVISION}",
+        "torch": torch.__version__,
+        "catalogue": hashlib.sha256(catalogue).hexdigest()[:12],
+    }

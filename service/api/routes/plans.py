@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from service.schemas.spec import PlanSpec
 from service.store import crud
 from service.store.models import Plan
 from service.store.models import Trial as TrialRow
+from workers import engine
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=[Depends(require_auth)])
 
@@ -80,11 +82,14 @@ def read_plan(plan_id: str, factory: FactoryDep) -> PlanOut:
 PlanDep = Annotated[PlanOut, Depends(read_plan)]
 
 
+def reuse_key_of(spec_hash: str, versions: dict[str, str]) -> str:
+    """A stored plan answers a new submit only if the same engine, torch and catalogue made it."""
+    return hashlib.sha256((spec_hash + json.dumps(versions, sort_keys=True)).encode()).hexdigest()
+
+
 def _check_buildable(spec: PlanSpec) -> None:
     """The engine's checks beyond the schema (the model builds on the meta device, the LoRA
     targets exist, ...): a 422 now, not a failed plan later."""
-    from workers import engine
-
     try:
         engine.check(spec)
     except engine.SpecError as exc:
@@ -131,8 +136,10 @@ def submit_plan(
         if existing is not None:
             return _existing(response, existing, session)
     spec_hash = spec.spec_hash
+    versions = engine.versions()
+    reuse_key = reuse_key_of(spec_hash, versions)
     if not spec.refresh:
-        existing = crud.find_by_hash(session, spec_hash)
+        existing = crud.find_reusable(session, reuse_key)
         if existing is not None:
             return _existing(response, existing, session)
     _check_buildable(spec)
@@ -140,7 +147,9 @@ def submit_plan(
         if attempt:
             time.sleep(0.005 * attempt)
         try:
-            plan = crud.create_plan(session, spec.canonical(), spec_hash, idempotency_key)
+            plan = crud.create_plan(
+                session, spec.canonical(), spec_hash, idempotency_key, versions, reuse_key
+            )
             break
         except IntegrityError:
             session.rollback()

@@ -405,9 +405,8 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
     lines = [
         f"# trainplan: micro-batch {n.micro_batch_size} x {n.accumulation_steps} accumulation "
         f"x {n.world_size} rank(s) = global batch {n.global_batch_size}",
-        "# Expects `model`, `train_dataset`"
-        + ("" if hf else " and `loss_fn`")
-        + (" and `evaluate(model)` (the monitored metric)" if evaluates else "")
+        "# Expects "
+        + _expected_names(hf, evaluates)
         + (
             f"; launch with: torchrun --nproc_per_node={n.world_size} train.py"
             if ddp
@@ -442,6 +441,13 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
     if ddp:  # every rank done before the group goes (gloo aborts on a peer that left early)
         lines += ["", "torch.distributed.barrier()", "torch.distributed.destroy_process_group()"]
     return "\n".join(lines) + "\n"
+
+
+def _expected_names(hf: bool, evaluates: bool) -> str:
+    names = ["`model`", "`train_dataset`"]
+    names += [] if hf else ["`loss_fn`"]
+    names += ["`evaluate(model)` (the monitored metric)"] if evaluates else []
+    return ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _plateau(n: PlanNumbers) -> bool:

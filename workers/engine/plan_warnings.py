@@ -193,7 +193,7 @@ def framework_fallback(f: Facts) -> PlanWarning | None:
         what += " after warm-up"
     return PlanWarning(
         code="framework_fallback",
-        message=f"{what} has no setting of its own in " + " or ".join(missing),
+        message=f"{what}: no setting of its own in " + " or ".join(missing),
     )
 
 

@@ -28,7 +28,7 @@ from service.schemas.problem import problem
 from service.store import crud
 from service.store.db import session_scope
 from workers.metrics import PLAN_SECONDS, PLANS_FINISHED, TRIALS
-from workers.runner import start_child, start_forkserver
+from workers.runner import start_child
 
 log = structlog.get_logger("trainplan.worker")
 T = TypeVar("T")
@@ -76,7 +76,6 @@ class PlanWorker:
     # -- loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event, max_plans: int | None = None) -> int:
         """Work until `stop` is set (or `max_plans` are done); returns plans handled."""
-        start_forkserver()
         with session_scope(self.factory) as session:
             crud.register_worker(
                 session, self.worker_id, socket.gethostname(), {"kinds": list(self.kinds)}

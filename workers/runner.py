@@ -73,15 +73,6 @@ def _context() -> Any:
     return ctx
 
 
-def start_forkserver() -> None:
-    """Start the server plans fork from now (it imports torch and warms the engine: seconds),
-    so a worker's first plan does not wait for it with the heartbeat held."""
-    from multiprocessing import forkserver
-
-    _context()
-    forkserver.ensure_running()
-
-
 def start_child(spec_json: str) -> tuple[Any, Any]:
     """Start the child process for one plan; returns (process, queue)."""
     ctx = _context()

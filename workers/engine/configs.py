@@ -263,12 +263,27 @@ def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     return out
 
 
+def hf_native_schedule(spec: PlanSpec, schedule: Schedule) -> tuple[str, dict[str, Any]] | None:
+    """The Trainer's own scheduler equal to the plan's; None where `configs.recipe`'s goes in
+    (no such scheduler, or per-group rates, which the Trainer's arguments cannot hold)."""
+    return None if spec.training.param_groups else schedule.hf_native
+
+
+def deepspeed_takes_recipe(spec: PlanSpec, schedule: Schedule, peak: float) -> bool:
+    """Whether DeepSpeed gets the recipe's scheduler (and per-group optimizer) through
+    `deepspeed.initialize`: no block of its own equals the schedule (a constant rate needs
+    none), or per-group rates, which its optimizer block cannot hold."""
+    plain = schedule.name == "constant" and not schedule.warmup
+    no_block = schedule.deepspeed_native(peak) is None and not plain
+    return no_block or bool(spec.training.param_groups)
+
+
 def _hf_schedule(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     """The Trainer's own scheduler where it equals the plan's; else a constant rate, to be
     replaced by `Trainer(optimizers=(optimizer, make_scheduler(optimizer)))` from
-    `configs.recipe` (a plan warning says so), as per-group rates need anyway."""
+    `configs.recipe` (a plan warning says so)."""
     schedule = n.lr_schedule
-    native = None if spec.training.param_groups else schedule.hf_native
+    native = hf_native_schedule(spec, schedule)
     if native is None:
         return {"warmup_steps": 0, "lr_scheduler_type": "constant"}
     name, kwargs = native
@@ -336,8 +351,8 @@ def _hf_optimizer(
             "nesterov": "momentum=0.9,nesterov=True",
         }
         return "sgd", args[name], 0.0
-    if name in ("adam", "adamw"):
-        return "adamw_torch", None, 0.01 if name == "adamw" else 0.0
+    if name in ("adam", "adamw"):  # for_loop: the Trainer's name leaves the kernel to PyTorch
+        return "adamw_torch", None, weight_decay
     if name == "rmsprop" and overrides:  # the Trainer reads RMSprop's alpha and eps from here
         return name, f"alpha={overrides['alpha']!r},eps={overrides['eps']!r}", 0.0
     return name, None, 0.0  # rmsprop, adagrad, adafactor have HF names of their own

@@ -10,8 +10,9 @@ The tracer runs each of them for real on fake tensors, so these costs are measur
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -112,7 +113,7 @@ def make_optimizer(
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, lr=lr, **choice.kwargs)
-    with _traceable_bitsandbytes() if choice.bitsandbytes else _nothing():
+    with _traceable_bitsandbytes() if choice.bitsandbytes else nullcontext():
         optimizer: torch.optim.Optimizer = cls(params, lr=lr, **choice.kwargs)
     return optimizer
 
@@ -133,9 +134,8 @@ def paged_states(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
                 yield value
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+def bitsandbytes_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def prepare_bitsandbytes() -> None:

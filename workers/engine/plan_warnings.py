@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from service.schemas.result import PlanWarning
 from service.schemas.spec import PlanSpec
 from workers.engine import planner
+from workers.engine.configs import deepspeed_takes_recipe, hf_native_schedule
 from workers.engine.devices import ProbeDevice
 from workers.engine.optimizers import choose
 from workers.engine.recipe import Adjustment
@@ -178,13 +179,12 @@ def framework_fallback(f: Facts) -> PlanWarning | None:
         return None
     missing = []
     groups = bool(f.spec.training.param_groups)
-    if f.schedule.hf_native is None or groups:
+    if hf_native_schedule(f.spec, f.schedule) is None:
         missing.append(
             "the HF Trainer (pass Trainer(optimizers=(optimizer, scheduler)) built with "
             "configs.recipe's param_groups and make_scheduler)"
         )
-    plain_constant = f.schedule.name == "constant" and not f.schedule.warmup
-    if (f.schedule.deepspeed_native(1.0) is None and not plain_constant) or groups:
+    if deepspeed_takes_recipe(f.spec, f.schedule, f.lr.learning_rate):
         missing.append("DeepSpeed (pass them to deepspeed.initialize(optimizer=, lr_scheduler=))")
     if not missing:
         return None

@@ -498,6 +498,7 @@ def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> Plan
     search, trials, notes = measured.search, measured.trials, measured.notes
     first = search.trials[0]
     lr_rule = planner.resolve_rule(spec.training.lr_scaling, spec.training.optimizer)
+    choice = choose(spec.training)
     return PlanResult(
         feasible=False,
         device=_device_info(device),
@@ -517,8 +518,8 @@ def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> Plan
         iterations_per_epoch=0,
         optimizer_steps_per_epoch=0,
         total_optimizer_steps=0,
-        optimizer=choose(spec.training).path,
-        optimizer_impl=choose(spec.training).impl,
+        optimizer=choice.path,
+        optimizer_impl=choice.impl,
         memory=_memory(first, device.memory_bytes, measured.host_bytes),
         trials=trials,
         world_size=spec.training.world_size,

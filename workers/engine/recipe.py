@@ -9,7 +9,6 @@ beta non-positive: the approximation behind the rule no longer holds, and the pl
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from service.schemas.spec import BNB_OPTIMIZERS, PlanSpec, algorithm
 from workers.engine.errors import SpecError
+from workers.engine.optimizers import bitsandbytes_available
 
 # PyTorch's defaults, which the spec's adaptive optimizers run with.
 DEFAULT_BETAS = {"adam": (0.9, 0.999), "adamw": (0.9, 0.999), "rmsprop": (0.99,)}
@@ -68,7 +68,7 @@ def check(spec: PlanSpec, model: nn.Module) -> None:
 
 def _check_optimizer(spec: PlanSpec) -> None:
     optimizer = spec.training.optimizer
-    if optimizer in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+    if optimizer in BNB_OPTIMIZERS and not bitsandbytes_available():
         raise SpecError(
             ("training", "optimizer"),
             f"this server lacks bitsandbytes, which {optimizer} needs (the 'peft' extra)",

@@ -9,7 +9,6 @@ A card that is not in the worker is always simulated; the other changes run on t
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +27,7 @@ from workers.engine.devices import ProbeDevice, TrialOutcome, open_device
 from workers.engine.devices.base import ProbeSession
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model
+from workers.engine.optimizers import bitsandbytes_available
 from workers.engine.search import find_max_batch
 
 Change = Literal[
@@ -84,7 +84,7 @@ def _optimizer_neighbours(spec: PlanSpec) -> list[Scenario]:
     if (
         training.optimizer in ("adam", "adamw")
         and training.strategy not in SHARDED
-        and importlib.util.find_spec("bitsandbytes") is not None
+        and bitsandbytes_available()
     ):
         eight_bit = TrainingSpec.model_validate(
             training.model_dump() | {"optimizer": "adamw_8bit", "optimizer_impl": None}

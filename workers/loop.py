@@ -27,6 +27,7 @@ from service.schemas.plan import PlanStatus
 from service.schemas.problem import problem
 from service.store import crud
 from service.store.db import session_scope
+from workers import engine
 from workers.metrics import PLAN_SECONDS, PLANS_FINISHED, TRIALS
 from workers.runner import start_child
 
@@ -56,6 +57,7 @@ class _Run:
     plan_id: str
     attempt: int
     started: float
+    spec_hash: str | None = None
     trials: int = 0
 
 
@@ -115,12 +117,12 @@ class PlanWorker:
             plan = crud.claim_next(session, self.worker_id, self.settings.lease_seconds, self.kinds)
             if plan is None:
                 return 0
-            plan_id, attempt, spec = plan.id, plan.attempts, plan.spec
+            plan_id, attempt, spec, spec_hash = plan.id, plan.attempts, plan.spec, plan.spec_hash
         log.info("plan.claimed", plan_id=plan_id, attempt=attempt, worker=self.worker_id)
         self.current_plan = plan_id
         self._beat(plan_id)
         try:
-            self.execute(plan_id, attempt, spec, stop or threading.Event())
+            self.execute(plan_id, attempt, spec, stop or threading.Event(), spec_hash)
         finally:
             self.current_plan = None
         self._beat(None, done=1)
@@ -135,7 +137,12 @@ class PlanWorker:
 
     # -- one plan --------------------------------------------------------------------------
     def execute(
-        self, plan_id: str, attempt: int, spec: dict[str, Any], stop: threading.Event
+        self,
+        plan_id: str,
+        attempt: int,
+        spec: dict[str, Any],
+        stop: threading.Event,
+        spec_hash: str | None = None,
     ) -> str:
         """Run one claimed plan to its end; returns the final status written (or 'lost')."""
         settings = self.settings
@@ -143,7 +150,7 @@ class PlanWorker:
         deadline = started + settings.plan_timeout_seconds
         process, channel = start_child(json.dumps(spec))
         next_beat = time.monotonic() + settings.heartbeat_seconds
-        run = _Run(plan_id, attempt, started)
+        run = _Run(plan_id, attempt, started, spec_hash)
         try:
             while True:
                 message = self._receive(channel, 0.2)
@@ -159,9 +166,8 @@ class PlanWorker:
                         if final is not None:
                             return final
                     return self._end(
-                        plan_id,
+                        run,
                         PlanStatus.failed,
-                        started,
                         error=problem(
                             "plan-crashed",
                             "The plan's process died",
@@ -173,9 +179,8 @@ class PlanWorker:
                 now = time.monotonic()
                 if now > deadline:
                     return self._end(
-                        plan_id,
+                        run,
                         PlanStatus.failed,
-                        started,
                         error=problem(
                             "plan-timeout",
                             "The plan exceeded its time limit",
@@ -190,7 +195,7 @@ class PlanWorker:
                         log.warning("plan.lease_lost", plan_id=plan_id)
                         return "lost"
                     if self._cancelled(plan_id):
-                        return self._end(plan_id, PlanStatus.cancelled, started)
+                        return self._end(run, PlanStatus.cancelled)
                 if stop.is_set():
                     return "lost"  # shutting down: the lease runs out, another worker retries
         finally:
@@ -211,14 +216,10 @@ class PlanWorker:
         if kind == "trial":
             self._store_trial(run.plan_id, run.attempt, run.trials, payload)
             run.trials += 1
-            return (
-                self._end(run.plan_id, PlanStatus.cancelled, run.started)
-                if self._cancelled(run.plan_id)
-                else None
-            )
+            return self._end(run, PlanStatus.cancelled) if self._cancelled(run.plan_id) else None
         if kind == "result":
-            return self._end(run.plan_id, PlanStatus.succeeded, run.started, result=payload)
-        return self._end(run.plan_id, PlanStatus.failed, run.started, error=payload)
+            return self._end(run, PlanStatus.succeeded, result=payload)
+        return self._end(run, PlanStatus.failed, error=payload)
 
     def _retrying(self, what: str, write: Callable[[Session], T]) -> T:
         """Run one store operation, waiting out a database that restarts or a disk that is full
@@ -258,21 +259,33 @@ class PlanWorker:
 
     def _end(
         self,
-        plan_id: str,
+        run: _Run,
         status: str,
-        started: float,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
     ) -> str:
+        """Record the end, stamped with the versions this worker ran the plan with."""
+        plan_id = run.plan_id
+        versions = engine.versions()
+        made_with = crud.reuse_key(run.spec_hash, versions) if run.spec_hash else None
         if status == PlanStatus.cancelled:
             error = problem(
                 "cancelled", "Plan cancelled", "cancelled on request; trials so far are kept", 409
             )
         ok = self._retrying(
             "finish",
-            lambda s: crud.finish(s, plan_id, self.worker_id, status, result, error),
+            lambda s: crud.finish(
+                s,
+                plan_id,
+                self.worker_id,
+                status,
+                result,
+                error,
+                versions if made_with else None,
+                made_with,
+            ),
         )
-        elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - run.started
         PLAN_SECONDS.observe(elapsed)
         PLANS_FINISHED.labels(status=status).inc()
         log.info(

@@ -7,7 +7,10 @@ the API and the worker loop never commit (or half-commit) on the store's behalf.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,6 +45,11 @@ def model_label(spec: dict[str, Any]) -> str:
 
 
 # -- plans -----------------------------------------------------------------------------------
+def reuse_key(spec_hash: str, versions: dict[str, str]) -> str:
+    """A stored plan answers a new submit only if the same engine, torch and catalogue made it."""
+    return hashlib.sha256((spec_hash + json.dumps(versions, sort_keys=True)).encode()).hexdigest()
+
+
 def find_reusable(session: Session, reuse_key: str) -> Plan | None:
     """The newest plan of this spec, by this engine, that did not fail or get cancelled."""
     stmt = (
@@ -102,9 +110,40 @@ def get_plan(session: Session, plan_id: str, with_trials: bool = False) -> Plan 
     return session.scalars(stmt).first()
 
 
+def stored_body(session: Session, plan_id: str) -> tuple[str, str | None, str | None] | None:
+    """(status, body, body_schema) of a plan, without loading the rest of its row."""
+    row = session.execute(
+        select(Plan.status, Plan.body, Plan.body_schema).where(Plan.id == plan_id)
+    ).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def store_body(session: Session, plan_id: str, body: str, schema: str) -> None:
+    """Keep a finished plan's serialised response (a plan only ever changes until it ends)."""
+    session.execute(
+        update(Plan)
+        .where(Plan.id == plan_id, Plan.status.in_(tuple(FINAL)))
+        .values(body=body, body_schema=schema)
+    )
+    session.commit()
+
+
+# What the list shows (`PlanSummary`), and `seq` for its cursor: not the spec nor the result.
+SUMMARY_COLUMNS = (
+    Plan.id,
+    Plan.seq,
+    Plan.status,
+    Plan.created_at,
+    Plan.finished_at,
+    Plan.model_name,
+    Plan.spec_hash,
+    Plan.max_micro_batch_size,
+)
+
+
 @dataclass
 class Page:
-    items: list[Plan]
+    items: Sequence[Any]  # rows of SUMMARY_COLUMNS
     next_cursor: str | None
 
 
@@ -112,14 +151,14 @@ def list_plans(
     session: Session, status: str | None, model: str | None, limit: int, cursor: int | None
 ) -> Page:
     """Newest first; the cursor is the `seq` of the last plan of the previous page."""
-    stmt = select(Plan).order_by(Plan.seq.desc()).limit(limit + 1)
+    stmt = select(*SUMMARY_COLUMNS).order_by(Plan.seq.desc()).limit(limit + 1)
     if status:
         stmt = stmt.where(Plan.status == status)
     if model:
         stmt = stmt.where(Plan.model_name == model)
     if cursor is not None:
         stmt = stmt.where(Plan.seq < cursor)
-    rows = list(session.scalars(stmt))
+    rows = list(session.execute(stmt).all())
     more = len(rows) > limit
     items = rows[:limit]
     return Page(items, str(items[-1].seq) if more and items else None)
@@ -262,8 +301,12 @@ def finish(
     status: str,
     result: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
+    versions: dict[str, str] | None = None,
+    made_with: str | None = None,
 ) -> bool:
-    """Record the end of a plan, only if this worker still holds it (no double finish)."""
+    """Record the end of a plan, only if this worker still holds it (no double finish). The
+    worker stamps the `versions` it ran with and their reuse key `made_with` (in a rolling
+    upgrade they may differ from the API's that queued the plan)."""
     stamp = now()
     prediction = (result or {}).get("prediction") or {}
     stmt = (
@@ -279,6 +322,8 @@ def finish(
             device_name=((result or {}).get("device") or {}).get("name"),
             predicted_max=prediction.get("predicted_max_micro_batch_size"),
             real_max=prediction.get("real_max_micro_batch_size"),
+            max_micro_batch_size=(result or {}).get("max_micro_batch_size"),
+            **({"versions": versions, "reuse_key": made_with} if versions else {}),
         )
     )
     ok = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]

@@ -54,6 +54,12 @@ class Plan(Base):
     device_name: Mapped[str | None] = mapped_column(String(200))
     predicted_max: Mapped[int | None] = mapped_column(Integer)
     real_max: Mapped[int | None] = mapped_column(Integer)
+    # Copied out of the result, so the list reads it without the result's JSON.
+    max_micro_batch_size: Mapped[int | None] = mapped_column(Integer)
+    # A finished plan's response, serialised once; `body_schema` names the API shape it was
+    # rendered in (a hash of its JSON schema). A GET serves the bytes without re-validating.
+    body: Mapped[str | None] = mapped_column(Text)
+    body_schema: Mapped[str | None] = mapped_column(String(16))
 
     # Every attempt's trials; the API shows only the current attempt's (`crud.trials_of`).
     trial_rows: Mapped[list[Trial]] = relationship(
@@ -61,10 +67,6 @@ class Plan(Base):
     )
 
     __table_args__ = (Index("ix_plans_status_seq", "status", "seq"),)
-
-    @property
-    def max_micro_batch_size(self) -> int | None:
-        return (self.result or {}).get("max_micro_batch_size")
 
 
 class Trial(Base):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import FactoryDep, SessionDep, SettingsDep, require_auth
+from service.api.plan_views import PlanDep, not_found, plan_body, plan_out, render
 from service.api.problems import ProblemException, field_error, validation_problem
 from service.schemas.examples import (
     EVENTS_EXAMPLE,
@@ -48,43 +48,9 @@ INVALID_EXAMPLE = {
         }
     ],
 }
-SHOWS_TRIALS = frozenset({PlanStatus.running, PlanStatus.failed, PlanStatus.cancelled})
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such plan (problem details)"}
 }
-
-
-def plan_out(plan: Plan, session: Session | None = None) -> PlanOut:
-    """The plan as the API shows it; with a session, a plan that is running or ended without a
-    result also shows its current attempt's trials."""
-    out = PlanOut.model_validate(plan)
-    if session is not None and plan.status in SHOWS_TRIALS:
-        out.trials = [
-            Trial.model_validate(t) for t in crud.trials_of(session, plan.id, plan.attempts)
-        ]
-    return out
-
-
-def not_found(plan_id: str) -> ProblemException:
-    return ProblemException(404, "not-found", "Not found", f"no plan {plan_id!r}")
-
-
-def read_plan(plan_id: str, factory: FactoryDep) -> PlanOut:
-    """The plan or a 404, read in a session of its own (a long poll or a stream must not hold
-    one open while it waits)."""
-    with factory() as session:
-        plan = crud.get_plan(session, plan_id)
-        if plan is None:
-            raise not_found(plan_id)
-        return plan_out(plan, session)
-
-
-PlanDep = Annotated[PlanOut, Depends(read_plan)]
-
-
-def reuse_key_of(spec_hash: str, versions: dict[str, str]) -> str:
-    """A stored plan answers a new submit only if the same engine, torch and catalogue made it."""
-    return hashlib.sha256((spec_hash + json.dumps(versions, sort_keys=True)).encode()).hexdigest()
 
 
 def _check_buildable(spec: PlanSpec) -> None:
@@ -130,18 +96,18 @@ def submit_plan(
     session: SessionDep,
     spec: Annotated[PlanSpec, Body(openapi_examples=PLAN_EXAMPLES)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> PlanOut:
+) -> PlanOut | Response:
     if idempotency_key:
         existing = crud.find_by_idempotency_key(session, idempotency_key)
         if existing is not None:
-            return _existing(response, existing, session)
+            return _existing(existing, session)
     spec_hash = spec.spec_hash
     versions = engine.versions()
-    reuse_key = reuse_key_of(spec_hash, versions)
+    reuse_key = crud.reuse_key(spec_hash, versions)
     if not spec.refresh:
         existing = crud.find_reusable(session, reuse_key)
         if existing is not None:
-            return _existing(response, existing, session)
+            return _existing(existing, session)
     _check_buildable(spec)
     for attempt in range(20):  # seq is unique; concurrent submits on PostgreSQL may collide
         if attempt:
@@ -156,17 +122,15 @@ def submit_plan(
             if idempotency_key and (
                 found := crud.find_by_idempotency_key(session, idempotency_key)
             ):
-                return _existing(response, found, session)
+                return _existing(found, session)
     else:
         raise ProblemException(503, "busy", "Busy", "could not enqueue the plan; retry")
     response.headers["Location"] = f"/v1/plans/{plan.id}"
     return plan_out(plan)
 
 
-def _existing(response: Response, plan: Plan, session: Session) -> PlanOut:
-    response.status_code = 200
-    response.headers["Location"] = f"/v1/plans/{plan.id}"
-    return plan_out(plan, session)
+def _existing(plan: Plan, session: Session) -> Response:
+    return render(plan, session).response(200, f"/v1/plans/{plan.id}")
 
 
 @router.get(
@@ -182,12 +146,14 @@ def list_plans(
     model: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
-) -> PlanPage:
+) -> Response:
+    """Reads only the columns a summary shows, and serialises the page once."""
     page = crud.list_plans(
         session, status, model, min(limit, settings.page_size_max), int(cursor) if cursor else None
     )
-    items = [PlanSummary.model_validate(p) for p in page.items]
-    return PlanPage(items=items, next_cursor=page.next_cursor)
+    items = [PlanSummary.model_validate(row) for row in page.items]
+    body = PlanPage(items=items, next_cursor=page.next_cursor).model_dump_json()
+    return Response(body, media_type="application/json")
 
 
 @router.get(
@@ -197,16 +163,18 @@ def list_plans(
     summary="Read a plan; ?wait=N long-polls until it ends",
 )
 async def get_plan(
-    plan: PlanDep,
+    plan_id: str,
     factory: FactoryDep,
     settings: SettingsDep,
     wait: Annotated[float, Query(ge=0, le=3600)] = 0,
-) -> PlanOut:
+) -> Response:
+    """A finished plan is served from its stored serialised form."""
+    view = await run_in_threadpool(plan_body, plan_id, factory)
     deadline = time.monotonic() + min(wait, settings.max_wait_seconds)
-    while plan.status not in FINAL and time.monotonic() < deadline:
+    while not view.status.final and time.monotonic() < deadline:
         await asyncio.sleep(0.25)
-        plan = await run_in_threadpool(read_plan, plan.id, factory)
-    return plan
+        view = await run_in_threadpool(plan_body, plan_id, factory)
+    return view.response()
 
 
 @router.post(

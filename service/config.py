@@ -36,6 +36,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_wait_seconds: float = Field(default=60.0, ge=0)
     page_size_max: int = Field(default=200, ge=1)
+    feed_poll_seconds: float = Field(
+        default=0.25,
+        gt=0,
+        description="On SQLite, how often the change feed looks for changes to followed plans "
+        "(one query per tick for all of them); PostgreSQL pushes them (LISTEN/NOTIFY).",
+    )
+    keepalive_seconds: float = Field(
+        default=15.0, gt=0, description="An idle event stream sends a comment this often."
+    )
     log_json: bool = False
 
 

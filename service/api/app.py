@@ -3,6 +3,7 @@ details, the request-size limit and (in `serve`) the embedded worker."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api import problems
 from service.api.routes import plans, system
 from service.config import Settings, get_settings
+from service.feed.hub import PlanFeed
+from service.feed.sources import run_source
 from service.schemas.problem import problem
 from service.store.db import make_engine, make_session_factory, upgrade
 
@@ -95,6 +98,10 @@ def create_app(
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        app.state.feed = feed = PlanFeed(app.state.session_factory)
+        source = asyncio.create_task(
+            run_source(feed, settings.database_url, settings.feed_poll_seconds)
+        )
         stop = threading.Event()
         threads = []
         if run_worker:
@@ -110,6 +117,9 @@ def create_app(
         try:
             yield
         finally:
+            source.cancel()
+            await asyncio.gather(source, return_exceptions=True)
+            await feed.close()
             stop.set()
             for thread in threads:
                 thread.join(timeout=15)

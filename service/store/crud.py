@@ -44,6 +44,19 @@ def model_label(spec: dict[str, Any]) -> str:
     )
 
 
+# What a change to a plan is announced on (PostgreSQL); the API's change feed listens to it.
+CHANNEL = "trainplan_plans"
+
+
+def notify(session: Session, *plan_ids: str) -> None:
+    """Announce that these plans changed, delivered when the transaction commits (PostgreSQL's
+    NOTIFY; on SQLite the feed polls instead)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for plan_id in plan_ids:
+        session.execute(select(func.pg_notify(CHANNEL, plan_id)))
+
+
 # -- plans -----------------------------------------------------------------------------------
 def reuse_key(spec_hash: str, versions: dict[str, str]) -> str:
     """A stored plan answers a new submit only if the same engine, torch and catalogue made it."""
@@ -179,6 +192,7 @@ def request_cancel(session: Session, plan_id: str) -> Plan | None:
         plan.status, plan.finished_at = PlanStatus.cancelled, stamp
     plan.cancel_requested = True
     plan.updated_at = stamp
+    notify(session, plan.id)
     session.commit()
     return plan
 
@@ -215,6 +229,8 @@ def claim_next(
         .returning(Plan.id)
     )
     plan_id = session.execute(stmt).scalar()
+    if plan_id:
+        notify(session, plan_id)
     session.commit()
     return get_plan(session, plan_id) if plan_id else None
 
@@ -241,10 +257,12 @@ def fail_exhausted(session: Session, max_attempts: int) -> int:
                 500,
             ),
         )
+        .returning(Plan.id)
     )
-    count = session.execute(stmt).rowcount  # type: ignore[attr-defined]
+    failed = list(session.execute(stmt).scalars())
+    notify(session, *failed)
     session.commit()
-    return int(count or 0)
+    return len(failed)
 
 
 def extend_lease(session: Session, plan_id: str, worker_id: str, lease_seconds: float) -> bool:
@@ -282,7 +300,41 @@ def add_trial(
             created_at=now(),
         )
     )
+    session.flush()
+    notify(session, plan_id)
     session.commit()
+
+
+def signatures(session: Session, plan_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    """What a follower sees change, per plan, in one query: status, attempt, cancel flag and the
+    last trial's index (the SQLite change feed polls this for every plan it is watching)."""
+    last_trial = (
+        select(func.max(Trial.index))
+        .where(Trial.plan_id == Plan.id, Trial.attempt == Plan.attempts)
+        .correlate(Plan)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(Plan.id, Plan.status, Plan.attempts, Plan.cancel_requested, last_trial).where(
+            Plan.id.in_(plan_ids)
+        )
+    ).all()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def follow(session: Session, plan_id: str) -> tuple[Any, ...] | None:
+    """The columns a follower of a plan needs (status, attempt, error, answer), not the spec or
+    the result."""
+    row = session.execute(
+        select(
+            Plan.status,
+            Plan.attempts,
+            Plan.cancel_requested,
+            Plan.error,
+            Plan.max_micro_batch_size,
+        ).where(Plan.id == plan_id)
+    ).first()
+    return None if row is None else tuple(row)
 
 
 def trials_of(
@@ -327,6 +379,8 @@ def finish(
         )
     )
     ok = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    if ok:
+        notify(session, plan_id)
     session.commit()
     return ok
 

@@ -7,8 +7,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+# How hard this process works the database: the change feed's promise (load that grows with
+# changes, not with waiting clients) is read off this counter by bench/fanout.py.
+STATEMENTS = Counter("trainplan_db_statements", "SQL statements this process sent to the store")
+
+
+def count_statement(*_: Any) -> None:
+    STATEMENTS.inc()
 
 
 def normalise_url(url: str) -> str:
@@ -23,8 +32,10 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    event.listen(engine, "before_cursor_execute", count_statement)
+    return engine
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import FactoryDep, SessionDep, SettingsDep, require_auth
-from service.api.plan_views import PlanDep, not_found, plan_body, plan_out, render
+from service.api.plan_views import PlanBody, not_found, plan_body, plan_out, render
 from service.api.problems import ProblemException, field_error, validation_problem
+from service.feed.events import KEEPALIVE, Cursor, events
+from service.feed.hub import FeedDep, PlanFeed
 from service.schemas.examples import (
     EVENTS_EXAMPLE,
     PAGE_EXAMPLE,
@@ -24,12 +24,10 @@ from service.schemas.examples import (
     PLAN_EXAMPLES,
     response_example,
 )
-from service.schemas.plan import FINAL, PlanOut, PlanPage, PlanStatus, PlanSummary
-from service.schemas.result import Trial
+from service.schemas.plan import PlanOut, PlanPage, PlanStatus, PlanSummary
 from service.schemas.spec import PlanSpec
 from service.store import crud
 from service.store.models import Plan
-from service.store.models import Trial as TrialRow
 from workers import engine
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=[Depends(require_auth)])
@@ -165,15 +163,22 @@ def list_plans(
 async def get_plan(
     plan_id: str,
     factory: FactoryDep,
+    feed: FeedDep,
     settings: SettingsDep,
     wait: Annotated[float, Query(ge=0, le=3600)] = 0,
 ) -> Response:
-    """A finished plan is served from its stored serialised form."""
+    """A finished plan is served from its stored serialised form. A long poll waits on the
+    process's change feed (no query of its own while it waits) and is answered with the
+    stored form the feed read once for all its waiters."""
     view = await run_in_threadpool(plan_body, plan_id, factory)
-    deadline = time.monotonic() + min(wait, settings.max_wait_seconds)
-    while not view.status.final and time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
-        view = await run_in_threadpool(plan_body, plan_id, factory)
+    timeout = min(wait, settings.max_wait_seconds)
+    if view.status.final or timeout <= 0:
+        return view.response()
+    async with feed.watch(plan_id) as followed:
+        state = await followed.wait_until(lambda s: s is None or s.final, timeout)
+    if state is not None and state.final_body is not None:
+        return PlanBody(state.status, state.final_body).response()
+    view = await run_in_threadpool(plan_body, plan_id, factory)
     return view.response()
 
 
@@ -194,67 +199,52 @@ def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
 
 @router.get(
     "/{plan_id}/events",
-    responses=NOT_FOUND | response_example(200, EVENTS_EXAMPLE, media_type="text/event-stream"),
-    summary="Server-sent events: one `trial` per probe, then one `end`",
+    responses=NOT_FOUND
+    | response_example(200, EVENTS_EXAMPLE, media_type="text/event-stream")
+    | {204: {"description": "Last-Event-ID names the end of a plan that has ended"}},
+    summary="Server-sent events: one `trial` per probe, then one `end`; resumes at Last-Event-ID",
     response_class=StreamingResponse,
 )
-async def plan_events(plan: PlanDep, request: Request, factory: FactoryDep) -> StreamingResponse:
+async def plan_events(
+    plan_id: str,
+    factory: FactoryDep,
+    feed: FeedDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> Response:
+    status = await run_in_threadpool(_status_of, factory, plan_id)
+    cursor = Cursor.parse(last_event_id)
+    if cursor.ended and status.final:
+        return Response(status_code=204)  # tells EventSource not to reconnect
     return StreamingResponse(
-        _event_stream(plan.id, request, factory),
+        _event_stream(plan_id, feed, cursor, settings.keepalive_seconds),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-def _poll(
-    factory: sessionmaker[Session], plan_id: str, attempt_seen: int, after: int
-) -> tuple[Plan | None, list[TrialRow]]:
+def _status_of(factory: sessionmaker[Session], plan_id: str) -> PlanStatus:
     with factory() as session:
-        plan = crud.get_plan(session, plan_id)
-        if plan is None:
-            return None, []
-        trials = crud.trials_of(
-            session, plan_id, plan.attempts, after if plan.attempts == attempt_seen else -1
-        )
-        return plan, trials
+        row = crud.follow(session, plan_id)
+    if row is None:
+        raise not_found(plan_id)
+    return PlanStatus(row[0])
 
 
 async def _event_stream(
-    plan_id: str, request: Request, factory: sessionmaker[Session]
+    plan_id: str, feed: PlanFeed, cursor: Cursor, keepalive: float
 ) -> AsyncIterator[bytes]:
-    attempt, last = -1, -1
-    event_id = 0
-    while True:
-        plan, trials = await run_in_threadpool(_poll, factory, plan_id, attempt, last)
-        if plan is None:
-            return
-        if plan.attempts != attempt:
-            if attempt != -1:
-                yield _sse("retry", {"attempt": plan.attempts}, event_id)
-                event_id += 1
-            attempt, last = plan.attempts, -1
-        for trial in trials:
-            last = trial.index
-            trial_json = Trial.model_validate(trial).model_dump(mode="json")
-            yield _sse(
-                "trial", trial_json | {"index": trial.index, "attempt": trial.attempt}, event_id
-            )
-            event_id += 1
-        if plan.status in FINAL:
-            yield _sse(
-                "end",
-                {
-                    "status": plan.status,
-                    "error": plan.error,
-                    "max_micro_batch_size": plan.max_micro_batch_size,
-                },
-                event_id,
-            )
-            return
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(0.25)
-
-
-def _sse(event: str, data: dict[str, Any], event_id: int) -> bytes:
-    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data)}\n\n".encode()
+    """Follows the plan on the process's change feed: events as its state moves, a comment
+    when idle (which also finds a client that has gone)."""
+    try:
+        async with feed.watch(plan_id) as followed:
+            while (state := followed.state) is not None:
+                version = followed.version
+                for chunk in events(state, cursor):
+                    yield chunk
+                if state.final:
+                    return
+                if not await followed.wait(version, keepalive):
+                    yield KEEPALIVE
+    except ProblemException:  # gone between the check and the first read
+        return

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     max_wait_seconds: float = Field(default=60.0, ge=0)
     page_size_max: int = Field(default=200, ge=1)
+    model_check_cache: int = Field(
+        default=256,
+        ge=0,
+        description="Model builds kept by submit's check (0: build every time).",
+    )
     feed_poll_seconds: float = Field(
         default=0.25,
         gt=0,

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import problems
+from service.api.model_checks import ModelChecks
 from service.api.routes import plans, system
 from service.config import Settings, get_settings
 from service.feed.hub import PlanFeed
@@ -99,6 +100,7 @@ def create_app(
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
         app.state.feed = feed = PlanFeed(app.state.session_factory)
+        app.state.model_checks = ModelChecks(settings.model_check_cache)
         source = asyncio.create_task(
             run_source(feed, settings.database_url, settings.feed_poll_seconds)
         )

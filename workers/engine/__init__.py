@@ -1,10 +1,11 @@
 """The profiling engine, usable with no server around it. Its public face (what the API, the CLI
 and the worker's child process call; nothing else of the engine is theirs to import):
 
-- `check(spec)`: what submit checks beyond the schema (the model builds on the meta device, LoRA
-  targets and param-group prefixes exist, the schedule fits the run, the card and runtime are
-  known, a strategy runs on the device kind); raises
-  `SpecError` naming the field.
+- `check(spec, facts=None)`: what submit checks beyond the schema (the model builds on the meta
+  device, LoRA targets and param-group prefixes exist, the schedule fits the run, the card and
+  runtime are known, a strategy runs on the device kind); raises `SpecError` naming the field.
+- `model_facts(spec)` / `model_key(spec)`: the costly part of `check` (building the model) and
+  the key its outcome depends on, so a caller can cache it across specs that share the model.
 - `plan(spec, on_trial=None)`: the plan (`PlanResult`), reporting each probe as it happens.
 - `gpus()`: the simulated device's catalogue.
 - `versions()`: what a plan's answer depends on besides its spec (engine, torch, catalogue).
@@ -12,7 +13,10 @@ and the worker's child process call; nothing else of the engine is theirs to imp
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -20,17 +24,48 @@ from service.schemas.result import PlanResult, Trial
 from service.schemas.spec import PlanSpec
 from workers.engine.errors import SpecError
 
-__all__ = ["SpecError", "check", "gpus", "plan", "versions"]
+__all__ = [
+    "ModelFacts",
+    "SpecError",
+    "check",
+    "gpus",
+    "model_facts",
+    "model_key",
+    "plan",
+    "versions",
+]
 
 # Bumped whenever the engine answers the same spec differently (a new model of memory, a new
 # field in the result): plans made before are then not reused for new submits.
 ENGINE_REVISION = 17
 
 
-def check(spec: PlanSpec) -> None:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the checks need of a built model: the names of its trainable parameters."""
+
+    trainable: tuple[str, ...]
+
+
+def model_key(spec: PlanSpec) -> str:
+    """The parts of a spec the model's build reads: the model, the data (input shape, classes,
+    vocabulary) and the adapters. Specs equal in these build the same model."""
+    part = spec.model_dump(mode="json", include={"model", "data"})
+    part["peft"] = spec.training.model_dump(mode="json", include={"peft"}).get("peft")
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
+
+
+def model_facts(spec: PlanSpec) -> ModelFacts:
+    """Build the model on the meta device (raising SpecError at the field that breaks it)."""
+    from workers.engine.models import build_model
+
+    module = build_model(spec).module
+    return ModelFacts(tuple(n for n, p in module.named_parameters() if p.requires_grad))
+
+
+def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
     from workers.engine import recipe
     from workers.engine.devices import open_device
-    from workers.engine.models import build_model
 
     if spec.device.kind == "simulated":  # a real device is the worker's to open
         open_device(spec)
@@ -40,7 +75,7 @@ def check(spec: PlanSpec) -> None:
             "multi-GPU strategies are traced on the simulated device (device.kind "
             "'simulated'); a real device probes one process",
         )
-    recipe.check(spec, build_model(spec).module)
+    recipe.check(spec, facts or model_facts(spec))
 
 
 def plan(spec: PlanSpec, on_trial: Callable[[Trial], None] | None = None) -> PlanResult:
@@ -57,8 +92,6 @@ def gpus() -> list[dict[str, Any]]:
 
 @cache
 def versions() -> dict[str, str]:
-    import hashlib
-    import json
     from importlib.metadata import PackageNotFoundError, version
 
     import torch

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from service.schemas.spec import BNB_OPTIMIZERS, PlanSpec, algorithm
 from workers.engine.errors import SpecError
 from workers.engine.optimizers import bitsandbytes_available
+
+if TYPE_CHECKING:
+    from workers.engine import ModelFacts
 
 # PyTorch's defaults, which the spec's adaptive optimizers run with.
 DEFAULT_BETAS = {"adam": (0.9, 0.999), "adamw": (0.9, 0.999), "rmsprop": (0.99,)}
@@ -57,11 +59,11 @@ def estimated_total_steps(spec: PlanSpec) -> tuple[int, int]:
     return per_epoch, math.ceil(spec.training.epochs * per_epoch)
 
 
-def check(spec: PlanSpec, model: nn.Module) -> None:
+def check(spec: PlanSpec, facts: ModelFacts) -> None:
     """What the schema cannot see: a group prefix that matches no trainable parameter, a
     schedule whose milestones or step size lie past the end of the run, a bitsandbytes optimizer
     on a server without bitsandbytes."""
-    _check_groups(spec, model)
+    _check_groups(spec, facts.trainable)
     _check_schedule(spec)
     _check_optimizer(spec)
 
@@ -75,8 +77,7 @@ def _check_optimizer(spec: PlanSpec) -> None:
         )
 
 
-def _check_groups(spec: PlanSpec, model: nn.Module) -> None:
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
+def _check_groups(spec: PlanSpec, names: tuple[str, ...]) -> None:
     frozen = spec.training.trainable
     for i, group in enumerate(spec.training.param_groups or ()):
         matched = [n for n in names if n.startswith(group.prefix)]

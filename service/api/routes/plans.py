@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import FactoryDep, SessionDep, SettingsDep, require_auth
+from service.api.model_checks import ModelChecks, ModelChecksDep
 from service.api.plan_views import PlanBody, not_found, plan_body, plan_out, render
 from service.api.problems import ProblemException, field_error, validation_problem
 from service.feed.events import KEEPALIVE, Cursor, events
@@ -51,11 +52,11 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _check_buildable(spec: PlanSpec) -> None:
+def _check_buildable(spec: PlanSpec, checks: ModelChecks) -> None:
     """The engine's checks beyond the schema (the model builds on the meta device, the LoRA
     targets exist, ...): a 422 now, not a failed plan later."""
     try:
-        engine.check(spec)
+        engine.check(spec, checks.facts(spec))
     except engine.SpecError as exc:
         error = field_error(exc.loc, exc.message, "spec_error")
     except ImportError as exc:
@@ -92,6 +93,7 @@ def _check_buildable(spec: PlanSpec) -> None:
 def submit_plan(
     response: Response,
     session: SessionDep,
+    checks: ModelChecksDep,
     spec: Annotated[PlanSpec, Body(openapi_examples=PLAN_EXAMPLES)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> PlanOut | Response:
@@ -106,7 +108,7 @@ def submit_plan(
         existing = crud.find_reusable(session, reuse_key)
         if existing is not None:
             return _existing(existing, session)
-    _check_buildable(spec)
+    _check_buildable(spec, checks)
     for attempt in range(20):  # seq is unique; concurrent submits on PostgreSQL may collide
         if attempt:
             time.sleep(0.005 * attempt)

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from service.config import Settings
 from service.schemas.plan import PlanStatus
 
 app = typer.Typer(
@@ -31,17 +32,53 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
     worker: Annotated[bool, typer.Option(help="Run the embedded worker.")] = True,
 ) -> None:
-    """Migrate the store, then serve the API with one embedded worker."""
+    """Migrate the store, then serve the API with one embedded worker
+    (TRAINPLAN_API_WORKERS > 1: that many API processes, still one embedded worker)."""
     import uvicorn
 
     from service.api.app import create_app
     from service.config import get_settings
 
     settings = get_settings()
-    application = create_app(settings, embedded_worker=worker)
-    uvicorn.run(
-        application, host=host or settings.host, port=port or settings.port, log_level="info"
-    )
+    host, port = host or settings.host, port or settings.port
+    if settings.api_workers == 1:
+        application = create_app(settings, embedded_worker=worker)
+        uvicorn.run(application, host=host, port=port, log_level="info")
+        return
+    _serve_processes(settings, host, port, worker)
+
+
+def _serve_processes(settings: Settings, host: str, port: int, worker: bool) -> None:
+    """uvicorn's workers each build the app from the environment; this parent migrates the
+    store and runs the embedded worker once, so N processes do not race the migration or run
+    N workers."""
+    import os
+
+    import uvicorn
+
+    from service.api.app import start_workers
+    from service.store.db import make_engine, make_session_factory, upgrade
+
+    upgrade(settings.database_url)
+    os.environ["TRAINPLAN_EMBEDDED_WORKER"] = "false"
+    os.environ["TRAINPLAN_MIGRATE_ON_START"] = "false"
+    stop = threading.Event()
+    engine = make_engine(settings.database_url)
+    threads = start_workers(settings, make_session_factory(engine), stop) if worker else []
+    try:
+        uvicorn.run(
+            "service.api.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=settings.api_workers,
+            log_level="info",
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+        engine.dispose()
 
 
 @app.command("worker")

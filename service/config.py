@@ -19,6 +19,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     embedded_worker: bool = Field(default=True, description="`serve` runs one worker in-process.")
+    api_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="API processes `serve` starts (uvicorn workers); the store is migrated and "
+        "the embedded worker started once, in the parent, not once per process.",
+    )
+    migrate_on_start: bool = Field(
+        default=True, description="The API upgrades the store when it starts."
+    )
     worker_concurrency: int = Field(default=1, ge=1, le=64)
     lease_seconds: float = Field(
         default=60.0,

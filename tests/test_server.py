@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -64,11 +65,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-@pytest.fixture
-def server(db_url: str) -> Iterator[str]:
-    """`trainplan serve` (API + embedded worker) on each database."""
+@contextmanager
+def _serving(db_url: str, **extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`trainplan serve` on a free port, once it answers /readyz."""
     port = _free_port()
-    proc = _trainplan("serve", "--port", str(port), env=_env(db_url))
+    proc = _trainplan("serve", "--port", str(port), env=_env(db_url, **extra))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -83,9 +84,50 @@ def server(db_url: str) -> Iterator[str]:
             time.sleep(0.2)
         else:
             raise AssertionError("server did not become ready")
-        yield url
+        yield url, proc
     finally:
         _stop(proc)
+
+
+@pytest.fixture
+def server(db_url: str) -> Iterator[str]:
+    """`trainplan serve` (API + embedded worker) on each database."""
+    with _serving(db_url) as (url, _):
+        yield url
+
+
+def _api_processes(parent: int) -> list[int]:
+    """uvicorn's worker processes under `parent` (spawned by multiprocessing)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                cmdline = cmd.read()
+        except OSError:
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_several_api_processes_share_one_embedded_worker(
+    db_url: str, small_spec: dict[str, Any]
+) -> None:
+    """TRAINPLAN_API_WORKERS=2: two API processes, one migration, one embedded worker; every
+    route answers from either process, streams included (each has its own change feed)."""
+    with _serving(db_url, TRAINPLAN_API_WORKERS="2") as (url, proc):
+        assert len(_api_processes(proc.pid)) == 2
+        with TrainplanClient(url) as client:
+            submitted = client.submit(small_spec)
+            kinds = [kind for kind, _ in client.events(submitted["id"])]
+            assert kinds[-1] == "end" and "trial" in kinds
+            assert client.wait(submitted["id"], timeout=60)["status"] == "succeeded"
+            workers = client.http.get("/v1/workers").json()["items"]
+            assert len(workers) == 1 and workers[0]["plans_done"] == 1
 
 
 def test_whole_life_of_a_plan_over_http(server: str, small_spec: dict[str, Any]) -> None:

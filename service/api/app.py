@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import problems
@@ -86,10 +87,14 @@ class _TooLarge(Exception):
 
 
 def create_app(
-    settings: Settings | None = None, *, embedded_worker: bool | None = None, migrate: bool = True
+    settings: Settings | None = None,
+    *,
+    embedded_worker: bool | None = None,
+    migrate: bool | None = None,
 ) -> FastAPI:
     settings = settings or get_settings()
     run_worker = settings.embedded_worker if embedded_worker is None else embedded_worker
+    migrate = settings.migrate_on_start if migrate is None else migrate
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,17 +110,7 @@ def create_app(
             run_source(feed, settings.database_url, settings.feed_poll_seconds)
         )
         stop = threading.Event()
-        threads = []
-        if run_worker:
-            from workers.loop import PlanWorker
-
-            for _ in range(settings.worker_concurrency):
-                worker = PlanWorker(settings, app.state.session_factory)
-                thread = threading.Thread(
-                    target=worker.run, args=(stop,), daemon=True, name=f"worker-{worker.worker_id}"
-                )
-                thread.start()
-                threads.append(thread)
+        threads = start_workers(settings, app.state.session_factory, stop) if run_worker else []
         try:
             yield
         finally:
@@ -139,6 +134,23 @@ def create_app(
     app.include_router(system.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # type: ignore[arg-type]
     return app
+
+
+def start_workers(
+    settings: Settings, factory: sessionmaker[Session], stop: threading.Event
+) -> list[threading.Thread]:
+    """The embedded worker: `worker_concurrency` plan workers on threads of this process."""
+    from workers.loop import PlanWorker
+
+    threads = []
+    for _ in range(settings.worker_concurrency):
+        worker = PlanWorker(settings, factory)
+        thread = threading.Thread(
+            target=worker.run, args=(stop,), daemon=True, name=f"worker-{worker.worker_id}"
+        )
+        thread.start()
+        threads.append(thread)
+    return threads
 
 
 def app_from_env() -> Any:

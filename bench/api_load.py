@@ -1,7 +1,13 @@
-"""Requests/s and p50/p99 latency of submit, get and list against one uvicorn process on
-loopback (no embedded worker, so only the API is measured). Bounded in time and count.
+"""Requests/s and p50/p99 latency of submit, get and list against uvicorn on loopback (no
+embedded worker: only the API is measured), at 1 and 2 API processes; `--baseline` also
+measures a bare FastAPI route returning the same stored bytes from the same database
+(bench/baseline_app.py) and reports trainplan's ratio to it. Bounded in time and count.
 
-    .venv/bin/python -m bench.api_load [--seconds 10] [--concurrency 16] [--db sqlite|postgres]
+    .venv/bin/python -m bench.api_load [--seconds 8] [--concurrency 16] [--db sqlite|postgres]
+        [--processes 1 2] [--baseline]
+
+The load generator is bench/http_client.py (raw asyncio keep-alive connections), which costs
+the shared 2 cores far less than httpx would.
 """
 
 from __future__ import annotations
@@ -18,26 +24,31 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.http_client import Connection
 from bench.machine import header
+from service.config import Settings
 from service.schemas.examples import SMALL_GRAYSCALE_CNN
+from service.store.db import make_engine, make_session_factory, upgrade
 
-MAX_REQUESTS = 200_000
+MAX_REQUESTS = 500_000
+Request = tuple[str, str, Any]  # method, path, JSON body
 
 
-def _fresh_postgres() -> str:
-    """A new database on the benchmark's PostgreSQL (dropped by hand or by the next run's
-    clean-up; the default `test` database is never written)."""
+def fresh_postgres(name: str = "tp_bench_api") -> str:
+    """A new database on the benchmark's PostgreSQL (dropped by the next run; the default `test`
+    database is never written)."""
     from sqlalchemy import create_engine, text
 
     admin_url = os.environ.get(
         "TRAINPLAN_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
     )
-    name = "tp_bench_api"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -46,119 +57,177 @@ def _fresh_postgres() -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
-def _port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _start(db_url: str, port: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, TRAINPLAN_DATABASE_URL=db_url)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import uvicorn; from service.api.app import create_app; "
-            f"uvicorn.run(create_app(embedded_worker=False), host='127.0.0.1', port={port}, "
-            "log_level='warning', access_log=False)",
-        ],
-        env=env,
-        start_new_session=True,
+@contextmanager
+def serving(
+    factory: str, db_url: str, processes: int = 1, **env: str
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """uvicorn serving an app factory (`module:function`) on a free port until the block ends:
+    one process as `trainplan serve` runs it, several through its `serve_processes`."""
+    port = free_port()
+    environ = dict(
+        os.environ,
+        TRAINPLAN_DATABASE_URL=db_url,
+        TRAINPLAN_EMBEDDED_WORKER="false",
+        TRAINPLAN_MIGRATE_ON_START="false",
+        **env,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError("server did not start")
+    launch = (
+        "from service.api.serving import serve_processes; "
+        f"serve_processes({factory!r}, '127.0.0.1', {port}, {processes}, 'warning', "
+        "access_log=False)"
+        if processes > 1
+        else "import uvicorn; "
+        f"uvicorn.run({factory!r}, factory=True, host='127.0.0.1', port={port}, "
+        "log_level='warning', access_log=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launch], env=environ, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("server did not start")
+        yield port, proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
-async def _load(url: str, make_request: Any, seconds: float, concurrency: int) -> list[float]:
+async def load(
+    port: int, make_request: Callable[[int], Request], seconds: float, concurrency: int
+) -> list[float]:
+    """Latencies of `concurrency` clients sending requests back to back for `seconds`."""
     latencies: list[float] = []
     deadline = time.monotonic() + seconds
     counter = iter(range(MAX_REQUESTS))
-    async with httpx.AsyncClient(
-        base_url=url, timeout=30, limits=httpx.Limits(max_connections=concurrency)
-    ) as client:
 
-        async def one_user() -> None:
-            while time.monotonic() < deadline:
-                i = next(counter, None)
-                if i is None:
-                    return
-                start = time.perf_counter()
-                response = await make_request(client, i)
-                latencies.append(time.perf_counter() - start)
-                if response.status_code >= 400:
-                    raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
+    async def one_user(conn: Connection) -> None:
+        while time.monotonic() < deadline and (i := next(counter, None)) is not None:
+            method, path, body = make_request(i)
+            start = time.perf_counter()
+            status, payload = await conn.request(method, path, body)
+            latencies.append(time.perf_counter() - start)
+            if status >= 400:
+                raise RuntimeError(f"{method} {path}: {status}: {payload[:200]!r}")
 
-        await asyncio.gather(*(one_user() for _ in range(concurrency)))
+    conns = [Connection("127.0.0.1", port) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*(one_user(c) for c in conns))
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
     return latencies
+
+
+def measure(
+    name: str,
+    port: int,
+    make_request: Callable[[int], Request],
+    args: argparse.Namespace,
+    processes: int,
+) -> dict[str, Any]:
+    asyncio.run(load(port, make_request, min(1.0, args.seconds), args.concurrency))  # warm-up
+    lat = sorted(asyncio.run(load(port, make_request, args.seconds, args.concurrency)))
+    row = {
+        "route": name,
+        "processes": processes,
+        "requests": len(lat),
+        "rps": len(lat) / args.seconds,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
+    }
+    print(
+        f"{name:40} x{processes} {row['requests']:>8} {row['rps']:>8.1f} "
+        f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f}",
+        flush=True,
+    )
+    return row
+
+
+def finished_plan(db_url: str) -> str:
+    """Submit-equivalent of the example spec, run to its end by a worker in this process."""
+    from service.schemas.spec import PlanSpec
+    from service.store import crud
+    from workers import engine
+    from workers.loop import PlanWorker
+
+    factory = make_session_factory(make_engine(db_url))
+    spec = PlanSpec.model_validate(SMALL_GRAYSCALE_CNN)
+    versions = engine.versions()
+    with factory() as s:
+        plan = crud.create_plan(
+            s,
+            spec.canonical(),
+            spec.spec_hash,
+            versions=versions,
+            reuse_key=crud.reuse_key(spec.spec_hash, versions),
+        )
+    assert PlanWorker(Settings(database_url=db_url), factory).run_once() == 1
+    return plan.id
+
+
+def new_spec(i: int) -> Request:
+    spec = copy.deepcopy(SMALL_GRAYSCALE_CNN)
+    spec["training"]["epochs"] = 1 + (i % 100_000) / 1000 + time.time() % 1
+    return "POST", "/v1/plans", spec
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--baseline", action="store_true")
     args = parser.parse_args()
     print(header())
-    tmp = tempfile.mkdtemp()
-    db_url = f"sqlite:///{tmp}/load.db" if args.db == "sqlite" else _fresh_postgres()
-    port = _port()
-    proc = _start(db_url, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        # the first submit builds a model in a cold process: seconds on a busy 2-core box
-        seed = httpx.post(
-            url + "/v1/plans", json=SMALL_GRAYSCALE_CNN | {"refresh": True}, timeout=120
-        )
-        plan_id = seed.json()["id"]
-
-        async def post(client: httpx.AsyncClient, i: int) -> httpx.Response:
-            spec = copy.deepcopy(SMALL_GRAYSCALE_CNN)
-            spec["training"]["epochs"] = 1 + (i % 100_000) / 1000 + time.time() % 1
-            return await client.post("/v1/plans", json=spec)
-
-        async def post_same(client: httpx.AsyncClient, i: int) -> httpx.Response:
-            return await client.post("/v1/plans", json=SMALL_GRAYSCALE_CNN)
-
-        async def get(client: httpx.AsyncClient, i: int) -> httpx.Response:
-            return await client.get(f"/v1/plans/{plan_id}")
-
-        async def listing(client: httpx.AsyncClient, i: int) -> httpx.Response:
-            return await client.get("/v1/plans", params={"limit": 50})
-
-        rows = []
-        for name, fn in (
-            ("POST /v1/plans (new plan)", post),
-            ("POST /v1/plans (stored spec)", post_same),
-            ("GET /v1/plans/{id}", get),
-            ("GET /v1/plans?limit=50", listing),
-        ):
-            lat = asyncio.run(_load(url, fn, args.seconds, args.concurrency))
-            lat.sort()
-            rows.append(
-                {
-                    "route": name,
-                    "requests": len(lat),
-                    "rps": len(lat) / args.seconds,
-                    "p50_ms": 1000 * statistics.median(lat),
-                    "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
-                }
-            )
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    db_url = f"sqlite:///{tempfile.mkdtemp()}/load.db" if args.db == "sqlite" else fresh_postgres()
+    upgrade(db_url)
+    plan_id = finished_plan(db_url)
     print(f"db={args.db} concurrency={args.concurrency} seconds={args.seconds:g} per route")
-    print(f"{'route':32} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    for r in rows:
-        print(
-            f"{r['route']:32} {r['requests']:>9} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} "
-            f"{r['p99_ms']:>8.1f}"
-        )
+    print(f"{'route':40} {'procs':>3} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    rows = []
+    app = "service.api.app:app_from_env"
+    for n in args.processes:
+        with serving(app, db_url, n) as (port, _):
+            routes: list[tuple[str, Callable[[int], Request]]] = [
+                ("POST /v1/plans (new plan)", new_spec),
+                (
+                    "POST /v1/plans (stored spec)",
+                    lambda i: ("POST", "/v1/plans", SMALL_GRAYSCALE_CNN),
+                ),
+                ("GET /v1/plans/{id}", lambda i: ("GET", f"/v1/plans/{plan_id}", None)),
+                ("GET /v1/plans?limit=50", lambda i: ("GET", "/v1/plans?limit=50", None)),
+            ]
+            rows += [measure(name, port, fn, args, n) for name, fn in routes]
+        if n == args.processes[0]:
+            with serving(app, db_url, n, TRAINPLAN_MODEL_CHECK_CACHE="0") as (port, _):
+                rows.append(measure("POST /v1/plans (new plan, no cache)", port, new_spec, args, n))
+        if args.baseline:
+            with serving("bench.baseline_app:create", db_url, n) as (port, _):
+                get = lambda i: ("GET", f"/v1/plans/{plan_id}", None)  # noqa: E731
+                rows.append(measure("baseline: bare route, same bytes", port, get, args, n))
+    if args.baseline:
+        for n in args.processes:
+            ours = next(
+                r for r in rows if r["route"] == "GET /v1/plans/{id}" and r["processes"] == n
+            )
+            bare = next(
+                r for r in rows if r["route"].startswith("baseline") and r["processes"] == n
+            )
+            print(
+                f"GET of a finished plan at {n} process(es): {ours['rps'] / bare['rps']:.2f}x "
+                f"the baseline (p99 {ours['p99_ms']:.1f} vs {bare['p99_ms']:.1f} ms)"
+            )
     out = Path(__file__).parent / "results" / f"api_load_{args.db}.json"
     out.write_text(json.dumps({"header": header(), "args": vars(args), "rows": rows}, indent=2))
 

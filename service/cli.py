@@ -54,9 +54,8 @@ def _serve_processes(settings: Settings, host: str, port: int, worker: bool) -> 
     N workers."""
     import os
 
-    import uvicorn
-
     from service.api.app import start_workers
+    from service.api.serving import serve_processes
     from service.store.db import make_engine, make_session_factory, upgrade
 
     upgrade(settings.database_url)
@@ -66,14 +65,7 @@ def _serve_processes(settings: Settings, host: str, port: int, worker: bool) -> 
     engine = make_engine(settings.database_url)
     threads = start_workers(settings, make_session_factory(engine), stop) if worker else []
     try:
-        uvicorn.run(
-            "service.api.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=settings.api_workers,
-            log_level="info",
-        )
+        serve_processes("service.api.app:app_from_env", host, port, settings.api_workers)
     finally:
         stop.set()
         for thread in threads:

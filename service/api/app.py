@@ -4,6 +4,7 @@ details, the request-size limit and (in `serve`) the embedded worker."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import problems
 from service.api.model_checks import ModelChecks
+from service.api.reads import PlanReads
 from service.api.routes import plans, system
 from service.config import Settings, get_settings
 from service.feed.hub import PlanFeed
@@ -106,9 +108,11 @@ def create_app(
         app.state.session_factory = make_session_factory(engine)
         app.state.feed = feed = PlanFeed(app.state.session_factory)
         app.state.model_checks = ModelChecks(settings.model_check_cache)
+        app.state.reads = PlanReads(app.state.session_factory, feed, settings)
         source = asyncio.create_task(
             run_source(feed, settings.database_url, settings.feed_poll_seconds)
         )
+        settle_heap()
         stop = threading.Event()
         threads = start_workers(settings, app.state.session_factory, stop) if run_worker else []
         try:
@@ -134,6 +138,18 @@ def create_app(
     app.include_router(system.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # type: ignore[arg-type]
     return app
+
+
+def settle_heap() -> None:
+    """Import what submit needs (torch, the engine) now, then move everything alive into the
+    collector's permanent generation: otherwise each full collection walks torch's millions of
+    objects, a pause of tens of milliseconds that lands in some request's latency."""
+    from workers import engine
+    from workers.engine import devices, models  # noqa: F401
+
+    engine.versions()
+    gc.collect()
+    gc.freeze()
 
 
 def start_workers(

@@ -70,7 +70,7 @@ class ModelChecks:
             return _Failed(None, str(exc), exc.name or "?")
 
 
-def get_model_checks(request: Request) -> ModelChecks:
+async def get_model_checks(request: Request) -> ModelChecks:
     return request.app.state.model_checks  # type: ignore[no-any-return]
 
 

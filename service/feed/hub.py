@@ -10,10 +10,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 import structlog
-from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -185,10 +184,3 @@ class PlanFeed:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def get_feed(request: Request) -> PlanFeed:
-    return request.app.state.feed  # type: ignore[no-any-return]
-
-
-FeedDep = Annotated[PlanFeed, Depends(get_feed)]

@@ -125,9 +125,13 @@ def get_plan(session: Session, plan_id: str, with_trials: bool = False) -> Plan 
 
 def stored_body(session: Session, plan_id: str) -> tuple[str, str | None, str | None] | None:
     """(status, body, body_schema) of a plan, without loading the rest of its row."""
-    row = session.execute(
-        select(Plan.status, Plan.body, Plan.body_schema).where(Plan.id == plan_id)
-    ).first()
+    # On the session's connection: a Core statement needs none of the ORM's execution path,
+    # and this is the whole of a GET of a finished plan.
+    row = (
+        session.connection()
+        .execute(select(Plan.status, Plan.body, Plan.body_schema).where(Plan.id == plan_id))
+        .first()
+    )
     return None if row is None else (row[0], row[1], row[2])
 
 

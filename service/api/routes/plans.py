@@ -12,12 +12,13 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.deps import FactoryDep, SessionDep, SettingsDep, require_auth
+from service.api.deps import SessionDep, SettingsDep, require_auth
 from service.api.model_checks import ModelChecks, ModelChecksDep
 from service.api.plan_views import PlanBody, not_found, plan_body, plan_out, render
 from service.api.problems import ProblemException, field_error, validation_problem
+from service.api.reads import ReadsDep
 from service.feed.events import KEEPALIVE, Cursor, events
-from service.feed.hub import FeedDep, PlanFeed
+from service.feed.hub import PlanFeed
 from service.schemas.examples import (
     EVENTS_EXAMPLE,
     PAGE_EXAMPLE,
@@ -164,23 +165,21 @@ def list_plans(
 )
 async def get_plan(
     plan_id: str,
-    factory: FactoryDep,
-    feed: FeedDep,
-    settings: SettingsDep,
+    reads: ReadsDep,
     wait: Annotated[float, Query(ge=0, le=3600)] = 0,
 ) -> Response:
     """A finished plan is served from its stored serialised form. A long poll waits on the
     process's change feed (no query of its own while it waits) and is answered with the
     stored form the feed read once for all its waiters."""
-    view = await run_in_threadpool(plan_body, plan_id, factory)
-    timeout = min(wait, settings.max_wait_seconds)
+    view = await run_in_threadpool(plan_body, plan_id, reads.factory)
+    timeout = min(wait, reads.settings.max_wait_seconds)
     if view.status.final or timeout <= 0:
         return view.response()
-    async with feed.watch(plan_id) as followed:
+    async with reads.feed.watch(plan_id) as followed:
         state = await followed.wait_until(lambda s: s is None or s.final, timeout)
     if state is not None and state.final_body is not None:
         return PlanBody(state.status, state.final_body).response()
-    view = await run_in_threadpool(plan_body, plan_id, factory)
+    view = await run_in_threadpool(plan_body, plan_id, reads.factory)
     return view.response()
 
 
@@ -209,17 +208,15 @@ def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
 )
 async def plan_events(
     plan_id: str,
-    factory: FactoryDep,
-    feed: FeedDep,
-    settings: SettingsDep,
+    reads: ReadsDep,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> Response:
-    status = await run_in_threadpool(_status_of, factory, plan_id)
+    status = await run_in_threadpool(_status_of, reads.factory, plan_id)
     cursor = Cursor.parse(last_event_id)
     if cursor.ended and status.final:
         return Response(status_code=204)  # tells EventSource not to reconnect
     return StreamingResponse(
-        _event_stream(plan_id, feed, cursor, settings.keepalive_seconds),
+        _event_stream(plan_id, reads.feed, cursor, reads.settings.keepalive_seconds),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -65,7 +65,7 @@ def free_port() -> int:
 
 @contextmanager
 def serving(
-    factory: str, db_url: str, processes: int = 1, **env: str
+    factory: str, db_url: str, processes: int = 1, tree: str | None = None, **env: str
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """uvicorn serving an app factory (`module:function`) on a free port until the block ends:
     one process as `trainplan serve` runs it, several through its `serve_processes`."""
@@ -75,8 +75,8 @@ def serving(
         TRAINPLAN_DATABASE_URL=db_url,
         TRAINPLAN_EMBEDDED_WORKER="false",
         TRAINPLAN_MIGRATE_ON_START="false",
-        **env,
     )
+    environ.update(env)
     launch = (
         "from service.api.serving import serve_processes; "
         f"serve_processes({factory!r}, '127.0.0.1', {port}, {processes}, 'warning', "
@@ -86,7 +86,11 @@ def serving(
         f"uvicorn.run({factory!r}, factory=True, host='127.0.0.1', port={port}, "
         "log_level='warning', access_log=False)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", launch], env=environ, start_new_session=True)
+    if tree:  # serve another checkout: its code first on the path (`-c` puts the cwd first)
+        environ["PYTHONPATH"] = tree
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launch], env=environ, cwd=tree, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -52,8 +52,9 @@ class Connection:
     async def stream(
         self, path: str, headers: dict[str, str] | None = None
     ) -> AsyncIterator[bytes]:
-        """The chunks of a streamed (chunked) response, as they arrive; closes the connection
-        when the stream ends or the caller stops."""
+        """The chunks of a streamed (chunked) response, as they arrive, after one empty chunk
+        that says the response has begun; closes the connection when the stream ends or the
+        caller stops."""
         await self.open()
         assert self.reader is not None and self.writer is not None
         self.writer.write(_request_bytes(self.host, "GET", path, None, headers))
@@ -61,6 +62,7 @@ class Connection:
         if status != 200:
             raise RuntimeError(f"stream answered {status}")
         try:
+            yield b""
             async for chunk in _chunks(self.reader):
                 yield chunk
         finally:

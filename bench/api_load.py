@@ -4,7 +4,7 @@ measures a bare FastAPI route returning the same stored bytes from the same data
 (bench/baseline_app.py) and reports trainplan's ratio to it. Bounded in time and count.
 
     .venv/bin/python -m bench.api_load [--seconds 8] [--concurrency 16] [--db sqlite|postgres]
-        [--processes 1 2] [--baseline]
+        [--processes 1 2] [--baseline] [--server-tree PATH]
 
 The load generator is bench/http_client.py (raw asyncio keep-alive connections), which costs
 the shared 2 cores far less than httpx would.
@@ -33,9 +33,7 @@ import httpx
 
 from bench.http_client import Connection
 from bench.machine import header
-from service.config import Settings
 from service.schemas.examples import SMALL_GRAYSCALE_CNN
-from service.store.db import make_engine, make_session_factory, upgrade
 
 MAX_REQUESTS = 500_000
 Request = tuple[str, str, Any]  # method, path, JSON body
@@ -157,26 +155,26 @@ def measure(
     return row
 
 
-def finished_plan(db_url: str) -> str:
-    """Submit-equivalent of the example spec, run to its end by a worker in this process."""
-    from service.schemas.spec import PlanSpec
-    from service.store import crud
-    from workers import engine
-    from workers.loop import PlanWorker
+def in_tree(tree: str | None, db_url: str, *command: str) -> None:
+    """Run `python command...` in the server's checkout (its code, its migrations)."""
+    env = dict(os.environ, TRAINPLAN_DATABASE_URL=db_url)
+    if tree:
+        env["PYTHONPATH"] = tree
+    subprocess.run([sys.executable, *command], cwd=tree, env=env, check=True, timeout=600)
 
-    factory = make_session_factory(make_engine(db_url))
-    spec = PlanSpec.model_validate(SMALL_GRAYSCALE_CNN)
-    versions = engine.versions()
-    with factory() as s:
-        plan = crud.create_plan(
-            s,
-            spec.canonical(),
-            spec.spec_hash,
-            versions=versions,
-            reuse_key=crud.reuse_key(spec.spec_hash, versions),
-        )
-    assert PlanWorker(Settings(database_url=db_url), factory).run_once() == 1
-    return plan.id
+
+def finished_plan(url: str, db_url: str, tree: str | None) -> str:
+    """The example spec, submitted over HTTP and run to its end by that tree's worker."""
+    submitted = httpx.post(url + "/v1/plans", json=SMALL_GRAYSCALE_CNN, timeout=120)
+    submitted.raise_for_status()
+    in_tree(tree, db_url, "-m", "service.cli", "worker", "--max-plans", "1")
+    plan = httpx.get(f"{url}/v1/plans/{submitted.json()['id']}", timeout=30).json()
+    assert plan["status"] == "succeeded", plan.get("error")
+    return str(plan["id"])
+
+
+def reading(path: str) -> Callable[[int], Request]:
+    return lambda i: ("GET", path, None)
 
 
 def new_spec(i: int) -> Request:
@@ -192,33 +190,44 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--baseline", action="store_true")
+    parser.add_argument(
+        "--server-tree", default=None, help="serve another checkout (one process, no baseline)"
+    )
     args = parser.parse_args()
     print(header())
     db_url = f"sqlite:///{tempfile.mkdtemp()}/load.db" if args.db == "sqlite" else fresh_postgres()
-    upgrade(db_url)
-    plan_id = finished_plan(db_url)
+    tree = args.server_tree
+    in_tree(
+        tree,
+        db_url,
+        "-c",
+        "from service.store.db import upgrade; import os; "
+        "upgrade(os.environ['TRAINPLAN_DATABASE_URL'])",
+    )
+    plan_id = ""
     print(f"db={args.db} concurrency={args.concurrency} seconds={args.seconds:g} per route")
     print(f"{'route':40} {'procs':>3} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     rows = []
     app = "service.api.app:app_from_env"
     for n in args.processes:
-        with serving(app, db_url, n) as (port, _):
+        with serving(app, db_url, n, tree) as (port, _):
+            plan_id = plan_id or finished_plan(f"http://127.0.0.1:{port}", db_url, tree)
             routes: list[tuple[str, Callable[[int], Request]]] = [
                 ("POST /v1/plans (new plan)", new_spec),
                 (
                     "POST /v1/plans (stored spec)",
                     lambda i: ("POST", "/v1/plans", SMALL_GRAYSCALE_CNN),
                 ),
-                ("GET /v1/plans/{id}", lambda i: ("GET", f"/v1/plans/{plan_id}", None)),
-                ("GET /v1/plans?limit=50", lambda i: ("GET", "/v1/plans?limit=50", None)),
+                ("GET /v1/plans/{id}", reading(f"/v1/plans/{plan_id}")),
+                ("GET /v1/plans?limit=50", reading("/v1/plans?limit=50")),
             ]
             rows += [measure(name, port, fn, args, n) for name, fn in routes]
         if n == args.processes[0]:
-            with serving(app, db_url, n, TRAINPLAN_MODEL_CHECK_CACHE="0") as (port, _):
+            with serving(app, db_url, n, tree, TRAINPLAN_MODEL_CHECK_CACHE="0") as (port, _):
                 rows.append(measure("POST /v1/plans (new plan, no cache)", port, new_spec, args, n))
         if args.baseline:
             with serving("bench.baseline_app:create", db_url, n) as (port, _):
-                get = lambda i: ("GET", f"/v1/plans/{plan_id}", None)  # noqa: E731
+                get = reading(f"/v1/plans/{plan_id}")
                 rows.append(measure("baseline: bare route, same bytes", port, get, args, n))
     if args.baseline:
         for n in args.processes:
@@ -232,7 +241,8 @@ def main() -> None:
                 f"GET of a finished plan at {n} process(es): {ours['rps'] / bare['rps']:.2f}x "
                 f"the baseline (p99 {ours['p99_ms']:.1f} vs {bare['p99_ms']:.1f} ms)"
             )
-    out = Path(__file__).parent / "results" / f"api_load_{args.db}.json"
+    suffix = f"_{Path(tree).name}" if tree else ""
+    out = Path(__file__).parent / "results" / f"api_load_{args.db}{suffix}.json"
     out.write_text(json.dumps({"header": header(), "args": vars(args), "rows": rows}, indent=2))
 
 

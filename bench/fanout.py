@@ -9,7 +9,7 @@ NOTIFY in one transaction). Reported: the API process's SQL statements/s (its
 `trainplan_db_statements_total`), PostgreSQL's transactions/s on the bench database (both
 trees), and the delay from a trial's commit to its event at each client (median, p99). Then C
 long polls (`?wait=60`) on fresh running plans: statements/s while they wait, and the delay
-from each plan's final commit to its answer.
+from each plan's final commit to its answer (the plans end at the same rate, one by one).
 
 `--server-tree PATH` serves the API from another checkout (e.g. a `git worktree` of an older
 commit) against the same bench, for a before/after table: setup and writes are plain SQL and
@@ -277,10 +277,12 @@ def measure(
             write_trials(engine, polls, args.rate, args.seconds, {})
 
     def finish_all() -> dict[str, float]:
+        """End the plans at the writer's rate, as plans end in a busy system (not all at once)."""
         done = {}
         for plan_id in polls:
             finish(engine, plan_id)
             done[plan_id] = time.perf_counter()
+            time.sleep(1 / args.rate)
         return done
 
     delays, woke = asyncio.run(long_polls(port, polls, clients, waiting, finish_all))

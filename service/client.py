@@ -79,20 +79,43 @@ class TrainplanClient:
             if plan["status"] in FINAL or time.monotonic() >= deadline:
                 return plan
 
-    def events(self, plan_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield (event, data) from the plan's server-sent events until `end`."""
-        with self.http.stream("GET", f"/v1/plans/{plan_id}/events", timeout=None) as response:
+    def events(self, plan_id: str, reconnects: int = 5) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (event, data) from the plan's server-sent events until `end`. A dropped stream
+        is resumed with `Last-Event-ID` where it broke (up to `reconnects` times in a row)."""
+        last_id: str | None = None
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                for event, data, event_id in self._stream(plan_id, headers):
+                    failures = 0
+                    last_id = event_id or last_id
+                    yield event, data
+                    if event == "end":
+                        return
+                return  # 204: the end was seen already
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
+                failures += 1
+                if failures > reconnects:
+                    raise
+
+    def _stream(
+        self, plan_id: str, headers: dict[str, str]
+    ) -> Iterator[tuple[str, dict[str, Any], str | None]]:
+        with self.http.stream(
+            "GET", f"/v1/plans/{plan_id}/events", headers=headers, timeout=None
+        ) as response:
             if response.status_code >= 400:
                 response.read()
                 self._json(response)
-            event, data = "message", ""
+            event, data, event_id = "message", "", None
             for line in response.iter_lines():
                 if line.startswith("event:"):
                     event = line[6:].strip()
                 elif line.startswith("data:"):
                     data += line[5:].strip()
+                elif line.startswith("id:"):
+                    event_id = line[3:].strip()
                 elif not line and data:
-                    yield event, json.loads(data)
-                    if event == "end":
-                        return
-                    event, data = "message", ""
+                    yield event, json.loads(data), event_id
+                    event, data, event_id = "message", "", None

@@ -176,3 +176,31 @@ def test_events_follow_the_cursor() -> None:
     assert [c.split(b"\n")[1] for c in events(state, cursor)] == [b"event: end"]
     assert Cursor.parse("7.end") == Cursor(7, -1, True)
     assert Cursor.parse("1.2; DROP") == Cursor() == Cursor.parse(None)
+
+
+def test_the_client_resumes_a_dropped_stream_where_it_broke() -> None:
+    import httpx
+
+    from service.client import TrainplanClient
+
+    asked: list[str | None] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("last-event-id"))
+        if len(asked) == 1:
+
+            def dropped() -> Any:
+                yield b'id: 1.0\nevent: trial\ndata: {"index": 0}\n\n'
+                raise httpx.RemoteProtocolError("peer closed connection")
+
+            return httpx.Response(200, content=dropped())
+        return httpx.Response(
+            200,
+            content=b'id: 1.1\nevent: trial\ndata: {"index": 1}\n\n'
+            b'id: 1.end\nevent: end\ndata: {"status": "succeeded"}\n\n',
+        )
+
+    with TrainplanClient("http://test", transport=httpx.MockTransport(server)) as client:
+        got = list(client.events("p"))
+    assert [(e, d.get("index")) for e, d in got] == [("trial", 0), ("trial", 1), ("end", None)]
+    assert asked == [None, "1.0"]

@@ -44,6 +44,8 @@ def model_label(spec: dict[str, Any]) -> str:
     )
 
 
+# Where PostgreSQL draws plans.seq from (migration 0005).
+SEQ_SEQUENCE = "plans_seq_seq"
 # What a change to a plan is announced on (PostgreSQL); the API's change feed listens to it.
 CHANNEL = "trainplan_plans"
 
@@ -90,9 +92,13 @@ def create_plan(
     reuse_key: str | None = None,
 ) -> Plan:
     stamp = now()
-    # Computed inside the INSERT itself: atomic on SQLite (the statement holds the write lock);
-    # on PostgreSQL a rare concurrent duplicate hits the unique index and the caller retries.
-    next_seq = select(func.coalesce(func.max(Plan.seq), 0) + 1).scalar_subquery()
+    # PostgreSQL draws it from a sequence (max + 1 collided under concurrent submits); on
+    # SQLite, max + 1 inside the INSERT is atomic (the statement holds the write lock).
+    next_seq: Any = (
+        func.nextval(SEQ_SEQUENCE)
+        if session.get_bind().dialect.name == "postgresql"
+        else select(func.coalesce(func.max(Plan.seq), 0) + 1).scalar_subquery()
+    )
     plan = Plan(
         id=str(uuid.uuid4()),
         seq=next_seq,

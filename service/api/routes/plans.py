@@ -110,7 +110,7 @@ def submit_plan(
         if existing is not None:
             return _existing(existing, session)
     _check_buildable(spec, checks)
-    for attempt in range(20):  # seq is unique; concurrent submits on PostgreSQL may collide
+    for attempt in range(20):  # two submits of one idempotency key at once: one wins
         if attempt:
             time.sleep(0.005 * attempt)
         try:

@@ -250,3 +250,25 @@ def test_concurrent_submits_are_all_queued(client: TestClient, small_spec: dict[
         codes = list(pool.map(submit, range(24)))
     assert codes == [202] * 24
     assert len(client.get("/v1/plans", params={"limit": 100}).json()["items"]) == 24
+
+
+def test_workers_are_told_apart_busy_idle_stopped_and_lost(client: TestClient) -> None:
+    from datetime import timedelta
+
+    from service.store import crud
+    from service.store.models import Worker
+
+    factory = client.app.state.session_factory  # type: ignore[attr-defined]
+    with factory() as s:
+        for worker_id in ("busy", "idle", "stopped", "lost"):
+            crud.register_worker(s, worker_id, "host", {"kinds": ["simulated"]})
+        crud.worker_heartbeat(s, "busy", "some-plan")
+        crud.worker_heartbeat(s, "stopped", None, stopped=True)
+        s.execute(
+            update(Worker)
+            .where(Worker.id == "lost")
+            .values(heartbeat_at=crud.now() - timedelta(hours=1), current_plan_id="p")
+        )
+        s.commit()
+    states = {w["id"]: w["state"] for w in client.get("/v1/workers").json()["items"]}
+    assert states == {"busy": "busy", "idle": "idle", "stopped": "stopped", "lost": "lost"}

@@ -185,9 +185,9 @@ PAGE_EXAMPLE: dict[str, Any] = {
     "next_cursor": "41",
 }
 EVENTS_EXAMPLE = (
-    'id: 0\nevent: trial\ndata: {"batch_size": 1, "fits": true, "peak_bytes": 877669888, '
+    'id: 1.0\nevent: trial\ndata: {"batch_size": 1, "fits": true, "peak_bytes": 877669888, '
     '"duration_s": 0.84, "reason": null, "phase": "search", "index": 0, "attempt": 1}\n\n'
-    'id: 5\nevent: end\ndata: {"status": "succeeded", "error": null, '
+    'id: 1.end\nevent: end\ndata: {"status": "succeeded", "error": null, '
     '"max_micro_batch_size": 1805}\n\n'
 )
 WORKERS_EXAMPLE: dict[str, Any] = {
@@ -201,7 +201,7 @@ WORKERS_EXAMPLE: dict[str, Any] = {
             "current_plan_id": None,
             "plans_done": 12,
             "stopped": False,
-            "state": "alive",
+            "state": "idle",
         }
     ]
 }

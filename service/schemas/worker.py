@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict
 
 from service.schemas.common import UtcDatetime
 
-WorkerState = Literal["alive", "stopped", "lost"]
+# busy: heartbeat fresh, running a plan; idle: fresh, waiting for one; stopped: shut down
+# cleanly; lost: no heartbeat for longer than a lease (its plans are claimed again).
+WorkerState = Literal["busy", "idle", "stopped", "lost"]
 
 
 class WorkerOut(BaseModel):
@@ -22,7 +24,7 @@ class WorkerOut(BaseModel):
     current_plan_id: str | None = None
     plans_done: int = 0
     stopped: bool = False
-    state: WorkerState = "alive"
+    state: WorkerState = "idle"
 
 
 class WorkerPage(BaseModel):

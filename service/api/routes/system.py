@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -19,7 +19,7 @@ from service.schemas.examples import (
 )
 from service.schemas.plan import PlanStatus
 from service.schemas.system import GpuPage, Health, Readiness
-from service.schemas.worker import WorkerOut, WorkerPage
+from service.schemas.worker import WorkerOut, WorkerPage, WorkerState
 from service.store import crud
 from service.store.models import Trial
 from workers import engine
@@ -67,7 +67,7 @@ def fidelity(session: SessionDep) -> FidelityOut:
 @router.get(
     "/v1/workers",
     tags=["workers"],
-    summary="Workers, with their last heartbeat",
+    summary="Workers, with their last heartbeat and state: busy, idle, stopped or lost",
     response_model=WorkerPage,
     responses=response_example(200, WORKERS_EXAMPLE),
 )
@@ -77,10 +77,16 @@ def workers(session: SessionDep, settings: SettingsDep) -> WorkerPage:
     items = []
     for row in crud.list_workers(session):
         worker = WorkerOut.model_validate(row)
-        alive = not worker.stopped and now - worker.heartbeat_at < stale
-        state = "alive" if alive else ("stopped" if worker.stopped else "lost")
-        items.append(worker.model_copy(update={"state": state}))
+        items.append(worker.model_copy(update={"state": worker_state(worker, now - stale)}))
     return WorkerPage(items=items)
+
+
+def worker_state(worker: WorkerOut, stale_before: datetime) -> WorkerState:
+    if worker.stopped:
+        return "stopped"
+    if worker.heartbeat_at < stale_before:
+        return "lost"
+    return "busy" if worker.current_plan_id else "idle"
 
 
 @router.get(

@@ -272,3 +272,10 @@ def test_workers_are_told_apart_busy_idle_stopped_and_lost(client: TestClient) -
         s.commit()
     states = {w["id"]: w["state"] for w in client.get("/v1/workers").json()["items"]}
     assert states == {"busy": "busy", "idle": "idle", "stopped": "stopped", "lost": "lost"}
+
+
+def test_a_405_names_every_method_served_at_the_path(client: TestClient) -> None:
+    r = client.put("/v1/plans")
+    assert r.status_code == 405
+    assert set(r.headers["allow"].split(", ")) >= {"GET", "POST"}
+    assert r.headers["content-type"].startswith("application/problem+json")

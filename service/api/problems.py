@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,6 +97,23 @@ def validation_problem(errors: list[dict[str, Any]]) -> dict[str, Any]:
     )
 
 
+def allowed_methods(app: FastAPI, request: Request) -> str:
+    """Every method the published schema serves at this path (Starlette names only the first
+    matching route's, so a 405 on /v1/plans said `Allow: POST` although GET is served there)."""
+    path = request.url.path
+    methods = {
+        method.upper()
+        for template, operations in app.openapi()["paths"].items()
+        if re.fullmatch(re.sub(r"\{[^/}]+\}", "[^/]+", template), path)
+        for method in operations
+        if method in HTTP_METHODS
+    }
+    return ", ".join(sorted(methods))
+
+
+HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -106,7 +124,10 @@ def install(app: FastAPI) -> None:
         return problem_response(exc.body)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(app, request)
         title = {
             404: "Not found",
             405: "Method not allowed",
@@ -115,7 +136,7 @@ def install(app: FastAPI) -> None:
         }.get(exc.status_code, "HTTP error")
         return problem_response(
             problem(f"http-{exc.status_code}", title, str(exc.detail), exc.status_code),
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
 
     @app.exception_handler(OperationalError)

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0, description="Idle worker's queue poll period.")
     plan_timeout_seconds: float = Field(default=900.0, gt=0, description="Time limit of one plan.")
+    plan_memory_limit_gib: float = Field(
+        default=16.0,
+        ge=0,
+        description="Memory a plan's process may use (its data segment) on the simulated and "
+        "cpu devices; past it the plan fails with 'plan-memory-limit'. 0: no limit.",
+    )
     max_attempts: int = Field(default=3, ge=1, description="Claims of one plan before it fails.")
     auth_mode: Literal["none", "token"] = "none"
     api_tokens: list[str] = Field(

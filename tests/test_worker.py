@@ -120,3 +120,19 @@ def test_a_busy_worker_keeps_its_heartbeat(db_url: str, plugins: str) -> None:
     thread.join(timeout=60)
     assert current == still == plan_id
     assert later > first
+
+
+def test_a_plan_over_its_memory_limit_fails_and_the_worker_goes_on(
+    db_url: str, plugins: str
+) -> None:
+    """A runaway spec grows its process until the cap (here 1 GiB) refuses an allocation: that
+    plan fails with a 'plan-memory-limit' problem, the next plan runs."""
+    settings, factory = _setup(db_url, plan_memory_limit_gib=1.0)
+    hog_id = enqueue(factory, registered_spec("test-hog", gib=3.0))
+    ok_id = enqueue(factory, registered_spec("test-mlp"))
+    worker = PlanWorker(settings, factory)
+    assert worker.run_once() == 1 and worker.run_once() == 1
+    hog = _plan(factory, hog_id)
+    assert hog.status == "failed" and hog.error["type"].endswith("plan-memory-limit"), hog.error
+    assert "1 GiB" in hog.error["detail"] and hog.error["status"] == 422
+    assert _plan(factory, ok_id).status == "succeeded"

@@ -148,7 +148,9 @@ class PlanWorker:
         settings = self.settings
         started = time.monotonic()
         deadline = started + settings.plan_timeout_seconds
-        process, channel = start_child(json.dumps(spec))
+        process, channel = start_child(
+            json.dumps(spec), int(settings.plan_memory_limit_gib * 2**30)
+        )
         next_beat = time.monotonic() + settings.heartbeat_seconds
         run = _Run(plan_id, attempt, started, spec_hash)
         try:

@@ -1,5 +1,6 @@
 """Model factories the tests register as `trainplan.models` entry points (see the dist-info
-beside this file): an ordinary MLP, a slow one, and one that kills its process."""
+beside this file): an ordinary MLP, a slow one, one that kills its process, and one that grows
+its process by `gib` GiB as it is built (a runaway spec, for the plan's memory cap)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,10 @@ def slow(seconds: float = 3.0) -> nn.Module:
 
 def crash() -> nn.Module:
     os._exit(137)
+
+
+def hog(gib: float = 4.0) -> nn.Module:
+    held = [bytearray(1 << 20) for _ in range(int(gib * 1024))]
+    model = mlp()
+    model.held = held  # type: ignore[assignment]
+    return model

@@ -50,6 +50,19 @@ class Settings(BaseSettings):
         default_factory=list, description="Bearer tokens (auth_mode=token)."
     )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # What one spec may cost (service/api/limits.py): over a limit is a 422 at submit.
+    max_layers: int = Field(
+        default=512, ge=1, description="Transformer blocks a config may ask for."
+    )
+    max_parameters: float = Field(default=2e12, gt=0, description="Parameters of one model.")
+    max_activation_elements: float = Field(
+        default=float(2**44),
+        gt=0,
+        description="Price of one sample's activations: its elements at the first layer "
+        "times the layers that hold weights.",
+    )
+    max_sequence_length: int = Field(default=131072, ge=1)
+    max_world_size: int = Field(default=4096, ge=1, description="GPUs one plan may lay out.")
     max_wait_seconds: float = Field(default=60.0, ge=0)
     page_size_max: int = Field(default=200, ge=1)
     model_check_cache: int = Field(

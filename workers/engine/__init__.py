@@ -42,9 +42,14 @@ ENGINE_REVISION = 17
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the checks need of a built model: the names of its trainable parameters."""
+    """What the checks and the submit's price need of a built model: the names of its
+    trainable parameters, its size, its layers that hold weights, and (for a token model) the
+    width its embedding gives each token."""
 
     trainable: tuple[str, ...]
+    parameters: int = 0
+    weighted_layers: int = 0
+    token_width: int | None = None
 
 
 def model_key(spec: PlanSpec) -> str:
@@ -59,8 +64,17 @@ def model_facts(spec: PlanSpec) -> ModelFacts:
     """Build the model on the meta device (raising SpecError at the field that breaks it)."""
     from workers.engine.models import build_model
 
+    import torch
+
     module = build_model(spec).module
-    return ModelFacts(tuple(n for n, p in module.named_parameters() if p.requires_grad))
+    leaves = [m for m in module.modules() if not any(True for _ in m.children())]
+    embedding = next((m for m in leaves if isinstance(m, torch.nn.Embedding)), None)
+    return ModelFacts(
+        trainable=tuple(n for n, p in module.named_parameters() if p.requires_grad),
+        parameters=sum(p.numel() for p in module.parameters()),
+        weighted_layers=sum(1 for m in leaves if any(True for _ in m.parameters(recurse=False))),
+        token_width=embedding.embedding_dim if embedding is not None else None,
+    )
 
 
 def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:

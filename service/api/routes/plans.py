@@ -12,11 +12,13 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api import limits
 from service.api.deps import SessionDep, SettingsDep, require_auth
 from service.api.model_checks import ModelChecks, ModelChecksDep
 from service.api.plan_views import PlanBody, not_found, plan_body, plan_out, render
 from service.api.problems import ProblemException, field_error, validation_problem
 from service.api.reads import ReadsDep
+from service.config import Settings
 from service.feed.events import KEEPALIVE, Cursor, events
 from service.feed.hub import PlanFeed
 from service.schemas.examples import (
@@ -53,11 +55,15 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _check_buildable(spec: PlanSpec, checks: ModelChecks) -> None:
-    """The engine's checks beyond the schema (the model builds on the meta device, the LoRA
-    targets exist, ...): a 422 now, not a failed plan later."""
+def _check_buildable(spec: PlanSpec, checks: ModelChecks, settings: Settings) -> None:
+    """What the spec costs (limits), then the engine's checks beyond the schema (the model
+    builds on the meta device, the LoRA targets exist, ...): a 422 now, not a failed plan
+    later."""
+    limits.check_before_build(spec, settings)
     try:
-        engine.check(spec, checks.facts(spec))
+        facts = checks.facts(spec)
+        limits.check_built(spec, facts, settings)
+        engine.check(spec, facts)
     except engine.SpecError as exc:
         error = field_error(exc.loc, exc.message, "spec_error")
     except ImportError as exc:
@@ -94,6 +100,7 @@ def _check_buildable(spec: PlanSpec, checks: ModelChecks) -> None:
 def submit_plan(
     response: Response,
     session: SessionDep,
+    settings: SettingsDep,
     checks: ModelChecksDep,
     spec: Annotated[PlanSpec, Body(openapi_examples=PLAN_EXAMPLES)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
@@ -109,7 +116,7 @@ def submit_plan(
         existing = crud.find_reusable(session, reuse_key)
         if existing is not None:
             return _existing(existing, session)
-    _check_buildable(spec, checks)
+    _check_buildable(spec, checks, settings)
     for attempt in range(20):  # two submits of one idempotency key at once: one wins
         if attempt:
             time.sleep(0.005 * attempt)

@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+keys_app = typer.Typer(help="API keys per tenant (TRAINPLAN_AUTH_MODE=keys).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 err = Console(stderr=True)
 
 
@@ -109,6 +111,71 @@ def db_upgrade() -> None:
 
     upgrade(get_settings().database_url)
     err.print("database is at the latest revision")
+
+
+def _store() -> Any:
+    from service.config import get_settings
+    from service.store.db import make_engine, make_session_factory, upgrade
+
+    url = get_settings().database_url
+    upgrade(url)
+    return make_session_factory(make_engine(url))
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key acts for.")],
+    scope: Annotated[str, typer.Option(help="Comma-separated: submit, read, admin.")] = (
+        "submit,read"
+    ),
+) -> None:
+    """Create a key and print it once: only its hash is stored."""
+    from service.auth.principal import SCOPES, key_hash, new_key
+    from service.store import crud
+
+    scopes = sorted({s.strip() for s in scope.split(",") if s.strip()})
+    unknown = set(scopes) - set(SCOPES)
+    if not scopes or unknown or not tenant.strip() or len(tenant) > 100:
+        err.print(f"[red]scopes are {', '.join(SCOPES)}; the tenant is 1-100 characters[/red]")
+        raise typer.Exit(2)
+    key = new_key()
+    with _store()() as session:
+        row = crud.create_key(session, tenant.strip(), scopes, key_hash(key), key[:10])
+    err.print(f"key {row.id} for tenant {row.tenant!r}, scopes {row.scopes}; shown once:")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
+    """The keys (never the secrets): id, prefix, tenant, scopes, created, last used, revoked."""
+    from service.store import crud
+
+    table = Table("id", "prefix", "tenant", "scopes", "created", "last used", "revoked")
+    with _store()() as session:
+        for k in crud.list_keys(session, tenant):
+            table.add_row(
+                k.id,
+                k.prefix + "...",
+                k.tenant,
+                k.scopes,
+                str(k.created_at)[:19],
+                str(k.last_used_at or "")[:19],
+                str(k.revoked_at or "")[:19],
+            )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix.")]) -> None:
+    """Revoke a key (it stops working within seconds: API processes cache keys for 5 s)."""
+    from service.store import crud
+
+    with _store()() as session:
+        row = crud.revoke_key(session, key)
+    if row is None:
+        err.print(f"[red]no live key {key!r}[/red]")
+        raise typer.Exit(1)
+    err.print(f"revoked key {row.id} of tenant {row.tenant!r}")
 
 
 @app.command()

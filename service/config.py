@@ -45,7 +45,14 @@ class Settings(BaseSettings):
         "cpu devices; past it the plan fails with 'plan-memory-limit'. 0: no limit.",
     )
     max_attempts: int = Field(default=3, ge=1, description="Claims of one plan before it fails.")
-    auth_mode: Literal["none", "token"] = "none"
+    auth_mode: Literal["none", "token", "keys"] = Field(
+        default="none",
+        description="none: loopback, one tenant; token: the shared API_TOKENS (one tenant); "
+        "keys: API keys per tenant (`trainplan keys create`).",
+    )
+    key_cache_seconds: float = Field(
+        default=5.0, ge=0, description="How long an API process trusts a key it looked up."
+    )
     api_tokens: list[str] = Field(
         default_factory=list, description="Bearer tokens (auth_mode=token)."
     )

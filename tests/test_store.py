@@ -142,6 +142,7 @@ def test_dedupe_by_hash_and_idempotency_key(db_url: str, small_spec: dict[str, A
     with factory() as s:
         plan = crud.create_plan(s, spec.canonical(), spec.spec_hash, "key-1", {}, "k" * 64)
         s.commit()
-        assert crud.find_reusable(s, "k" * 64).id == plan.id  # type: ignore[union-attr]
+        assert crud.find_reusable(s, "k" * 64, "default").id == plan.id  # type: ignore[union-attr]
+        assert crud.find_reusable(s, "k" * 64, "other") is None  # another tenant's
         assert crud.find_by_idempotency_key(s, "key-1").id == plan.id  # type: ignore[union-attr]
-        assert crud.find_reusable(s, "0" * 64) is None
+        assert crud.find_reusable(s, "0" * 64, "default") is None

@@ -71,11 +71,11 @@ class PlanBody:
         return Response(self.body, status_code, headers, media_type="application/json")
 
 
-def plan_body(plan_id: str, factory: sessionmaker[Session]) -> PlanBody:
+def plan_body(plan_id: str, factory: sessionmaker[Session], tenant: str | None = None) -> PlanBody:
     """The plan's response, or a 404. A finished plan's comes from its stored form (rendered
     and stored by the first read after it ended); any other's is rendered from the row."""
     with factory() as session:
-        row = crud.stored_body(session, plan_id)
+        row = crud.stored_body(session, plan_id, tenant)
         if row is None:
             raise not_found(plan_id)
         status, body, schema = row

@@ -18,9 +18,10 @@ from typing import Any
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from service.auth.principal import DEFAULT_TENANT
 from service.schemas.plan import FINAL, PlanStatus
 from service.schemas.problem import problem
-from service.store.models import Plan, Trial, Worker
+from service.store.models import ApiKey, Plan, Trial, Worker
 
 
 def now() -> datetime:
@@ -65,14 +66,28 @@ def reuse_key(spec_hash: str, versions: dict[str, str]) -> str:
     return hashlib.sha256((spec_hash + json.dumps(versions, sort_keys=True)).encode()).hexdigest()
 
 
-def find_reusable(session: Session, reuse_key: str) -> Plan | None:
-    """The newest plan of this spec, by this engine, that did not fail or get cancelled."""
+def find_reusable(session: Session, reuse_key: str, tenant: str) -> Plan | None:
+    """The tenant's newest plan of this spec, by this engine, that did not fail or get
+    cancelled."""
     stmt = (
         select(Plan)
         .where(
             Plan.reuse_key == reuse_key,
+            Plan.tenant == tenant,
             Plan.status.in_((PlanStatus.queued, PlanStatus.running, PlanStatus.succeeded)),
         )
+        .order_by(Plan.seq.desc())
+        .limit(1)
+    )
+    return session.scalars(stmt).first()
+
+
+def find_answer(session: Session, reuse_key: str) -> Plan | None:
+    """Any tenant's newest succeeded plan of this spec by this engine: its result can answer
+    another tenant's submit (as a copy, see `copy_answer`)."""
+    stmt = (
+        select(Plan)
+        .where(Plan.reuse_key == reuse_key, Plan.status == PlanStatus.succeeded)
         .order_by(Plan.seq.desc())
         .limit(1)
     )
@@ -90,7 +105,12 @@ def create_plan(
     idempotency_key: str | None = None,
     versions: dict[str, str] | None = None,
     reuse_key: str | None = None,
+    tenant: str = DEFAULT_TENANT,
+    answer: Plan | None = None,
 ) -> Plan:
+    """Queue a plan for `tenant`; with `answer` (another tenant's succeeded plan of the same
+    spec and versions), record it already succeeded with a copy of that result: the new plan
+    has its own id and times, so nothing of the other tenant's plan shows."""
     stamp = now()
     # PostgreSQL draws it from a sequence (max + 1 collided under concurrent submits); on
     # SQLite, max + 1 inside the INSERT is atomic (the statement holds the write lock).
@@ -114,7 +134,12 @@ def create_plan(
         updated_at=stamp,
         attempts=0,
         cancel_requested=False,
+        tenant=tenant,
     )
+    if answer is not None:
+        plan.status, plan.started_at, plan.finished_at = PlanStatus.succeeded, stamp, stamp
+        plan.result = answer.result
+        plan.max_micro_batch_size = answer.max_micro_batch_size
     session.add(plan)
     session.flush()
     session.refresh(plan, ["seq"])
@@ -122,20 +147,33 @@ def create_plan(
     return plan
 
 
-def get_plan(session: Session, plan_id: str, with_trials: bool = False) -> Plan | None:
-    stmt = select(Plan).where(Plan.id == plan_id)
+def _owned(stmt: Any, tenant: str | None) -> Any:
+    """Confine a query to one tenant's plans (None: an admin's view of all)."""
+    return stmt if tenant is None else stmt.where(Plan.tenant == tenant)
+
+
+def get_plan(
+    session: Session, plan_id: str, with_trials: bool = False, tenant: str | None = None
+) -> Plan | None:
+    stmt = _owned(select(Plan).where(Plan.id == plan_id), tenant)
     if with_trials:
         stmt = stmt.options(selectinload(Plan.trial_rows))
     return session.scalars(stmt).first()
 
 
-def stored_body(session: Session, plan_id: str) -> tuple[str, str | None, str | None] | None:
+def stored_body(
+    session: Session, plan_id: str, tenant: str | None = None
+) -> tuple[str, str | None, str | None] | None:
     """(status, body, body_schema) of a plan, without loading the rest of its row."""
     # On the session's connection: a Core statement needs none of the ORM's execution path,
     # and this is the whole of a GET of a finished plan.
     row = (
         session.connection()
-        .execute(select(Plan.status, Plan.body, Plan.body_schema).where(Plan.id == plan_id))
+        .execute(
+            _owned(
+                select(Plan.status, Plan.body, Plan.body_schema).where(Plan.id == plan_id), tenant
+            )
+        )
         .first()
     )
     return None if row is None else (row[0], row[1], row[2])
@@ -171,10 +209,15 @@ class Page:
 
 
 def list_plans(
-    session: Session, status: str | None, model: str | None, limit: int, cursor: int | None
+    session: Session,
+    status: str | None,
+    model: str | None,
+    limit: int,
+    cursor: int | None,
+    tenant: str | None = None,
 ) -> Page:
     """Newest first; the cursor is the `seq` of the last plan of the previous page."""
-    stmt = select(*SUMMARY_COLUMNS).order_by(Plan.seq.desc()).limit(limit + 1)
+    stmt = _owned(select(*SUMMARY_COLUMNS).order_by(Plan.seq.desc()).limit(limit + 1), tenant)
     if status:
         stmt = stmt.where(Plan.status == status)
     if model:
@@ -192,9 +235,9 @@ def queue_depth(session: Session) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
-def request_cancel(session: Session, plan_id: str) -> Plan | None:
+def request_cancel(session: Session, plan_id: str, tenant: str | None = None) -> Plan | None:
     """Queued plans are cancelled at once; running ones stop at their next trial."""
-    plan = get_plan(session, plan_id)
+    plan = get_plan(session, plan_id, tenant=tenant)
     if plan is None or plan.status in FINAL:
         return plan
     stamp = now()
@@ -332,18 +375,13 @@ def signatures(session: Session, plan_ids: Sequence[str]) -> dict[str, tuple[Any
     return {row[0]: tuple(row[1:]) for row in rows}
 
 
-def follow(session: Session, plan_id: str) -> tuple[Any, ...] | None:
+def follow(session: Session, plan_id: str, tenant: str | None = None) -> tuple[Any, ...] | None:
     """The columns a follower of a plan needs (status, attempt, error, answer), not the spec or
     the result."""
-    row = session.execute(
-        select(
-            Plan.status,
-            Plan.attempts,
-            Plan.cancel_requested,
-            Plan.error,
-            Plan.max_micro_batch_size,
-        ).where(Plan.id == plan_id)
-    ).first()
+    stmt = select(
+        Plan.status, Plan.attempts, Plan.cancel_requested, Plan.error, Plan.max_micro_batch_size
+    ).where(Plan.id == plan_id)
+    row = session.execute(_owned(stmt, tenant)).first()
     return None if row is None else tuple(row)
 
 
@@ -474,3 +512,52 @@ def list_workers(session: Session) -> list[Worker]:
 
 
 aware = _aware
+
+
+# -- API keys --------------------------------------------------------------------------------
+def create_key(
+    session: Session, tenant: str, scopes: list[str], hashed: str, prefix: str
+) -> ApiKey:
+    key = ApiKey(
+        id=str(uuid.uuid4()),
+        tenant=tenant,
+        scopes=",".join(scopes),
+        hash=hashed,
+        prefix=prefix,
+        created_at=now(),
+    )
+    session.add(key)
+    session.commit()
+    return key
+
+
+def find_key(session: Session, hashed: str) -> ApiKey | None:
+    """The live (not revoked) key with this hash."""
+    return session.scalars(
+        select(ApiKey).where(ApiKey.hash == hashed, ApiKey.revoked_at.is_(None))
+    ).first()
+
+
+def touch_key(session: Session, key_id: str) -> None:
+    session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now()))
+    session.commit()
+
+
+def list_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
+    stmt = select(ApiKey).order_by(ApiKey.created_at)
+    if tenant:
+        stmt = stmt.where(ApiKey.tenant == tenant)
+    return list(session.scalars(stmt))
+
+
+def revoke_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
+    key = session.scalars(
+        select(ApiKey).where(
+            or_(ApiKey.id == key_id_or_prefix, ApiKey.prefix == key_id_or_prefix),
+            ApiKey.revoked_at.is_(None),
+        )
+    ).first()
+    if key is not None:
+        key.revoked_at = now()
+        session.commit()
+    return key

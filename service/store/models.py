@@ -38,6 +38,8 @@ class Plan(Base):
     versions: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     reuse_key: Mapped[str | None] = mapped_column(String(64), index=True)
     model_name: Mapped[str] = mapped_column(String(200), index=True)
+    # Who owns it: every read, list, stream and cancel is confined to the caller's tenant.
+    tenant: Mapped[str] = mapped_column(String(100), default="default", server_default="default")
     device_kind: Mapped[str] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime]
@@ -66,7 +68,10 @@ class Plan(Base):
         back_populates="plan", order_by="Trial.index", cascade="all, delete-orphan"
     )
 
-    __table_args__ = (Index("ix_plans_status_seq", "status", "seq"),)
+    __table_args__ = (
+        Index("ix_plans_status_seq", "status", "seq"),
+        Index("ix_plans_tenant_status", "tenant", "status"),
+    )
 
 
 class Trial(Base):
@@ -100,3 +105,19 @@ class Worker(Base):
     current_plan_id: Mapped[str | None] = mapped_column(String(36))
     plans_done: Mapped[int] = mapped_column(Integer, default=0)
     stopped: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiKey(Base):
+    """A tenant's key: only its SHA-256 is kept (keys are 256 random bits, so a fast hash is
+    enough); `prefix` names it in listings."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(100), index=True)
+    scopes: Mapped[str] = mapped_column(String(100))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]

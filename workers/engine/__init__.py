@@ -62,9 +62,9 @@ def model_key(spec: PlanSpec) -> str:
 
 def model_facts(spec: PlanSpec) -> ModelFacts:
     """Build the model on the meta device (raising SpecError at the field that breaks it)."""
-    from workers.engine.models import build_model
-
     import torch
+
+    from workers.engine.models import build_model
 
     module = build_model(spec).module
     leaves = [m for m in module.modules() if not any(True for _ in m.children())]

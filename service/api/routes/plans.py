@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api import limits
-from service.api.deps import SessionDep, SettingsDep, require_auth
+from service.api.deps import SessionDep, SettingsDep
 from service.api.model_checks import ModelChecks, ModelChecksDep
 from service.api.plan_views import PlanBody, not_found, plan_body, plan_out, render
 from service.api.problems import ProblemException, field_error, validation_problem
 from service.api.reads import ReadsDep
+from service.auth.deps import ReaderDep, SubmitterDep
 from service.config import Settings
 from service.feed.events import KEEPALIVE, Cursor, events
 from service.feed.hub import PlanFeed
@@ -34,7 +36,7 @@ from service.store import crud
 from service.store.models import Plan
 from workers import engine
 
-router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=[Depends(require_auth)])
+router = APIRouter(prefix="/v1/plans", tags=["plans"])
 
 INVALID_EXAMPLE = {
     "type": "https://trainplan.dev/problems/validation-error",
@@ -99,42 +101,60 @@ def _check_buildable(spec: PlanSpec, checks: ModelChecks, settings: Settings) ->
 )
 def submit_plan(
     response: Response,
+    principal: SubmitterDep,
     session: SessionDep,
     settings: SettingsDep,
     checks: ModelChecksDep,
     spec: Annotated[PlanSpec, Body(openapi_examples=PLAN_EXAMPLES)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> PlanOut | Response:
-    if idempotency_key:
-        existing = crud.find_by_idempotency_key(session, idempotency_key)
+    tenant = principal.tenant
+    # Idempotency keys are the tenant's own: two tenants may send the same one.
+    idempotency = _tenant_key(tenant, idempotency_key) if idempotency_key else None
+    if idempotency:
+        existing = crud.find_by_idempotency_key(session, idempotency)
         if existing is not None:
             return _existing(existing, session)
     spec_hash = spec.spec_hash
     versions = engine.versions()
     reuse_key = crud.reuse_key(spec_hash, versions)
+    answer = None
     if not spec.refresh:
-        existing = crud.find_reusable(session, reuse_key)
+        existing = crud.find_reusable(session, reuse_key, tenant)
         if existing is not None:
             return _existing(existing, session)
-    _check_buildable(spec, checks, settings)
+        answer = crud.find_answer(session, reuse_key)  # another tenant's: copied, not shown
+    if answer is None:
+        _check_buildable(spec, checks, settings)
     for attempt in range(20):  # two submits of one idempotency key at once: one wins
         if attempt:
             time.sleep(0.005 * attempt)
         try:
             plan = crud.create_plan(
-                session, spec.canonical(), spec_hash, idempotency_key, versions, reuse_key
+                session,
+                spec.canonical(),
+                spec_hash,
+                idempotency,
+                versions,
+                reuse_key,
+                tenant=tenant,
+                answer=answer,
             )
             break
         except IntegrityError:
             session.rollback()
-            if idempotency_key and (
-                found := crud.find_by_idempotency_key(session, idempotency_key)
-            ):
+            if idempotency and (found := crud.find_by_idempotency_key(session, idempotency)):
                 return _existing(found, session)
     else:
         raise ProblemException(503, "busy", "Busy", "could not enqueue the plan; retry")
+    if answer is not None:
+        return _existing(plan, session)
     response.headers["Location"] = f"/v1/plans/{plan.id}"
     return plan_out(plan)
+
+
+def _tenant_key(tenant: str, idempotency_key: str) -> str:
+    return hashlib.sha256(f"{tenant}\0{idempotency_key}".encode()).hexdigest()
 
 
 def _existing(plan: Plan, session: Session) -> Response:
@@ -148,6 +168,7 @@ def _existing(plan: Plan, session: Session) -> Response:
     responses=response_example(200, PAGE_EXAMPLE),
 )
 def list_plans(
+    principal: ReaderDep,
     session: SessionDep,
     settings: SettingsDep,
     status: PlanStatus | None = None,
@@ -157,7 +178,12 @@ def list_plans(
 ) -> Response:
     """Reads only the columns a summary shows, and serialises the page once."""
     page = crud.list_plans(
-        session, status, model, min(limit, settings.page_size_max), int(cursor) if cursor else None
+        session,
+        status,
+        model,
+        min(limit, settings.page_size_max),
+        int(cursor) if cursor else None,
+        principal.tenant_filter,
     )
     items = [PlanSummary.model_validate(row) for row in page.items]
     body = PlanPage(items=items, next_cursor=page.next_cursor).model_dump_json()
@@ -172,13 +198,15 @@ def list_plans(
 )
 async def get_plan(
     plan_id: str,
+    principal: ReaderDep,
     reads: ReadsDep,
     wait: Annotated[float, Query(ge=0, le=3600)] = 0,
 ) -> Response:
     """A finished plan is served from its stored serialised form. A long poll waits on the
     process's change feed (no query of its own while it waits) and is answered with the
     stored form the feed read once for all its waiters."""
-    view = await run_in_threadpool(plan_body, plan_id, reads.factory)
+    tenant = principal.tenant_filter
+    view = await run_in_threadpool(plan_body, plan_id, reads.factory, tenant)
     timeout = min(wait, reads.settings.max_wait_seconds)
     if view.status.final or timeout <= 0:
         return view.response()
@@ -186,7 +214,7 @@ async def get_plan(
         state = await followed.wait_until(lambda s: s is None or s.final, timeout)
     if state is not None and state.final_body is not None:
         return PlanBody(state.status, state.final_body).response()
-    view = await run_in_threadpool(plan_body, plan_id, reads.factory)
+    view = await run_in_threadpool(plan_body, plan_id, reads.factory, tenant)
     return view.response()
 
 
@@ -198,8 +226,8 @@ async def get_plan(
     | response_example(202, PLAN_EXAMPLE | {"status": PlanStatus.cancelled, "result": None}),
     summary="Cancel: a queued plan at once, a running one at its next trial",
 )
-def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
-    plan = crud.request_cancel(session, plan_id)
+def cancel_plan(plan_id: str, principal: SubmitterDep, session: SessionDep) -> PlanOut:
+    plan = crud.request_cancel(session, plan_id, principal.tenant_filter)
     if plan is None:
         raise not_found(plan_id)
     return plan_out(plan, session)
@@ -215,10 +243,11 @@ def cancel_plan(plan_id: str, session: SessionDep) -> PlanOut:
 )
 async def plan_events(
     plan_id: str,
+    principal: ReaderDep,
     reads: ReadsDep,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> Response:
-    status = await run_in_threadpool(_status_of, reads.factory, plan_id)
+    status = await run_in_threadpool(_status_of, reads.factory, plan_id, principal.tenant_filter)
     cursor = Cursor.parse(last_event_id)
     if cursor.ended and status.final:
         return Response(status_code=204)  # tells EventSource not to reconnect
@@ -229,9 +258,9 @@ async def plan_events(
     )
 
 
-def _status_of(factory: sessionmaker[Session], plan_id: str) -> PlanStatus:
+def _status_of(factory: sessionmaker[Session], plan_id: str, tenant: str | None) -> PlanStatus:
     with factory() as session:
-        row = crud.follow(session, plan_id)
+        row = crud.follow(session, plan_id, tenant)
     if row is None:
         raise not_found(plan_id)
     return PlanStatus(row[0])

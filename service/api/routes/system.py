@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select, text
 
 from service.api.deps import SessionDep, SettingsDep
+from service.auth.deps import AdminDep, ReaderDep
 from service.schemas.examples import (
     FIDELITY_EXAMPLE,
     GPUS_EXAMPLE,
@@ -33,7 +34,7 @@ router = APIRouter()
     summary="The simulated device's GPU catalogue",
     responses=response_example(200, GPUS_EXAMPLE),
 )
-def gpus() -> GpuPage:
+def gpus(_: ReaderDep) -> GpuPage:
     return GpuPage.model_validate({"items": engine.gpus()})
 
 
@@ -58,7 +59,7 @@ class FidelityOut(BaseModel):
     response_model=FidelityOut,
     responses=response_example(200, FIDELITY_EXAMPLE),
 )
-def fidelity(session: SessionDep) -> FidelityOut:
+def fidelity(_: AdminDep, session: SessionDep) -> FidelityOut:
     """Every plan on a real device (cuda, cpu) first searches its simulated twin; this groups
     their predicted and real answers by model and device."""
     return FidelityOut(items=[FidelityRow(**row) for row in crud.fidelity(session)])
@@ -71,7 +72,7 @@ def fidelity(session: SessionDep) -> FidelityOut:
     response_model=WorkerPage,
     responses=response_example(200, WORKERS_EXAMPLE),
 )
-def workers(session: SessionDep, settings: SettingsDep) -> WorkerPage:
+def workers(_: AdminDep, session: SessionDep, settings: SettingsDep) -> WorkerPage:
     stale = timedelta(seconds=max(settings.lease_seconds, settings.heartbeat_seconds * 3))
     now = crud.now()
     items = []
@@ -104,7 +105,7 @@ def healthz() -> Health:
     tags=["health"],
     summary="Readiness: the database answers and is migrated",
     response_model_exclude_none=True,
-    responses=response_example(200, {"status": "ready", "schema": "0005"})
+    responses=response_example(200, {"status": "ready", "schema": "0006"})
     | response_example(503, {"status": "unavailable", "detail": "connection refused"}, "Not ready"),
 )
 def readyz(session: SessionDep, response: Response) -> Readiness:
@@ -123,7 +124,7 @@ def readyz(session: SessionDep, response: Response) -> Readiness:
     response_class=Response,
     responses=response_example(200, METRICS_EXAMPLE, media_type="text/plain"),
 )
-def metrics(session: SessionDep) -> Response:
+def metrics(_: AdminDep, session: SessionDep) -> Response:
     depth = crud.queue_depth(session)
     lines = ["# HELP trainplan_plans Plans in the store by status", "# TYPE trainplan_plans gauge"]
     for status in PlanStatus:

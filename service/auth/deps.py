@@ -1,0 +1,103 @@
+"""The auth dependencies: `authenticate` turns the bearer credential into a `Principal`, and
+`require(scope)` guards a route. `TRAINPLAN_AUTH_MODE`: `none` (loopback: one tenant, every
+scope), `token` (the legacy shared tokens: the same), `keys` (API keys per tenant)."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.deps import SettingsDep
+from service.api.problems import ProblemException
+from service.auth.principal import EVERYONE, Principal, key_hash
+from service.store import crud
+
+BEARER = HTTPBearer(auto_error=False, description="An API key (`trainplan keys create`).")
+
+
+class KeyRing:
+    """Resolves keys to principals, keeping each answer `ttl` seconds so a GET does not pay a
+    query for its key (a revoked key stops working within `ttl`). `last_used_at` is written at
+    most once a minute per key."""
+
+    def __init__(self, factory: sessionmaker[Session], ttl: float = 5.0) -> None:
+        self.factory, self.ttl = factory, ttl
+        self._cache: dict[str, tuple[Principal | None, float]] = {}
+        self._touched: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, hashed: str) -> tuple[bool, Principal | None]:
+        hit = self._cache.get(hashed)
+        if hit is not None and hit[1] > time.monotonic():
+            return True, hit[0]
+        return False, None
+
+    def resolve(self, hashed: str) -> Principal | None:
+        with self.factory() as session:
+            row = crud.find_key(session, hashed)
+            principal = None
+            if row is not None:
+                principal = Principal(row.tenant, frozenset(row.scopes.split(",")), row.id)
+                if time.monotonic() - self._touched.get(row.id, -1e9) > 60:
+                    crud.touch_key(session, row.id)
+                    self._touched[row.id] = time.monotonic()
+        with self._lock:
+            if len(self._cache) > 10_000:  # bounded: unknown keys are cached too
+                self._cache.clear()
+            self._cache[hashed] = (principal, time.monotonic() + self.ttl)
+        return principal
+
+
+def _unauthorized() -> ProblemException:
+    return ProblemException(
+        401, "unauthorized", "Unauthorized", "send 'Authorization: Bearer <key>'"
+    )
+
+
+async def authenticate(
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> Principal:
+    if settings.auth_mode == "none":
+        return EVERYONE
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token:
+        raise _unauthorized()
+    if settings.auth_mode == "token":
+        if any(secrets.compare_digest(token, t) for t in settings.api_tokens):
+            return EVERYONE
+        raise _unauthorized()
+    keys: KeyRing = request.app.state.keyring
+    hashed = key_hash(token)
+    hit, principal = keys.cached(hashed)
+    if not hit:
+        principal = await run_in_threadpool(keys.resolve, hashed)
+    if principal is None:
+        raise _unauthorized()
+    return principal
+
+
+def require(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
+    async def scoped(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if scope not in principal.scopes:
+            raise ProblemException(
+                403, "forbidden", "Forbidden", f"this key lacks the {scope!r} scope"
+            )
+        return principal
+
+    scoped.__name__ = f"require_{scope}"
+    return scoped
+
+
+ReaderDep = Annotated[Principal, Depends(require("read"))]
+SubmitterDep = Annotated[Principal, Depends(require("submit"))]
+AdminDep = Annotated[Principal, Depends(require("admin"))]

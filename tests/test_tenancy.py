@@ -1,0 +1,129 @@
+"""API keys per tenant (issue 13): scopes, isolation on every route, reuse of a stored result
+across tenants without revealing it, idempotency keys per tenant, revocation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.auth.principal import key_hash, new_key
+from service.config import Settings
+from service.store import crud
+from workers.loop import PlanWorker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def keyed(db_url: str) -> Iterator[TestClient]:
+    settings = Settings(
+        database_url=db_url, embedded_worker=False, auth_mode="keys", key_cache_seconds=0
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _key(client: TestClient, tenant: str, *scopes: str) -> dict[str, str]:
+    key = new_key()
+    with client.app.state.session_factory() as s:  # type: ignore[attr-defined]
+        crud.create_key(s, tenant, list(scopes or ("submit", "read")), key_hash(key), key[:10])
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_keys_and_scopes(keyed: TestClient, small_spec: dict[str, Any]) -> None:
+    reader = _key(keyed, "acme", "read")
+    assert keyed.get("/v1/plans").status_code == 401
+    assert keyed.get("/v1/plans", headers={"Authorization": "Bearer tp_nope"}).status_code == 401
+    assert keyed.get("/v1/plans", headers=reader).status_code == 200
+    assert keyed.post("/v1/plans", json=small_spec, headers=reader).status_code == 403
+    for admin_only in ("/v1/workers", "/metrics", "/v1/fidelity"):
+        assert keyed.get(admin_only, headers=reader).status_code == 403
+        assert keyed.get(admin_only, headers=_key(keyed, "ops", "admin")).status_code == 200
+    assert keyed.get("/healthz").status_code == 200 and keyed.get("/readyz").status_code == 200
+
+
+def test_a_tenant_sees_only_its_own_plans_on_every_route(
+    keyed: TestClient, small_spec: dict[str, Any]
+) -> None:
+    acme, globex = _key(keyed, "acme"), _key(keyed, "globex")
+    plan_id = keyed.post("/v1/plans", json=small_spec, headers=acme).json()["id"]
+    paths = keyed.get("/openapi.json").json()["paths"]
+    walked = 0
+    for template, operations in paths.items():
+        if "{plan_id}" not in template:
+            continue
+        path = template.replace("{plan_id}", plan_id)
+        for method in operations:
+            other = keyed.request(method.upper(), path, headers=globex)
+            assert other.status_code == 404, (method, template, other.text)
+            mine = keyed.request(method.upper(), path, headers=acme)
+            assert mine.status_code in (200, 202), (method, template, mine.text)
+            walked += 1
+    assert walked >= 3  # GET, cancel, events
+    assert keyed.get("/v1/plans", headers=globex).json()["items"] == []
+    assert [p["id"] for p in keyed.get("/v1/plans", headers=acme).json()["items"]] == [plan_id]
+    everyone = keyed.get("/v1/plans", headers=_key(keyed, "ops", "read", "admin")).json()
+    assert [p["id"] for p in everyone["items"]] == [plan_id]
+
+
+def test_a_stored_result_answers_another_tenant_without_revealing_it(
+    keyed: TestClient, small_spec: dict[str, Any]
+) -> None:
+    acme, globex = _key(keyed, "acme"), _key(keyed, "globex")
+    first = keyed.post("/v1/plans", json=small_spec, headers=acme).json()
+    factory = keyed.app.state.session_factory  # type: ignore[attr-defined]
+    assert PlanWorker(Settings(), factory, "w").run_once() == 1
+    done = keyed.get(f"/v1/plans/{first['id']}", headers=acme).json()
+    answer = keyed.post("/v1/plans", json=small_spec, headers=globex)
+    assert answer.status_code == 200
+    theirs = answer.json()
+    assert theirs["status"] == "succeeded" and theirs["result"] == done["result"]
+    assert theirs["id"] != first["id"] and first["id"] not in answer.text
+    assert theirs["created_at"] != done["created_at"] and theirs["worker_id"] is None
+    assert keyed.get(f"/v1/plans/{theirs['id']}", headers=acme).status_code == 404
+
+
+def test_idempotency_keys_are_per_tenant(keyed: TestClient, small_spec: dict[str, Any]) -> None:
+    acme, globex = _key(keyed, "acme"), _key(keyed, "globex")
+    other_spec = small_spec | {"refresh": True}
+    a = keyed.post("/v1/plans", json=small_spec, headers=acme | {"Idempotency-Key": "k1"})
+    g = keyed.post("/v1/plans", json=other_spec, headers=globex | {"Idempotency-Key": "k1"})
+    assert a.status_code == g.status_code == 202 and a.json()["id"] != g.json()["id"]
+    again = keyed.post("/v1/plans", json=other_spec, headers=acme | {"Idempotency-Key": "k1"})
+    assert again.status_code == 200 and again.json()["id"] == a.json()["id"]
+
+
+def test_the_cli_creates_lists_and_revokes_keys(db_url: str, keyed: TestClient) -> None:
+    env = dict(os.environ, TRAINPLAN_DATABASE_URL=db_url, COLUMNS="200")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", "keys", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    created = cli("create", "--tenant", "acme", "--scope", "read")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("tp_")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert keyed.get("/v1/plans", headers=headers).status_code == 200
+    listed = cli("list")
+    assert key[:10] in listed.stdout and key not in listed.stdout + listed.stderr
+    with keyed.app.state.session_factory() as s:  # type: ignore[attr-defined]
+        (row,) = crud.list_keys(s, "acme")
+        assert row.hash == key_hash(key) and row.last_used_at is not None
+    assert cli("revoke", key[:10]).returncode == 0
+    assert keyed.get("/v1/plans", headers=headers).status_code == 401
+    assert cli("create", "--tenant", "acme", "--scope", "root").returncode == 2

@@ -65,8 +65,23 @@ def running_plans(url: str, engine: Engine, count: int) -> list[str]:
 
 
 def _notify(conn: Any, plan_id: str) -> None:
-    if conn.dialect.name == "postgresql":
+    """As the worker's writes announce a change: a tree whose schema has the NOTIFY triggers
+    (migration 0006) needs nothing more; an older one sent `pg_notify` itself."""
+    if conn.dialect.name == "postgresql" and not _has_triggers(conn):
         conn.execute(text("SELECT pg_notify(:c, :id)"), {"c": CHANNEL, "id": plan_id})
+
+
+_TRIGGERS: dict[str, bool] = {}
+
+
+def _has_triggers(conn: Any) -> bool:
+    url = str(conn.engine.url)
+    if url not in _TRIGGERS:
+        found = conn.execute(
+            text("SELECT count(*) FROM pg_trigger WHERE tgname = 'trainplan_trial_stored'")
+        ).scalar_one()
+        _TRIGGERS[url] = bool(found)
+    return _TRIGGERS[url]
 
 
 def add_trial(engine: Engine, plan_id: str, index: int) -> None:

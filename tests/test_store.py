@@ -146,3 +146,22 @@ def test_dedupe_by_hash_and_idempotency_key(db_url: str, small_spec: dict[str, A
         assert crud.find_reusable(s, "k" * 64, "other") is None  # another tenant's
         assert crud.find_by_idempotency_key(s, "key-1").id == plan.id  # type: ignore[union-attr]
         assert crud.find_reusable(s, "0" * 64, "default") is None
+
+
+def test_claims_serve_tenants_in_turn(db_url: str, small_spec: dict[str, Any]) -> None:
+    """One tenant's backlog of 6 does not starve another's 2 plans submitted after it: with
+    two workers' worth of plans running, each claim goes to the tenant running fewer."""
+    factory = _factory(db_url)
+    spec = PlanSpec.model_validate(small_spec)
+    with factory() as s:
+        for tenant in ["big"] * 6 + ["small"] * 2:
+            crud.create_plan(s, spec.canonical(), spec.spec_hash, tenant=tenant)
+        order = []
+        for i in range(4):
+            plan = crud.claim_next(s, f"w{i}", 60, ("simulated",))
+            assert plan is not None
+            order.append(plan.tenant)
+        assert order == ["big", "small", "big", "small"]
+        # "small" has no plan left to run: the next claim goes to "big" whatever it runs
+        crud.finish(s, plan.id, "w3", "succeeded", result={})
+        assert crud.claim_next(s, "w4", 60, ("simulated",)).tenant == "big"  # type: ignore[union-attr]

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, or_, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from service.auth.principal import DEFAULT_TENANT
 from service.schemas.plan import FINAL, PlanStatus
@@ -47,17 +47,10 @@ def model_label(spec: dict[str, Any]) -> str:
 
 # Where PostgreSQL draws plans.seq from (migration 0005).
 SEQ_SEQUENCE = "plans_seq_seq"
-# What a change to a plan is announced on (PostgreSQL); the API's change feed listens to it.
+# What a change to a plan is announced on (PostgreSQL): migration 0006's triggers NOTIFY it
+# when a plan's status, attempt or cancel flag changes or a trial is stored, within the writing
+# statement; the API's change feed listens.
 CHANNEL = "trainplan_plans"
-
-
-def notify(session: Session, *plan_ids: str) -> None:
-    """Announce that these plans changed, delivered when the transaction commits (PostgreSQL's
-    NOTIFY; on SQLite the feed polls instead)."""
-    if session.get_bind().dialect.name != "postgresql":
-        return
-    for plan_id in plan_ids:
-        session.execute(select(func.pg_notify(CHANNEL, plan_id)))
 
 
 # -- plans -----------------------------------------------------------------------------------
@@ -245,7 +238,6 @@ def request_cancel(session: Session, plan_id: str, tenant: str | None = None) ->
         plan.status, plan.finished_at = PlanStatus.cancelled, stamp
     plan.cancel_requested = True
     plan.updated_at = stamp
-    notify(session, plan.id)
     session.commit()
     return plan
 
@@ -254,16 +246,25 @@ def request_cancel(session: Session, plan_id: str, tenant: str | None = None) ->
 def claim_next(
     session: Session, worker_id: str, lease_seconds: float, device_kinds: tuple[str, ...]
 ) -> Plan | None:
-    """Atomically take the oldest runnable plan: queued, or running with an expired lease."""
+    """Atomically take a runnable plan (queued, or running with an expired lease): the oldest
+    of the tenant with the fewest plans running, so tenants are served in turn and one
+    tenant's backlog cannot starve another's."""
     stamp = now()
     runnable = or_(
         Plan.status == PlanStatus.queued,
         (Plan.status == PlanStatus.running) & (Plan.lease_until < stamp),
     )
+    other = aliased(Plan)
+    tenant_running = (
+        select(func.count())
+        .where(other.tenant == Plan.tenant, other.status == PlanStatus.running)
+        .correlate(Plan)
+        .scalar_subquery()
+    )
     pick = (
         select(Plan.id)
         .where(runnable, Plan.cancel_requested.is_(False), Plan.device_kind.in_(device_kinds))
-        .order_by(Plan.seq)
+        .order_by(tenant_running, Plan.seq)
         .limit(1)
     )
     if session.get_bind().dialect.name == "postgresql":
@@ -282,8 +283,6 @@ def claim_next(
         .returning(Plan.id)
     )
     plan_id = session.execute(stmt).scalar()
-    if plan_id:
-        notify(session, plan_id)
     session.commit()
     return get_plan(session, plan_id) if plan_id else None
 
@@ -313,7 +312,6 @@ def fail_exhausted(session: Session, max_attempts: int) -> int:
         .returning(Plan.id)
     )
     failed = list(session.execute(stmt).scalars())
-    notify(session, *failed)
     session.commit()
     return len(failed)
 
@@ -353,8 +351,6 @@ def add_trial(
             created_at=now(),
         )
     )
-    session.flush()
-    notify(session, plan_id)
     session.commit()
 
 
@@ -427,8 +423,6 @@ def finish(
         )
     )
     ok = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
-    if ok:
-        notify(session, plan_id)
     session.commit()
     return ok
 

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         description="none: loopback, one tenant; token: the shared API_TOKENS (one tenant); "
         "keys: API keys per tenant (`trainplan keys create`).",
     )
+    submit_rate_per_minute: int = Field(
+        default=1200, ge=1, description="Submits one API key may make a minute (keys mode)."
+    )
+    tenant_max_active: int = Field(
+        default=10_000, ge=1, description="Plans a tenant may have queued or running at once."
+    )
     key_cache_seconds: float = Field(
         default=5.0, ge=0, description="How long an API process trusts a key it looked up."
     )

@@ -127,3 +127,36 @@ def test_the_cli_creates_lists_and_revokes_keys(db_url: str, keyed: TestClient) 
     assert cli("revoke", key[:10]).returncode == 0
     assert keyed.get("/v1/plans", headers=headers).status_code == 401
     assert cli("create", "--tenant", "acme", "--scope", "root").returncode == 2
+
+
+def test_a_keys_submit_rate_and_a_tenants_queue_are_capped(
+    db_url: str, small_spec: dict[str, Any]
+) -> None:
+    settings = Settings(
+        database_url=db_url,
+        embedded_worker=False,
+        auth_mode="keys",
+        submit_rate_per_minute=3,
+        tenant_max_active=2,
+    )
+    with TestClient(create_app(settings)) as client:
+        acme, globex = _key(client, "acme"), _key(client, "globex")
+
+        def submit(headers: dict[str, str], epochs: int) -> Any:
+            spec = small_spec | {"training": small_spec["training"] | {"epochs": epochs}}
+            return client.post("/v1/plans", json=spec, headers=headers)
+
+        first = submit(acme, 1)
+        assert first.status_code == 202
+        assert first.headers["ratelimit-limit"] == "3"
+        assert first.headers["ratelimit-remaining"] == "2"
+        assert submit(acme, 2).status_code == 202
+        full = submit(acme, 3)  # a third plan queued: over the tenant's cap of 2
+        assert full.status_code == 429 and full.json()["type"].endswith("tenant-quota")
+        assert full.headers["retry-after"] == "30"
+        limited = submit(acme, 4)  # the key's 4th submit within the minute
+        assert limited.status_code == 429 and limited.json()["type"].endswith("rate-limited")
+        assert int(limited.headers["retry-after"]) >= 1
+        assert limited.headers["ratelimit-remaining"] == "0"
+        # another tenant's key and queue are its own
+        assert submit(globex, 1).status_code == 202

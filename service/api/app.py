@@ -19,6 +19,7 @@ from service.api.model_checks import ModelChecks
 from service.api.reads import PlanReads
 from service.api.routes import plans, system
 from service.auth.deps import KeyRing
+from service.auth.quotas import SubmitRate
 from service.config import Settings, get_settings
 from service.feed.hub import PlanFeed
 from service.feed.sources import run_source
@@ -110,6 +111,7 @@ def create_app(
         app.state.feed = feed = PlanFeed(app.state.session_factory)
         app.state.model_checks = ModelChecks(settings.model_check_cache)
         app.state.reads = PlanReads(app.state.session_factory, feed, settings)
+        app.state.submit_rate = SubmitRate(settings.submit_rate_per_minute)
         app.state.keyring = KeyRing(app.state.session_factory, settings.key_cache_seconds)
         source = asyncio.create_task(
             run_source(feed, settings.database_url, settings.feed_poll_seconds)

@@ -58,13 +58,18 @@ class ProblemException(Exception):
         super().__init__(detail)
         self.body = problem(kind, title, detail, status, **extra)
         self.status = status
+        self.headers: dict[str, str] | None = None
+
+    def with_headers(self, headers: dict[str, str]) -> ProblemException:
+        self.headers = headers
+        return self
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ProblemException:
         """Raise an already built problem-details object as it is."""
         exc = cls.__new__(cls)
         Exception.__init__(exc, body["detail"])
-        exc.body, exc.status = body, int(body["status"])
+        exc.body, exc.status, exc.headers = body, int(body["status"]), None
         return exc
 
 
@@ -121,7 +126,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ProblemException)
     async def _problem(_: Request, exc: ProblemException) -> JSONResponse:
-        return problem_response(exc.body)
+        return problem_response(exc.body, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -223,6 +223,19 @@ def list_plans(
     return Page(items, str(items[-1].seq) if more and items else None)
 
 
+def active_plans(session: Session, tenant: str) -> int:
+    """The tenant's plans queued or running."""
+    return int(
+        session.scalar(
+            select(func.count()).where(
+                Plan.tenant == tenant,
+                Plan.status.in_((PlanStatus.queued, PlanStatus.running)),
+            )
+        )
+        or 0
+    )
+
+
 def queue_depth(session: Session) -> dict[str, int]:
     rows = session.execute(select(Plan.status, func.count()).group_by(Plan.status)).all()
     return {status: count for status, count in rows}

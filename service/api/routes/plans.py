@@ -20,6 +20,8 @@ from service.api.plan_views import PlanBody, not_found, plan_body, plan_out, ren
 from service.api.problems import ProblemException, field_error, validation_problem
 from service.api.reads import ReadsDep
 from service.auth.deps import ReaderDep, SubmitterDep
+from service.auth.principal import Principal
+from service.auth.quotas import SubmitRateDep, tenant_full, too_many
 from service.config import Settings
 from service.feed.events import KEEPALIVE, Cursor, events
 from service.feed.hub import PlanFeed
@@ -91,6 +93,10 @@ def _check_buildable(spec: PlanSpec, checks: ModelChecks, settings: Settings) ->
             "Queued; Location names the plan",
         ),
         **response_example(200, PLAN_EXAMPLE, "The stored plan of the same spec (no new plan)"),
+        429: {
+            "description": "Over the key's submit rate or the tenant's cap on queued plans "
+            "(problem details; Retry-After, RateLimit-* headers)"
+        },
         **response_example(
             422,
             INVALID_EXAMPLE,
@@ -105,8 +111,28 @@ def submit_plan(
     session: SessionDep,
     settings: SettingsDep,
     checks: ModelChecksDep,
+    rate: SubmitRateDep,
     spec: Annotated[PlanSpec, Body(openapi_examples=PLAN_EXAMPLES)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> PlanOut | Response:
+    """With API keys, each key's submits are rate-limited (RateLimit headers on every answer)."""
+    grant = rate.take(principal.key_id) if principal.key_id else None
+    if grant is not None and not grant.allowed:
+        raise too_many(grant)
+    answer = _submit(response, principal, session, settings, checks, spec, idempotency_key)
+    if grant is not None:
+        (answer if isinstance(answer, Response) else response).headers.update(grant.headers())
+    return answer
+
+
+def _submit(
+    response: Response,
+    principal: Principal,
+    session: Session,
+    settings: Settings,
+    checks: ModelChecks,
+    spec: PlanSpec,
+    idempotency_key: str | None,
 ) -> PlanOut | Response:
     tenant = principal.tenant
     # Idempotency keys are the tenant's own: two tenants may send the same one.
@@ -125,6 +151,9 @@ def submit_plan(
             return _existing(existing, session)
         answer = crud.find_answer(session, reuse_key)  # another tenant's: copied, not shown
     if answer is None:
+        active = crud.active_plans(session, tenant)
+        if active >= settings.tenant_max_active:
+            raise tenant_full(tenant, active, settings.tenant_max_active)
         _check_buildable(spec, checks, settings)
     for attempt in range(20):  # two submits of one idempotency key at once: one wins
         if attempt:

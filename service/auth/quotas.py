@@ -1,0 +1,89 @@
+"""Submit quotas: a rate per key (a token bucket in each API process) and a cap on a tenant's
+queued + running plans. Both answer 429 with `Retry-After`; the rate also sends the RateLimit
+headers (`RateLimit-Limit`, `-Remaining`, `-Reset`) on every submit, so a client can pace itself
+before it is refused."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.api.problems import ProblemException
+
+
+@dataclass
+class Grant:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: int  # until the bucket is full again
+    retry_after: int  # until one more submit is allowed
+
+    def headers(self) -> dict[str, str]:
+        out = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_seconds),
+        }
+        if not self.allowed:
+            out["Retry-After"] = str(self.retry_after)
+        return out
+
+
+class SubmitRate:
+    """`per_minute` submits per key, refilled continuously, bursting to `per_minute`. Per API
+    process: with N processes a key may submit up to N times the rate."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.capacity = per_minute
+        self.rate = per_minute / 60.0
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> Grant:
+        now = time.monotonic()
+        with self._lock:
+            tokens, then = self._buckets.get(key, (float(self.capacity), now))
+            tokens = min(self.capacity, tokens + (now - then) * self.rate)
+            allowed = tokens >= 1
+            if allowed:
+                tokens -= 1
+            self._buckets[key] = (tokens, now)
+        return Grant(
+            allowed,
+            self.capacity,
+            int(tokens),
+            math.ceil((self.capacity - tokens) / self.rate),
+            0 if allowed else math.ceil((1 - tokens) / self.rate),
+        )
+
+
+def too_many(grant: Grant) -> ProblemException:
+    return ProblemException(
+        429,
+        "rate-limited",
+        "Too many submits",
+        f"this key may submit {grant.limit} plans a minute; retry in {grant.retry_after} s",
+    ).with_headers(grant.headers())
+
+
+def tenant_full(tenant: str, active: int, cap: int) -> ProblemException:
+    return ProblemException(
+        429,
+        "tenant-quota",
+        "Too many plans queued",
+        f"tenant {tenant!r} has {active} plans queued or running; the cap is {cap} "
+        "(TRAINPLAN_TENANT_MAX_ACTIVE): wait for some to finish",
+    ).with_headers({"Retry-After": "30"})
+
+
+async def get_submit_rate(request: Request) -> SubmitRate:
+    return request.app.state.submit_rate  # type: ignore[no-any-return]
+
+
+SubmitRateDep = Annotated[SubmitRate, Depends(get_submit_rate)]

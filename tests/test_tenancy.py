@@ -160,3 +160,33 @@ def test_a_keys_submit_rate_and_a_tenants_queue_are_capped(
         assert limited.headers["ratelimit-remaining"] == "0"
         # another tenant's key and queue are its own
         assert submit(globex, 1).status_code == 202
+
+
+def test_the_audit_trail_names_the_key_behind_each_action(
+    keyed: TestClient, small_spec: dict[str, Any]
+) -> None:
+    acme = _key(keyed, "acme")
+    admin = _key(keyed, "ops", "read", "admin")
+    plan_id = keyed.post("/v1/plans", json=small_spec, headers=acme).json()["id"]
+    keyed.get(f"/v1/plans/{plan_id}", headers=acme)
+    keyed.get("/v1/plans", headers=acme)
+    keyed.post(f"/v1/plans/{plan_id}/cancel", headers=acme)
+    keyed.app.state.audit.flush()  # type: ignore[attr-defined]
+    assert keyed.get("/v1/audit", headers=acme).status_code == 403
+    trail = keyed.get("/v1/audit", params={"tenant": "acme"}, headers=admin).json()["items"]
+    assert [(e["action"], e["plan_id"]) for e in reversed(trail)] == [
+        ("submit", plan_id),
+        ("read", plan_id),
+        ("list", None),
+        ("cancel", plan_id),
+    ]
+    with keyed.app.state.session_factory() as s:  # type: ignore[attr-defined]
+        (key,) = crud.list_keys(s, "acme")
+    assert {e["key_id"] for e in trail} == {key.id}
+    token = acme["Authorization"].split()[1]
+    assert token not in keyed.get("/v1/audit", headers=admin).text
+    first = keyed.get("/v1/audit", params={"limit": 2}, headers=admin).json()
+    rest = keyed.get(
+        "/v1/audit", params={"limit": 10, "cursor": first["next_cursor"]}, headers=admin
+    ).json()
+    assert len(first["items"]) == 2 and len(rest["items"]) >= 2

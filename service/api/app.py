@@ -18,6 +18,7 @@ from service.api import problems
 from service.api.model_checks import ModelChecks
 from service.api.reads import PlanReads
 from service.api.routes import plans, system
+from service.auth.audit import AuditLog
 from service.auth.deps import KeyRing
 from service.auth.quotas import SubmitRate
 from service.config import Settings, get_settings
@@ -112,6 +113,8 @@ def create_app(
         app.state.model_checks = ModelChecks(settings.model_check_cache)
         app.state.reads = PlanReads(app.state.session_factory, feed, settings)
         app.state.submit_rate = SubmitRate(settings.submit_rate_per_minute)
+        app.state.audit = audit = AuditLog(app.state.session_factory, settings.auth_mode == "keys")
+        auditing = asyncio.create_task(audit.run())
         app.state.keyring = KeyRing(app.state.session_factory, settings.key_cache_seconds)
         source = asyncio.create_task(
             run_source(feed, settings.database_url, settings.feed_poll_seconds)
@@ -122,8 +125,9 @@ def create_app(
         try:
             yield
         finally:
-            source.cancel()
-            await asyncio.gather(source, return_exceptions=True)
+            for task in (source, auditing):
+                task.cancel()
+            await asyncio.gather(source, auditing, return_exceptions=True)
             await feed.close()
             stop.set()
             for thread in threads:

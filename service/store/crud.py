@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import case, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased, selectinload
 
 from service.auth.principal import DEFAULT_TENANT
 from service.schemas.plan import FINAL, PlanStatus
 from service.schemas.problem import problem
-from service.store.models import ApiKey, Plan, Trial, Worker
+from service.store.models import ApiKey, AuditEvent, Plan, Trial, Worker
 
 
 def now() -> datetime:
@@ -568,3 +568,32 @@ def revoke_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
         key.revoked_at = now()
         session.commit()
     return key
+
+
+# -- audit -----------------------------------------------------------------------------------
+def record_audit(session: Session, events: list[dict[str, Any]]) -> None:
+    """Store a batch of audit events (the API buffers them and writes once a second)."""
+    if events:
+        session.execute(insert(AuditEvent), events)
+        session.commit()
+
+
+def audit_events(
+    session: Session,
+    tenant: str | None,
+    plan_id: str | None,
+    key_id: str | None,
+    limit: int,
+    before: int | None,
+) -> list[AuditEvent]:
+    """Newest first; `before` is the id of the last event of the previous page."""
+    stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if tenant:
+        stmt = stmt.where(AuditEvent.tenant == tenant)
+    if plan_id:
+        stmt = stmt.where(AuditEvent.plan_id == plan_id)
+    if key_id:
+        stmt = stmt.where(AuditEvent.key_id == key_id)
+    if before is not None:
+        stmt = stmt.where(AuditEvent.id < before)
+    return list(session.scalars(stmt))

@@ -19,6 +19,7 @@ from service.api.model_checks import ModelChecks, ModelChecksDep
 from service.api.plan_views import PlanBody, not_found, plan_body, plan_out, render
 from service.api.problems import ProblemException, field_error, validation_problem
 from service.api.reads import ReadsDep
+from service.auth.audit import AuditDep
 from service.auth.deps import ReaderDep, SubmitterDep
 from service.auth.principal import Principal
 from service.auth.quotas import SubmitRateDep, tenant_full, too_many
@@ -112,6 +113,7 @@ def submit_plan(
     settings: SettingsDep,
     checks: ModelChecksDep,
     rate: SubmitRateDep,
+    audit: AuditDep,
     spec: Annotated[PlanSpec, Body(openapi_examples=PLAN_EXAMPLES)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> PlanOut | Response:
@@ -120,6 +122,8 @@ def submit_plan(
     if grant is not None and not grant.allowed:
         raise too_many(grant)
     answer = _submit(response, principal, session, settings, checks, spec, idempotency_key)
+    location = (answer if isinstance(answer, Response) else response).headers.get("Location")
+    audit.record(principal, "submit", location.rsplit("/", 1)[-1] if location else None)
     if grant is not None:
         (answer if isinstance(answer, Response) else response).headers.update(grant.headers())
     return answer
@@ -198,6 +202,7 @@ def _existing(plan: Plan, session: Session) -> Response:
 )
 def list_plans(
     principal: ReaderDep,
+    audit: AuditDep,
     session: SessionDep,
     settings: SettingsDep,
     status: PlanStatus | None = None,
@@ -206,6 +211,7 @@ def list_plans(
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
 ) -> Response:
     """Reads only the columns a summary shows, and serialises the page once."""
+    audit.record(principal, "list")
     page = crud.list_plans(
         session,
         status,
@@ -228,6 +234,7 @@ def list_plans(
 async def get_plan(
     plan_id: str,
     principal: ReaderDep,
+    audit: AuditDep,
     reads: ReadsDep,
     wait: Annotated[float, Query(ge=0, le=3600)] = 0,
 ) -> Response:
@@ -236,6 +243,7 @@ async def get_plan(
     stored form the feed read once for all its waiters."""
     tenant = principal.tenant_filter
     view = await run_in_threadpool(plan_body, plan_id, reads.factory, tenant)
+    audit.record(principal, "read", plan_id)
     timeout = min(wait, reads.settings.max_wait_seconds)
     if view.status.final or timeout <= 0:
         return view.response()
@@ -255,8 +263,12 @@ async def get_plan(
     | response_example(202, PLAN_EXAMPLE | {"status": PlanStatus.cancelled, "result": None}),
     summary="Cancel: a queued plan at once, a running one at its next trial",
 )
-def cancel_plan(plan_id: str, principal: SubmitterDep, session: SessionDep) -> PlanOut:
+def cancel_plan(
+    plan_id: str, principal: SubmitterDep, audit: AuditDep, session: SessionDep
+) -> PlanOut:
     plan = crud.request_cancel(session, plan_id, principal.tenant_filter)
+    if plan is not None:
+        audit.record(principal, "cancel", plan_id)
     if plan is None:
         raise not_found(plan_id)
     return plan_out(plan, session)
@@ -273,10 +285,12 @@ def cancel_plan(plan_id: str, principal: SubmitterDep, session: SessionDep) -> P
 async def plan_events(
     plan_id: str,
     principal: ReaderDep,
+    audit: AuditDep,
     reads: ReadsDep,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> Response:
     status = await run_in_threadpool(_status_of, reads.factory, plan_id, principal.tenant_filter)
+    audit.record(principal, "stream", plan_id)
     cursor = Cursor.parse(last_event_id)
     if cursor.ended and status.final:
         return Response(status_code=204)  # tells EventSource not to reconnect

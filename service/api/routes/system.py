@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select, text
 
 from service.api.deps import SessionDep, SettingsDep
 from service.auth.deps import AdminDep, ReaderDep
+from service.schemas.audit import AuditEventOut, AuditPage
 from service.schemas.examples import (
     FIDELITY_EXAMPLE,
     GPUS_EXAMPLE,
@@ -90,6 +92,46 @@ def worker_state(worker: WorkerOut, stale_before: datetime) -> WorkerState:
     return "busy" if worker.current_plan_id else "idle"
 
 
+AUDIT_EXAMPLE = {
+    "items": [
+        {
+            "id": 42,
+            "at": "2026-11-24T05:00:00Z",
+            "tenant": "vision-team",
+            "key_id": "0f8c2b1e-8d4e-4a43-9d8e-2b0c6f1f3a11",
+            "action": "submit",
+            "plan_id": "3d1f6c2a-5b7e-4f0a-9c1d-8e2f4a6b7c90",
+        }
+    ],
+    "next_cursor": None,
+}
+
+
+@router.get(
+    "/v1/audit",
+    tags=["workers"],
+    summary="The audit trail (admin): which key submitted, cancelled, read or followed what",
+    response_model=AuditPage,
+    responses=response_example(200, AUDIT_EXAMPLE),
+)
+def audit(
+    _: AdminDep,
+    session: SessionDep,
+    tenant: Annotated[str | None, Query(max_length=100)] = None,
+    plan_id: Annotated[str | None, Query(max_length=36)] = None,
+    key_id: Annotated[str | None, Query(max_length=36)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
+) -> AuditPage:
+    """Newest first; written by each API process once a second (TRAINPLAN_AUTH_MODE=keys)."""
+    rows = crud.audit_events(
+        session, tenant, plan_id, key_id, limit + 1, int(cursor) if cursor else None
+    )
+    items = [AuditEventOut.model_validate(r) for r in rows[:limit]]
+    more = len(rows) > limit and items
+    return AuditPage(items=items, next_cursor=str(items[-1].id) if more else None)
+
+
 @router.get(
     "/healthz",
     tags=["health"],
@@ -105,7 +147,7 @@ def healthz() -> Health:
     tags=["health"],
     summary="Readiness: the database answers and is migrated",
     response_model_exclude_none=True,
-    responses=response_example(200, {"status": "ready", "schema": "0006"})
+    responses=response_example(200, {"status": "ready", "schema": "0007"})
     | response_example(503, {"status": "unavailable", "detail": "connection refused"}, "Not ready"),
 )
 def readyz(session: SessionDep, response: Response) -> Readiness:

@@ -364,6 +364,9 @@ if int(os.environ["RANK"]) == 0:
 """
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1"])
 def test_rendered_loop_runs_at_world_size_two_on_gloo(strategy: str, tmp_path: Path) -> None:
@@ -372,13 +375,19 @@ def test_rendered_loop_runs_at_world_size_two_on_gloo(strategy: str, tmp_path: P
     script = tmp_path / "train.py"
     script.write_text(PRELUDE + code + EPILOGUE)  # trainplan's own text, never a request's
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    for _ in range(3):
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        # gloo now and then aborts a rank as it tears down ("terminate called without an
+        # active exception", seen once in five full runs on this 2-core box): run it again;
+        # any other failure, or that one three times, fails the test
+        if run.returncode == 0 or TEARDOWN_ABORT not in run.stderr:
+            break
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("STEPS"))
     steps = int(line.split()[1])

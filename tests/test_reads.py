@@ -12,7 +12,7 @@ from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import text, update
 
-from service.api.plan_views import body_schema, read_plan
+from service.api.plan_views import body_schema, plan_out
 from service.config import Settings
 from service.store import crud
 from service.store.db import make_engine, make_session_factory, normalise_url, upgrade
@@ -53,7 +53,8 @@ def test_a_finished_plan_is_served_from_its_stored_form(
     row = _row(client, plan_id)
     assert row.body is not None and row.body_schema == body_schema()
     # the stored form is the same document the model view renders
-    view = read_plan(plan_id, client.app.state.session_factory)  # type: ignore[attr-defined]
+    with client.app.state.session_factory() as s:  # type: ignore[attr-defined]
+        view = plan_out(crud.get_plan(s, plan_id), s)  # type: ignore[arg-type]
     assert first.json() == json.loads(view.model_dump_json())
     assert first.json()["result"]["max_micro_batch_size"] > 0
 

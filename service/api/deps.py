@@ -1,4 +1,5 @@
-"""Dependencies: settings, database sessions and auth come in through `Depends`."""
+"""Dependencies: settings and database sessions come in through `Depends` (who is calling:
+service/auth/deps.py)."""
 
 from __future__ import annotations
 
@@ -28,4 +29,3 @@ def get_session(
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-FactoryDep = Annotated[sessionmaker[Session], Depends(get_factory)]

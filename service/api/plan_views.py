@@ -8,12 +8,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated
 
-from fastapi import Depends, Response
+from fastapi import Response
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.deps import FactoryDep
 from service.api.problems import ProblemException
 from service.schemas.plan import PlanOut, PlanStatus
 from service.schemas.result import Trial
@@ -44,19 +42,6 @@ def plan_out(plan: Plan, session: Session | None = None) -> PlanOut:
 
 def not_found(plan_id: str) -> ProblemException:
     return ProblemException(404, "not-found", "Not found", f"no plan {plan_id!r}")
-
-
-def read_plan(plan_id: str, factory: FactoryDep) -> PlanOut:
-    """The plan or a 404, read in a session of its own (a long poll or a stream must not hold
-    one open while it waits)."""
-    with factory() as session:
-        plan = crud.get_plan(session, plan_id)
-        if plan is None:
-            raise not_found(plan_id)
-        return plan_out(plan, session)
-
-
-PlanDep = Annotated[PlanOut, Depends(read_plan)]
 
 
 @dataclass(frozen=True)

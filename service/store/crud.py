@@ -77,7 +77,7 @@ def find_reusable(session: Session, reuse_key: str, tenant: str) -> Plan | None:
 
 def find_answer(session: Session, reuse_key: str) -> Plan | None:
     """Any tenant's newest succeeded plan of this spec by this engine: its result can answer
-    another tenant's submit (as a copy, see `copy_answer`)."""
+    another tenant's submit (as a copy, see `create_plan`'s `answer`)."""
     stmt = (
         select(Plan)
         .where(Plan.reuse_key == reuse_key, Plan.status == PlanStatus.succeeded)
@@ -197,7 +197,7 @@ SUMMARY_COLUMNS = (
 
 @dataclass
 class Page:
-    items: Sequence[Any]  # rows of SUMMARY_COLUMNS
+    items: Sequence[Any]  # rows of SUMMARY_COLUMNS, or audit events
     next_cursor: str | None
 
 
@@ -217,10 +217,15 @@ def list_plans(
         stmt = stmt.where(Plan.model_name == model)
     if cursor is not None:
         stmt = stmt.where(Plan.seq < cursor)
-    rows = list(session.execute(stmt).all())
-    more = len(rows) > limit
+    return _page(list(session.execute(stmt).all()), limit, "seq")
+
+
+def _page(rows: list[Any], limit: int, key: str) -> Page:
+    """A page of `limit` rows fetched as `limit + 1`: the extra one says there is a next page,
+    whose cursor is the last row's `key`."""
     items = rows[:limit]
-    return Page(items, str(items[-1].seq) if more and items else None)
+    more = len(rows) > limit and items
+    return Page(items, str(getattr(items[-1], key)) if more else None)
 
 
 def active_plans(session: Session, tenant: str) -> int:
@@ -322,11 +327,10 @@ def fail_exhausted(session: Session, max_attempts: int) -> int:
                 500,
             ),
         )
-        .returning(Plan.id)
     )
-    failed = list(session.execute(stmt).scalars())
+    count = session.execute(stmt).rowcount  # type: ignore[attr-defined]
     session.commit()
-    return len(failed)
+    return int(count or 0)
 
 
 def extend_lease(session: Session, plan_id: str, worker_id: str, lease_seconds: float) -> bool:
@@ -584,16 +588,16 @@ def audit_events(
     plan_id: str | None,
     key_id: str | None,
     limit: int,
-    before: int | None,
-) -> list[AuditEvent]:
-    """Newest first; `before` is the id of the last event of the previous page."""
-    stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    cursor: int | None,
+) -> Page:
+    """Newest first; the cursor is the id of the last event of the previous page."""
+    stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit + 1)
     if tenant:
         stmt = stmt.where(AuditEvent.tenant == tenant)
     if plan_id:
         stmt = stmt.where(AuditEvent.plan_id == plan_id)
     if key_id:
         stmt = stmt.where(AuditEvent.key_id == key_id)
-    if before is not None:
-        stmt = stmt.where(AuditEvent.id < before)
-    return list(session.scalars(stmt))
+    if cursor is not None:
+        stmt = stmt.where(AuditEvent.id < cursor)
+    return _page(list(session.scalars(stmt)), limit, "id")

@@ -122,10 +122,10 @@ def submit_plan(
     if grant is not None and not grant.allowed:
         raise too_many(grant)
     answer = _submit(response, principal, session, settings, checks, spec, idempotency_key)
-    location = (answer if isinstance(answer, Response) else response).headers.get("Location")
-    audit.record(principal, "submit", location.rsplit("/", 1)[-1] if location else None)
+    sent = answer if isinstance(answer, Response) else response  # where the headers go
+    audit.record(principal, "submit", sent.headers["Location"].rsplit("/", 1)[-1])
     if grant is not None:
-        (answer if isinstance(answer, Response) else response).headers.update(grant.headers())
+        sent.headers.update(grant.headers())
     return answer
 
 
@@ -267,10 +267,9 @@ def cancel_plan(
     plan_id: str, principal: SubmitterDep, audit: AuditDep, session: SessionDep
 ) -> PlanOut:
     plan = crud.request_cancel(session, plan_id, principal.tenant_filter)
-    if plan is not None:
-        audit.record(principal, "cancel", plan_id)
     if plan is None:
         raise not_found(plan_id)
+    audit.record(principal, "cancel", plan_id)
     return plan_out(plan, session)
 
 

@@ -124,12 +124,11 @@ def audit(
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
 ) -> AuditPage:
     """Newest first; written by each API process once a second (TRAINPLAN_AUTH_MODE=keys)."""
-    rows = crud.audit_events(
-        session, tenant, plan_id, key_id, limit + 1, int(cursor) if cursor else None
+    page = crud.audit_events(
+        session, tenant, plan_id, key_id, limit, int(cursor) if cursor else None
     )
-    items = [AuditEventOut.model_validate(r) for r in rows[:limit]]
-    more = len(rows) > limit and items
-    return AuditPage(items=items, next_cursor=str(items[-1].id) if more else None)
+    items = [AuditEventOut.model_validate(r) for r in page.items]
+    return AuditPage(items=items, next_cursor=page.next_cursor)
 
 
 @router.get(

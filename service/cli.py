@@ -171,11 +171,15 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix.
     from service.store import crud
 
     with _store()() as session:
-        row = crud.revoke_key(session, key)
-    if row is None:
+        rows = crud.revoke_key(session, key)
+    if not rows:
         err.print(f"[red]no live key {key!r}[/red]")
         raise typer.Exit(1)
-    err.print(f"revoked key {row.id} of tenant {row.tenant!r}")
+    if len(rows) > 1:
+        ids = ", ".join(r.id for r in rows)
+        err.print(f"[red]{key!r} is the prefix of {len(rows)} live keys ({ids}): give the id[/red]")
+        raise typer.Exit(2)
+    err.print(f"revoked key {rows[0].id} of tenant {rows[0].tenant!r}")
 
 
 @app.command()

@@ -124,8 +124,15 @@ def test_the_cli_creates_lists_and_revokes_keys(db_url: str, keyed: TestClient) 
     with keyed.app.state.session_factory() as s:  # type: ignore[attr-defined]
         (row,) = crud.list_keys(s, "acme")
         assert row.hash == key_hash(key) and row.last_used_at is not None
-    assert cli("revoke", key[:10]).returncode == 0
+    with keyed.app.state.session_factory() as s:  # type: ignore[attr-defined]
+        twin = crud.create_key(s, "globex", ["read"], key_hash(new_key()), key[:10]).id
+    ambiguous = cli("revoke", key[:10])  # two live keys share the prefix: neither is revoked
+    assert ambiguous.returncode == 2 and twin in ambiguous.stderr
+    assert keyed.get("/v1/plans", headers=headers).status_code == 200
+    assert cli("revoke", row.id).returncode == 0
     assert keyed.get("/v1/plans", headers=headers).status_code == 401
+    assert cli("revoke", key[:10]).returncode == 0  # now the twin is the only live match
+    assert cli("revoke", key[:10]).returncode == 1
     assert cli("create", "--tenant", "acme", "--scope", "root").returncode == 2
 
 
@@ -160,6 +167,30 @@ def test_a_keys_submit_rate_and_a_tenants_queue_are_capped(
         assert limited.headers["ratelimit-remaining"] == "0"
         # another tenant's key and queue are its own
         assert submit(globex, 1).status_code == 202
+
+
+def test_api_processes_share_a_keys_submit_rate(db_url: str, small_spec: dict[str, Any]) -> None:
+    """Two apps on one store stand for two API processes: the key's bucket is the store's, so
+    the second process refuses the submit that would exceed the rate across both."""
+    settings = Settings(
+        database_url=db_url, embedded_worker=False, auth_mode="keys", submit_rate_per_minute=2
+    )
+    with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as two:
+        key = _key(one, "acme")
+        answers = [
+            client.post(
+                "/v1/plans",
+                json=small_spec | {"training": small_spec["training"] | {"epochs": n}},
+                headers=key,
+            )
+            for n, client in enumerate((one, two, two), start=1)
+        ]
+        assert [a.status_code for a in answers] == [202, 202, 429]
+        assert [a.headers["ratelimit-remaining"] for a in answers] == ["1", "0", "0"]
+        assert answers[2].json()["type"].endswith("rate-limited")
+        # another key of the same tenant has its own bucket
+        other = _key(two, "acme")
+        assert one.post("/v1/plans", json=small_spec, headers=other).status_code == 202
 
 
 def test_the_audit_trail_names_the_key_behind_each_action(

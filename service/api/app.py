@@ -112,7 +112,9 @@ def create_app(
         app.state.feed = feed = PlanFeed(app.state.session_factory)
         app.state.model_checks = ModelChecks(settings.model_check_cache)
         app.state.reads = PlanReads(app.state.session_factory, feed, settings)
-        app.state.submit_rate = SubmitRate(settings.submit_rate_per_minute)
+        app.state.submit_rate = SubmitRate(
+            app.state.session_factory, settings.submit_rate_per_minute
+        )
         app.state.audit = audit = AuditLog(app.state.session_factory, settings.auth_mode == "keys")
         auditing = asyncio.create_task(audit.run())
         app.state.keyring = KeyRing(app.state.session_factory, settings.key_cache_seconds)

@@ -1,19 +1,20 @@
-"""Submit quotas: a rate per key (a token bucket in each API process) and a cap on a tenant's
-queued + running plans. Both answer 429 with `Retry-After`; the rate also sends the RateLimit
-headers (`RateLimit-Limit`, `-Remaining`, `-Reset`) on every submit, so a client can pace itself
-before it is refused."""
+"""Submit quotas: a rate per key (a token bucket kept in the store, shared by API processes)
+and a cap on a tenant's queued + running plans. Both answer 429 with `Retry-After`; the rate
+also sends the RateLimit headers (`RateLimit-Limit`, `-Remaining`, `-Reset`) on every submit, so
+a client can pace itself before it is refused."""
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.problems import ProblemException
+from service.store import crud
 
 
 @dataclass
@@ -36,24 +37,20 @@ class Grant:
 
 
 class SubmitRate:
-    """`per_minute` submits per key, refilled continuously, bursting to `per_minute`. Per API
-    process: with N processes a key may submit up to N times the rate."""
+    """`per_minute` submits per key, refilled continuously, bursting to `per_minute`. The
+    bucket is a row in the store (`crud.take_submit`), so every API process and host sharing
+    the database draws from the same one: one UPDATE per keyed submit."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, factory: sessionmaker[Session], per_minute: int) -> None:
+        self.factory = factory
         self.capacity = per_minute
         self.rate = per_minute / 60.0
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
 
-    def take(self, key: str) -> Grant:
-        now = time.monotonic()
-        with self._lock:
-            tokens, then = self._buckets.get(key, (float(self.capacity), now))
-            tokens = min(self.capacity, tokens + (now - then) * self.rate)
-            allowed = tokens >= 1
-            if allowed:
-                tokens -= 1
-            self._buckets[key] = (tokens, now)
+    def take(self, key_id: str) -> Grant:
+        with self.factory() as session:
+            allowed, tokens = crud.take_submit(
+                session, key_id, self.capacity, self.rate, time.time()
+            )
         return Grant(
             allowed,
             self.capacity,

@@ -554,6 +554,29 @@ def touch_key(session: Session, key_id: str) -> None:
     session.commit()
 
 
+def take_submit(
+    session: Session, key_id: str, capacity: float, per_second: float, at: float
+) -> tuple[bool, float]:
+    """Take one token from the key's bucket at `at` (epoch seconds): (taken, tokens left).
+    One conditional UPDATE, so API processes sharing the store share the bucket: PostgreSQL
+    re-checks the WHERE on the row it locked, and SQLite writes one at a time."""
+    stored = func.coalesce(ApiKey.rate_tokens, capacity)
+    refilled = stored + (at - func.coalesce(ApiKey.rate_at, at)) * per_second
+    tokens = case((refilled > capacity, capacity), else_=refilled)
+    left = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, tokens >= 1)
+        .values(rate_tokens=tokens - 1, rate_at=at)
+        .returning(ApiKey.rate_tokens)
+    ).scalar_one_or_none()
+    if left is not None:
+        session.commit()
+        return True, float(left)
+    row = session.execute(select(tokens).where(ApiKey.id == key_id)).scalar_one_or_none()
+    session.rollback()
+    return False, float(row if row is not None else 0.0)
+
+
 def list_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
     stmt = select(ApiKey).order_by(ApiKey.created_at)
     if tenant:
@@ -561,17 +584,21 @@ def list_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
     return list(session.scalars(stmt))
 
 
-def revoke_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
-    key = session.scalars(
-        select(ApiKey).where(
-            or_(ApiKey.id == key_id_or_prefix, ApiKey.prefix == key_id_or_prefix),
-            ApiKey.revoked_at.is_(None),
+def revoke_key(session: Session, key_id_or_prefix: str) -> list[ApiKey]:
+    """Revoke the live key with this id or prefix. A prefix is not unique: when it names several
+    keys none is revoked and all are returned, so the caller can ask for the id."""
+    keys = list(
+        session.scalars(
+            select(ApiKey).where(
+                or_(ApiKey.id == key_id_or_prefix, ApiKey.prefix == key_id_or_prefix),
+                ApiKey.revoked_at.is_(None),
+            )
         )
-    ).first()
-    if key is not None:
-        key.revoked_at = now()
+    )
+    if len(keys) == 1:
+        keys[0].revoked_at = now()
         session.commit()
-    return key
+    return keys
 
 
 # -- audit -----------------------------------------------------------------------------------

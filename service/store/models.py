@@ -121,6 +121,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # The key's submit bucket (tokens left at `rate_at`, epoch seconds); NULL is a full bucket.
+    rate_tokens: Mapped[float | None]
+    rate_at: Mapped[float | None]
 
 
 class AuditEvent(Base):

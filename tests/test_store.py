@@ -165,3 +165,8 @@ def test_claims_serve_tenants_in_turn(db_url: str, small_spec: dict[str, Any]) -
         # "small" has no plan left to run: the next claim goes to "big" whatever it runs
         crud.finish(s, plan.id, "w3", "succeeded", result={})
         assert crud.claim_next(s, "w4", 60, ("simulated",)).tenant == "big"  # type: ignore[union-attr]
+        # a tenant arriving behind a backlog joins at its head, not its tail
+        for _ in range(2):
+            crud.create_plan(s, spec.canonical(), spec.spec_hash, tenant="late")
+        order = [crud.claim_next(s, f"x{i}", 60, ("simulated",)) for i in range(4)]
+        assert [p.tenant for p in order if p] == ["big", "late", "big", "late"]

@@ -115,6 +115,7 @@ def create_plan(
     plan = Plan(
         id=str(uuid.uuid4()),
         seq=next_seq,
+        fair_key=fair_key(tenant),
         status=PlanStatus.queued,
         spec=spec,
         spec_hash=spec_hash,
@@ -138,6 +139,29 @@ def create_plan(
     session.refresh(plan, ["seq"])
     session.commit()
     return plan
+
+
+def fair_key(tenant: str) -> Any:
+    """A new plan's virtual start time, as SQL evaluated inside its INSERT: one past the later
+    of the tenant's last queued plan and the queue's frontier (just before the oldest queued
+    plan; the newest plan's key when nothing is queued). A tenant's k-th queued plan thus sits
+    k slots past the frontier whoever else has a backlog: claims in key order serve tenants
+    round-robin, and concurrent claims (SKIP LOCKED takes the next key) interleave them too."""
+    queued = aliased(Plan)
+    frontier = func.coalesce(
+        select(func.min(queued.fair_key) - 1)
+        .where(queued.status == PlanStatus.queued)
+        .scalar_subquery(),
+        select(func.max(queued.fair_key)).scalar_subquery(),
+        0,
+    )
+    own = func.coalesce(
+        select(func.max(queued.fair_key))
+        .where(queued.tenant == tenant, queued.status == PlanStatus.queued)
+        .scalar_subquery(),
+        frontier,
+    )
+    return case((own > frontier, own), else_=frontier) + 1
 
 
 def _owned(stmt: Any, tenant: str | None) -> Any:
@@ -264,25 +288,18 @@ def request_cancel(session: Session, plan_id: str, tenant: str | None = None) ->
 def claim_next(
     session: Session, worker_id: str, lease_seconds: float, device_kinds: tuple[str, ...]
 ) -> Plan | None:
-    """Atomically take a runnable plan (queued, or running with an expired lease): the oldest
-    of the tenant with the fewest plans running, so tenants are served in turn and one
-    tenant's backlog cannot starve another's."""
+    """Atomically take a runnable plan (queued, or running with an expired lease): the one
+    with the lowest fair key (`fair_key`), which serves tenants in turn, so one tenant's
+    backlog cannot starve another's."""
     stamp = now()
     runnable = or_(
         Plan.status == PlanStatus.queued,
         (Plan.status == PlanStatus.running) & (Plan.lease_until < stamp),
     )
-    other = aliased(Plan)
-    tenant_running = (
-        select(func.count())
-        .where(other.tenant == Plan.tenant, other.status == PlanStatus.running)
-        .correlate(Plan)
-        .scalar_subquery()
-    )
     pick = (
         select(Plan.id)
         .where(runnable, Plan.cancel_requested.is_(False), Plan.device_kind.in_(device_kinds))
-        .order_by(tenant_running, Plan.seq)
+        .order_by(Plan.fair_key, Plan.seq)
         .limit(1)
     )
     if session.get_bind().dialect.name == "postgresql":

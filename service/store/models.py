@@ -28,8 +28,11 @@ class Plan(Base):
     __tablename__ = "plans"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    # Submission order, for FIFO claims and cursors.
+    # Submission order, for cursors and ties between claims.
     seq: Mapped[int] = mapped_column(Integer, index=True, unique=True)
+    # Virtual start time (start-time fair queueing): claims take the lowest, so backlogged
+    # tenants are served in turn (`crud.fair_key`).
+    fair_key: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_hash: Mapped[str] = mapped_column(String(64), index=True)
@@ -70,7 +73,8 @@ class Plan(Base):
 
     __table_args__ = (
         Index("ix_plans_status_seq", "status", "seq"),
-        Index("ix_plans_tenant_status", "tenant", "status"),
+        Index("ix_plans_tenant_status_fair", "tenant", "status", "fair_key"),
+        Index("ix_plans_status_fair", "status", "fair_key", "seq"),
     )
 
 

@@ -109,14 +109,20 @@ def build_layers(spec: PlanSpec) -> Any:
     modules: list[nn.Module] = []
     for index, layer in enumerate(spec.model.layers):
         loc = ("model", "layers", index)
+        # torch checks a layer's arguments and input with whatever exception it likes
+        # (AssertionError, ZeroDivisionError, NotImplementedError ...): each is the spec's fault.
         try:
             module = _make(layer.type, _infer(layer.type, layer.kwargs, x.shape, spec))
-        except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:
             raise SpecError(loc, f"{layer.type}: {exc}") from None
         try:
             with torch.no_grad():
                 x = module(x)
-        except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:
             raise SpecError(
                 loc,
                 f"{layer.type} cannot take input of shape {list(x.shape[1:])} (per sample): {exc}",

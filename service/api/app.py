@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +23,8 @@ from service.auth.audit import AuditLog
 from service.auth.deps import KeyRing
 from service.auth.quotas import SubmitRate
 from service.config import Settings, get_settings
+from service.dashboard import docs, pages, session
+from service.dashboard.assets import STATIC_DIR, STATIC_URL
 from service.feed.hub import PlanFeed
 from service.feed.sources import run_source
 from service.schemas.problem import problem
@@ -142,10 +145,16 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         responses=problems.COMMON_RESPONSES,
+        docs_url=None,  # served from the package's own assets: service/dashboard/docs.py
+        redoc_url=None,
     )
     problems.install(app)
     app.include_router(plans.router)
     app.include_router(system.router)
+    app.include_router(docs.router)
+    app.include_router(session.router)
+    app.include_router(pages.router)
+    app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # type: ignore[arg-type]
     return app
 

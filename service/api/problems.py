@@ -84,11 +84,44 @@ def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None
     )
 
 
-def _clean_errors(errors: Any) -> list[dict[str, Any]]:
+def _clean_errors(errors: Any, body: Any = None) -> list[dict[str, Any]]:
     return [
-        field_error([p for p in err.get("loc", ()) if p != "body"], err.get("msg"), err.get("type"))
+        field_error(spec_path(list(err.get("loc", ())), body), err.get("msg"), err.get("type"))
         for err in errors
     ]
+
+
+UNION_TAGS = ("kind", "source")  # the spec's discriminators (data.kind, model.source, ...)
+
+
+def spec_path(loc: list[Any], body: Any) -> list[Any]:
+    """The error's path in the JSON the client sent. Pydantic's `loc` starts with `body` and
+    names the member of a tagged union it tried (`data.image.height` for `data.height` of an
+    image): a step that is not in the sent document, with more steps after it, is such a tag."""
+    if loc[:1] == ["body"]:
+        loc = loc[1:]
+    path: list[Any] = []
+    node, tagged = body, False  # tagged: this node's tag was passed (`layers` may be both)
+    for i, step in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and isinstance(step, str):
+            if not tagged and step in {node.get(tag) for tag in UNION_TAGS} - {None}:
+                if last:
+                    break  # the member's own validator failed: the error is the object's
+                tagged = True
+                continue  # the member of a tagged union pydantic tried: not in the document
+            if step in node:
+                node, tagged = node[step], False
+            elif not last:
+                continue  # a member of an untagged union, named by its type
+            path.append(step)
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node, tagged = node[step], False
+            path.append(step)
+        else:
+            path.extend(loc[i:])
+            break
+    return path
 
 
 def validation_problem(errors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -122,7 +155,7 @@ HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "pa
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem_response(validation_problem(_clean_errors(exc.errors())))
+        return problem_response(validation_problem(_clean_errors(exc.errors(), exc.body)))
 
     @app.exception_handler(ProblemException)
     async def _problem(_: Request, exc: ProblemException) -> JSONResponse:

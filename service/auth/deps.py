@@ -1,6 +1,11 @@
-"""The auth dependencies: `authenticate` turns the bearer credential into a `Principal`, and
+"""The auth dependencies: `authenticate` turns the credential into a `Principal`, and
 `require(scope)` guards a route. `TRAINPLAN_AUTH_MODE`: `none` (loopback: one tenant, every
-scope), `token` (the legacy shared tokens: the same), `keys` (API keys per tenant)."""
+scope), `token` (the legacy shared tokens: the same), `keys` (API keys per tenant).
+
+The credential is the `Authorization: Bearer` header or, for the dashboard, its HttpOnly session
+cookie (which `EventSource` sends, where it cannot set a header). A request that rides on the
+cookie and changes something must also echo the CSRF cookie in `X-CSRF-Token` (double submit):
+another site's form can make the browser send the cookie, but cannot read the CSRF one."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.deps import SettingsDep
 from service.api.problems import ProblemException
 from service.auth.principal import EVERYONE, Principal, key_hash
+from service.config import Settings
 from service.store import crud
 
 BEARER = HTTPBearer(auto_error=False, description="An API key (`trainplan keys create`).")
@@ -56,10 +62,39 @@ class KeyRing:
         return principal
 
 
+SESSION_COOKIE = "trainplan_session"
+CSRF_COOKIE = "trainplan_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def _unauthorized() -> ProblemException:
     return ProblemException(
         401, "unauthorized", "Unauthorized", "send 'Authorization: Bearer <key>'"
     )
+
+
+async def principal_of(request: Request, settings: Settings, token: str) -> Principal | None:
+    """Who `token` is (None: nobody)."""
+    if settings.auth_mode == "none":
+        return EVERYONE
+    if not token:
+        return None
+    if settings.auth_mode == "token":
+        ok = any(secrets.compare_digest(token, t) for t in settings.api_tokens)
+        return EVERYONE if ok else None
+    keys: KeyRing = request.app.state.keyring
+    hashed = key_hash(token)
+    hit, principal = keys.cached(hashed)
+    if not hit:
+        principal = await run_in_threadpool(keys.resolve, hashed)
+    return principal
+
+
+def csrf_ok(request: Request) -> bool:
+    expected = request.cookies.get(CSRF_COOKIE, "")
+    sent = request.headers.get(CSRF_HEADER, "")
+    return bool(expected) and secrets.compare_digest(expected, sent)
 
 
 async def authenticate(
@@ -70,19 +105,19 @@ async def authenticate(
     if settings.auth_mode == "none":
         return EVERYONE
     token = credentials.credentials.strip() if credentials is not None else ""
-    if not token:
-        raise _unauthorized()
-    if settings.auth_mode == "token":
-        if any(secrets.compare_digest(token, t) for t in settings.api_tokens):
-            return EVERYONE
-        raise _unauthorized()
-    keys: KeyRing = request.app.state.keyring
-    hashed = key_hash(token)
-    hit, principal = keys.cached(hashed)
-    if not hit:
-        principal = await run_in_threadpool(keys.resolve, hashed)
+    via_cookie = not token
+    if via_cookie:
+        token = request.cookies.get(SESSION_COOKIE, "")
+    principal = await principal_of(request, settings, token)
     if principal is None:
         raise _unauthorized()
+    if via_cookie and request.method not in SAFE_METHODS and not csrf_ok(request):
+        raise ProblemException(
+            403,
+            "csrf",
+            "CSRF check failed",
+            f"a request signed in by the dashboard's cookie must send {CSRF_HEADER}",
+        )
     return principal
 
 

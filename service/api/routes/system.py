@@ -146,7 +146,7 @@ def healthz() -> Health:
     tags=["health"],
     summary="Readiness: the database answers and is migrated",
     response_model_exclude_none=True,
-    responses=response_example(200, {"status": "ready", "schema": "0007"})
+    responses=response_example(200, {"status": "ready", "schema": "0009"})
     | response_example(503, {"status": "unavailable", "detail": "connection refused"}, "Not ready"),
 )
 def readyz(session: SessionDep, response: Response) -> Readiness:

@@ -1,0 +1,271 @@
+/* One plan: summary, peak memory against batch size (every trial; the card's capacity and the
+   headroom limit as lines; the answer and answer + 1 marked), the memory breakdown stacked, the
+   what-ifs against the plan, warnings, configs, the spec. A queued or running plan follows its
+   event stream trial by trial and can be cancelled. Charts keep fixed boxes: nothing moves while
+   trials stream in. */
+"use strict";
+(() => {
+  const { api, el, $, bytes, bytesText, int, num, when, copy, download, GiB } = TP;
+  const root = $("#plan"), planId = root.dataset.planId;
+  const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+  const COLORS = { fit: "#1a7f37", oom: "#cf222e", capacity: "#1b1f24", limit: "#9a6700", answer: "#1f4e79" };
+  const PARTS = [
+    ["parameters", "Parameters", "#1f4e79"], ["gradients", "Gradients", "#3b7dbf"],
+    ["optimizer_state", "Optimizer state", "#7aa6d6"], ["adapter_parameters", "Adapters (LoRA)", "#9ecae1"],
+    ["gathered_parameters", "Gathered parameters", "#6a51a3"], ["input_batch", "Input batch", "#e6550d"],
+    ["activations", "Activations", "#fd8d3c"], ["temporary", "Temporaries", "#fdae6b"],
+    ["workspace", "cuBLAS workspace", "#a1d99b"], ["communication", "Communication buckets", "#31a354"],
+    ["overhead", "CUDA context + NCCL", "#636363"],
+  ];
+  const charts = (window.trainplanCharts = {}); // the browser tests read these
+  window.trainplanTrialEvents = 0;
+  let plan = null, trials = new Map(), capacity = null, headroom = 0.05, stream = null;
+
+  Chart.defaults.font.family = getComputedStyle(document.documentElement).fontFamily;
+  Chart.defaults.animation = false;
+
+  // -- the memory chart: one point per trial -------------------------------------------------
+  function memoryChart() {
+    const line = (label, color, dash) => ({ label, type: "line", data: [], borderColor: color, borderDash: dash,
+      borderWidth: 1.5, pointRadius: 0, pointHitRadius: 0, showLine: true, fill: false });
+    charts.memory = new Chart($("#memory-chart"), {
+      type: "scatter",
+      data: { datasets: [
+        { label: "fits", data: [], backgroundColor: COLORS.fit, borderColor: COLORS.fit, pointStyle: "circle", pointRadius: 5 },
+        { label: "out of memory", data: [], backgroundColor: COLORS.oom, borderColor: COLORS.oom, pointStyle: "crossRot", pointRadius: 7, borderWidth: 2 },
+        line("capacity", COLORS.capacity, []),
+        line("headroom limit", COLORS.limit, [6, 4]),
+        { label: "answer (max micro-batch)", data: [], pointStyle: "rectRot", pointRadius: 11, borderColor: COLORS.answer, borderWidth: 2, backgroundColor: "transparent" },
+        { label: "answer + 1", data: [], pointStyle: "rect", pointRadius: 10, borderColor: COLORS.oom, borderWidth: 2, backgroundColor: "transparent" },
+      ] },
+      options: {
+        maintainAspectRatio: false,
+        scales: {
+          x: { type: "logarithmic", title: { display: true, text: "micro-batch size (log scale)" },
+            ticks: { callback: (v) => (Number.isInteger(Math.log10(v)) ? int(v) : "") } },
+          y: { beginAtZero: true, title: { display: true, text: "peak memory (GiB)" } },
+        },
+        plugins: {
+          legend: { position: "bottom" },
+          tooltip: { callbacks: { label: (ctx) => {
+            const p = ctx.raw;
+            if (p.bytes === undefined) return `${ctx.dataset.label}: ${bytesText(p.y * GiB)}`;
+            return `batch ${int(p.x)}: ${bytesText(p.bytes)} (${Number(p.bytes).toLocaleString("en-US")} bytes), ${p.fits ? "fits" : "OOM"}`;
+          } } },
+        },
+      },
+    });
+  }
+
+  function drawTrials() {
+    const list = [...trials.values()];
+    const point = (t) => ({ x: t.batch_size, y: t.peak_bytes / GiB, bytes: t.peak_bytes, fits: t.fits });
+    const [fits, oom, cap, limit, answer, next] = charts.memory.data.datasets;
+    fits.data = list.filter((t) => t.fits).map(point);
+    oom.data = list.filter((t) => !t.fits).map(point);
+    const xs = list.map((t) => t.batch_size);
+    const lo = Math.max(1, Math.min(1, ...xs)), hi = Math.max(2, ...xs) * 1.5;
+    cap.data = capacity ? [{ x: lo, y: capacity / GiB }, { x: hi, y: capacity / GiB }] : [];
+    limit.data = capacity && headroom > 0 ? [{ x: lo, y: (capacity * (1 - headroom)) / GiB }, { x: hi, y: (capacity * (1 - headroom)) / GiB }] : [];
+    const best = plan?.result?.max_micro_batch_size;
+    const at = (b) => list.filter((t) => t.batch_size === b && t.phase !== "breakdown").slice(-1).map(point);
+    answer.data = best ? at(best) : [];
+    next.data = best ? at(best + 1) : [];
+    charts.memory.update("none");
+    $("#trial-count").textContent = `${list.length} trial${list.length === 1 ? "" : "s"}`;
+    $("#trials tbody").replaceChildren(...list.map((t, i) => el("tr", { "data-fits": String(t.fits) },
+      el("td", { class: "num" }, String(i + 1)), el("td", { class: "num" }, int(t.batch_size)),
+      el("td", {}, t.fits ? "fits" : "OOM"), el("td", { class: "num" }, bytes(t.peak_bytes)),
+      el("td", {}, t.scenario ? `${t.phase}: ${t.scenario}` : t.phase || "search"))));
+  }
+
+  function setTrials(list) {
+    trials = new Map();
+    list.forEach((t, i) => trials.set(t.index ?? i, t));
+    drawTrials();
+  }
+
+  // -- what the plan's device can hold (known from the spec before the result) -----------------
+  async function deviceCapacity(spec) {
+    const device = spec.device || {};
+    headroom = spec.search?.headroom ?? 0.05;
+    if (device.kind === "simulated" && device.memory_gib) return device.memory_gib * GiB;
+    if (device.kind === "simulated" || !device.kind) {
+      const gpu = device.gpu || "A100-80GB";
+      try {
+        const { data } = await api("/v1/gpus");
+        return data.items.find((g) => g.name === gpu)?.memory_bytes ?? null;
+      } catch { return null; }
+    }
+    return null;
+  }
+
+  // -- summary, breakdown, what-if, warnings, configs, spec -----------------------------------
+  function card(id, ...content) { $(id).replaceChildren(...content); }
+
+  function summary(result) {
+    card("#s-max", int(result.max_micro_batch_size), result.search_bound_reached ? " (bound)" : "");
+    card("#s-micro", `${int(result.micro_batch_size)} × ${int(result.accumulation_steps)}${result.world_size > 1 ? ` × ${result.world_size} GPUs` : ""}`);
+    card("#s-global", int(result.effective_global_batch_size));
+    card("#s-lr", el("span", { title: `${result.lr_scaling.rule} rule from ${result.lr_scaling.base_lr} at batch ${result.lr_scaling.base_batch_size}` }, num(result.learning_rate)));
+    card("#s-peak", bytes(result.memory.peak), el("span", { class: "muted small" }, ` of ${bytesText(result.memory.capacity)}`));
+    const t = result.throughput;
+    card("#s-speed", t ? `${num(t.samples_per_second)} /s` : "—", t && !t.measured ? el("span", { class: "muted small" }, " est.") : "");
+    card("#s-steps", int(result.total_optimizer_steps), el("span", { class: "muted small" }, ` (${int(result.optimizer_steps_per_epoch)}/epoch)`));
+    card("#s-device", `${result.device.name}`, el("span", { class: "muted small" }, ` ${result.device.backend}`));
+  }
+
+  function breakdown(memory) {
+    const parts = PARTS.filter(([key]) => memory[key] > 0);
+    const cached = memory.reserved != null ? memory.reserved - memory.peak : null;
+    const datasets = parts.map(([key, label, color]) => ({ label, data: [memory[key] / GiB], bytes: memory[key], backgroundColor: color, stack: "m", category: key }));
+    if (cached > 0) datasets.push({ label: "Allocator cache (reserved − allocated)", data: [cached / GiB], bytes: cached, backgroundColor: "#d0d7de", stack: "m", category: "allocator_cached" });
+    charts.breakdown?.destroy();
+    charts.breakdown = new Chart($("#breakdown-chart"), {
+      type: "bar",
+      data: { labels: ["at the chosen micro-batch"], datasets },
+      options: {
+        indexAxis: "y", maintainAspectRatio: false,
+        scales: { x: { stacked: true, beginAtZero: true, title: { display: true, text: `GiB (the card holds ${bytesText(memory.capacity)})` } }, y: { stacked: true, display: false } },
+        plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } },
+          tooltip: { callbacks: { label: (ctx) => `${ctx.dataset.label}: ${bytesText(ctx.dataset.bytes)} (${ctx.dataset.bytes.toLocaleString("en-US")} bytes)` } } },
+      },
+    });
+    const pct = (n) => `${((100 * n) / memory.peak).toFixed(1)}%`;
+    const rows = parts.map(([key, label]) => el("tr", { class: "part", "data-category": key },
+      el("th", { scope: "row" }, label), el("td", { class: "num" }, bytes(memory[key])), el("td", { class: "num muted" }, pct(memory[key]))));
+    rows.push(el("tr", { class: "total", "data-category": "peak" }, el("th", { scope: "row" }, "Peak (allocated + overhead)"), el("td", { class: "num" }, bytes(memory.peak)), el("td", {})));
+    if (memory.reserved != null) rows.push(el("tr", { "data-category": "reserved" }, el("th", { scope: "row" }, "Reserved by the allocator"), el("td", { class: "num" }, bytes(memory.reserved)), el("td", {})));
+    rows.push(el("tr", { "data-category": "capacity" }, el("th", { scope: "row" }, "Capacity"), el("td", { class: "num" }, bytes(memory.capacity)), el("td", {})));
+    $("#breakdown tbody").replaceChildren(...rows);
+  }
+
+  function whatIf(result) {
+    const items = result.what_if || [];
+    const label = (w) => `${w.change.replaceAll("_", " ")} → ${w.value === true ? "on" : w.value === false ? "off" : w.value}`;
+    const labels = ["this plan", ...items.map(label)];
+    const values = [result.max_micro_batch_size, ...items.map((w) => (w.feasible ? w.max_micro_batch_size : 0))];
+    charts.whatif?.destroy();
+    charts.whatif = new Chart($("#whatif-chart"), {
+      type: "bar",
+      data: { labels, datasets: [{ label: "max micro-batch", data: values, backgroundColor: values.map((v, i) => (i === 0 ? COLORS.answer : v > values[0] ? COLORS.fit : "#8c959f")) }] },
+      options: { indexAxis: "y", maintainAspectRatio: false, plugins: { legend: { display: false } },
+        scales: { x: { beginAtZero: true, title: { display: true, text: "max micro-batch" } } } },
+    });
+    $("#whatif").replaceChildren(...items.map((w) => el("li", {},
+      el("strong", {}, label(w)), ": ",
+      w.feasible ? `${int(w.max_micro_batch_size)} (${w.max_micro_batch_size >= result.max_micro_batch_size ? "+" : ""}${num(((w.max_micro_batch_size / Math.max(1, result.max_micro_batch_size)) - 1) * 100, 3)}%) on ${w.device.name}, peak ` : "does not fit, peak ",
+      bytes(w.peak_bytes))));
+    if (!items.length) $("#whatif").append(el("li", { class: "muted" }, "No what-if was asked for (search.what_if)."));
+  }
+
+  function warnings(result) {
+    const list = [...(result.warnings || []).map((w) => [w.code, w.message]), ...(result.suggestions || []).map((s) => ["suggestion", s])];
+    $("#warnings-section").hidden = !list.length;
+    $("#warnings").replaceChildren(...list.map(([code, message]) => el("li", {}, el("code", {}, code), " ", message)));
+  }
+
+  function codeBlock(name, text, filename, type) {
+    const pre = el("pre", { class: "code", tabindex: "0" }, el("code", {}, text));
+    const tools = el("div", { class: "tools" },
+      el("button", { type: "button", "data-copy": name, onclick: (e) => copy(text, e.currentTarget) }, "Copy"),
+      el("button", { type: "button", "data-download": filename, onclick: () => download(filename, text, type) }, `Download ${filename}`));
+    return [tools, pre];
+  }
+
+  function configs(result) {
+    const entries = Object.entries(result.configs || {});
+    $("#configs-section").hidden = !entries.length;
+    $("#configs").replaceChildren(...entries.map(([name, value], i) => {
+      const text = typeof value === "string" ? value : JSON.stringify(value, null, 2);
+      const filename = typeof value === "string" ? `${name === "recipe" ? "lr_recipe" : "train_" + name}.py` : `${name}.json`;
+      return el("details", { class: "config", open: i === 0, "data-config": name }, el("summary", {}, name),
+        ...codeBlock(name, text, filename, typeof value === "string" ? "text/x-python" : "application/json"));
+    }));
+  }
+
+  function spec(p) {
+    const text = JSON.stringify(p.spec, null, 2);
+    $("#spec-box").replaceChildren(el("details", { class: "config" }, el("summary", {}, `spec ${p.spec_hash.slice(0, 12)}`),
+      ...codeBlock("spec", text, `spec-${p.id.slice(0, 8)}.json`, "application/json")));
+  }
+
+  // -- the plan as a whole, and following it -------------------------------------------------
+  function header(p) {
+    const status = $("#status");
+    status.className = `badge ${p.status}`;
+    status.textContent = p.status;
+    const model = p.spec?.model || {};
+    const name = model.name || model.preset || model.architecture || (model.layers ? `${model.layers.length} layers` : model.source);
+    $("#subtitle").textContent = [name, `created ${when(p.created_at)}`, p.finished_at ? `finished ${when(p.finished_at)}` : ""].filter(Boolean).join(" · ");
+    $("#cancel").hidden = FINAL.has(p.status);
+    const problem = $("#problem");
+    problem.hidden = !p.error;
+    if (p.error) problem.replaceChildren(el("strong", {}, p.error.title || "Failed"), ": ", p.error.detail || "");
+  }
+
+  async function show(p) {
+    plan = p;
+    header(p);
+    if (capacity === null) capacity = p.result?.memory?.capacity ?? (await deviceCapacity(p.spec));
+    if (p.result) {
+      capacity = p.result.memory.capacity;
+      setTrials(p.result.trials);
+      summary(p.result);
+      breakdown(p.result.memory);
+      whatIf(p.result);
+      warnings(p.result);
+      configs(p.result);
+    } else {
+      setTrials(p.trials || []);
+    }
+    spec(p);
+    if (!FINAL.has(p.status)) follow();
+  }
+
+  function follow() {
+    if (stream) return;
+    $("#notice").textContent = plan.status === "queued" ? "Queued: waiting for a worker…" : "Running: trials arrive as they are measured…";
+    stream = new EventSource(`/v1/plans/${planId}/events`);
+    stream.addEventListener("trial", (event) => {
+      const t = JSON.parse(event.data);
+      window.trainplanTrialEvents += 1;
+      if (plan.status === "queued") { plan.status = "running"; header(plan); }
+      trials.set(t.index ?? trials.size, t);
+      $("#notice").textContent = `Running: ${trials.size} trial${trials.size === 1 ? "" : "s"} so far…`;
+      drawTrials();
+    });
+    stream.addEventListener("retry", () => { setTrials([]); $("#notice").textContent = "A worker was lost: the plan runs again."; });
+    stream.addEventListener("end", async () => {
+      stream.close();
+      stream = null;
+      $("#notice").textContent = "";
+      await load();
+    });
+  }
+
+  async function load() {
+    try {
+      const { data } = await api(`/v1/plans/${planId}`);
+      await show(data);
+    } catch (err) {
+      $("#status").textContent = err.status === 404 ? "not found" : "error";
+      $("#notice").textContent = err.status === 404 ? "No such plan (or it is another tenant's)." : `Could not load the plan: ${err.message}`;
+    }
+  }
+
+  $("#cancel").addEventListener("click", async () => {
+    $("#cancel").disabled = true;
+    try {
+      const { data } = await api(`/v1/plans/${planId}/cancel`, { method: "POST" });
+      $("#notice").textContent = "Cancel requested.";
+      if (FINAL.has(data.status)) { stream?.close(); stream = null; await show(data); }
+    } catch (err) {
+      $("#notice").textContent = `Could not cancel: ${err.message}`;
+      $("#cancel").disabled = false;
+    }
+  });
+
+  memoryChart();
+  load();
+})();

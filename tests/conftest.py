@@ -96,3 +96,10 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     _hypothesis_settings.load_profile("ci")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say where the dashboard's browser tests left their screenshots (look at them)."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), "build", "screenshots")
+    if os.path.isdir(folder) and os.listdir(folder):
+        terminalreporter.write_line(f"dashboard screenshots: {folder}")

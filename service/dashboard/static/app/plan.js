@@ -237,6 +237,7 @@
     });
     stream.addEventListener("retry", () => { setTrials([]); $("#notice").textContent = "A worker was lost: the plan runs again."; });
     stream.addEventListener("end", async () => {
+      window.trainplanEndAt = performance.now(); // the browser tests' layout-shift window ends
       stream.close();
       stream = null;
       $("#notice").textContent = "";

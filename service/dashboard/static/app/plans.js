@@ -12,7 +12,7 @@
 
   function query(extra = {}) {
     const q = new URLSearchParams();
-    for (const key of ["status", "model", "cursor"]) {
+    for (const key of ["status", "model", "cursor", "limit"]) {
       const value = key in extra ? extra[key] : params.get(key);
       if (value) q.set(key, value);
     }
@@ -32,7 +32,7 @@
   async function load() {
     const q = query();
     q.delete("trail");
-    q.set("limit", "25");
+    q.set("limit", /^\d{1,3}$/.test(params.get("limit") || "") ? params.get("limit") : "25");
     try {
       const { data } = await api(`/v1/plans?${q}`);
       body.replaceChildren(...data.items.map(row));

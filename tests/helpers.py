@@ -19,6 +19,17 @@ from workers.engine.devices import open_device
 from workers.engine.models import build_model
 from workers.engine.profile import run_plan
 
+# A two-layer Llama small enough to trace in a second (no weights: a config).
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 256,
+}
+
 
 def registered_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     return {

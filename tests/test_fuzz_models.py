@@ -21,30 +21,15 @@ from hypothesis import strategies as st
 
 from service.api.app import create_app
 from service.config import Settings
+from tests.helpers import TINY_LLAMA
 
 ARCHITECTURES: dict[str, tuple[dict[str, Any], list[str]]] = {
     "LlamaForCausalLM": (
-        {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": 1000,
-            "max_position_embeddings": 256,
-        },
+        TINY_LLAMA,
         ["head_dim", "rope_theta", "hidden_act", "tie_word_embeddings", "rms_norm_eps"],
     ),
     "MistralForCausalLM": (
-        {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": 1000,
-            "max_position_embeddings": 256,
-        },
+        TINY_LLAMA,
         ["sliding_window", "head_dim", "hidden_act"],
     ),
     "GPT2LMHeadModel": (

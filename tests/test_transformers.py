@@ -7,21 +7,11 @@ from typing import Any
 import pytest
 
 from service.schemas.spec import PlanSpec
-from tests.helpers import assert_exact
+from tests.helpers import TINY_LLAMA, assert_exact
 from workers.engine.devices import open_device
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model
 from workers.engine.models.hf import PRESETS
-
-TINY_LLAMA = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1000,
-    "max_position_embeddings": 256,
-}
 
 
 def lm_spec(

@@ -142,7 +142,9 @@
 
   function whatIf(result) {
     const items = result.what_if || [];
-    const label = (w) => `${w.change.replaceAll("_", " ")} → ${w.value === true ? "on" : w.value === false ? "off" : w.value}`;
+    const value = (w) => (w.value === true ? "on" : w.value === false ? "off" : w.value);
+    const short = { gradient_checkpointing: "checkpointing", precision: "", gpu: "" }; // fit a phone
+    const label = (w) => `${short[w.change] ?? w.change.replaceAll("_", " ")} ${value(w)}`.trim();
     const labels = ["this plan", ...items.map(label)];
     const values = [result.max_micro_batch_size, ...items.map((w) => (w.feasible ? w.max_micro_batch_size : 0))];
     charts.whatif?.destroy();
@@ -153,7 +155,7 @@
         scales: { x: { beginAtZero: true, title: { display: true, text: "max micro-batch" } } } },
     });
     $("#whatif").replaceChildren(...items.map((w) => el("li", {},
-      el("strong", {}, label(w)), ": ",
+      el("strong", {}, `${w.change.replaceAll("_", " ")} → ${value(w)}`), ": ",
       w.feasible ? `${int(w.max_micro_batch_size)} (${w.max_micro_batch_size >= result.max_micro_batch_size ? "+" : ""}${num(((w.max_micro_batch_size / Math.max(1, result.max_micro_batch_size)) - 1) * 100, 3)}%) on ${w.device.name}, peak ` : "does not fit, peak ",
       bytes(w.peak_bytes))));
     if (!items.length) $("#whatif").append(el("li", { class: "muted" }, "No what-if was asked for (search.what_if)."));

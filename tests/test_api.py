@@ -280,3 +280,7 @@ def test_a_405_names_every_method_served_at_the_path(client: TestClient) -> None
     assert r.status_code == 405
     assert set(r.headers["allow"].split(", ")) >= {"GET", "POST"}
     assert r.headers["content-type"].startswith("application/problem+json")
+    # routes outside the published schema too: the dashboard's pages and sign-in
+    assert client.post("/").headers["allow"] == "GET"
+    assert client.put("/sign-in").headers["allow"] == "GET, POST"
+    assert client.delete(f"/v1/plans/{'0' * 8}-0000-4000-8000-{'0' * 12}").headers["allow"] == "GET"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.schemas.problem import problem
 
@@ -136,17 +136,18 @@ def validation_problem(errors: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def allowed_methods(app: FastAPI, request: Request) -> str:
-    """Every method the published schema serves at this path (Starlette names only the first
-    matching route's, so a 405 on /v1/plans said `Allow: POST` although GET is served there)."""
-    path = request.url.path
-    methods = {
-        method.upper()
-        for template, operations in app.openapi()["paths"].items()
-        if re.fullmatch(re.sub(r"\{[^/}]+\}", "[^/]+", template), path)
-        for method in operations
-        if method in HTTP_METHODS
-    }
-    return ", ".join(sorted(methods))
+    """Every method served at this path, by any route, published or not (the dashboard's pages
+    are not in the schema): each method is tried against the router as a request of it would
+    be. Starlette names only the first matching route's, so a 405 on /v1/plans said
+    `Allow: POST` although GET is served there."""
+    return ", ".join(
+        method
+        for method in sorted(m.upper() for m in HTTP_METHODS)
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in app.router.routes
+        )
+    )
 
 
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})

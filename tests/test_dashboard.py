@@ -94,11 +94,11 @@ class Server:
     def key(self, tenant: str = "acme") -> str:
         return self.cli("keys", "create", "--tenant", tenant, "--scope", "submit,read")
 
-    def run_worker(self, plans: int = 1) -> subprocess.Popen[bytes]:
+    def run_worker(self, plans: int = 1, **env: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "service.cli", "worker", "--max-plans", str(plans)],
             cwd=ROOT,
-            env=self.env,
+            env=self.env | env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -195,10 +195,13 @@ def _sign_in(page: Page, server: Server, key: str | None = None, then: str = "/"
     return key
 
 
+def _csrf(page: Page) -> str:
+    return next(c["value"] for c in page.context.cookies() if c["name"] == "trainplan_csrf")
+
+
 def _submit_api(page: Page, spec: dict[str, Any]) -> str:
     """Submit over the API as the page would: the session cookie and the CSRF header."""
-    csrf = next(c["value"] for c in page.context.cookies() if c["name"] == "trainplan_csrf")
-    answer = page.request.post("/v1/plans", data=spec, headers={"X-CSRF-Token": csrf})
+    answer = page.request.post("/v1/plans", data=spec, headers={"X-CSRF-Token": _csrf(page)})
     assert answer.status in (200, 202), answer.text()
     return str(answer.json()["id"])
 
@@ -371,6 +374,9 @@ def test_the_plans_list_filters_pages_and_updates_live(
     finally:
         worker.wait(timeout=120)
     _shot(page, "plans")
+    csrf = {"X-CSRF-Token": _csrf(page)}
+    for plan_id in ids[1:]:  # leave no queued plan for another test's worker to take
+        assert page.request.post(f"/v1/plans/{plan_id}/cancel", headers=csrf).ok
 
 
 def test_a_queued_plan_is_cancelled_from_its_page(context: BrowserContext, server: Server) -> None:
@@ -384,6 +390,22 @@ def test_a_queued_plan_is_cancelled_from_its_page(context: BrowserContext, serve
     page.click("#cancel")
     expect(page.locator("#status")).to_have_text("cancelled")
     expect(page.locator("#cancel")).to_be_hidden()
+
+
+def test_a_failed_plan_shows_its_problem(context: BrowserContext, server: Server) -> None:
+    page = context.new_page()
+    _sign_in(page, server, key=server.key("failing-tenant"))
+    plan_id = _submit_api(page, _spec(epochs=7))
+    page.goto(f"/plans/{plan_id}")
+    expect(page.locator("#status")).to_have_text("queued")
+    server.run_worker(plans=1, TRAINPLAN_PLAN_TIMEOUT_SECONDS="0.05").wait(timeout=120)
+    expect(page.locator("#status")).to_have_text("failed", timeout=60_000)
+    problem = page.request.get(f"/v1/plans/{plan_id}").json()["error"]
+    expect(page.locator("#problem")).to_be_visible()
+    expect(page.locator("#problem")).to_contain_text(problem["title"])
+    expect(page.locator("#cancel")).to_be_hidden()
+    assert page.locator("#s-max").inner_text() == "—"  # no result: no numbers made up
+    _shot(page, "plan-failed")
 
 
 def test_the_gpu_catalogue_sorts_from_the_keyboard(context: BrowserContext, server: Server) -> None:

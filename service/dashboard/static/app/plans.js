@@ -36,6 +36,10 @@
     try {
       const { data } = await api(`/v1/plans?${q}`);
       body.replaceChildren(...data.items.map(row));
+      const seen = new Set([...document.querySelectorAll("#models option")].map((o) => o.value));
+      for (const plan of data.items) {  // the filter suggests the models seen so far (exact match)
+        if (!seen.has(plan.model)) { seen.add(plan.model); $("#models").append(el("option", { value: plan.model })); }
+      }
       if (!data.items.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No plans here yet.")));
       note.textContent = "";
       $("#older").disabled = !data.next_cursor;

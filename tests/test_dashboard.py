@@ -287,6 +287,10 @@ def test_sign_in_submit_from_the_form_and_watch_the_plan_live(
     assert sum(stacked) == memory["peak"]
     assert page.locator("#s-max").inner_text() == f"{best:,}"
 
+    # the learning-rate schedule, drawn from its sampled points
+    lr_points = page.evaluate("trainplanCharts.schedule.data.datasets[0].data.map(p => [p.x, p.y])")
+    assert lr_points == [[p["step"], p["learning_rate"]] for p in result["schedule"]["points"]]
+
     # what-ifs against the plan, configs to copy and download
     bars = page.evaluate("trainplanCharts.whatif.data.datasets[0].data")
     assert bars == [best] + [w["max_micro_batch_size"] for w in result["what_if"]]
@@ -406,6 +410,29 @@ def test_a_failed_plan_shows_its_problem(context: BrowserContext, server: Server
     expect(page.locator("#cancel")).to_be_hidden()
     assert page.locator("#s-max").inner_text() == "—"  # no result: no numbers made up
     _shot(page, "plan-failed")
+
+
+def test_a_plan_for_the_fewest_gpus_shows_each_strategy(
+    context: BrowserContext, server: Server
+) -> None:
+    page = context.new_page()
+    _sign_in(page, server, key=server.key("scale-tenant"))
+    spec = _spec(epochs=3)
+    spec["training"]["parallelism"] = {"world_size": "auto"}
+    spec["search"] = {"what_if": False}
+    plan_id = _submit_api(page, spec)
+    server.run_worker(plans=1).wait(timeout=180)
+    page.goto(f"/plans/{plan_id}")
+    expect(page.locator("#status")).to_have_text("succeeded")
+    scale_out = page.request.get(f"/v1/plans/{plan_id}").json()["result"]["scale_out"]
+    assert scale_out, "world_size 'auto' plans the fewest GPUs per strategy"
+    rows = page.locator("#scale-out tbody tr")
+    expect(rows).to_have_count(len(scale_out))
+    for row, strategy in zip(rows.all(), scale_out, strict=True):
+        assert row.locator("th").inner_text() == strategy["strategy"]
+        assert row.locator("span.bytes").count() == len(strategy["checked"])
+    expect(page.locator("#whatif li")).to_contain_text("No what-if was asked for")
+    _shot(page, "plan-scale-out", full_page=True)
 
 
 def test_the_gpu_catalogue_sorts_from_the_keyboard(context: BrowserContext, server: Server) -> None:

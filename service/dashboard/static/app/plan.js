@@ -161,6 +161,40 @@
     if (!items.length) $("#whatif").append(el("li", { class: "muted" }, "No what-if was asked for (search.what_if)."));
   }
 
+  function schedule(result) {
+    const lr = result.schedule;
+    $("#schedule-section").hidden = !lr;
+    if (!lr) return;
+    charts.schedule?.destroy();
+    charts.schedule = new Chart($("#schedule-chart"), {
+      type: "line",
+      data: { datasets: [{ label: "learning rate", data: lr.points.map((p) => ({ x: p.step, y: p.learning_rate, label: p.label })),
+        borderColor: COLORS.answer, backgroundColor: COLORS.answer, pointRadius: 4, tension: 0 }] },
+      options: { maintainAspectRatio: false, parsing: false, plugins: { legend: { display: false },
+        tooltip: { callbacks: { label: (ctx) => `${ctx.raw.label}: step ${int(ctx.raw.x)}, lr ${num(ctx.raw.y, 4)}` } } },
+        scales: { x: { type: "linear", title: { display: true, text: "optimizer step" } },
+          y: { beginAtZero: true, title: { display: true, text: "learning rate" } } } },
+    });
+    $("#schedule-note").textContent = `${lr.name}, ${int(lr.warmup_steps)} warm-up steps of ${int(lr.total_steps)}` +
+      `${lr.upper_bound ? " (an upper bound: early stopping may end it sooner)" : ""}; sampled at the marked steps, straight between them.`;
+  }
+
+  function scaleOut(result) {
+    const rows = result.scale_out || [];
+    $("#scale-section").hidden = !rows.length;
+    $("#scale-out tbody").replaceChildren(...rows.map((r) => el("tr", {},
+      el("th", { scope: "row" }, r.strategy),
+      el("td", { class: "num" }, r.world_size == null ? "none fits" : int(r.world_size)),
+      el("td", {}, ...r.checked.flatMap((c, i) => [i ? ", " : "", `${int(c.world_size)}: `, bytes(c.peak_bytes), c.fits ? " ✓" : " ✗"])))));
+  }
+
+  function prediction(result) {
+    const p = result.prediction;
+    $("#c-pred").hidden = !p;
+    if (p) card("#s-pred", int(p.predicted_max_micro_batch_size),
+      el("span", { class: "muted small" }, ` (${p.relative_error >= 0 ? "+" : ""}${num(100 * p.relative_error, 3)}%)`));
+  }
+
   function warnings(result) {
     const list = [...(result.warnings || []).map((w) => [w.code, w.message]), ...(result.suggestions || []).map((s) => ["suggestion", s])];
     $("#warnings-section").hidden = !list.length;
@@ -216,6 +250,9 @@
       summary(p.result);
       breakdown(p.result.memory);
       whatIf(p.result);
+      schedule(p.result);
+      scaleOut(p.result);
+      prediction(p.result);
       warnings(p.result);
       configs(p.result);
     } else {

@@ -18,7 +18,6 @@ import time
 
 from bench.api_load import fresh_postgres
 from bench.machine import header
-from service.auth.principal import key_hash, new_key
 from service.auth.quotas import SubmitRate
 from service.store import crud
 from service.store.db import make_engine, make_session_factory, upgrade
@@ -36,7 +35,7 @@ def _takes(url: str, key_id: str, per_minute: int, n: int) -> tuple[list[float],
 
 def _key(url: str) -> str:
     with make_session_factory(make_engine(url))() as session:
-        return crud.create_key(session, "bench", ["submit"], key_hash(new_key()), "tp_bench").id
+        return crud.issue_key(session, "bench", ["submit"])[1].id
 
 
 def main() -> None:

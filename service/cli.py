@@ -130,7 +130,7 @@ def keys_create(
     ),
 ) -> None:
     """Create a key and print it once: only its hash is stored."""
-    from service.auth.principal import SCOPES, key_hash, new_key
+    from service.auth.principal import SCOPES
     from service.store import crud
 
     scopes = sorted({s.strip() for s in scope.split(",") if s.strip()})
@@ -138,9 +138,8 @@ def keys_create(
     if not scopes or unknown or not tenant.strip() or len(tenant) > 100:
         err.print(f"[red]scopes are {', '.join(SCOPES)}; the tenant is 1-100 characters[/red]")
         raise typer.Exit(2)
-    key = new_key()
     with _store()() as session:
-        row = crud.create_key(session, tenant.strip(), scopes, key_hash(key), key[:10])
+        key, row = crud.issue_key(session, tenant.strip(), scopes)
     err.print(f"key {row.id} for tenant {row.tenant!r}, scopes {row.scopes}; shown once:")
     print(key)
 

@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.auth.principal import key_hash, new_key
 from service.config import Settings
 from service.dashboard.assets import STATIC_DIR
 from service.store import crud
@@ -42,10 +41,8 @@ def keyed(db_url: str) -> Iterator[TestClient]:
 def _key(
     client: TestClient, tenant: str = "acme", scopes: tuple[str, ...] = ("submit", "read")
 ) -> str:
-    key = new_key()
     with client.app.state.session_factory() as s:  # type: ignore[attr-defined]
-        crud.create_key(s, tenant, list(scopes), key_hash(key), key[:10])
-    return key
+        return crud.issue_key(s, tenant, list(scopes))[0]
 
 
 def _sign_in(client: TestClient, key: str, next_: str = "/") -> Any:

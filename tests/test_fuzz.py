@@ -24,16 +24,15 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import CHECKS, load_all_checks  # noqa: E402
 
 from service.api.app import create_app  # noqa: E402
-from service.auth.principal import key_hash, new_key  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.store import crud  # noqa: E402
 from service.store.db import make_engine, make_session_factory, upgrade  # noqa: E402
 
 DB_URL = f"sqlite:///{Path(tempfile.mkdtemp(prefix='trainplan-fuzz-')) / 'fuzz.db'}"
 upgrade(DB_URL)
-TOKEN = new_key()  # API keys, as the compose file and manifests run: one tenant's admin key
+# API keys, as the compose file and manifests run: one tenant's admin key
 with make_session_factory(make_engine(DB_URL))() as _session:
-    crud.create_key(_session, "fuzz", ["submit", "read", "admin"], key_hash(TOKEN), TOKEN[:10])
+    TOKEN, _ = crud.issue_key(_session, "fuzz", ["submit", "read", "admin"])
 APP = create_app(
     Settings(
         database_url=DB_URL,

@@ -36,9 +36,8 @@ def keyed(db_url: str) -> Iterator[TestClient]:
 
 
 def _key(client: TestClient, tenant: str, *scopes: str) -> dict[str, str]:
-    key = new_key()
     with client.app.state.session_factory() as s:  # type: ignore[attr-defined]
-        crud.create_key(s, tenant, list(scopes or ("submit", "read")), key_hash(key), key[:10])
+        key, _ = crud.issue_key(s, tenant, list(scopes or ("submit", "read")))
     return {"Authorization": f"Bearer {key}"}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import case, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from service.auth.principal import DEFAULT_TENANT
+from service.auth.principal import DEFAULT_TENANT, key_hash, new_key
 from service.schemas.plan import FINAL, PlanStatus
 from service.schemas.problem import problem
 from service.store.models import ApiKey, AuditEvent, Plan, Trial, Worker
@@ -142,11 +142,13 @@ def create_plan(
 
 
 def fair_key(tenant: str) -> Any:
-    """A new plan's virtual start time, as SQL evaluated inside its INSERT: one past the later
-    of the tenant's last queued plan and the queue's frontier (just before the oldest queued
-    plan; the newest plan's key when nothing is queued). A tenant's k-th queued plan thus sits
-    k slots past the frontier whoever else has a backlog: claims in key order serve tenants
-    round-robin, and concurrent claims (SKIP LOCKED takes the next key) interleave them too."""
+    """A new plan's virtual start time, as SQL evaluated inside its INSERT: one past the
+    tenant's last queued plan or, when it has none queued, one past the queue's frontier (just
+    before the oldest queued plan; the newest plan's key when nothing is queued). The tenant's
+    last queued key is never behind the frontier, so no comparison is needed. A tenant's k-th
+    queued plan thus sits k slots past the frontier whoever else has a backlog: claims in key
+    order serve tenants round-robin, and concurrent claims (SKIP LOCKED takes the next key)
+    interleave them too."""
     queued = aliased(Plan)
     frontier = func.coalesce(
         select(func.min(queued.fair_key) - 1)
@@ -155,13 +157,12 @@ def fair_key(tenant: str) -> Any:
         select(func.max(queued.fair_key)).scalar_subquery(),
         0,
     )
-    own = func.coalesce(
+    own = (
         select(func.max(queued.fair_key))
         .where(queued.tenant == tenant, queued.status == PlanStatus.queued)
-        .scalar_subquery(),
-        frontier,
+        .scalar_subquery()
     )
-    return case((own > frontier, own), else_=frontier) + 1
+    return func.coalesce(own, frontier) + 1
 
 
 def _owned(stmt: Any, tenant: str | None) -> Any:
@@ -557,6 +558,13 @@ def create_key(
     session.add(key)
     session.commit()
     return key
+
+
+def issue_key(session: Session, tenant: str, scopes: list[str]) -> tuple[str, ApiKey]:
+    """A new key for `tenant`: the secret (shown once, never stored) and its stored row, which
+    keeps the hash and the first 10 characters to name it by."""
+    key = new_key()
+    return key, create_key(session, tenant, scopes, key_hash(key), key[:10])
 
 
 def find_key(session: Session, hashed: str) -> ApiKey | None:

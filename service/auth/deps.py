@@ -91,10 +91,11 @@ async def principal_of(request: Request, settings: Settings, token: str) -> Prin
     return principal
 
 
-def csrf_ok(request: Request) -> bool:
+def csrf_ok(request: Request, sent: str | None = None) -> bool:
+    """The CSRF cookie echoed: in `X-CSRF-Token`, or as `sent` (a form's field)."""
     expected = request.cookies.get(CSRF_COOKIE, "")
-    sent = request.headers.get(CSRF_HEADER, "")
-    return bool(expected) and secrets.compare_digest(expected, sent)
+    echoed = request.headers.get(CSRF_HEADER, "") if sent is None else sent
+    return bool(expected) and secrets.compare_digest(expected, echoed)
 
 
 async def authenticate(

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
 from service.api.deps import SettingsDep
-from service.dashboard.session import keep_csrf, to_sign_in, viewer
+from service.dashboard.session import to_sign_in, viewer
 from service.dashboard.templating import render
 from service.schemas.examples import PLAN_EXAMPLES
 
@@ -24,7 +24,7 @@ async def _page(
     if principal is None:
         return to_sign_in(request)
     tenant = principal.tenant if settings.auth_mode == "keys" else None
-    return keep_csrf(request, render(request, template, tenant=tenant, signed_in=True, **context))
+    return render(request, template, tenant=tenant, signed_in=True, **context)
 
 
 @router.get("/")

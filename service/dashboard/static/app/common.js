@@ -54,13 +54,6 @@ const TP = (() => {
     if (a !== 0 && (a < 1e-3 || a >= 1e6)) return n.toExponential(2);
     return Number(n.toPrecision(digits)).toLocaleString("en-US");
   }
-  function duration(s) {
-    if (s == null) return "—";
-    if (s < 120) return `${s.toFixed(1)} s`;
-    if (s < 7200) return `${(s / 60).toFixed(1)} min`;
-    if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
-    return `${(s / 86400).toFixed(1)} days`;
-  }
   function when(iso) {
     if (!iso) return "";
     const d = new Date(iso);
@@ -108,5 +101,5 @@ const TP = (() => {
     return parts.reduce((s, p) => (typeof p === "number" ? `${s}[${p}]` : s ? `${s}.${p}` : String(p)), "");
   }
 
-  return { api, ApiError, bytes, bytesText, int, num, duration, when, el, $, badge, copy, download, fieldPath, csrf, GiB };
+  return { api, ApiError, bytes, bytesText, int, num, when, el, $, badge, copy, download, fieldPath, csrf, GiB };
 })();

@@ -1,22 +1,43 @@
-# Two commands set everything up: `make serve` and `make test`. Both start with `make install`.
+# Two commands set everything up: `make serve` and `make test`. Both install from the lock files
+# in requirements/ (exact versions; `make lock` refreshes them from pyproject.toml's ranges):
+# serve.txt holds what serving and planning need, dev.txt that and the test tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,vision,postgres,nlp,peft
-STAMP := $(VENV)/.installed
+SERVE_EXTRAS := vision,postgres,nlp,peft
+DEV_EXTRAS := dev,$(SERVE_EXTRAS)
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header
 
-.PHONY: install serve test lint typecheck unit bench clean compose-check
+.PHONY: install install-serve serve test lint typecheck unit bench clean compose-check lock spec-doc
 
-install: $(STAMP)
+install: $(VENV)/.installed-dev
+install-serve: $(VENV)/.installed-serve
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "trainplan needs Python 3.11+"'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
-	touch $(STAMP)
 
-serve: install
+$(VENV)/.installed-serve: requirements/serve.txt pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements/serve.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: requirements/dev.txt pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@ $(VENV)/.installed-serve
+
+# Re-resolve pyproject.toml's ranges into exact pins (x86_64 Linux, Python 3.11, as CI and the
+# image run); commit the result.
+lock: | $(BIN)/python
+	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(SERVE_EXTRAS)),--extra $(e)) $(LOCK_TARGET) -o requirements/serve.txt
+	$(BIN)/uv pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(DEV_EXTRAS)),--extra $(e)) $(LOCK_TARGET) -o requirements/dev.txt
+
+comma := ,
+
+serve: install-serve
 	$(BIN)/trainplan serve
 
 lint: install
@@ -31,8 +52,14 @@ unit: install
 
 test: lint typecheck unit
 
+# Docker does not run here: the compose file, the Kubernetes manifests and the Dockerfile are
+# checked by their tests (YAML, real commands, image names, health checks).
 compose-check: install
-	$(BIN)/python deploy/check_manifests.py
+	$(BIN)/python -m pytest -q tests/test_deploy.py
+
+# Regenerate docs/spec.md from the API's OpenAPI schema (a test fails when it is stale).
+spec-doc: install
+	$(BIN)/python -m service.docs_spec > docs/spec.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

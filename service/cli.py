@@ -1,4 +1,4 @@
-"""The `trainplan` command line: serve, worker, db upgrade, plan (remote or --local), gpus."""
+"""The `trainplan` command line: serve, worker, db upgrade|current, plan (remote or --local), gpus."""
 
 from __future__ import annotations
 
@@ -103,6 +103,36 @@ def worker_cmd(
     err.print(f"worker stopped after {done} plan(s)")
 
 
+@app.command("worker-health")
+def worker_health(
+    max_age: Annotated[
+        float | None,
+        typer.Option(help="Seconds; default: three heartbeats (TRAINPLAN_HEARTBEAT_SECONDS)."),
+    ] = None,
+) -> None:
+    """Exit 0 if this host's worker beat recently: a container health check. The worker touches
+    TRAINPLAN_HEARTBEAT_FILE after each heartbeat the store accepted, so a stuck worker or one
+    cut off from the store turns unhealthy."""
+    import time
+
+    from service.config import get_settings
+
+    settings = get_settings()
+    if settings.heartbeat_file is None:
+        err.print("TRAINPLAN_HEARTBEAT_FILE is not set: the worker writes no heartbeat file")
+        raise typer.Exit(2)
+    limit = max_age if max_age is not None else 3 * settings.heartbeat_seconds
+    try:
+        age = time.time() - settings.heartbeat_file.stat().st_mtime
+    except FileNotFoundError:
+        err.print(f"no heartbeat yet ({settings.heartbeat_file} does not exist)")
+        raise typer.Exit(1) from None
+    if age > limit:
+        err.print(f"last heartbeat {age:.0f} s ago (limit {limit:.0f} s)")
+        raise typer.Exit(1)
+    print(f"last heartbeat {age:.1f} s ago")
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply all migrations to TRAINPLAN_DATABASE_URL."""
@@ -111,6 +141,18 @@ def db_upgrade() -> None:
 
     upgrade(get_settings().database_url)
     err.print("database is at the latest revision")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the store's revision and the newest one this package knows; exit 1 if behind."""
+    from service.config import get_settings
+    from service.store.db import current_revision, head_revision
+
+    current, head = current_revision(get_settings().database_url), head_revision()
+    print(f"current {current or 'none'}, head {head}")
+    if current != head:
+        raise typer.Exit(1)
 
 
 def _store() -> Any:

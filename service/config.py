@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
         description="A claim lasts this long unless the worker's heartbeat extends it.",
     )
     heartbeat_seconds: float = Field(default=5.0, gt=0)
+    heartbeat_file: Path | None = Field(
+        default=None,
+        description="A worker touches this file after each heartbeat the store accepted; "
+        "`trainplan worker-health` (the container's health check) reads its age.",
+    )
     poll_seconds: float = Field(default=0.5, gt=0, description="Idle worker's queue poll period.")
     plan_timeout_seconds: float = Field(default=900.0, gt=0, description="Time limit of one plan.")
     plan_memory_limit_gib: float = Field(

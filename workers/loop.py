@@ -134,6 +134,9 @@ class PlanWorker:
                 crud.worker_heartbeat(session, self.worker_id, plan_id, done, stopped)
         except Exception as exc:
             log.warning("worker.heartbeat_failed", error=str(exc)[:300])
+            return
+        if self.settings.heartbeat_file is not None and not stopped:
+            self.settings.heartbeat_file.touch()  # the container's health check reads its age
 
     # -- one plan --------------------------------------------------------------------------
     def execute(

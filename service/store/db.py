@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter
@@ -64,13 +63,42 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+def alembic_config(url: str) -> Any:
+    """Alembic's configuration, built here rather than read from an ini file: the migrations
+    are the installed package `service.store.migrations` (the repository's `migrations/`,
+    mapped in by setup.py), found wherever the package is installed and whatever the working
+    directory."""
+    from importlib.resources import files
+
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(files("service.store.migrations")))
+    config.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return config
+
+
 def upgrade(url: str) -> None:
     """Apply every Alembic migration to the database at `url`."""
     from alembic import command
-    from alembic.config import Config
 
-    root = Path(__file__).resolve().parents[2]
-    config = Config(str(root / "alembic.ini"))
-    config.set_main_option("script_location", str(root / "migrations"))
-    config.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
-    command.upgrade(config, "head")
+    command.upgrade(alembic_config(url), "head")
+
+
+def current_revision(url: str) -> str | None:
+    """The store's Alembic revision (None: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The newest revision the installed migrations know."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()

@@ -10,21 +10,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN useradd --create-home --uid 10001 trainplan
-WORKDIR /app
 
-# Dependencies first, for layer caching: the package metadata alone.
-COPY pyproject.toml README.md ./
-RUN mkdir -p service workers && touch service/__init__.py workers/__init__.py \
-    && pip install ".[vision,nlp,postgres,peft]" \
-    && pip uninstall -y trainplan
+# Dependencies first, for layer caching: the exact versions of the serving lock file
+# (requirements/serve.txt: serving and planning, no test tools).
+COPY requirements/serve.txt /tmp/requirements/serve.txt
+RUN pip install -r /tmp/requirements/serve.txt
 
-COPY service ./service
-COPY workers ./workers
-COPY migrations ./migrations
-COPY alembic.ini ./
-RUN pip install --no-deps .
+# The package itself, installed as a wheel would be: migrations travel inside it
+# (service.store.migrations), so nothing runs from the source tree, which is removed.
+COPY pyproject.toml setup.py README.md /tmp/src/
+COPY service /tmp/src/service
+COPY workers /tmp/src/workers
+COPY migrations /tmp/src/migrations
+RUN pip install --no-deps /tmp/src && rm -rf /tmp/src /tmp/requirements
 
 USER trainplan
+WORKDIR /home/trainplan
 ENV TRAINPLAN_HOST=0.0.0.0 \
     TRAINPLAN_PORT=8000
 EXPOSE 8000

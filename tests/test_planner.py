@@ -101,3 +101,31 @@ def test_divisor_gives_exact_global_batch() -> None:
     assert plan.effective_global_batch_size == 1000
     plan = planner.choose_batches(347, 1000, 1, "power_of_two")
     assert plan.effective_global_batch_size == 1024  # 256 x 4: the power of two overshoots
+
+
+def _adamw_at_64(**training: object) -> object:
+    from tests.helpers import tensor_spec
+    from workers.engine.profile import run_plan
+
+    spec = tensor_spec(optimizer="adamw", base_lr=3e-4, global_batch_size=64, **training)
+    if "base_batch_size" not in training:  # tensor_spec names one; this plan must not
+        spec = spec.model_copy(
+            update={"training": spec.training.model_copy(update={"base_batch_size": None})}
+        )
+    return run_plan(spec)
+
+
+def test_the_rate_given_without_a_reference_batch_is_the_rate_at_the_batch_asked() -> None:
+    """AdamW at 3e-4 for a global batch of 64 trained at 1.5e-4: the default reference batch was
+    256 and the square-root rule halved the rate nobody asked to scale."""
+    result = _adamw_at_64()
+    assert result.learning_rate == pytest.approx(3e-4)
+    assert result.lr_scaling.base_batch_size == 64
+    assert result.lr_scaling.base_batch_size_from == "global_batch_size"
+    assert (result.lr_scaling.rule, result.lr_scaling.factor) == ("sqrt", 1.0)
+
+
+def test_a_named_reference_batch_still_scales_the_rate() -> None:
+    result = _adamw_at_64(base_batch_size=256)
+    assert result.learning_rate == pytest.approx(1.5e-4)
+    assert result.lr_scaling.base_batch_size_from == "spec"

@@ -214,6 +214,38 @@ def test_param_groups_set_each_groups_rate() -> None:
     assert "framework_fallback" in {w.code for w in result.warnings}
 
 
+def test_per_group_rates_keep_the_hf_trainers_schedule(tmp_path: Any) -> None:
+    """The arguments said `constant` with no warm-up when the plan had per-group rates, so anyone
+    copying only `TrainingArguments` trained on the wrong schedule. The Trainer builds its own
+    scheduler on an optimizer passed as `optimizers=(grouped, None)`: each group follows the
+    plan's cosine with its warm-up, at its own scale."""
+    transformers = pytest.importorskip("transformers")
+    groups = [{"prefix": "net.0.", "lr_scale": 0.1}]
+    _, result = planned({"name": "cosine", "warmup_steps": 4}, param_groups=groups)
+    hf = dict(result.configs["hf_trainer"])
+    assert (hf["lr_scheduler_type"], hf["warmup_steps"]) == ("cosine", 4)
+    model = Counting()
+    scope = recipe_scope(result.configs["recipe"])
+    grouped = torch.optim.AdamW(scope["param_groups"](model), lr=result.learning_rate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", **hf
+        )
+        trainer = transformers.Trainer(model=model, args=args, optimizers=(grouped, None))
+        trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
+    seen = []
+    for _ in range(result.total_optimizer_steps):
+        seen.append([g["lr"] for g in trainer.optimizer.param_groups])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    expected = expected_rates(result)
+    assert [s[0] for s in seen] == pytest.approx([0.1 * e for e in expected], abs=1e-12)
+    assert [s[1] for s in seen] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    warning = next(w for w in result.warnings if w.code == "framework_fallback")
+    assert "optimizers=(optimizer, None)" in warning.message
+
+
 @pytest.mark.parametrize(
     ("groups", "trainable"),
     [

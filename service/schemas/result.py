@@ -18,7 +18,12 @@ class DeviceInfo(BaseModel):
 class LrScalingInfo(BaseModel):
     rule: Literal["linear", "sqrt", "none"]
     base_lr: float
-    base_batch_size: int
+    base_batch_size: int = Field(description="The reference batch base_lr belongs to.")
+    base_batch_size_from: Literal["spec", "global_batch_size"] = Field(
+        default="spec",
+        description="Where the reference came from: the spec's base_batch_size, or (none given) "
+        "the global batch asked for.",
+    )
     factor: float
     warmup_steps: int = Field(description="Suggested linear warm-up, in optimizer steps (0: none).")
 

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -405,6 +406,19 @@ class ParamGroup(StrictModel):
     lr_scale: float = Field(gt=0, le=1000)
 
 
+def _auto_world_size(data: dict[str, Any]) -> dict[str, Any]:
+    """`training.world_size: "auto"` is `training.parallelism.world_size: "auto"`."""
+    parallelism = data.get("parallelism") or {}
+    if not isinstance(parallelism, dict):
+        return data
+    if parallelism.get("world_size", "auto") != "auto":
+        raise ValueError(
+            f"world_size 'auto' and parallelism.world_size {parallelism['world_size']} differ"
+        )
+    rest = {k: v for k, v in data.items() if k != "world_size"}
+    return {**rest, "parallelism": {**parallelism, "world_size": "auto"}}
+
+
 class TrainingSpec(StrictModel):
     optimizer: Optimizer = "adamw"
     optimizer_impl: OptimizerImpl | None = Field(
@@ -416,10 +430,32 @@ class TrainingSpec(StrictModel):
     gradient_checkpointing: bool = False
     global_batch_size: int = Field(default=256, ge=1, le=1 << 24)
     base_lr: float = Field(default=1e-3, gt=0, le=100)
-    base_batch_size: int = Field(default=256, ge=1, le=1 << 24)
+    base_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 24,
+        description="The batch base_lr was tuned for; the scaling rule moves the rate from it "
+        "to the effective global batch. null: base_lr is meant for global_batch_size as asked "
+        "(the rate moves only where the plan's effective batch differs from it).",
+    )
     lr_scaling: LrScaling = "auto"
     epochs: float = Field(default=1, gt=0, le=100_000)
-    world_size: int = Field(default=1, ge=1, le=1 << 16)
+    world_size: Annotated[
+        int,
+        # "auto" never reaches the field (the validator below moves it into parallelism), but
+        # clients may send it, so the schema says so.
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "minimum": 1, "maximum": 1 << 16},
+                    {"const": "auto"},
+                ],
+                "title": "World Size",
+                "description": "GPUs in all (same as parallelism.world_size); 'auto' here "
+                "means parallelism.world_size 'auto': the fewest GPUs that fit.",
+            }
+        ),
+    ] = Field(default=1, ge=1, le=1 << 16)
     trainable: Literal["all"] | list[str] = Field(
         default="all",
         description="'all', or the parameter-name prefixes to FREEZE (no gradient, no state).",
@@ -470,6 +506,8 @@ class TrainingSpec(StrictModel):
         (the field plans always had), the nested one is where the strategy is described."""
         if not isinstance(data, dict):
             return data
+        if data.get("world_size") == "auto":  # "the fewest GPUs that fit", said at the top
+            data = _auto_world_size(data)
         parallelism = data.get("parallelism")
         asked = (
             parallelism.get("world_size")
@@ -482,6 +520,11 @@ class TrainingSpec(StrictModel):
                 raise ValueError(f"world_size {given} and parallelism.world_size {asked} differ")
             data = {**data, "world_size": asked}
         return data
+
+    @property
+    def reference_batch_size(self) -> int:
+        """The batch `base_lr` belongs to: the one named, else the global batch asked for."""
+        return self.base_batch_size or self.global_batch_size
 
     @property
     def strategy(self) -> Strategy:

@@ -263,10 +263,11 @@ def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     return out
 
 
-def hf_native_schedule(spec: PlanSpec, schedule: Schedule) -> tuple[str, dict[str, Any]] | None:
-    """The Trainer's own scheduler equal to the plan's; None where `configs.recipe`'s goes in
-    (no such scheduler, or per-group rates, which the Trainer's arguments cannot hold)."""
-    return None if spec.training.param_groups else schedule.hf_native
+def hf_native_schedule(schedule: Schedule) -> tuple[str, dict[str, Any]] | None:
+    """The Trainer's own scheduler equal to the plan's; None where `configs.recipe`'s goes in.
+    Per-group rates do not change it: the Trainer builds its scheduler on the optimizer it is
+    given (`Trainer(optimizers=(grouped_optimizer, None))`), keeping each group's ratio."""
+    return schedule.hf_native
 
 
 def deepspeed_takes_recipe(spec: PlanSpec, schedule: Schedule, peak: float) -> bool:
@@ -283,7 +284,7 @@ def _hf_schedule(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     replaced by `Trainer(optimizers=(optimizer, make_scheduler(optimizer)))` from
     `configs.recipe` (a plan warning says so)."""
     schedule = n.lr_schedule
-    native = hf_native_schedule(spec, schedule)
+    native = hf_native_schedule(schedule)
     if native is None:
         return {"warmup_steps": 0, "lr_scheduler_type": "constant"}
     name, kwargs = native

@@ -179,10 +179,16 @@ def framework_fallback(f: Facts) -> PlanWarning | None:
         return None
     missing = []
     groups = bool(f.spec.training.param_groups)
-    if hf_native_schedule(f.spec, f.schedule) is None:
+    if hf_native_schedule(f.schedule) is None:
         missing.append(
             "the HF Trainer (pass Trainer(optimizers=(optimizer, scheduler)) built with "
             "configs.recipe's param_groups and make_scheduler)"
+        )
+    elif groups:
+        missing.append(
+            "the HF Trainer's arguments (pass Trainer(optimizers=(optimizer, None)) with the "
+            "optimizer built over configs.recipe's param_groups: the Trainer builds the "
+            f"arguments' {f.schedule.name} schedule on it)"
         )
     if deepspeed_takes_recipe(f.spec, f.schedule, f.lr.learning_rate):
         missing.append("DeepSpeed (pass them to deepspeed.initialize(optimizer=, lr_scheduler=))")

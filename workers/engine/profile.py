@@ -262,7 +262,7 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
     )
     lr = planner.scale_lr(
         training.base_lr,
-        training.base_batch_size,
+        training.reference_batch_size,
         batches.effective_global_batch_size,
         training.lr_scaling,
         training.optimizer,
@@ -301,7 +301,8 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         lr_scaling=LrScalingInfo(
             rule=lr.rule,
             base_lr=training.base_lr,  # type: ignore[arg-type]
-            base_batch_size=training.base_batch_size,
+            base_batch_size=training.reference_batch_size,
+            base_batch_size_from="spec" if training.base_batch_size else "global_batch_size",
             factor=lr.factor,
             warmup_steps=schedule.warmup,
         ),
@@ -340,7 +341,7 @@ def _recipe(
         epochs.optimizer_steps_per_epoch,
         epochs.total_optimizer_steps,
     )
-    k = batches.effective_global_batch_size / training.base_batch_size
+    k = batches.effective_global_batch_size / training.reference_batch_size
     return schedule, recipe.sde_adjustment(training.optimizer, lr.rule, k)
 
 
@@ -511,7 +512,8 @@ def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> Plan
         lr_scaling=LrScalingInfo(
             rule=lr_rule,
             base_lr=spec.training.base_lr,  # type: ignore
-            base_batch_size=spec.training.base_batch_size,
+            base_batch_size=spec.training.reference_batch_size,
+            base_batch_size_from="spec" if spec.training.base_batch_size else "global_batch_size",
             factor=1.0,
             warmup_steps=0,
         ),

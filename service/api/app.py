@@ -36,7 +36,10 @@ learning rate, and where the memory goes. Errors are RFC 9457 problem details.""
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes with a 413 before reading them all."""
+    """Refuse request bodies over `limit` bytes with a 413, however they are sent. A declared
+    Content-Length over it is refused before anything is read; a chunked body is read into
+    memory up to the limit first and refused as soon as it passes it (raising inside FastAPI's
+    body read turned into a 400 "error parsing the body"), then replayed to the app."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -50,21 +53,28 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._too_large(send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
+        if declared is not None or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)  # the server holds it to its declared length
+            return
+        buffered = await self._read(receive)
+        if buffered is None:
             await self._too_large(send)
+            return
+        await self.app(scope, _replay(buffered, receive), send)
+
+    async def _read(self, receive: Receive) -> list[Message] | None:
+        """The request's messages up to its last body chunk; None past the limit."""
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages  # the client left: the app will see it
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return None
+            if not message.get("more_body", False):
+                return messages
 
     async def _too_large(self, send: Send) -> None:
         import json
@@ -84,14 +94,21 @@ class BodyLimit:
                 "headers": [
                     (b"content-type", b"application/problem+json"),
                     (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
                 ],
             }
         )
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """`receive` that hands out the buffered messages, then the live ones (disconnects)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
 
 
 def create_app(

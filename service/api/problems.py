@@ -26,17 +26,30 @@ def _problem_response(description: str, status: int, title: str, detail: str) ->
 
 # Errors any route can answer with, documented once for the whole API.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _problem_response(
-        "The body is not parsable (not UTF-8 / not JSON)",
-        400,
-        "HTTP error",
-        "There was an error parsing the body",
-    ),
+    400: {
+        "description": "The body is not JSON: problem details naming the line and column",
+        "content": {
+            MEDIA_TYPE: {
+                "example": problem(
+                    "invalid-json",
+                    "The body is not valid JSON",
+                    "Expecting value at line 2, column 13 (character 24)",
+                    400,
+                    line=2,
+                    column=13,
+                    position=24,
+                )
+            }
+        },
+    },
     401: _problem_response(
         "Missing or wrong bearer token (auth_mode=token)", 401, "Unauthorized", "bearer token"
     ),
     413: _problem_response(
-        "The body is over the server's limit", 413, "Request too large", "over the limit"
+        "The body is over the server's limit (declared or streamed in chunks)",
+        413,
+        "Request too large",
+        "over the limit",
     ),
     503: _problem_response(
         "The plan store is down or full (Retry-After says when to retry)",
@@ -153,9 +166,35 @@ def allowed_methods(app: FastAPI, request: Request) -> str:
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")  # sorted
 
 
+def invalid_json(errors: Sequence[Any], body: Any) -> dict[str, Any] | None:
+    """A body that is not JSON is a 400 naming the line and column where parsing stopped
+    (FastAPI reports it as a 422 at the character offset, as if it were a field)."""
+    error = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if error is None:
+        return None
+    loc = list(error.get("loc", ()))
+    offset = loc[-1] if loc and isinstance(loc[-1], int) else 0
+    text = body if isinstance(body, str) else ""
+    line = text.count("\n", 0, offset) + 1
+    column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    reason = (error.get("ctx") or {}).get("error") or error.get("msg", "not JSON")
+    return problem(
+        "invalid-json",
+        "The body is not valid JSON",
+        f"{reason} at line {line}, column {column} (character {offset})",
+        400,
+        line=line,
+        column=column,
+        position=offset,
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        not_json = invalid_json(exc.errors(), exc.body)
+        if not_json is not None:
+            return problem_response(not_json)
         return problem_response(validation_problem(_clean_errors(exc.errors(), exc.body)))
 
     @app.exception_handler(ProblemException)

@@ -68,10 +68,17 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def _unauthorized() -> ProblemException:
+def _unauthorized(sent: bool) -> ProblemException:
+    """RFC 9110 15.5.2: a 401 names the scheme in WWW-Authenticate (RFC 6750 for Bearer)."""
+    challenge = 'Bearer realm="trainplan"'
+    if sent:
+        challenge += ', error="invalid_token"'
     return ProblemException(
-        401, "unauthorized", "Unauthorized", "send 'Authorization: Bearer <key>'"
-    )
+        401,
+        "unauthorized",
+        "Unauthorized",
+        "send 'Authorization: Bearer <key>'" + (": this one is not a live key" if sent else ""),
+    ).with_headers({"WWW-Authenticate": challenge})
 
 
 async def principal_of(request: Request, settings: Settings, token: str) -> Principal | None:
@@ -111,7 +118,7 @@ async def authenticate(
         token = request.cookies.get(SESSION_COOKIE, "")
     principal = await principal_of(request, settings, token)
     if principal is None:
-        raise _unauthorized()
+        raise _unauthorized(sent=bool(token))
     if via_cookie and request.method not in SAFE_METHODS and not csrf_ok(request):
         raise ProblemException(
             403,

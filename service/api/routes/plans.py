@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api import limits
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import JsonBody, SessionDep, SettingsDep
 from service.api.model_checks import ModelChecks, ModelChecksDep
 from service.api.plan_views import PlanBody, not_found, plan_body, plan_out, render
 from service.api.problems import ProblemException, field_error, validation_problem
@@ -87,7 +87,9 @@ def _check_buildable(spec: PlanSpec, checks: ModelChecks, settings: Settings) ->
     status_code=202,
     response_model=PlanOut,
     summary="Submit a plan",
+    dependencies=[JsonBody],
     responses={
+        415: {"description": "The body is not sent as application/json (problem details)"},
         **response_example(
             202,
             PLAN_EXAMPLE | {"status": PlanStatus.queued, "result": None},
@@ -260,8 +262,9 @@ async def get_plan(
     response_model=PlanOut,
     status_code=202,
     responses=NOT_FOUND
-    | response_example(202, PLAN_EXAMPLE | {"status": PlanStatus.cancelled, "result": None}),
-    summary="Cancel: a queued plan at once, a running one at its next trial",
+    | response_example(202, PLAN_EXAMPLE | {"status": PlanStatus.cancelled, "result": None})
+    | {409: {"description": "The plan already succeeded or failed (problem details)"}},
+    summary="Cancel: a queued plan at once, a running one at its next trial; 409 once ended",
 )
 def cancel_plan(
     plan_id: str, principal: SubmitterDep, audit: AuditDep, session: SessionDep
@@ -269,6 +272,13 @@ def cancel_plan(
     plan = crud.request_cancel(session, plan_id, principal.tenant_filter)
     if plan is None:
         raise not_found(plan_id)
+    if plan.status in (PlanStatus.succeeded, PlanStatus.failed):
+        raise ProblemException(
+            409,
+            "plan-ended",
+            "The plan has ended",
+            f"plan {plan_id} has already {plan.status}: there is nothing to cancel",
+        )
     audit.record(principal, "cancel", plan_id)
     return plan_out(plan, session)
 

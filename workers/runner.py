@@ -23,6 +23,9 @@ def child_main(spec_json: str, queue: Any, memory_limit: int = 0) -> None:
             cap_memory(memory_limit)
         try:
             result = engine.plan(spec, lambda t: queue.put(("trial", t.model_dump(mode="json"))))
+        except engine.Unsupported as exc:
+            queue.put(("error", unsupported_problem(exc)))
+            return
         except engine.SpecError as exc:
             queue.put(
                 (
@@ -60,6 +63,18 @@ def child_main(spec_json: str, queue: Any, memory_limit: int = 0) -> None:
                 ),
             )
         )
+
+
+def unsupported_problem(exc: Any) -> dict[str, Any]:
+    """A model the engine cannot trace: a 422 naming the layer and op (never a raw 500)."""
+    return problem(
+        "unsupported",
+        "trainplan cannot plan this model",
+        exc.message,
+        422,
+        unsupported=exc.what,
+        errors=exc.as_problem_errors(),
+    )
 
 
 def cap_memory(limit: int) -> None:

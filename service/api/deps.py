@@ -37,7 +37,9 @@ async def require_json(request: Request) -> None:
     body as a string and answered 'Input should be a valid dictionary'). Runs before the body
     is validated, so the client learns the real reason."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
         return
     raise ProblemException(
         415,

@@ -22,11 +22,12 @@ from typing import Any
 
 from service.schemas.result import PlanResult, Trial
 from service.schemas.spec import PlanSpec
-from workers.engine.errors import SpecError
+from workers.engine.errors import SpecError, Unsupported
 
 __all__ = [
     "ModelFacts",
     "SpecError",
+    "Unsupported",
     "check",
     "gpus",
     "model_facts",
@@ -37,7 +38,7 @@ __all__ = [
 
 # Bumped whenever the engine answers the same spec differently (a new model of memory, a new
 # field in the result): plans made before are then not reused for new submits.
-ENGINE_REVISION = 17
+ENGINE_REVISION = 18  # 18: base_lr default reference, BatchNorm floor, unsupported problems
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from workers.engine.roofline import UNCERTAINTY, StepCost
 from workers.engine.scale_out import fewest_gpus, with_world
 from workers.engine.schedule import Schedule
 from workers.engine.schedule import resolve as resolve_schedule
+from workers.engine.errors import SpecError
 from workers.engine.search import SearchResult, find_max_batch
 from workers.engine.what_if import explore
 
@@ -196,6 +197,7 @@ def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResul
                 spec.training.world_size,
                 spec.search.micro_batch,
             )
+            _check_defined(spec, search, batches.micro_batch_size)
             at_micro = search.outcome_at(batches.micro_batch_size)
             if at_micro is None:  # the breakdown is reported at the chosen micro-batch
                 at_micro = session.probe(batches.micro_batch_size)
@@ -208,6 +210,31 @@ def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResul
         result = _feasible(spec, device, measured)
     result.prediction = _prediction(twin, search.max_batch)
     return result
+
+
+def _check_defined(spec: PlanSpec, search: SearchResult, micro: int) -> None:
+    """The chosen micro-batch must be one where training is defined (BatchNorm: 2 and up)."""
+    if micro >= search.min_batch:
+        return
+    training = spec.training
+    raise SpecError(
+        ("training", "global_batch_size"),
+        f"global_batch_size {training.global_batch_size} on {training.world_size} GPU(s) gives "
+        f"micro-batches of {micro}, where training is undefined ({search.undefined_reason}): "
+        f"each GPU needs at least {search.min_batch} samples a step",
+    )
+
+
+def undefined_batch_warning(search: SearchResult) -> list[PlanWarning]:
+    if search.min_batch == 1:
+        return []
+    return [
+        PlanWarning(
+            code="micro_batch_floor",
+            message=f"training is undefined below a micro-batch of {search.min_batch} "
+            f"({search.undefined_reason}): the search started at {search.min_batch}",
+        )
+    ]
 
 
 def _prediction(twin: tuple[int, int, float] | None, real: int) -> Prediction | None:
@@ -278,6 +305,7 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         traffic = _traffic(spec, device, measured.counts, batches.accumulation_steps)
         throughput = estimate_throughput(spec, batches, epochs, measured.cost, traffic)
     warnings += [PlanWarning(code="model_adapted", message=n) for n in measured.notes]
+    warnings += undefined_batch_warning(measured.search)
     numbers = PlanNumbers(
         micro_batch_size=batches.micro_batch_size,
         accumulation_steps=batches.accumulation_steps,

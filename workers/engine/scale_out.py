@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from service.schemas.spec import PlanSpec
 from workers.engine.devices import ProbeDevice, TrialOutcome
+from workers.engine.errors import BatchUndefined
 from workers.engine.models import build_model
 
 MAX_WORLD = 1 << 16
@@ -58,7 +59,7 @@ def fewest_gpus(
     on_probe: Callable[[int, TrialOutcome], None] | None = None,
 ) -> ScaleOutAnswer:
     """The smallest world size (within the global batch: a sample per rank) where `strategy`
-    fits a micro-batch of one on `device`."""
+    fits a micro-batch of one on `device` (of two where training is undefined at one)."""
     gpus = spec.training.parallelism.gpus_per_node
     sizes = world_sizes(gpus, min(MAX_WORLD, spec.training.global_batch_size))
     checked: dict[int, TrialOutcome] = {}
@@ -67,7 +68,10 @@ def fewest_gpus(
         if size not in checked:
             target = with_world(spec, strategy, size)
             with device.session(target, build_model(target)) as session:
-                checked[size] = session.probe(1)
+                try:
+                    checked[size] = session.probe(1)
+                except BatchUndefined as exc:  # BatchNorm at one value per channel
+                    checked[size] = session.probe(exc.batch + 1)
             if on_probe is not None:
                 on_probe(size, checked[size])
         return checked[size]

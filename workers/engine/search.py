@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.engine.devices.base import TrialOutcome
+from workers.engine.errors import BatchUndefined
 
 Probe = Callable[[int], TrialOutcome]
 # A cheap prediction of whether a batch fits (None: no prediction), e.g. the simulated device's
@@ -38,6 +39,8 @@ class SearchResult:
     max_batch: int  # 0: not even one sample fits
     trials: list[TrialOutcome] = field(default_factory=list)
     bound_reached: bool = False
+    min_batch: int = 1  # the smallest batch where training is defined (BatchNorm: see below)
+    undefined_reason: str | None = None  # why the batches below min_batch do not train
 
     def outcome_at(self, batch: int) -> TrialOutcome | None:
         return next((t for t in self.trials if t.batch_size == batch), None)
@@ -104,14 +107,14 @@ class _Bracket:
         return self.lo + math.floor((self.limit - lo_peak) / slope)
 
 
-def _confirm_seed(br: _Bracket, seed: int, max_batch: int) -> SearchResult | None:
+def _confirm_seed(br: _Bracket, seed: int, max_batch: int, min_batch: int) -> SearchResult | None:
     """Probe the seed and its neighbour: the answer in two trials when the seed is right."""
     if br.probe(seed).fits:
         if seed == max_batch:
             return SearchResult(seed, br.trials, bound_reached=True)
         if not br.probe(seed + 1).fits:
             return SearchResult(seed, br.trials)
-    elif seed > 1 and br.probe(seed - 1).fits:
+    elif seed > min_batch and br.probe(seed - 1).fits:
         return SearchResult(seed - 1, br.trials)
     return None
 
@@ -143,6 +146,9 @@ def predicted_answer(predict: Predict, lo: int, hi: int) -> int | None:
     return good
 
 
+MAX_UNDEFINED = 8  # BatchNorm needs 2; a spec whose training is undefined further up is odd
+
+
 def find_max_batch(
     probe: Probe,
     limit: int,
@@ -150,21 +156,44 @@ def find_max_batch(
     predict: Predict | None = None,
     seed: int | None = None,
 ) -> SearchResult:
-    """The exact largest batch in [1, max_batch] whose probe fits; 0 when batch 1 does not.
+    """The exact largest batch in [1, max_batch] whose probe fits; 0 when none does.
     With `predict`, probes go where the prediction puts the answer and its neighbour; with
     `seed` (a simulated answer for a real device), the seed and seed + 1 are probed first. The
-    secant and bisection safeguards still bound the trials when predictions miss."""
+    secant and bisection safeguards still bound the trials when predictions miss. Where
+    training is undefined at a small batch (a probe raises BatchUndefined), the search starts
+    again just above it: that batch is not an out-of-memory failure."""
+    min_batch, reason = 1, None
+    while True:
+        try:
+            result = _search(probe, limit, max_batch, predict, seed, min_batch)
+        except BatchUndefined as exc:
+            if exc.batch < min_batch or exc.batch >= min(max_batch, MAX_UNDEFINED):
+                raise
+            min_batch, reason = exc.batch + 1, exc.reason
+            continue
+        result.min_batch, result.undefined_reason = min_batch, reason
+        return result
+
+
+def _search(
+    probe: Probe,
+    limit: int,
+    max_batch: int,
+    predict: Predict | None,
+    seed: int | None,
+    min_batch: int,
+) -> SearchResult:
     br = _Bracket(probe, limit, max_batch)
-    if seed is not None and 1 <= seed <= max_batch:
-        confirmed = _confirm_seed(br, seed, max_batch)
+    if seed is not None and min_batch <= seed <= max_batch:
+        confirmed = _confirm_seed(br, seed, max_batch, min_batch)
         if confirmed is not None:
             return confirmed
-    if br.lo == 0 and (1 in br.points or not br.probe(1).fits):
+    if br.lo == 0 and (min_batch in br.points or not br.probe(min_batch).fits):
         return SearchResult(0, br.trials)
-    if max_batch == 1:
-        return SearchResult(1, br.trials, bound_reached=True)
-    if br.lo < 2 < br.hi:
-        br.probe(2)
+    if max_batch == min_batch:
+        return SearchResult(min_batch, br.trials, bound_reached=True)
+    if br.lo < min_batch + 1 < br.hi:
+        br.probe(min_batch + 1)
     width_before = br.hi - br.lo
     creep = 0  # confirmations in a row that fitted: the model keeps under-predicting
     # Once per search, a guess right under a failure is probed even when the bracket did not

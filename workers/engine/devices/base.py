@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from service.schemas.spec import PlanSpec
+from workers.engine.errors import SpecError
+from workers.engine.failures import classify
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
 from workers.engine.roofline import StepCost
@@ -53,8 +55,18 @@ class ProbeSession(ABC):
         self.job: TrainingJob | None = None
 
     def probe(self, batch: int) -> TrialOutcome:
+        """One trial. A trace that fails for any reason but memory raises the engine's own
+        error (`failures.classify`): BatchUndefined, or Unsupported naming the layer and op."""
         start = time.perf_counter()
-        outcome = self._probe(batch)
+        try:
+            outcome = self._probe(batch)
+        except (SpecError, MemoryError):
+            raise
+        except Exception as exc:
+            model = self.job.model if self.job is not None else None
+            precision = self.job.precision if self.job is not None else "?"
+            architecture = type(model).__name__ if model is not None else "the model"
+            raise classify(exc, batch, model, precision, architecture) from exc
         outcome.duration_s = time.perf_counter() - start
         return outcome
 

@@ -7,6 +7,8 @@ keys. Built on the meta device, so an 8B model costs nothing until a device mate
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 import torch
@@ -197,10 +199,11 @@ def build_transformers(spec: PlanSpec) -> Any:
         config_values.setdefault("pad_token_id", 0)
     if architecture.endswith("ForSequenceClassification"):
         config_values.setdefault("num_labels", data.num_classes or 2)
+    _check_sizes(spec.model.config)
     try:
         config = cls.config_class(**config_values)
     except Exception as exc:  # whatever the library raises on a config it rejects is a 422
-        raise _config_error(architecture, exc) from None
+        raise _config_error(architecture, exc, config_values) from None
     if data.kind == "tokens":
         limit = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
@@ -213,7 +216,7 @@ def build_transformers(spec: PlanSpec) -> Any:
     try:
         module = cls(config)
     except Exception as exc:
-        raise _config_error(architecture, exc) from None
+        raise _config_error(architecture, exc, config_values) from None
     module.config.use_cache = False
     family = "hf_sequence" if architecture.endswith("ForSequenceClassification") else "hf"
     return BuiltModel(
@@ -221,8 +224,24 @@ def build_transformers(spec: PlanSpec) -> Any:
     )
 
 
-def _config_error(architecture: str, exc: Exception) -> SpecError:
-    """A config the architecture rejects (a negative size, heads that do not divide the width),
-    however the library says it: its message, at `model.config`."""
+# Config keys that count or size something: 0 or less never builds a model (transformers
+# fails deep inside with messages like "0.0 cannot be raised to a negative power").
+SIZE_KEY = re.compile(r"(^num_|^n_|_size$|_dim$|_layers$|_heads$|^max_position_embeddings$)")
+
+
+def _check_sizes(config: dict[str, Any]) -> None:
+    """Every size or count the user set is at least 1, named at its key if not."""
+    for key, value in config.items():
+        if not SIZE_KEY.search(key) or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if value < 1:
+            raise SpecError(("model", "config", key), f"{key} must be at least 1, not {value}")
+
+
+def _config_error(architecture: str, exc: Exception, config: dict[str, Any]) -> SpecError:
+    """A config the architecture rejects (heads that do not divide the width, ...), however
+    the library says it: its message, at the config key it names (else `model.config`)."""
     message = str(exc) or type(exc).__name__
-    return SpecError(("model", "config"), f"{architecture} rejects this config: {message}")
+    named = [key for key in config if re.search(rf"\b{re.escape(key)}\b", message)]
+    loc: tuple[str, ...] = ("model", "config", named[0]) if named else ("model", "config")
+    return SpecError(loc, f"{architecture} rejects this config: {message}")

@@ -1,4 +1,4 @@
-"""The `trainplan` command line: serve, worker, db upgrade|current, plan (remote or --local), gpus."""
+"""The `trainplan` command line: serve, worker, worker-health, db, keys, plan, gpus."""
 
 from __future__ import annotations
 
@@ -189,9 +189,20 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
     """The keys (never the secrets): id, prefix, tenant, scopes, created, last used, revoked."""
+    from rich.table import Column
+
     from service.store import crud
 
-    table = Table("id", "prefix", "tenant", "scopes", "created", "last used", "revoked")
+    # id and prefix never wrap or shorten: `keys revoke` takes either, copied from here.
+    table = Table(
+        Column("id", no_wrap=True, min_width=8),
+        Column("prefix", no_wrap=True, min_width=13),
+        "tenant",
+        "scopes",
+        "created",
+        "last used",
+        "revoked",
+    )
     with _store()() as session:
         for k in crud.list_keys(session, tenant):
             table.add_row(
@@ -252,18 +263,59 @@ def plan(
     refresh: Annotated[bool, typer.Option(help="Plan again even if stored.")] = False,
     token: Annotated[str | None, typer.Option(envvar="TRAINPLAN_TOKEN")] = None,
 ) -> None:
-    """Plan SPEC.json: on a server (following its progress) or --local."""
-    raw = sys.stdin.read() if str(spec_file) == "-" else spec_file.read_text()
-    if local:
-        body = _plan_local(raw, as_json)
-    else:
-        body = _plan_remote(raw, server, token, refresh, as_json)
+    """Plan SPEC.json: on a server (following its progress) or --local. With a key, pass
+    --token or set TRAINPLAN_TOKEN. Every failure is one line on stderr and a non-zero exit
+    (2: the spec or its file, 3: the server, 1: the plan failed); with --json, stdout is
+    always one JSON document (the plan, or {"status": "failed", "error": problem})."""
+    try:
+        raw = _read_spec(spec_file)
+        if local:
+            body = _plan_local(raw, as_json)
+        else:
+            body = _plan_remote(raw, server, token, refresh, as_json)
+    except CliFailure as failure:
+        failure.report(as_json)
+        raise typer.Exit(failure.code) from None
     if as_json:
         sys.stdout.write(json.dumps(body, indent=2) + "\n")
     else:
         _print_plan(body)
     if body.get("status") != PlanStatus.succeeded:
         raise typer.Exit(1)
+
+
+class CliFailure(Exception):
+    """A failure the CLI reports in one line (and, under --json, as a problem on stdout)."""
+
+    def __init__(self, code: int, problem: dict[str, Any], lines: tuple[str, ...] = ()) -> None:
+        super().__init__(problem["detail"])
+        self.code, self.problem, self.lines = code, problem, lines
+
+    def report(self, as_json: bool) -> None:
+        err.print(f"[red]{self.problem['title']}[/red]: {self.problem['detail']}", soft_wrap=True)
+        for line in self.lines:
+            err.print(f"  {line}", soft_wrap=True)
+        if as_json:
+            sys.stdout.write(json.dumps({"status": "failed", "error": self.problem}) + "\n")
+
+
+def _failure(code: int, kind: str, title: str, detail: str, **extra: Any) -> CliFailure:
+    from service.schemas.problem import problem
+
+    body = problem(kind, title, detail, 0, **extra)
+    del body["status"]  # no HTTP status: the exit code says how it failed
+    return CliFailure(code, body)
+
+
+def _read_spec(spec_file: Path) -> str:
+    if str(spec_file) == "-":
+        return sys.stdin.read()
+    try:
+        return spec_file.read_text()
+    except FileNotFoundError:
+        raise _failure(2, "no-spec", "No such spec file", str(spec_file)) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise _failure(2, "no-spec", "Cannot read the spec file", f"{spec_file}: {exc}") from None
 
 
 def _progress(quiet: bool) -> Progress:
@@ -293,9 +345,10 @@ def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
     try:
         spec = PlanSpec.model_validate_json(raw)
     except ValidationError as exc:
-        for e in exc.errors():
-            err.print(f"[red]invalid[/red] {'.'.join(map(str, e['loc']))}: {e['msg']}")
-        raise typer.Exit(2) from None
+        errors = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise _failure(
+            2, "validation-error", "The spec is invalid", errors[0], errors=errors
+        ) from None
     with _progress(quiet) as progress:
         task = progress.add_task("probing", total=None, last="")
 
@@ -306,9 +359,16 @@ def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
 
         try:
             result = engine.plan(spec, on_trial)
-        except engine.SpecError as exc:
-            err.print(f"[red]invalid[/red] {'.'.join(map(str, exc.loc))}: {exc.message}")
-            raise typer.Exit(2) from None
+        except engine.SpecError as exc:  # Unsupported too: it names the layer and op
+            field = ".".join(map(str, exc.loc))
+            kind = "unsupported" if isinstance(exc, engine.Unsupported) else "invalid-spec"
+            raise _failure(
+                2, kind, "The spec cannot be planned", f"{field}: {exc.message}"
+            ) from None
+        except Exception as exc:  # a bug in the engine: one line, never a traceback
+            raise _failure(
+                1, "plan-crashed", "The plan failed", f"{type(exc).__name__}: {exc}"[:500]
+            ) from None
     return {
         "id": None,
         "status": PlanStatus.succeeded,
@@ -321,13 +381,14 @@ def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
 def _plan_remote(
     raw: str, server: str, token: str | None, refresh: bool, quiet: bool
 ) -> dict[str, Any]:
+    import httpx
+
     from service.client import TrainplanClient, TrainplanError
 
     try:
         spec = json.loads(raw)
     except json.JSONDecodeError as exc:
-        err.print(f"[red]not JSON[/red]: {exc}")
-        raise typer.Exit(2) from None
+        raise _failure(2, "invalid-json", "The spec is not JSON", str(exc)) from None
     with TrainplanClient(server, token) as client:
         try:
             submitted = client.submit(spec, refresh=refresh)
@@ -339,10 +400,18 @@ def _plan_remote(
                         progress.update(task, advance=1, last=_trial_text(data))
             return client.get(submitted["id"])
         except TrainplanError as exc:
-            err.print(f"[red]{exc.problem.get('title', 'error')}[/red]: {exc}")
-            for e in exc.problem.get("errors", []):
-                err.print(f"  {e.get('field')}: {e.get('msg')}")
-            raise typer.Exit(2) from None
+            errors = tuple(
+                f"{e.get('field')}: {e.get('msg')}" for e in exc.problem.get("errors", [])
+            )
+            code = 2 if exc.problem.get("status") in (400, 413, 415, 422) else 3
+            problem = {"title": "error", "detail": str(exc)} | exc.problem
+            raise CliFailure(code, problem, errors) from None
+        except httpx.HTTPError as exc:
+            detail = f"{server}: {exc or type(exc).__name__}"
+            hint = "start one with `trainplan serve`, pass --server URL, or plan with --local"
+            raise _failure(
+                3, "unreachable", "Cannot reach the server", f"{detail} ({hint})"
+            ) from None
 
 
 def _gib(n: int) -> str:

@@ -18,8 +18,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
-    field_validator,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 

@@ -4,6 +4,7 @@ op), so an engine failure is a problem naming what is unsupported, not a library
 
 from __future__ import annotations
 
+import logging
 from types import TracebackType
 
 import torch
@@ -12,6 +13,10 @@ from torch import nn
 from workers.engine.errors import BatchUndefined, Unsupported
 
 BATCHNORM_ONE_VALUE = "Expected more than 1 value per channel when training"
+
+# FakeTensorMode logs a traceback at ERROR for every op whose meta kernel raises, before the
+# exception reaches us; the engine reports that failure itself (`classify`), in one line.
+logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
 
 
 def _frames(tb: TracebackType | None) -> list[object]:

@@ -36,6 +36,7 @@ from workers.engine.data import sample_bytes
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, twin_of
 from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
+from workers.engine.errors import SpecError
 from workers.engine.models import build_model
 from workers.engine.optimizers import choose
 from workers.engine.plan_warnings import Facts, plan_warnings
@@ -43,7 +44,6 @@ from workers.engine.roofline import UNCERTAINTY, StepCost
 from workers.engine.scale_out import fewest_gpus, with_world
 from workers.engine.schedule import Schedule
 from workers.engine.schedule import resolve as resolve_schedule
-from workers.engine.errors import SpecError
 from workers.engine.search import SearchResult, find_max_batch
 from workers.engine.what_if import explore
 

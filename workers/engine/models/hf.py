@@ -8,7 +8,6 @@ keys. Built on the meta device, so an 8B model costs nothing until a device mate
 from __future__ import annotations
 
 import re
-
 from typing import Any
 
 import torch

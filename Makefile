@@ -59,7 +59,7 @@ compose-check: install
 
 # Regenerate docs/spec.md from the API's OpenAPI schema (a test fails when it is stale).
 spec-doc: install
-	$(BIN)/python -m service.docs_spec > docs/spec.md
+	$(BIN)/python -m service.api.contract_doc > docs/spec.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,7 @@
 
 .venv/bin/python -m bench.fidelity --published [--cases PATH] [--fit]
 
-Each case of `../shared/calibration/published.json` (or PATH, same format) is planned as its spec
+Each case of `bench/data/published.json` (or PATH, same format) is planned as its spec
 says, on the software stack its notes name (PyTorch/CUDA versions set the CUDA context and
 zero_grad's default), and compared with what was measured:
 - max batch: the plan's answer at headroom 0 and at the default 5% against the measured bracket
@@ -30,7 +30,8 @@ from workers.engine.profile import run_plan
 from workers.engine.roofline import EFFICIENCY, StepCost
 
 MIB = 1 << 20
-DEFAULT_CASES = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "published.json"
+# Ten published real-GPU cases, each with its source (bench/data/README.md).
+DEFAULT_CASES = Path(__file__).resolve().parent / "data" / "published.json"
 # NGC container releases name no torch version in the notes; NGC's release notes do.
 NGC = {"21.03": ("1.9", "11.2")}
 

@@ -273,3 +273,17 @@ def test_workers_serve_tenants_in_turn(db_url: str, plugins: str) -> None:
     # neighbours in start-time order, so allow that: the late tenant starts in the first round
     # and has run all three before the early one's sixth
     assert late[0] <= 2 and late[-1] < early[5], order
+
+
+def test_plans_made_before_keys_belong_to_the_default_tenant(
+    db_url: str, small_spec: dict[str, Any]
+) -> None:
+    """As the README says: with keys on, a key of tenant `default` keeps them; others never."""
+    open_store = Settings(database_url=db_url, embedded_worker=False)
+    with TestClient(create_app(open_store)) as before:
+        plan_id = before.post("/v1/plans", json=small_spec).json()["id"]
+    with TestClient(create_app(open_store.model_copy(update={"auth_mode": "keys"}))) as after:
+        default, other = _key(after, "default"), _key(after, "vision-team")
+        assert after.get(f"/v1/plans/{plan_id}", headers=default).status_code == 200
+        assert after.get(f"/v1/plans/{plan_id}", headers=other).status_code == 404
+        assert after.post(f"/v1/plans/{plan_id}/cancel", headers=default).status_code == 202

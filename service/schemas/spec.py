@@ -426,10 +426,26 @@ class TrainingSpec(StrictModel):
         description="How a torch.optim optimizer runs (its temporaries differ); null: what "
         "PyTorch picks on CUDA (foreach). bitsandbytes' optimizers have kernels of their own.",
     )
-    precision: Precision = "fp32"
-    gradient_checkpointing: bool = False
-    global_batch_size: int = Field(default=256, ge=1, le=1 << 24)
-    base_lr: float = Field(default=1e-3, gt=0, le=100)
+    precision: Precision = Field(
+        default="fp32",
+        description="fp32; tf32 matmuls; fp16-mixed and bf16-mixed (autocast, fp32 weights, "
+        "a GradScaler for fp16); bf16 (weights and optimizer state in bf16).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in backward instead of keeping them (HF models: "
+        "per block; layer lists: segments of about sqrt(n) layers).",
+    )
+    global_batch_size: int = Field(
+        default=256,
+        ge=1,
+        le=1 << 24,
+        description="Samples per optimizer step over all GPUs: micro-batch x accumulation x "
+        "world size reaches it (or the nearest above, reported as effective_global_batch_size).",
+    )
+    base_lr: float = Field(
+        default=1e-3, gt=0, le=100, description="The learning rate at base_batch_size."
+    )
     base_batch_size: int | None = Field(
         default=None,
         ge=1,
@@ -438,8 +454,14 @@ class TrainingSpec(StrictModel):
         "to the effective global batch. null: base_lr is meant for global_batch_size as asked "
         "(the rate moves only where the plan's effective batch differs from it).",
     )
-    lr_scaling: LrScaling = "auto"
-    epochs: float = Field(default=1, gt=0, le=100_000)
+    lr_scaling: LrScaling = Field(
+        default="auto",
+        description="How the rate moves with the batch: linear (SGD-style), sqrt (adaptive "
+        "optimizers), none; auto: sqrt for Adam-family optimizers, linear for the rest.",
+    )
+    epochs: float = Field(
+        default=1, gt=0, le=100_000, description="Passes over data.num_samples (fractions allowed)."
+    )
     world_size: Annotated[
         int,
         # "auto" never reaches the field (the validator below moves it into parallelism), but

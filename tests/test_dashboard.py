@@ -181,6 +181,14 @@ def _a_script_error(message: Any) -> bool:
     )
 
 
+NOTICES = """(() => {
+  window.__notices = [];
+  const notice = document.querySelector('#notice');
+  new MutationObserver(() => window.__notices.push(notice.textContent))
+    .observe(notice, { childList: true, characterData: true, subtree: true });
+})()"""
+
+
 def _shot(page: Page, name: str, full_page: bool = False) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
 
@@ -237,6 +245,7 @@ def test_sign_in_submit_from_the_form_and_watch_the_plan_live(
     expect(page.locator("#status")).to_have_text("queued")
     expect(page.locator("#cancel")).to_be_visible()
 
+    page.evaluate(NOTICES)  # every text the live notice shows, from here to the end
     worker = server.run_worker(plans=1)  # the plan runs only now: its trials must stream in
     try:
         expect(page.locator("#status")).to_have_text("succeeded", timeout=180_000)
@@ -269,6 +278,30 @@ def test_sign_in_submit_from_the_form_and_watch_the_plan_live(
     assert [p["x"] for p in sets["answer (max micro-batch)"]] == [best]
     assert [p["x"] for p in sets["answer + 1"]] == [best + 1]
     assert page.locator("#trials tbody tr").count() == len(trials)
+    # the live count never ran past the plan's trials (what-if probes are counted apart), and
+    # the end agrees with it
+    counted = [
+        int(m)
+        for m in re.findall(r"Running: (\d+) trial", " ".join(page.evaluate("window.__notices")))
+    ]
+    assert counted and max(counted) <= len(trials), page.evaluate("window.__notices")
+    assert page.locator("#trial-count").inner_text() == f"{len(trials)} trials"
+    # answer and answer + 1 apart on the linear close-up (on the log axis they share a spot)
+    apart = page.evaluate(
+        f"trainplanCharts.answer.scales.x.getPixelForValue({best + 1})"
+        f" - trainplanCharts.answer.scales.x.getPixelForValue({best})"
+    )
+    assert apart > 20
+    close_up = page.evaluate("trainplanCharts.answer.data.datasets.map(d => d.data.map(p => p.x))")
+    assert close_up[:2] == [[best], [best + 1]]
+    expect(page.locator("#answer-note")).to_have_text(f"{best:,} fits, {best + 1:,} does not")
+    assert page.locator("#s-speed").inner_text().endswith(("samples/s", "samples/s est."))
+    # no empty band under the title: the summary follows the heading
+    gap = page.evaluate(
+        "document.querySelector('#summary').getBoundingClientRect().top"
+        " - document.querySelector('.heading').getBoundingClientRect().bottom"
+    )
+    assert gap < 24, gap
 
     # the breakdown adds up to the peak, and the chart stacks the same parts
     parts = [
@@ -296,6 +329,7 @@ def test_sign_in_submit_from_the_form_and_watch_the_plan_live(
     assert bars == [best] + [w["max_micro_batch_size"] for w in result["what_if"]]
     first = page.locator("details.config").first
     name = first.get_attribute("data-config")
+    assert name == "pytorch" and first.get_attribute("open") is not None  # the loop, open
     first.locator("button[data-copy]").click()
     copied = page.evaluate("navigator.clipboard.readText()")
     config = result["configs"][name]
@@ -408,8 +442,42 @@ def test_a_failed_plan_shows_its_problem(context: BrowserContext, server: Server
     expect(page.locator("#problem")).to_be_visible()
     expect(page.locator("#problem")).to_contain_text(problem["title"])
     expect(page.locator("#cancel")).to_be_hidden()
-    assert page.locator("#s-max").inner_text() == "—"  # no result: no numbers made up
+    # no result: no numbers made up, and no skeleton of dashes and empty axes either
+    expect(page.locator("#result-body")).to_be_hidden()
+    expect(page.locator("#memory-chart")).to_be_hidden()
+    expect(page.locator("#spec-section")).to_be_visible()
     _shot(page, "plan-failed")
+
+
+def test_a_plan_that_is_not_there_shows_no_skeleton(
+    context: BrowserContext, server: Server
+) -> None:
+    page = context.new_page()
+    _sign_in(page, server, key=server.key("missing-tenant"))
+    page.goto("/plans/00000000-0000-4000-8000-000000000000")
+    expect(page.locator("#status")).to_have_text("not found")
+    expect(page.locator("#notice")).to_contain_text("No such plan")
+    expect(page.locator("#result-body")).to_be_hidden()
+    expect(page.locator("#spec-section")).to_be_hidden()
+
+
+def test_a_chart_of_batches_one_to_three_labels_each(
+    context: BrowserContext, server: Server
+) -> None:
+    """The log axis labelled only "1" when every trial was at 1, 2 or 3."""
+    page = context.new_page()
+    _sign_in(page, server, key=server.key("tiny-tenant"))
+    spec = _spec(epochs=4)
+    spec["search"] = {"max_batch_size": 3, "what_if": False}
+    plan_id = _submit_api(page, spec)
+    server.run_worker(plans=1).wait(timeout=180)
+    page.goto(f"/plans/{plan_id}")
+    expect(page.locator("#status")).to_have_text("succeeded")
+    labels = page.evaluate(
+        "trainplanCharts.memory.scales.x.ticks.map(t => t.label).filter(l => l !== '')"
+    )
+    assert {"1", "2", "3"} <= set(labels), labels
+    expect(page.locator("#answer-note")).to_have_text("3 fits (the search bound)")
 
 
 def test_a_plan_for_the_fewest_gpus_shows_each_strategy(

@@ -42,7 +42,7 @@
         maintainAspectRatio: false,
         scales: {
           x: { type: "logarithmic", title: { display: true, text: "micro-batch size (log scale)" },
-            ticks: { callback: (v) => (Number.isInteger(Math.log10(v)) ? int(v) : "") } },
+            ticks: { callback: logTick } },
           y: { beginAtZero: true, title: { display: true, text: "peak memory (GiB)" } },
         },
         plugins: {
@@ -57,8 +57,54 @@
     });
   }
 
+  // A log axis labels its decades; over less than one (batches 1-3) every whole batch instead.
+  function logTick(value) {
+    const { min, max } = this.chart.scales.x;
+    if (!Number.isInteger(value)) return "";
+    if (max / Math.max(min, 1) < 20) return int(value);
+    const mantissa = value / 10 ** Math.floor(Math.log10(value));
+    return mantissa === 1 || mantissa === 2 || mantissa === 5 ? int(value) : "";
+  }
+
+  // -- the answer and answer + 1 on a linear axis: on the log chart they sit on one spot ------
+  function answerChart() {
+    charts.answer = new Chart($("#answer-chart"), {
+      type: "scatter",
+      data: { datasets: [
+        { label: "answer (fits)", data: [], pointStyle: "rectRot", pointRadius: 9, borderColor: COLORS.answer, backgroundColor: COLORS.fit, borderWidth: 2 },
+        { label: "answer + 1 (out of memory)", data: [], pointStyle: "crossRot", pointRadius: 9, borderColor: COLORS.oom, backgroundColor: COLORS.oom, borderWidth: 2 },
+        { label: "headroom limit", type: "line", data: [], borderColor: COLORS.limit, borderDash: [6, 4], borderWidth: 1.5, pointRadius: 0, showLine: true, fill: false },
+      ] },
+      options: {
+        maintainAspectRatio: false,
+        scales: { x: { type: "linear", ticks: { stepSize: 1, callback: (v) => (Number.isInteger(v) ? int(v) : "") }, title: { display: true, text: "micro-batch size" } },
+          y: { title: { display: true, text: "GiB" } } },
+        plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } },
+          tooltip: { callbacks: { label: (ctx) => (ctx.raw.bytes === undefined ? ctx.dataset.label : `batch ${int(ctx.raw.x)}: ${bytesText(ctx.raw.bytes)}`) } } },
+      },
+    });
+  }
+
+  function drawAnswer(list, best, limitBytes) {
+    const point = (t) => ({ x: t.batch_size, y: t.peak_bytes / GiB, bytes: t.peak_bytes });
+    const at = (b) => list.filter((t) => t.batch_size === b && t.phase !== "breakdown").slice(-1).map(point);
+    const [answer, next, limit] = charts.answer.data.datasets;
+    answer.data = best ? at(best) : [];
+    next.data = best ? at(best + 1) : [];
+    const lo = Math.max(1, (best || 1) - 1), hi = (best || 1) + 2;
+    charts.answer.options.scales.x.min = lo;
+    charts.answer.options.scales.x.max = hi;
+    limit.data = best && limitBytes ? [{ x: lo, y: limitBytes / GiB }, { x: hi, y: limitBytes / GiB }] : [];
+    charts.answer.update("none");
+    $("#answer-note").textContent = !best ? "" : next.data.length
+      ? `${int(best)} fits, ${int(best + 1)} does not`
+      : `${int(best)} fits (the search bound)`;
+  }
+
+  const PROBES_ELSEWHERE = new Set(["what_if", "scale_out"]); // other cards, precisions, world sizes
+
   function drawTrials() {
-    const list = [...trials.values()];
+    const list = [...trials.values()].filter((t) => !PROBES_ELSEWHERE.has(t.phase));
     const point = (t) => ({ x: t.batch_size, y: t.peak_bytes / GiB, bytes: t.peak_bytes, fits: t.fits });
     const [fits, oom, cap, limit, answer, next] = charts.memory.data.datasets;
     fits.data = list.filter((t) => t.fits).map(point);
@@ -72,6 +118,7 @@
     answer.data = best ? at(best) : [];
     next.data = best ? at(best + 1) : [];
     charts.memory.update("none");
+    drawAnswer(list, best, capacity && capacity * (1 - headroom));
     $("#trial-count").textContent = `${list.length} trial${list.length === 1 ? "" : "s"}`;
     $("#trials tbody").replaceChildren(...list.map((t, i) => el("tr", { "data-fits": String(t.fits) },
       el("td", { class: "num" }, String(i + 1)), el("td", { class: "num" }, int(t.batch_size)),
@@ -107,10 +154,12 @@
     card("#s-max", int(result.max_micro_batch_size), result.search_bound_reached ? " (bound)" : "");
     card("#s-micro", `${int(result.micro_batch_size)} × ${int(result.accumulation_steps)}${result.world_size > 1 ? ` × ${result.world_size} GPUs` : ""}`);
     card("#s-global", int(result.effective_global_batch_size));
-    card("#s-lr", el("span", { title: `${result.lr_scaling.rule} rule from ${result.lr_scaling.base_lr} at batch ${result.lr_scaling.base_batch_size}` }, num(result.learning_rate)));
+    const scaling = result.lr_scaling;
+    const reference = scaling.base_batch_size_from === "global_batch_size" ? "the global batch asked (no base_batch_size)" : "base_batch_size";
+    card("#s-lr", el("span", { title: `${scaling.rule} rule from ${scaling.base_lr} at batch ${scaling.base_batch_size}, ${reference}` }, num(result.learning_rate)));
     card("#s-peak", bytes(result.memory.peak), el("span", { class: "muted small" }, ` of ${bytesText(result.memory.capacity)}`));
     const t = result.throughput;
-    card("#s-speed", t ? `${num(t.samples_per_second)} /s` : "—", t && !t.measured ? el("span", { class: "muted small" }, " est.") : "");
+    card("#s-speed", t ? `${num(t.samples_per_second)} samples/s` : "—", t && !t.measured ? el("span", { class: "muted small" }, " est.") : "");
     card("#s-steps", int(result.total_optimizer_steps), el("span", { class: "muted small" }, ` (${int(result.optimizer_steps_per_epoch)}/epoch)`));
     card("#s-device", `${result.device.name}`, el("span", { class: "muted small" }, ` ${result.device.backend}`));
   }
@@ -210,7 +259,9 @@
   }
 
   function configs(result) {
-    const entries = Object.entries(result.configs || {});
+    // The training loop first (what most people copy), the LR recipe it imports last.
+    const rank = (name) => (name === "pytorch" ? 0 : name === "recipe" ? 2 : 1);
+    const entries = Object.entries(result.configs || {}).sort(([a], [b]) => rank(a) - rank(b));
     $("#configs-section").hidden = !entries.length;
     $("#configs").replaceChildren(...entries.map(([name, value], i) => {
       const text = typeof value === "string" ? value : JSON.stringify(value, null, 2);
@@ -235,6 +286,8 @@
     const name = model.name || model.preset || model.architecture || (model.layers ? `${model.layers.length} layers` : model.source);
     $("#subtitle").textContent = [name, `created ${when(p.created_at)}`, p.finished_at ? `finished ${when(p.finished_at)}` : ""].filter(Boolean).join(" · ");
     $("#cancel").hidden = FINAL.has(p.status);
+    // An ended plan with no result has no numbers to show: no dashes, no empty axes.
+    $("#result-body").hidden = FINAL.has(p.status) && !p.result;
     const problem = $("#problem");
     problem.hidden = !p.error;
     if (p.error) problem.replaceChildren(el("strong", {}, p.error.title || "Failed"), ": ", p.error.detail || "");
@@ -262,6 +315,16 @@
     if (!FINAL.has(p.status)) follow();
   }
 
+  // Counts what the finished plan will list as its trials; the what-if and scale-out probes
+  // (other cards, precisions, world sizes) are counted apart, as the result keeps them apart.
+  function notice() {
+    const all = [...trials.values()];
+    const own = all.filter((t) => !PROBES_ELSEWHERE.has(t.phase)).length;
+    const other = all.length - own;
+    $("#notice").textContent = `Running: ${own} trial${own === 1 ? "" : "s"} so far` +
+      (other ? `, ${other} what-if probe${other === 1 ? "" : "s"}…` : "…");
+  }
+
   function follow() {
     if (stream) return;
     $("#notice").textContent = plan.status === "queued" ? "Queued: waiting for a worker…" : "Running: trials arrive as they are measured…";
@@ -271,7 +334,7 @@
       window.trainplanTrialEvents += 1;
       if (plan.status === "queued") { plan.status = "running"; header(plan); }
       trials.set(t.index ?? trials.size, t);
-      $("#notice").textContent = `Running: ${trials.size} trial${trials.size === 1 ? "" : "s"} so far…`;
+      notice();
       drawTrials();
     });
     stream.addEventListener("retry", () => { setTrials([]); $("#notice").textContent = "A worker was lost: the plan runs again."; });
@@ -290,6 +353,8 @@
       await show(data);
     } catch (err) {
       $("#status").textContent = err.status === 404 ? "not found" : "error";
+      $("#result-body").hidden = true;
+      $("#spec-section").hidden = true;
       $("#notice").textContent = err.status === 404 ? "No such plan (or it is another tenant's)." : `Could not load the plan: ${err.message}`;
     }
   }
@@ -307,5 +372,6 @@
   });
 
   memoryChart();
+  answerChart();
   load();
 })();

@@ -198,6 +198,7 @@ def build_transformers(spec: PlanSpec) -> Any:
         config_values.setdefault("pad_token_id", 0)
     if architecture.endswith("ForSequenceClassification"):
         config_values.setdefault("num_labels", data.num_classes or 2)
+    assert spec.model.source == "transformers"
     _check_sizes(spec.model.config)
     try:
         config = cls.config_class(**config_values)

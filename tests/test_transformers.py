@@ -146,7 +146,10 @@ def test_llama_3_8b_has_8b_parameters_and_tied_1b() -> None:
         ({"architecture": "PreTrainedModelForCausalLM"}, ("model", "architecture")),
         ({"preset": "gpt-5"}, ("model", "preset")),
         # the library's own checks, which raise what they like (these were 500s)
-        ({"architecture": "LlamaForCausalLM", "config": {"hidden_size": -5}}, ("model", "config")),
+        (
+            {"architecture": "LlamaForCausalLM", "config": {"hidden_size": -5}},
+            ("model", "config", "hidden_size"),
+        ),
         (
             {
                 "architecture": "LlamaForCausalLM",

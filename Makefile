@@ -41,6 +41,7 @@ serve: install-serve
 	$(BIN)/trainplan serve
 
 lint: install
+	$(BIN)/lint-imports
 	$(BIN)/ruff check service workers tests bench migrations
 	$(BIN)/ruff format --check service workers tests bench migrations
 

@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.config import Settings
 from service.schemas.plan import PlanStatus
 
 app = typer.Typer(
@@ -32,42 +31,40 @@ err = Console(stderr=True)
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
-    worker: Annotated[bool, typer.Option(help="Run the embedded worker.")] = True,
+    worker: Annotated[
+        bool, typer.Option(help="Run the embedded worker (unless TRAINPLAN_EMBEDDED_WORKER=false).")
+    ] = True,
 ) -> None:
-    """Migrate the store, then serve the API with one embedded worker
-    (TRAINPLAN_API_WORKERS > 1: that many API processes, still one embedded worker)."""
-    import uvicorn
+    """Migrate the store, then serve the API beside one embedded worker (TRAINPLAN_API_WORKERS
+    > 1: that many API processes, still one embedded worker, in this parent process).
 
-    from service.api.app import create_app
+    The composition root: the API (service.api) and the worker loop (workers.loop) know nothing
+    of each other; they meet here, over the store."""
+    import os
+
+    from service.api.serving import serve_processes
     from service.config import get_settings
+    from service.store.db import make_engine, make_session_factory, upgrade
+    from workers.loop import start_threads
 
     settings = get_settings()
     host, port = host or settings.host, port or settings.port
-    if settings.api_workers == 1:
-        application = create_app(settings, embedded_worker=worker)
-        uvicorn.run(application, host=host, port=port, log_level="info")
-        return
-    _serve_processes(settings, host, port, worker)
-
-
-def _serve_processes(settings: Settings, host: str, port: int, worker: bool) -> None:
-    """uvicorn's workers each build the app from the environment; this parent migrates the
-    store and runs the embedded worker once, so N processes do not race the migration or run
-    N workers."""
-    import os
-
-    from service.api.app import start_workers
-    from service.api.serving import serve_processes
-    from service.store.db import make_engine, make_session_factory, upgrade
-
-    upgrade(settings.database_url)
-    os.environ["TRAINPLAN_EMBEDDED_WORKER"] = "false"
-    os.environ["TRAINPLAN_MIGRATE_ON_START"] = "false"
+    if settings.migrate_on_start:
+        upgrade(settings.database_url)  # once, before a worker claims or a process serves
     stop = threading.Event()
     engine = make_engine(settings.database_url)
-    threads = start_workers(settings, make_session_factory(engine), stop) if worker else []
+    embedded = worker and settings.embedded_worker
+    threads = start_threads(settings, make_session_factory(engine), stop) if embedded else []
     try:
-        serve_processes("service.api.app:app_from_env", host, port, settings.api_workers)
+        if settings.api_workers == 1:
+            import uvicorn
+
+            from service.api.app import create_app
+
+            uvicorn.run(create_app(settings, migrate=False), host=host, port=port, log_level="info")
+        else:  # uvicorn's processes each build the app from the environment
+            os.environ["TRAINPLAN_MIGRATE_ON_START"] = "false"
+            serve_processes("service.api.app:app_from_env", host, port, settings.api_workers)
     finally:
         stop.set()
         for thread in threads:
@@ -172,7 +169,7 @@ def keys_create(
     ),
 ) -> None:
     """Create a key and print it once: only its hash is stored."""
-    from service.auth.principal import SCOPES
+    from service.core.principal import SCOPES
     from service.store import crud
 
     scopes = sorted({s.strip() for s in scope.split(",") if s.strip()})

@@ -121,7 +121,7 @@ def _unknown_torch_release(spec: dict[str, Any]) -> None:
         (_unknown_optimizer, "training.optimizer"),
         (_unknown_layer_type, "model.layers.0.type"),
         (_linear_of_the_wrong_width, "model.layers.8"),
-        (_unknown_gpu, "device"),
+        (_unknown_gpu, "device.gpu"),
         (_headroom_over_one, "search.headroom"),
         (_tf32_on_a_t4, "training.precision"),
         (_split_size_under_the_minimum, "device.allocator.max_split_size_mb"),

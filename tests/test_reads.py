@@ -12,8 +12,8 @@ from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import text, update
 
-from service.api.plan_views import body_schema, plan_out
 from service.config import Settings
+from service.feed.plan_views import body_schema, plan_out
 from service.store import crud
 from service.store.db import make_engine, make_session_factory, normalise_url, upgrade
 from service.store.models import Plan

@@ -57,7 +57,6 @@ def test_examples_validate() -> None:
         ("search.headroom", 0.9, "search.headroom"),
         ("search.max_batch_size", 0, "search.max_batch_size"),
         ("search.micro_batch", "odd", "search.micro_batch"),
-        ("device", {"kind": "simulated", "gpu": "TPU-v5"}, "device.simulated"),
         ("device", {"kind": "simulated"}, "device.simulated"),
         ("device", {"kind": "quantum"}, "device"),
         ("model.kwargs", {"weights": "IMAGENET1K_V1"}, "model.torchvision.kwargs"),
@@ -131,3 +130,16 @@ def test_hash_ignores_key_order_and_refresh_and_defaults() -> None:
 def test_arbitrary_json_never_crashes_validation(value: Any) -> None:
     with contextlib.suppress(ValidationError):
         PlanSpec.model_validate(value)
+
+
+def test_an_unknown_card_is_the_engines_422_at_device_gpu() -> None:
+    """The catalogue is the engine's: the contract no longer imports it to check a name."""
+    from workers import engine
+
+    spec = PlanSpec.model_validate(
+        _with(RESNET50_A100, "device", {"kind": "simulated", "gpu": "TPU-v5"})
+    )
+    with pytest.raises(engine.SpecError) as caught:
+        engine.check(spec)
+    assert caught.value.loc == ("device", "gpu")
+    assert "unknown gpu 'TPU-v5'" in caught.value.message

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.api.app import create_app
-from service.auth.principal import key_hash, new_key
 from service.config import Settings
+from service.core.principal import key_hash, new_key
 from service.store import crud
 from service.store.models import Plan
 from tests.helpers import registered_spec

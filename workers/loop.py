@@ -297,3 +297,19 @@ class PlanWorker:
             "plan.finished", plan_id=plan_id, status=status, seconds=round(elapsed, 3), recorded=ok
         )
         return status if ok else "lost"
+
+
+def start_threads(
+    settings: Settings, factory: sessionmaker[Session], stop: threading.Event
+) -> list[threading.Thread]:
+    """The embedded worker: `worker_concurrency` plan workers on threads of this process,
+    working until `stop` is set."""
+    threads = []
+    for _ in range(settings.worker_concurrency):
+        worker = PlanWorker(settings, factory)
+        thread = threading.Thread(
+            target=worker.run, args=(stop,), daemon=True, name=f"worker-{worker.worker_id}"
+        )
+        thread.start()
+        threads.append(thread)
+    return threads

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import problems
 from service.api.model_checks import ModelChecks
 from service.api.reads import PlanReads
 from service.api.routes import plans, system
@@ -23,6 +20,7 @@ from service.auth.audit import AuditLog
 from service.auth.deps import KeyRing
 from service.auth.quotas import SubmitRate
 from service.config import Settings, get_settings
+from service.core import problems
 from service.dashboard import docs, pages, session
 from service.dashboard.assets import STATIC_DIR, STATIC_URL
 from service.feed.hub import PlanFeed
@@ -111,14 +109,11 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-def create_app(
-    settings: Settings | None = None,
-    *,
-    embedded_worker: bool | None = None,
-    migrate: bool | None = None,
-) -> FastAPI:
+def create_app(settings: Settings | None = None, *, migrate: bool | None = None) -> FastAPI:
+    """The API alone: routes, problem details, the body limit, and the state its requests
+    share. Workers are not its business: `trainplan serve` (the composition root, service/cli.py)
+    starts the embedded worker beside it."""
     settings = settings or get_settings()
-    run_worker = settings.embedded_worker if embedded_worker is None else embedded_worker
     migrate = settings.migrate_on_start if migrate is None else migrate
 
     @asynccontextmanager
@@ -142,8 +137,6 @@ def create_app(
             run_source(feed, settings.database_url, settings.feed_poll_seconds)
         )
         settle_heap()
-        stop = threading.Event()
-        threads = start_workers(settings, app.state.session_factory, stop) if run_worker else []
         try:
             yield
         finally:
@@ -151,9 +144,6 @@ def create_app(
                 task.cancel()
             await asyncio.gather(source, auditing, return_exceptions=True)
             await feed.close()
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=15)
             engine.dispose()
 
     app = FastAPI(
@@ -186,23 +176,6 @@ def settle_heap() -> None:
     engine.versions()
     gc.collect()
     gc.freeze()
-
-
-def start_workers(
-    settings: Settings, factory: sessionmaker[Session], stop: threading.Event
-) -> list[threading.Thread]:
-    """The embedded worker: `worker_concurrency` plan workers on threads of this process."""
-    from workers.loop import PlanWorker
-
-    threads = []
-    for _ in range(settings.worker_concurrency):
-        worker = PlanWorker(settings, factory)
-        thread = threading.Thread(
-            target=worker.run, args=(stop,), daemon=True, name=f"worker-{worker.worker_id}"
-        )
-        thread.start()
-        threads.append(thread)
-    return threads
 
 
 def app_from_env() -> Any:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from service.api.problems import ProblemException, field_error, validation_problem
 from service.config import Settings
+from service.core.problems import ProblemException, field_error, validation_problem
 from service.schemas.spec import PlanSpec
 from workers.engine import ModelFacts
 

@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth.principal import Principal
+from service.core.principal import Principal
 from service.store import crud
 
 log = structlog.get_logger("trainplan.audit")

@@ -20,10 +20,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.deps import SettingsDep
-from service.api.problems import ProblemException
-from service.auth.principal import EVERYONE, Principal, key_hash
 from service.config import Settings
+from service.core.deps import SettingsDep
+from service.core.principal import EVERYONE, Principal, key_hash
+from service.core.problems import ProblemException
 from service.store import crud
 
 BEARER = HTTPBearer(auto_error=False, description="An API key (`trainplan keys create`).")

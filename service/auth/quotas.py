@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import ProblemException
+from service.core.problems import ProblemException
 from service.store import crud
 
 

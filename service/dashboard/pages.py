@@ -8,7 +8,7 @@ import re
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
-from service.api.deps import SettingsDep
+from service.core.deps import SettingsDep
 from service.dashboard.session import to_sign_in, viewer
 from service.dashboard.templating import render
 from service.schemas.examples import PLAN_EXAMPLES

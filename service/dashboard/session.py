@@ -11,10 +11,10 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import RedirectResponse
 
-from service.api.deps import SettingsDep
 from service.auth.deps import SESSION_COOKIE, csrf_ok, principal_of
-from service.auth.principal import Principal
 from service.config import Settings
+from service.core.deps import SettingsDep
+from service.core.principal import Principal
 from service.dashboard.templating import render
 
 router = APIRouter(include_in_schema=False)

@@ -16,8 +16,8 @@ import structlog
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.plan_views import plan_body
-from service.api.problems import ProblemException
+from service.core.problems import ProblemException
+from service.feed.plan_views import plan_body
 from service.schemas.plan import PlanStatus
 from service.schemas.result import Trial
 from service.store import crud

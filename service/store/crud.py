@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import case, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from service.auth.principal import DEFAULT_TENANT, key_hash, new_key
+from service.core.principal import DEFAULT_TENANT, key_hash, new_key
 from service.schemas.plan import FINAL, PlanStatus
 from service.schemas.problem import problem
 from service.store.models import ApiKey, AuditEvent, Plan, Trial, Worker

@@ -14,18 +14,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api import limits
-from service.api.deps import JsonBody, SessionDep, SettingsDep
 from service.api.model_checks import ModelChecks, ModelChecksDep
-from service.api.plan_views import PlanBody, not_found, plan_body, plan_out, render
-from service.api.problems import ProblemException, field_error, validation_problem
 from service.api.reads import ReadsDep
 from service.auth.audit import AuditDep
 from service.auth.deps import ReaderDep, SubmitterDep
-from service.auth.principal import Principal
 from service.auth.quotas import SubmitRateDep, tenant_full, too_many
 from service.config import Settings
+from service.core.deps import JsonBody, SessionDep, SettingsDep
+from service.core.principal import Principal
+from service.core.problems import ProblemException, field_error, validation_problem
 from service.feed.events import KEEPALIVE, Cursor, events
 from service.feed.hub import PlanFeed
+from service.feed.plan_views import PlanBody, not_found, plan_body, plan_out, render
 from service.schemas.examples import (
     EVENTS_EXAMPLE,
     PAGE_EXAMPLE,

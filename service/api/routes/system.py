@@ -10,8 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select, text
 
-from service.api.deps import SessionDep, SettingsDep
 from service.auth.deps import AdminDep, ReaderDep
+from service.core.deps import SessionDep, SettingsDep
 from service.schemas.audit import AuditEventOut, AuditPage
 from service.schemas.examples import (
     FIDELITY_EXAMPLE,

@@ -34,6 +34,7 @@ from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, MIB, GpuModel, cust
 from workers.engine.cudnn import nchw_transform_workspace
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
 from workers.engine.distributed import fake_world, traced_collectives
+from workers.engine.errors import SpecError
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
 from workers.engine.roofline import Roofline, StepCost, StepCostMode
@@ -77,7 +78,13 @@ class SimulatedDevice(ProbeDevice):
     @classmethod
     def from_spec(cls, spec: SimulatedSpec) -> SimulatedDevice:
         if spec.gpu is not None:
-            gpu = GPU_CATALOGUE[ALIASES.get(spec.gpu, spec.gpu)]
+            name = ALIASES.get(spec.gpu, spec.gpu)
+            if name not in GPU_CATALOGUE:
+                raise SpecError(
+                    ("device", "gpu"),
+                    f"unknown gpu {spec.gpu!r}; known: {', '.join(GPU_CATALOGUE)}",
+                )
+            gpu = GPU_CATALOGUE[name]
             if spec.memory_gib is not None:  # a catalogued card with a memory cap
                 gpu = custom_gpu(spec.memory_gib, base=gpu)
         else:

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import ProblemException
 from service.config import Settings
+from service.core.problems import ProblemException
 
 
 async def get_settings(request: Request) -> Settings:

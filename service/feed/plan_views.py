@@ -12,7 +12,7 @@ from functools import cache
 from fastapi import Response
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.problems import ProblemException
+from service.core.problems import ProblemException
 from service.schemas.plan import PlanOut, PlanStatus
 from service.schemas.result import Trial
 from service.store import crud

@@ -50,7 +50,7 @@ class TrainplanClient:
                     "detail": response.text[:500],
                 }
             raise TrainplanError(body)
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     def submit(
         self, spec: dict[str, Any], idempotency_key: str | None = None, refresh: bool = False

@@ -211,7 +211,7 @@ class PlanWorker:
 
     def _receive(self, channel: Any, timeout: float) -> tuple[str, Any] | None:
         try:
-            return channel.get(timeout=timeout)  # type: ignore[no-any-return]
+            return channel.get(timeout=timeout)
         except (queue_mod.Empty, EOFError, OSError):
             return None
 

@@ -162,7 +162,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     app.include_router(session.router)
     app.include_router(pages.router)
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 
 

@@ -71,7 +71,7 @@ class ModelChecks:
 
 
 async def get_model_checks(request: Request) -> ModelChecks:
-    return request.app.state.model_checks  # type: ignore[no-any-return]
+    return request.app.state.model_checks
 
 
 ModelChecksDep = Annotated[ModelChecks, Depends(get_model_checks)]

@@ -23,7 +23,7 @@ class PlanReads:
 
 
 async def get_reads(request: Request) -> PlanReads:
-    return request.app.state.reads  # type: ignore[no-any-return]
+    return request.app.state.reads
 
 
 ReadsDep = Annotated[PlanReads, Depends(get_reads)]

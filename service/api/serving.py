@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import socket
+from typing import Any
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -68,10 +69,10 @@ def uvicorn_needs_nodelay_fix() -> bool:
     return nodelay_of_accepted(theirs) == 0
 
 
-def listener_config(app: str, **kwargs: object) -> uvicorn.Config:
+def listener_config(app: str, **kwargs: Any) -> uvicorn.Config:
     """uvicorn's own config where its listener is right, TcpConfig where it is not."""
     config_type = TcpConfig if uvicorn_needs_nodelay_fix() else uvicorn.Config
-    return config_type(app, **kwargs)  # type: ignore[arg-type]
+    return config_type(app, **kwargs)
 
 
 def serve_processes(

@@ -60,7 +60,7 @@ class AuditLog:
 
 
 async def get_audit(request: Request) -> AuditLog:
-    return request.app.state.audit  # type: ignore[no-any-return]
+    return request.app.state.audit
 
 
 AuditDep = Annotated[AuditLog, Depends(get_audit)]

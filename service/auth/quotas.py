@@ -80,7 +80,7 @@ def tenant_full(tenant: str, active: int, cap: int) -> ProblemException:
 
 
 async def get_submit_rate(request: Request) -> SubmitRate:
-    return request.app.state.submit_rate  # type: ignore[no-any-return]
+    return request.app.state.submit_rate
 
 
 SubmitRateDep = Annotated[SubmitRate, Depends(get_submit_rate)]

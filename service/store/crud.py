@@ -346,9 +346,16 @@ def fail_exhausted(session: Session, max_attempts: int) -> int:
             ),
         )
     )
-    count = session.execute(stmt).rowcount  # type: ignore[attr-defined]
+    count = rows_changed(session, stmt)
     session.commit()
     return int(count or 0)
+
+
+def rows_changed(session: Session, stmt: Any) -> int:
+    """The rows an UPDATE changed (SQLAlchemy types `execute` as a plain Result, which has no
+    rowcount; an UPDATE's is a CursorResult, which has)."""
+    result = session.execute(stmt)
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def extend_lease(session: Session, plan_id: str, worker_id: str, lease_seconds: float) -> bool:
@@ -359,7 +366,7 @@ def extend_lease(session: Session, plan_id: str, worker_id: str, lease_seconds: 
         .where(Plan.id == plan_id, Plan.worker_id == worker_id, Plan.status == PlanStatus.running)
         .values(lease_until=stamp + timedelta(seconds=lease_seconds), updated_at=stamp)
     )
-    ok = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    ok = rows_changed(session, stmt) == 1
     session.commit()
     return ok
 
@@ -457,7 +464,7 @@ def finish(
             **({"versions": versions, "reuse_key": made_with} if versions else {}),
         )
     )
-    ok = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    ok = rows_changed(session, stmt) == 1
     session.commit()
     return ok
 
@@ -539,8 +546,6 @@ def worker_heartbeat(
 def list_workers(session: Session) -> list[Worker]:
     return list(session.scalars(select(Worker).order_by(Worker.started_at.desc()).limit(500)))
 
-
-aware = _aware
 
 
 # -- API keys --------------------------------------------------------------------------------

@@ -119,13 +119,14 @@ def traced_collectives(tracker: MemoryTracker) -> Iterator[None]:
         with tracker.paused():
             return propagate(self, op_schema)
 
-    torch.UntypedStorage.resize_ = tracked_resize  # type: ignore[method-assign,assignment]
-    ShardingPropagator._propagate_tensor_meta_non_cached = untracked_propagate  # type: ignore
+    # setattr: these are patches of torch's own classes for the trace's duration
+    setattr(torch.UntypedStorage, "resize_", tracked_resize)  # noqa: B010
+    setattr(ShardingPropagator, "_propagate_tensor_meta_non_cached", untracked_propagate)  # noqa: B010
     try:
         yield
     finally:
-        torch.UntypedStorage.resize_ = resize  # type: ignore[method-assign]
-        ShardingPropagator._propagate_tensor_meta_non_cached = propagate  # type: ignore
+        setattr(torch.UntypedStorage, "resize_", resize)  # noqa: B010
+        setattr(ShardingPropagator, "_propagate_tensor_meta_non_cached", propagate)  # noqa: B010
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -176,7 +177,7 @@ def replicate(model: nn.Module, spec: PlanSpec, tracker: MemoryTracker) -> nn.Mo
     return wrapped
 
 
-def _reduced(_state, bucket):  # type: ignore[no-untyped-def]
+def _reduced(_state, bucket):
     """A comm hook whose all-reduce is done at once. DDP checks the hook's annotations as
     objects, which this module's postponed (string) annotations are not: none given."""
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()

@@ -140,14 +140,13 @@ class TrainingJob:
         self.precision = training.precision
         self.autocast_dtype = LOW_PRECISION.get(self.precision)
         self.param_dtype = torch.bfloat16 if self.precision == "bf16" else None
-        self.checkpointed_segments = 0
         self.world = world
         self.host_bytes = 0  # what CPU offload or paged optimizer states keep in host memory
         model = built.module
         self.forward_loss = built.forward_loss
         self.vocab_size = built.vocab_size or getattr(spec.data, "vocab_size", None)
         if training.gradient_checkpointing:
-            self.checkpointed_segments = enable_checkpointing(model)
+            enable_checkpointing(model)
         self.frozen = self._freeze(model)
         with tracker.in_phase("parameters"):
             if world is not None and world.shards:

@@ -68,7 +68,7 @@ def to_trial(outcome: TrialOutcome, phase: str = "search", scenario: str | None 
         peak_bytes=outcome.peak_bytes,
         duration_s=round(outcome.duration_s, 6),
         reason=outcome.reason,
-        phase=phase,  # type: ignore[arg-type]
+        phase=phase,
         scenario=scenario,
     )
 
@@ -254,7 +254,7 @@ def _prediction(twin: tuple[int, int, float] | None, real: int) -> Prediction | 
 def _device_info(device: ProbeDevice) -> DeviceInfo:
     return DeviceInfo(
         backend=device.backend,
-        name=device.name,  # type: ignore[arg-type]
+        name=device.name,
         memory_bytes=device.memory_bytes,
     )
 
@@ -328,7 +328,7 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         learning_rate=lr.learning_rate,
         lr_scaling=LrScalingInfo(
             rule=lr.rule,
-            base_lr=training.base_lr,  # type: ignore[arg-type]
+            base_lr=training.base_lr,
             base_batch_size=training.reference_batch_size,
             base_batch_size_from="spec" if training.base_batch_size else "global_batch_size",
             factor=lr.factor,
@@ -539,7 +539,7 @@ def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> Plan
         learning_rate=spec.training.base_lr,
         lr_scaling=LrScalingInfo(
             rule=lr_rule,
-            base_lr=spec.training.base_lr,  # type: ignore
+            base_lr=spec.training.base_lr,
             base_batch_size=spec.training.reference_batch_size,
             base_batch_size_from="spec" if spec.training.base_batch_size else "global_batch_size",
             factor=1.0,

@@ -213,11 +213,6 @@ class MemoryTracker(TorchDispatchMode):
         self.live -= alloc.nbytes
 
     # -- naming ----------------------------------------------------------------------------
-    def adopt(self, tensors: Iterable[torch.Tensor], category: str) -> None:
-        """Count tensors created before tracking began (e.g. the model's parameters)."""
-        for tensor in tensors:
-            self._record(tensor, category)
-
     def mark(self, tensors: Iterable[torch.Tensor | None], category: str) -> None:
         """Name the category of tensors the tracker already saw (gradients, optimizer state)."""
         for tensor in tensors:

@@ -177,7 +177,7 @@ def explore(
                 change=scenario.change,
                 value=scenario.value,
                 device=DeviceInfo(
-                    backend=target.backend,  # type: ignore[arg-type]
+                    backend=target.backend,
                     name=target.name,
                     memory_bytes=target.memory_bytes,
                 ),

@@ -38,6 +38,10 @@ def families() -> dict[str, str]:
     return table
 
 
+# A Conv2d's geometry, copied as it is (torch types them as tuples of any length).
+CONV_SHAPE = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+
+
 def build_torchvision(spec: PlanSpec) -> Any:
     import torchvision.models as tvm
 
@@ -85,13 +89,8 @@ def _adapt_stem(model: nn.Module, channels: int) -> bool:
                     nn.Conv2d(
                         channels,
                         child.out_channels,
-                        child.kernel_size,  # type: ignore[arg-type]
-                        child.stride,  # type: ignore[arg-type]
-                        child.padding,  # type: ignore[arg-type]
-                        child.dilation,  # type: ignore[arg-type]
-                        child.groups,
-                        child.bias is not None,
-                        child.padding_mode,
+                        bias=child.bias is not None,
+                        **{key: getattr(child, key) for key in CONV_SHAPE},
                     ),
                 )
                 return True

@@ -132,7 +132,7 @@ class TransformersModel(StrictModel):
     _cfg = field_validator("config")(classmethod(lambda cls, v: _check_kwargs(v)))
 
     @model_validator(mode="after")
-    def _one_of(self) -> TransformersModel:
+    def _preset_or_architecture(self) -> TransformersModel:
         if (self.preset is None) == (self.architecture is None):
             raise ValueError("give exactly one of 'preset' or 'architecture'")
         return self
@@ -589,7 +589,7 @@ class TrainingSpec(StrictModel):
         return self
 
 
-class CudaDevice(StrictModel):
+class CudaDeviceSpec(StrictModel):
     kind: Literal["cuda"]
     memory_gib: float | None = Field(
         default=None, gt=0, le=4096, description="Plan for a smaller card than the worker's."
@@ -626,7 +626,7 @@ class AllocatorSpec(StrictModel):
         return value
 
 
-class SimulatedDevice(StrictModel):
+class SimulatedDeviceSpec(StrictModel):
     kind: Literal["simulated"]
     gpu: str | None = Field(default=None, pattern=NAME_PATTERN, examples=["A100-80GB"])
     memory_gib: float | None = Field(default=None, gt=0, le=4096)
@@ -634,18 +634,20 @@ class SimulatedDevice(StrictModel):
     allocator: AllocatorSpec = Field(default_factory=AllocatorSpec)
 
     @model_validator(mode="after")
-    def _one_of(self) -> SimulatedDevice:
+    def _gpu_or_memory(self) -> SimulatedDeviceSpec:
         if self.gpu is None and self.memory_gib is None:
             raise ValueError("give 'gpu' (see GET /v1/gpus) or 'memory_gib'")
         return self  # the name is the engine's to know: an unknown card is its 422 at device.gpu
 
 
-class CpuDevice(StrictModel):
+class CpuDeviceSpec(StrictModel):
     kind: Literal["cpu"]
     memory_gib: float = Field(default=2.0, gt=0, le=64, description="Memory budget of the probe.")
 
 
-DeviceSpec = Annotated[CudaDevice | SimulatedDevice | CpuDevice, Field(discriminator="kind")]
+DeviceSpec = Annotated[
+    CudaDeviceSpec | SimulatedDeviceSpec | CpuDeviceSpec, Field(discriminator="kind")
+]
 
 
 class SearchSpec(StrictModel):
@@ -673,7 +675,7 @@ class PlanSpec(StrictModel):
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     device: DeviceSpec = Field(
-        default_factory=lambda: SimulatedDevice(kind="simulated", gpu="A100-80GB")
+        default_factory=lambda: SimulatedDeviceSpec(kind="simulated", gpu="A100-80GB")
     )
     search: SearchSpec = Field(default_factory=SearchSpec)
     refresh: bool = Field(default=False, description="Plan again even if this spec has a plan.")

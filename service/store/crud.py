@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, aliased, selectinload
 from service.core.principal import DEFAULT_TENANT, key_hash, new_key
 from service.schemas.plan import FINAL, PlanStatus
 from service.schemas.problem import problem
-from service.store.models import ApiKey, AuditEvent, Plan, Trial, Worker
+from service.store.models import ApiKey, AuditEvent, Plan, TrialRow, Worker
 
 
 def now() -> datetime:
@@ -379,7 +379,7 @@ def add_trial(
     session: Session, plan_id: str, attempt: int, index: int, trial: dict[str, Any]
 ) -> None:
     session.add(
-        Trial(
+        TrialRow(
             plan_id=plan_id,
             attempt=attempt,
             index=index,
@@ -400,8 +400,8 @@ def signatures(session: Session, plan_ids: Sequence[str]) -> dict[str, tuple[Any
     """What a follower sees change, per plan, in one query: status, attempt, cancel flag and the
     last trial's index (the SQLite change feed polls this for every plan it is watching)."""
     last_trial = (
-        select(func.max(Trial.index))
-        .where(Trial.plan_id == Plan.id, Trial.attempt == Plan.attempts)
+        select(func.max(TrialRow.index))
+        .where(TrialRow.plan_id == Plan.id, TrialRow.attempt == Plan.attempts)
         .correlate(Plan)
         .scalar_subquery()
     )
@@ -425,11 +425,11 @@ def follow(session: Session, plan_id: str, tenant: str | None = None) -> tuple[A
 
 def trials_of(
     session: Session, plan_id: str, attempt: int | None = None, after_index: int = -1
-) -> list[Trial]:
-    stmt = select(Trial).where(Trial.plan_id == plan_id, Trial.index > after_index)
+) -> list[TrialRow]:
+    stmt = select(TrialRow).where(TrialRow.plan_id == plan_id, TrialRow.index > after_index)
     if attempt is not None:
-        stmt = stmt.where(Trial.attempt == attempt)
-    return list(session.scalars(stmt.order_by(Trial.attempt, Trial.index)))
+        stmt = stmt.where(TrialRow.attempt == attempt)
+    return list(session.scalars(stmt.order_by(TrialRow.attempt, TrialRow.index)))
 
 
 def finish(
@@ -545,7 +545,6 @@ def worker_heartbeat(
 
 def list_workers(session: Session) -> list[Worker]:
     return list(session.scalars(select(Worker).order_by(Worker.started_at.desc()).limit(500)))
-
 
 
 # -- API keys --------------------------------------------------------------------------------

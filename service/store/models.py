@@ -67,8 +67,8 @@ class Plan(Base):
     body_schema: Mapped[str | None] = mapped_column(String(16))
 
     # Every attempt's trials; the API shows only the current attempt's (`crud.trials_of`).
-    trial_rows: Mapped[list[Trial]] = relationship(
-        back_populates="plan", order_by="Trial.index", cascade="all, delete-orphan"
+    trial_rows: Mapped[list[TrialRow]] = relationship(
+        back_populates="plan", order_by="TrialRow.index", cascade="all, delete-orphan"
     )
 
     __table_args__ = (
@@ -78,7 +78,7 @@ class Plan(Base):
     )
 
 
-class Trial(Base):
+class TrialRow(Base):
     __tablename__ = "trials"
 
     plan_id: Mapped[str] = mapped_column(

@@ -54,10 +54,10 @@ class PlanNumbers:
         return Schedule("constant", self.warmup_steps, max(1, self.total_optimizer_steps))
 
 
-def optimizer_kwargs(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+def optimizer_kwargs(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     """The optimizer's keyword arguments as the plan runs it: its implementation's flags and
     hyper-parameters, with the scaled batch's betas and eps."""
-    return {**choose(spec.training).kwargs, **n.optimizer_overrides}
+    return {**choose(spec.training).kwargs, **numbers.optimizer_overrides}
 
 
 # The mixed precisions' lower dtype, as rendered code names it (autocast, FSDP's param_dtype).
@@ -96,10 +96,10 @@ def _sharding(spec: PlanSpec) -> str:
     return FSDP_SHARDING[strategy]
 
 
-def _nodes(spec: PlanSpec, n: PlanNumbers) -> tuple[int, int]:
+def _nodes(spec: PlanSpec, numbers: PlanNumbers) -> tuple[int, int]:
     """(nodes, GPUs per node) of the plan's world."""
-    per_node = min(spec.training.parallelism.gpus_per_node, n.world_size)
-    return math.ceil(n.world_size / per_node), per_node
+    per_node = min(spec.training.parallelism.gpus_per_node, numbers.world_size)
+    return math.ceil(numbers.world_size / per_node), per_node
 
 
 def peft_settings(spec: PlanSpec) -> dict[str, Any]:
@@ -125,24 +125,24 @@ def peft_settings(spec: PlanSpec) -> dict[str, Any]:
     return out
 
 
-def accelerate_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+def accelerate_config(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     """The YAML of `accelerate config` (write it out and `accelerate launch --config_file`);
     accumulation goes to `Accelerator(gradient_accumulation_steps=...)` (the HF Trainer's
     arguments carry it)."""
     strategy = spec.training.strategy
-    nodes, _ = _nodes(spec, n)
+    nodes, _ = _nodes(spec, numbers)
     precision = spec.training.precision
     out: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "num_machines": nodes,
-        "num_processes": n.world_size,
+        "num_processes": numbers.world_size,
         "mixed_precision": {"fp16-mixed": "fp16", "bf16-mixed": "bf16"}.get(precision, "no"),
         "machine_rank": 0,
         "use_cpu": False,
         "debug": False,
         "main_training_function": "main",
     }
-    if strategy == "none" or n.world_size == 1:
+    if strategy == "none" or numbers.world_size == 1:
         return out | {"distributed_type": "NO"}
     if strategy == "ddp":
         return out | {"distributed_type": "MULTI_GPU"}
@@ -151,7 +151,7 @@ def accelerate_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
             "distributed_type": "DEEPSPEED",
             "deepspeed_config": {
                 "zero_stage": 1,
-                "gradient_accumulation_steps": n.accumulation_steps,
+                "gradient_accumulation_steps": numbers.accumulation_steps,
             },
         }
     parallelism = spec.training.parallelism
@@ -169,7 +169,7 @@ def accelerate_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     }
 
 
-def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+def lightning_settings(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     """`trainer` is `lightning.pytorch.Trainer(**trainer)` (with `callbacks` built from their
     class paths); the rest goes to your DataLoader and `configure_optimizers`, which builds the
     optimizer over `configs.recipe`'s `param_groups(self)` and returns
@@ -178,24 +178,24 @@ def lightning_settings(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
     window, as the plan's `optimizer_steps_per_epoch` assumes."""
     choice = choose(spec.training)
     tf32 = spec.training.precision == "tf32"
-    nodes, per_node = _nodes(spec, n)
-    schedule = n.lr_schedule
+    nodes, per_node = _nodes(spec, numbers)
+    schedule = numbers.lr_schedule
     out: dict[str, Any] = {
         **({"float32_matmul_precision": "high"} if tf32 else {}),
         "trainer": {
-            "accumulate_grad_batches": n.accumulation_steps,
+            "accumulate_grad_batches": numbers.accumulation_steps,
             "precision": LIGHTNING_PRECISION[spec.training.precision],
             "devices": per_node,
             "num_nodes": nodes,
             "strategy": _lightning_strategy(spec),
             "max_epochs": math.ceil(spec.training.epochs),
-            "max_steps": n.total_optimizer_steps,
+            "max_steps": numbers.total_optimizer_steps,
         },
-        "batch_size": n.micro_batch_size,
-        "learning_rate": n.learning_rate,
-        "warmup_steps": n.warmup_steps,
+        "batch_size": numbers.micro_batch_size,
+        "learning_rate": numbers.learning_rate,
+        "warmup_steps": numbers.warmup_steps,
         "optimizer": choice.path,
-        "optimizer_kwargs": optimizer_kwargs(spec, n),
+        "optimizer_kwargs": optimizer_kwargs(spec, numbers),
         "lr_scheduler": {"interval": "step", "frequency": 1},
         "gradient_checkpointing": spec.training.gradient_checkpointing,
     }
@@ -227,20 +227,20 @@ def _lightning_strategy(spec: PlanSpec) -> Any:
     }
 
 
-def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+def hf_trainer_arguments(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     """Keyword arguments of `transformers.TrainingArguments` (add `output_dir`). HF's `adamw_torch`
     with weight_decay 0 is Adam; its `adafactor` is transformers' own Adafactor."""
     training = spec.training
-    optim, optim_args, weight_decay = _hf_optimizer(choose(training), n.optimizer_overrides)
+    optim, optim_args, weight_decay = _hf_optimizer(choose(training), numbers.optimizer_overrides)
     out: dict[str, Any] = {
-        "per_device_train_batch_size": n.micro_batch_size,
-        "gradient_accumulation_steps": n.accumulation_steps,
-        "learning_rate": n.learning_rate,
-        **_hf_schedule(spec, n),
-        **_hf_betas(n.optimizer_overrides),
-        **_hf_evaluation(spec, n),
+        "per_device_train_batch_size": numbers.micro_batch_size,
+        "gradient_accumulation_steps": numbers.accumulation_steps,
+        "learning_rate": numbers.learning_rate,
+        **_hf_schedule(spec, numbers),
+        **_hf_betas(numbers.optimizer_overrides),
+        **_hf_evaluation(spec, numbers),
         "num_train_epochs": training.epochs,
-        "max_steps": n.total_optimizer_steps,
+        "max_steps": numbers.total_optimizer_steps,
         "optim": optim,
         "weight_decay": weight_decay,
         "bf16": training.precision in ("bf16-mixed", "bf16"),
@@ -253,7 +253,7 @@ def hf_trainer_arguments(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
         out["optim_args"] = optim_args
     strategy = training.strategy
     if strategy == "zero1":
-        out["deepspeed"] = deepspeed_config(spec, n)
+        out["deepspeed"] = deepspeed_config(spec, numbers)
     elif strategy in FSDP_SHARDING:
         options = [_sharding(spec).lower(), "auto_wrap"]
         if training.parallelism.cpu_offload:
@@ -279,11 +279,11 @@ def deepspeed_takes_recipe(spec: PlanSpec, schedule: Schedule, peak: float) -> b
     return no_block or bool(spec.training.param_groups)
 
 
-def _hf_schedule(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+def _hf_schedule(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     """The Trainer's own scheduler where it equals the plan's; else a constant rate, to be
     replaced by `Trainer(optimizers=(optimizer, make_scheduler(optimizer)))` from
     `configs.recipe` (a plan warning says so)."""
-    schedule = n.lr_schedule
+    schedule = numbers.lr_schedule
     native = hf_native_schedule(schedule)
     if native is None:
         return {"warmup_steps": 0, "lr_scheduler_type": "constant"}
@@ -301,11 +301,11 @@ def _hf_betas(overrides: dict[str, Any]) -> dict[str, Any]:
     return {"adam_beta1": beta1, "adam_beta2": beta2, "adam_epsilon": overrides["eps"]}
 
 
-def _hf_evaluation(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+def _hf_evaluation(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     """An epoch-end evaluation for early stopping (`configs.hf_callbacks`) and for a plateau
     schedule, which both read `metric_for_best_model`."""
     stopping = spec.training.early_stopping
-    schedule = n.lr_schedule
+    schedule = numbers.lr_schedule
     if stopping is None and schedule.name != "plateau":
         return {}
     monitor = stopping.monitor if stopping else schedule.params["monitor"]
@@ -359,41 +359,41 @@ def _hf_optimizer(
     return name, None, 0.0  # rmsprop, adagrad, adafactor have HF names of their own
 
 
-def deepspeed_config(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+def deepspeed_config(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     """A DeepSpeed JSON: DeepSpeed asserts train_batch_size = micro x accumulation x world size.
     Optimizer names outside DeepSpeed's own set resolve to the torch.optim class of that name."""
     training = spec.training
     return {
-        "train_batch_size": n.global_batch_size,
-        "train_micro_batch_size_per_gpu": n.micro_batch_size,
-        "gradient_accumulation_steps": n.accumulation_steps,
-        **_deepspeed_optimizer(spec, n),
-        **_deepspeed_scheduler(spec, n),
+        "train_batch_size": numbers.global_batch_size,
+        "train_micro_batch_size_per_gpu": numbers.micro_batch_size,
+        "gradient_accumulation_steps": numbers.accumulation_steps,
+        **_deepspeed_optimizer(spec, numbers),
+        **_deepspeed_scheduler(spec, numbers),
         "bf16": {"enabled": training.precision in ("bf16-mixed", "bf16")},
         "fp16": {"enabled": training.precision == "fp16-mixed"},
         "zero_optimization": _zero(spec),
     }
 
 
-def _deepspeed_optimizer(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+def _deepspeed_optimizer(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     """DeepSpeed's own optimizer block (its fused Adam for Adam and AdamW: the implementation
     flags are PyTorch's and stay out); none for bitsandbytes or per-group rates: that optimizer
     is passed to `deepspeed.initialize(optimizer=...)` as the PyTorch loop builds it."""
     choice = choose(spec.training)
     if choice.bitsandbytes or spec.training.param_groups:
         return {}
-    params = {"lr": n.learning_rate}
-    kwargs = optimizer_kwargs(spec, n)
+    params = {"lr": numbers.learning_rate}
+    kwargs = optimizer_kwargs(spec, numbers)
     params |= {k: v for k, v in kwargs.items() if k not in ("foreach", "fused")}
     if choice.cls == "Adam":
         params["adam_w_mode"] = False  # DeepSpeed's "Adam" is AdamW unless told otherwise
     return {"optimizer": {"type": choice.cls, "params": params}}
 
 
-def _deepspeed_scheduler(spec: PlanSpec, n: PlanNumbers) -> dict[str, Any]:
+def _deepspeed_scheduler(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
     """A scheduler block where DeepSpeed's equals the plan's (see `Schedule.deepspeed_native`);
     none for a constant rate, or where `make_scheduler` goes to `deepspeed.initialize`."""
-    native = n.lr_schedule.deepspeed_native(n.learning_rate)
+    native = numbers.lr_schedule.deepspeed_native(numbers.learning_rate)
     return {} if native is None else {"scheduler": native}
 
 
@@ -409,22 +409,22 @@ def _zero(spec: PlanSpec) -> dict[str, Any]:
     return out
 
 
-def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
+def pytorch_loop(spec: PlanSpec, numbers: PlanNumbers) -> str:
     """A complete training loop with accumulation (loss / k, step every k, and at an epoch's end).
     It expects `model`, `train_dataset` and, for non-Hugging Face models, `loss_fn`; with early
     stopping or a plateau schedule also `evaluate(model)`, returning the monitored metric."""
     training = spec.training
     hf = spec.model.source == "transformers"
-    ddp = n.world_size > 1
+    ddp = numbers.world_size > 1
     choice = choose(training)
-    evaluates = _evaluates(spec, n)
+    evaluates = _evaluates(spec, numbers)
     lines = [
-        f"# trainplan: micro-batch {n.micro_batch_size} x {n.accumulation_steps} accumulation "
-        f"x {n.world_size} rank(s) = global batch {n.global_batch_size}",
+        f"# trainplan: micro-batch {numbers.micro_batch_size} x {numbers.accumulation_steps} "
+        f"accumulation x {numbers.world_size} rank(s) = global batch {numbers.global_batch_size}",
         "# Expects "
         + _expected_names(hf, evaluates)
         + (
-            f"; launch with: torchrun --nproc_per_node={n.world_size} train.py"
+            f"; launch with: torchrun --nproc_per_node={numbers.world_size} train.py"
             if ddp
             else " to be defined."
         ),
@@ -433,27 +433,27 @@ def pytorch_loop(spec: PlanSpec, n: PlanNumbers) -> str:
         "import torch",
         "from torch.utils.data import DataLoader",
         "",
-        f"MICRO_BATCH = {n.micro_batch_size}",
-        f"ACCUMULATION = {n.accumulation_steps}",
-        f"TOTAL_STEPS = {n.total_optimizer_steps}",
+        f"MICRO_BATCH = {numbers.micro_batch_size}",
+        f"ACCUMULATION = {numbers.accumulation_steps}",
+        f"TOTAL_STEPS = {numbers.total_optimizer_steps}",
         "",
-        recipe_source(n.lr_schedule, n.learning_rate, param_groups(spec)),
+        recipe_source(numbers.lr_schedule, numbers.learning_rate, param_groups(spec)),
     ]
     lines += _device_setup(ddp)
     if training.precision == "tf32":
         lines += ["torch.backends.cuda.matmul.allow_tf32 = True  # convolutions already are", ""]
     lines += _model_setup(spec, hf, ddp)
     lines += [
-        *_optimizer_lines(training.strategy, choice, optimizer_kwargs(spec, n)),
+        *_optimizer_lines(training.strategy, choice, optimizer_kwargs(spec, numbers)),
         "scheduler = make_scheduler(optimizer)  # stepped after each optimizer step",
-        *(["plateau = make_plateau(optimizer)  # stepped each epoch"] if _plateau(n) else []),
+        *(["plateau = make_plateau(optimizer)  # stepped each epoch"] if _plateau(numbers) else []),
     ]
     if training.precision == "fp16-mixed":
         lines.append("scaler = torch.amp.GradScaler(DEVICE)")
     lines += _data_setup(ddp)
     lines += _loop_body(spec, hf, ddp)
     if evaluates:
-        lines += _epoch_end(spec, n)
+        lines += _epoch_end(spec, numbers)
     if ddp:  # every rank done before the group goes (gloo aborts on a peer that left early)
         lines += ["", "torch.distributed.barrier()", "torch.distributed.destroy_process_group()"]
     return "\n".join(lines) + "\n"
@@ -466,18 +466,18 @@ def _expected_names(hf: bool, evaluates: bool) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _plateau(n: PlanNumbers) -> bool:
-    return n.lr_schedule.name == "plateau"
+def _plateau(numbers: PlanNumbers) -> bool:
+    return numbers.lr_schedule.name == "plateau"
 
 
-def _evaluates(spec: PlanSpec, n: PlanNumbers) -> bool:
-    return spec.training.early_stopping is not None or _plateau(n)
+def _evaluates(spec: PlanSpec, numbers: PlanNumbers) -> bool:
+    return spec.training.early_stopping is not None or _plateau(numbers)
 
 
-def _epoch_end(spec: PlanSpec, n: PlanNumbers) -> list[str]:
+def _epoch_end(spec: PlanSpec, numbers: PlanNumbers) -> list[str]:
     """At each epoch's end: the metric, the plateau's cut, early stopping's count."""
     lines = ["    metric = float(evaluate(model))"]
-    if _plateau(n):
+    if _plateau(numbers):
         lines.append("    plateau.step(metric)")
     stopping = spec.training.early_stopping
     if stopping is not None:

@@ -37,9 +37,9 @@ class Facts:
 Rule = Callable[[Facts], PlanWarning | None]
 
 
-def batchnorm_small_micro_batch(f: Facts) -> PlanWarning | None:
-    micro, world = f.batches.micro_batch_size, f.spec.training.world_size
-    if not f.has_batchnorm or micro >= BATCHNORM_MIN:
+def batchnorm_small_micro_batch(facts: Facts) -> PlanWarning | None:
+    micro, world = facts.batches.micro_batch_size, facts.spec.training.world_size
+    if not facts.has_batchnorm or micro >= BATCHNORM_MIN:
         return None
     sync = micro * world
     hint = (
@@ -57,8 +57,8 @@ def batchnorm_small_micro_batch(f: Facts) -> PlanWarning | None:
     )
 
 
-def global_batch_adjusted(f: Facts) -> PlanWarning | None:
-    b, training = f.batches, f.spec.training
+def global_batch_adjusted(facts: Facts) -> PlanWarning | None:
+    b, training = facts.batches, facts.spec.training
     if b.effective_global_batch_size == training.global_batch_size:
         return None
     return PlanWarning(
@@ -72,8 +72,8 @@ def global_batch_adjusted(f: Facts) -> PlanWarning | None:
     )
 
 
-def global_batch_exceeds_dataset(f: Facts) -> PlanWarning | None:
-    effective, samples = f.batches.effective_global_batch_size, f.spec.data.num_samples
+def global_batch_exceeds_dataset(facts: Facts) -> PlanWarning | None:
+    effective, samples = facts.batches.effective_global_batch_size, facts.spec.data.num_samples
     if effective <= samples:
         return None
     return PlanWarning(
@@ -85,41 +85,41 @@ def global_batch_exceeds_dataset(f: Facts) -> PlanWarning | None:
     )
 
 
-def bf16_unsupported(f: Facts) -> PlanWarning | None:
-    if f.spec.training.precision not in ("bf16", "bf16-mixed") or f.device.supports_bf16:
+def bf16_unsupported(facts: Facts) -> PlanWarning | None:
+    if facts.spec.training.precision not in ("bf16", "bf16-mixed") or facts.device.supports_bf16:
         return None
     return PlanWarning(
         code="bf16_unsupported",
-        message=f"{f.device.name} has no bfloat16 support; use fp16-mixed (with a GradScaler).",
+        message=f"{facts.device.name} has no bfloat16 support; use fp16-mixed (with a GradScaler).",
     )
 
 
-def large_lr_factor(f: Facts) -> PlanWarning | None:
-    if f.lr.rule != "linear" or f.lr.factor <= 32:
+def large_lr_factor(facts: Facts) -> PlanWarning | None:
+    if facts.lr.rule != "linear" or facts.lr.factor <= 32:
         return None
     return PlanWarning(
         code="large_lr_factor",
         message=(
-            f"the linear rule scales the learning rate by {f.lr.factor:g}; beyond about 8k "
+            f"the linear rule scales the learning rate by {facts.lr.factor:g}; beyond about 8k "
             f"samples per batch it breaks down (Goyal et al.): consider LARS/LAMB."
         ),
     )
 
 
-def search_bound_reached(f: Facts) -> PlanWarning | None:
-    if not f.search.bound_reached:
+def search_bound_reached(facts: Facts) -> PlanWarning | None:
+    if not facts.search.bound_reached:
         return None
     return PlanWarning(
         code="search_bound_reached",
         message=(
-            f"the largest micro-batch allowed ({f.spec.search.max_batch_size}) fits; the real "
+            f"the largest micro-batch allowed ({facts.spec.search.max_batch_size}) fits; the real "
             f"maximum may be larger (raise search.max_batch_size)."
         ),
     )
 
 
-def deepspeed_layout(f: Facts) -> PlanWarning | None:
-    strategy = f.spec.training.strategy
+def deepspeed_layout(facts: Facts) -> PlanWarning | None:
+    strategy = facts.spec.training.strategy
     if strategy not in ("zero2", "zero3"):
         return None
     return PlanWarning(
@@ -133,8 +133,8 @@ def deepspeed_layout(f: Facts) -> PlanWarning | None:
     )
 
 
-def heavy_accumulation(f: Facts) -> PlanWarning | None:
-    b = f.batches
+def heavy_accumulation(facts: Facts) -> PlanWarning | None:
+    b = facts.batches
     if b.micro_batch_size != 1 or b.accumulation_steps <= 64:
         return None
     return PlanWarning(
@@ -146,8 +146,8 @@ def heavy_accumulation(f: Facts) -> PlanWarning | None:
     )
 
 
-def early_stopping_upper_bound(f: Facts) -> PlanWarning | None:
-    stopping = f.spec.training.early_stopping
+def early_stopping_upper_bound(facts: Facts) -> PlanWarning | None:
+    stopping = facts.spec.training.early_stopping
     if stopping is None:
         return None
     return PlanWarning(
@@ -160,8 +160,8 @@ def early_stopping_upper_bound(f: Facts) -> PlanWarning | None:
     )
 
 
-def paged_optimizer_state(f: Facts) -> PlanWarning | None:
-    if not choose(f.spec.training).paged:
+def paged_optimizer_state(facts: Facts) -> PlanWarning | None:
+    if not choose(facts.spec.training).paged:
         return None
     return PlanWarning(
         code="paged_optimizer_state",
@@ -173,13 +173,13 @@ def paged_optimizer_state(f: Facts) -> PlanWarning | None:
     )
 
 
-def framework_fallback(f: Facts) -> PlanWarning | None:
+def framework_fallback(facts: Facts) -> PlanWarning | None:
     """Where the HF Trainer's or DeepSpeed's own settings cannot express the recipe."""
-    if f.schedule is None:
+    if facts.schedule is None:
         return None
     missing = []
-    groups = bool(f.spec.training.param_groups)
-    if hf_native_schedule(f.schedule) is None:
+    groups = bool(facts.spec.training.param_groups)
+    if hf_native_schedule(facts.schedule) is None:
         missing.append(
             "the HF Trainer (pass Trainer(optimizers=(optimizer, scheduler)) built with "
             "configs.recipe's param_groups and make_scheduler)"
@@ -188,14 +188,14 @@ def framework_fallback(f: Facts) -> PlanWarning | None:
         missing.append(
             "the HF Trainer's arguments (pass Trainer(optimizers=(optimizer, None)) with the "
             "optimizer built over configs.recipe's param_groups: the Trainer builds the "
-            f"arguments' {f.schedule.name} schedule on it)"
+            f"arguments' {facts.schedule.name} schedule on it)"
         )
-    if deepspeed_takes_recipe(f.spec, f.schedule, f.lr.learning_rate):
+    if deepspeed_takes_recipe(facts.spec, facts.schedule, facts.lr.learning_rate):
         missing.append("DeepSpeed (pass them to deepspeed.initialize(optimizer=, lr_scheduler=))")
     if not missing:
         return None
-    what = "per-group learning rates" if groups else f"a {f.schedule.name} schedule"
-    if f.schedule.warmup and not groups:
+    what = "per-group learning rates" if groups else f"a {facts.schedule.name} schedule"
+    if facts.schedule.warmup and not groups:
         what += " after warm-up"
     return PlanWarning(
         code="framework_fallback",
@@ -203,8 +203,8 @@ def framework_fallback(f: Facts) -> PlanWarning | None:
     )
 
 
-def sde_rule_out_of_range(f: Facts) -> PlanWarning | None:
-    a = f.adjustment
+def sde_rule_out_of_range(facts: Facts) -> PlanWarning | None:
+    a = facts.adjustment
     if a is None or a.applies:
         return None
     return PlanWarning(

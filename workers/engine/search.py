@@ -107,15 +107,17 @@ class _Bracket:
         return self.lo + math.floor((self.limit - lo_peak) / slope)
 
 
-def _confirm_seed(br: _Bracket, seed: int, max_batch: int, min_batch: int) -> SearchResult | None:
+def _confirm_seed(
+    bracket: _Bracket, seed: int, max_batch: int, min_batch: int
+) -> SearchResult | None:
     """Probe the seed and its neighbour: the answer in two trials when the seed is right."""
-    if br.probe(seed).fits:
+    if bracket.probe(seed).fits:
         if seed == max_batch:
-            return SearchResult(seed, br.trials, bound_reached=True)
-        if not br.probe(seed + 1).fits:
-            return SearchResult(seed, br.trials)
-    elif seed > min_batch and br.probe(seed - 1).fits:
-        return SearchResult(seed - 1, br.trials)
+            return SearchResult(seed, bracket.trials, bound_reached=True)
+        if not bracket.probe(seed + 1).fits:
+            return SearchResult(seed, bracket.trials)
+    elif seed > min_batch and bracket.probe(seed - 1).fits:
+        return SearchResult(seed - 1, bracket.trials)
     return None
 
 
@@ -183,46 +185,50 @@ def _search(
     seed: int | None,
     min_batch: int,
 ) -> SearchResult:
-    br = _Bracket(probe, limit, max_batch)
+    bracket = _Bracket(probe, limit, max_batch)
     if seed is not None and min_batch <= seed <= max_batch:
-        confirmed = _confirm_seed(br, seed, max_batch, min_batch)
+        confirmed = _confirm_seed(bracket, seed, max_batch, min_batch)
         if confirmed is not None:
             return confirmed
-    if br.lo == 0 and (min_batch in br.points or not br.probe(min_batch).fits):
-        return SearchResult(0, br.trials)
+    if bracket.lo == 0 and (min_batch in bracket.points or not bracket.probe(min_batch).fits):
+        return SearchResult(0, bracket.trials)
     if max_batch == min_batch:
-        return SearchResult(min_batch, br.trials, bound_reached=True)
-    if br.lo < min_batch + 1 < br.hi:
-        br.probe(min_batch + 1)
-    width_before = br.hi - br.lo
+        return SearchResult(min_batch, bracket.trials, bound_reached=True)
+    if bracket.lo < min_batch + 1 < bracket.hi:
+        bracket.probe(min_batch + 1)
+    width_before = bracket.hi - bracket.lo
     creep = 0  # confirmations in a row that fitted: the model keeps under-predicting
     # Once per search, a guess right under a failure is probed even when the bracket did not
     # halve: a secant that lands one above the answer (rounding of the peaks it starts from)
     # then confirms from above instead of bisecting all over again.
     above_unused = True
-    while br.hi - br.lo > 1:
-        predicted = predicted_answer(predict, br.lo, br.hi) if predict else None
-        guess = predicted if predicted is not None else br.predict()
-        width = br.hi - br.lo
-        confirming = guess <= br.lo  # the model says lo is the answer: probe lo + 1
-        candidate = min(max(br.lo + 1 if confirming else guess, br.lo + 1), br.hi - 1)
-        beyond_bound = not br.hi_known and guess >= br.hi - 1
+    while bracket.hi - bracket.lo > 1:
+        predicted = predicted_answer(predict, bracket.lo, bracket.hi) if predict else None
+        guess = predicted if predicted is not None else bracket.predict()
+        width = bracket.hi - bracket.lo
+        confirming = guess <= bracket.lo  # the model says lo is the answer: probe lo + 1
+        candidate = min(
+            max(bracket.lo + 1 if confirming else guess, bracket.lo + 1), bracket.hi - 1
+        )
+        beyond_bound = not bracket.hi_known and guess >= bracket.hi - 1
         # Below an unknown bound the extrapolation from fits converges by itself; a bracket
         # that does not halve between two known ends means the secant has stalled.
         stalled = (
             not confirming
             and width > 4
             and width * 2 > width_before
-            and (br.hi_known or len(br.trials) > 8)
+            and (bracket.hi_known or len(bracket.trials) > 8)
         )
-        from_above = br.hi_known and not confirming and candidate == br.hi - 1
+        from_above = bracket.hi_known and not confirming and candidate == bracket.hi - 1
         if stalled and from_above and above_unused:
             stalled = above_unused = False
-        if not beyond_bound and len(br.trials) > 3 and (stalled or creep >= 2):
-            candidate = (br.lo + br.hi) // 2  # the model is not to be trusted here: bisect
+        if not beyond_bound and len(bracket.trials) > 3 and (stalled or creep >= 2):
+            candidate = (
+                bracket.lo + bracket.hi
+            ) // 2  # the model is not to be trusted here: bisect
             creep = 0
         width_before = width
-        fits = br.probe(candidate).fits
-        creep = creep + 1 if confirming and fits and candidate == br.lo else 0
-    bound = br.lo == max_batch
-    return SearchResult(br.lo, br.trials, bound_reached=bound)
+        fits = bracket.probe(candidate).fits
+        creep = creep + 1 if confirming and fits and candidate == bracket.lo else 0
+    bound = bracket.lo == max_batch
+    return SearchResult(bracket.lo, bracket.trials, bound_reached=bound)

@@ -19,7 +19,7 @@ from service.schemas.spec import (
     SHARDED,
     PeftSpec,
     PlanSpec,
-    SimulatedDevice,
+    SimulatedDeviceSpec,
     TrainingSpec,
 )
 from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, GpuModel
@@ -66,7 +66,7 @@ def neighbours(spec: PlanSpec, device: ProbeDevice, state_share: float = 0.0) ->
     if spec.device.kind != "cpu":
         bigger = bigger_gpu(device.memory_bytes, training.precision)
         if bigger is not None:
-            card = SimulatedDevice(kind="simulated", gpu=bigger.name)
+            card = SimulatedDeviceSpec(kind="simulated", gpu=bigger.name)
             out.append(Scenario("gpu", bigger.name, spec.model_copy(update={"device": card})))
     out += _scale_neighbours(spec)
     if state_share >= OPTIMIZER_STATE_SHARE:

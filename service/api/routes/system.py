@@ -24,7 +24,7 @@ from service.schemas.plan import PlanStatus
 from service.schemas.system import GpuPage, Health, Readiness
 from service.schemas.worker import WorkerOut, WorkerPage, WorkerState
 from service.store import crud
-from service.store.models import Trial
+from service.store.models import TrialRow
 from workers import engine
 
 router = APIRouter()
@@ -170,7 +170,7 @@ def metrics(_: AdminDep, session: SessionDep) -> Response:
     lines = ["# HELP trainplan_plans Plans in the store by status", "# TYPE trainplan_plans gauge"]
     for status in PlanStatus:
         lines.append(f'trainplan_plans{{status="{status}"}} {depth.get(status, 0)}')
-    trials = session.execute(select(Trial.fits, func.count()).group_by(Trial.fits)).all()
+    trials = session.execute(select(TrialRow.fits, func.count()).group_by(TrialRow.fits)).all()
     counts = {bool(fits): n for fits, n in trials}
     lines += [
         "# HELP trainplan_store_trials Trials recorded in the store",

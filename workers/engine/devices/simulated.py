@@ -18,7 +18,7 @@ from dataclasses import replace
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from service.schemas.spec import PlanSpec
-from service.schemas.spec import SimulatedDevice as SimulatedSpec
+from service.schemas.spec import SimulatedDeviceSpec as SimulatedSpec
 from workers.engine.allocator import (
     AffineSequence,
     AllocatorConfig,

@@ -56,7 +56,7 @@ test: lint typecheck unit
 # Docker does not run here: the compose file, the Kubernetes manifests and the Dockerfile are
 # checked by their tests (YAML, real commands, image names, health checks).
 compose-check: install
-	$(BIN)/python -m pytest -q tests/test_deploy.py
+	$(BIN)/python -m pytest -q tests/deploy/test_deploy.py
 
 # Regenerate docs/spec.md from the API's OpenAPI schema (a test fails when it is stale).
 spec-doc: install

@@ -5,7 +5,7 @@ Hugging Face Trainer, DeepSpeed, Accelerate), so they cannot disagree with each 
 plan: micro-batch x accumulation x world_size = the effective global batch, the scaled learning
 rate and its schedule (`configs.recipe`, the very functions the plan's rates come from), the
 optimizer and its implementation, per-group rates, early stopping. Each rendering is checked
-against the library's own code in `tests/test_configs.py` and `tests/test_recipe.py`.
+against the library's own code in `tests/engine/test_configs.py` and `tests/engine/test_recipe.py`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _compose() -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from service.cli import app
 from tests.helpers import TINY_LLAMA
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "examples" / "small-cnn.json"
 
 

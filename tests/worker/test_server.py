@@ -22,7 +22,7 @@ from service.store import crud
 from service.store.db import make_engine, make_session_factory, upgrade
 from tests.helpers import registered_spec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port() -> int:

@@ -161,7 +161,7 @@ def test_malformed_json_and_wrong_types(client: TestClient) -> None:
         client.post(
             "/v1/plans", content=b"{not json", headers={"content-type": "application/json"}
         ),
-        400,  # not JSON: the line and column, not a field (tests/test_bad_input.py)
+        400,  # not JSON: the line and column, not a field (tests/api/test_bad_input.py)
     )
     _problem(client.post("/v1/plans", json=[1, 2, 3]), 422)
     _problem(client.post("/v1/plans", json={"model": "resnet"}), 422)

@@ -1,7 +1,7 @@
 """The dashboard's server side (issue 12), without a browser: pages and docs come from the
 package, sign-in turns a key into an HttpOnly SameSite cookie the API accepts, changes made with
 that cookie need the CSRF header, and the key never reaches a page or a log line. The browser
-drives the same flows in tests/test_dashboard.py."""
+drives the same flows in tests/dashboard/test_dashboard.py."""
 
 from __future__ import annotations
 

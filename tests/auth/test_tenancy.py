@@ -23,7 +23,7 @@ from service.store.models import Plan
 from tests.helpers import registered_spec
 from workers.loop import PlanWorker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from service.api.contract_doc import current
 from service.schemas.examples import PLAN_EXAMPLES
 from service.schemas.spec import PlanSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.json"))
 
 

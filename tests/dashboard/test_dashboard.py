@@ -29,7 +29,7 @@ from service.schemas.examples import SMALL_GRAYSCALE_CNN
 playwright_api = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "build" / "screenshots"
 CHROMIUM = os.environ.get("TRAINPLAN_CHROMIUM") or shutil.which("chromium") or ""
 GiB = 2**30

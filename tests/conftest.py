@@ -70,7 +70,8 @@ def small_spec() -> dict[str, Any]:
     """The grayscale CNN on a 1 GiB simulated card: a plan takes about a second."""
     spec = deepcopy(SMALL_GRAYSCALE_CNN)
     spec["device"] = {"kind": "simulated", "memory_gib": 1.0}
-    # what-if searches are tested on their own (tests/engine/test_what_if.py); elsewhere they only add time
+    # what-if searches are tested on their own (tests/engine/test_what_if.py); elsewhere they
+    # only add time
     spec["search"] = {"max_batch_size": 65536, "headroom": 0.0, "what_if": False}
     return spec
 

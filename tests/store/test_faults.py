@@ -1,6 +1,7 @@
 """Faults: the database goes away mid-plan, the SQLite disk fills up, a spec would trace for
 minutes. Each recovers, or fails that one plan with a clear error; no plan is lost or run twice.
-(Worker SIGKILL mid-plan is in tests/worker/test_server.py; the time limit in tests/worker/test_worker.py.)"""
+(Worker SIGKILL mid-plan is in tests/worker/test_server.py; the time limit in
+tests/worker/test_worker.py.)"""
 
 from __future__ import annotations
 

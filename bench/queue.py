@@ -17,14 +17,19 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from bench.machine import header
-from service.schemas.examples import SMALL_GRAYSCALE_CNN
+from service.schemas.examples import RESULT_EXAMPLE, SMALL_GRAYSCALE_CNN
+from service.schemas.result import PlanResult
 from service.schemas.spec import PlanSpec
-from service.store import crud
+from service.store import claims, plans
 from service.store.db import make_engine, make_session_factory, upgrade
 
 ADMIN = os.environ.get(
     "TRAINPLAN_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+
+
+# What a succeeded plan stores (the OpenAPI example's result).
+RESULT = PlanResult.model_validate(RESULT_EXAMPLE)
 
 
 def _worker(url: str, name: str, start: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -34,10 +39,14 @@ def _worker(url: str, name: str, start: float, out: mp.Queue) -> None:  # type: 
         time.sleep(0.001)
     with factory() as session:
         while True:
-            plan = crud.claim_next(session, name, 60, ("simulated",))
+            plan = claims.claim_next(
+                session, worker_id=name, lease_seconds=60, device_kinds=("simulated",)
+            )
             if plan is None:
                 break
-            crud.finish(session, plan.id, name, "succeeded", result={"ok": True})
+            claims.finish(
+                session, plan_id=plan.id, worker_id=name, status="succeeded", result=RESULT
+            )
             claimed.append(plan.id)
     out.put((name, claimed, time.time()))
 
@@ -62,7 +71,7 @@ def main() -> None:
             spec = PlanSpec.model_validate(SMALL_GRAYSCALE_CNN)
             with factory() as session:
                 for _i in range(args.plans):
-                    crud.create_plan(session, spec.canonical(), spec.spec_hash)
+                    plans.create_plan(session, spec=spec.canonical(), spec_hash=spec.spec_hash)
                 session.commit()
             out: mp.Queue = mp.get_context("spawn").Queue()  # type: ignore[type-arg]
             start = time.time() + 3

@@ -1,6 +1,6 @@
 """What the shared submit bucket costs a keyed submit, and that it holds across processes.
 
-Each key's token bucket is a row of the store (`crud.take_submit`, one conditional UPDATE), so
+Each key's token bucket is a row of the store (`keys.take_submit`, one conditional UPDATE), so
 API processes share it. This times `SubmitRate.take` alone, back to back and from several
 processes at once, on SQLite and PostgreSQL, and counts how many takes a burst was granted
 against the bucket's size plus its refill over the run (no process may overdraw it).
@@ -19,7 +19,7 @@ import time
 from bench.api_load import fresh_postgres
 from bench.machine import header
 from service.auth.quotas import SubmitRate
-from service.store import crud
+from service.store import keys
 from service.store.db import make_engine, make_session_factory, upgrade
 
 
@@ -35,7 +35,7 @@ def _takes(url: str, key_id: str, per_minute: int, n: int) -> tuple[list[float],
 
 def _key(url: str) -> str:
     with make_session_factory(make_engine(url))() as session:
-        return crud.issue_key(session, "bench", ["submit"])[1].id
+        return keys.issue_key(session, tenant="bench", scopes=["submit"])[1].id
 
 
 def main() -> None:

@@ -170,7 +170,7 @@ def keys_create(
 ) -> None:
     """Create a key and print it once: only its hash is stored."""
     from service.core.principal import SCOPES
-    from service.store import crud
+    from service.store import keys
 
     scopes = sorted({s.strip() for s in scope.split(",") if s.strip()})
     unknown = set(scopes) - set(SCOPES)
@@ -178,7 +178,7 @@ def keys_create(
         err.print(f"[red]scopes are {', '.join(SCOPES)}; the tenant is 1-100 characters[/red]")
         raise typer.Exit(2)
     with _store()() as session:
-        key, row = crud.issue_key(session, tenant.strip(), scopes)
+        key, row = keys.issue_key(session, tenant=tenant.strip(), scopes=scopes)
     err.print(f"key {row.id} for tenant {row.tenant!r}, scopes {row.scopes}; shown once:")
     print(key)
 
@@ -188,7 +188,7 @@ def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
     """The keys (never the secrets): id, prefix, tenant, scopes, created, last used, revoked."""
     from rich.table import Column
 
-    from service.store import crud
+    from service.store import keys
 
     # id and prefix never wrap or shorten: `keys revoke` takes either, copied from here.
     table = Table(
@@ -201,7 +201,7 @@ def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
         "revoked",
     )
     with _store()() as session:
-        for k in crud.list_keys(session, tenant):
+        for k in keys.list_keys(session, tenant=tenant):
             table.add_row(
                 k.id,
                 k.prefix + "...",
@@ -217,10 +217,10 @@ def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
 @keys_app.command("revoke")
 def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix.")]) -> None:
     """Revoke a key (it stops working within seconds: API processes cache keys for 5 s)."""
-    from service.store import crud
+    from service.store import keys
 
     with _store()() as session:
-        rows = crud.revoke_key(session, key)
+        rows = keys.revoke_key(session, key_id_or_prefix=key)
     if not rows:
         err.print(f"[red]no live key {key!r}[/red]")
         raise typer.Exit(1)

@@ -14,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
 from service.schemas.spec import PlanSpec
-from service.store import crud
+from service.store import plans
 from workers.engine.devices import open_device
 from workers.engine.models import build_model
 from workers.engine.profile import run_plan
@@ -44,7 +44,7 @@ def registered_spec(name: str, **kwargs: Any) -> dict[str, Any]:
 def enqueue(factory: Any, spec: dict[str, Any]) -> str:
     parsed = PlanSpec.model_validate(spec)
     with factory() as s:
-        plan = crud.create_plan(s, parsed.canonical(), parsed.spec_hash)
+        plan = plans.create_plan(s, spec=parsed.canonical(), spec_hash=parsed.spec_hash)
         s.commit()
         return plan.id
 
@@ -249,3 +249,12 @@ def run_lightning(configs: dict[str, Any], num_samples: int) -> tuple[Any, list[
     )
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=cfg["batch_size"]))
     return trainer, rates
+
+
+def a_result(**fields: Any) -> Any:
+    """A complete PlanResult (the OpenAPI example's) with `fields` replaced: what a worker
+    hands the store when a plan succeeds."""
+    from service.schemas.examples import RESULT_EXAMPLE
+    from service.schemas.result import PlanResult
+
+    return PlanResult.model_validate(RESULT_EXAMPLE | fields)

@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.schemas.plan import PlanStatus
 from service.schemas.problem import problem
-from service.store import crud
+from service.schemas.result import PlanResult
+from service.store import claims, plans, registry
 from service.store.db import session_scope
 from workers import engine
 from workers.metrics import PLAN_SECONDS, PLANS_FINISHED, TRIALS
@@ -79,8 +80,11 @@ class PlanWorker:
     def run(self, stop: threading.Event, max_plans: int | None = None) -> int:
         """Work until `stop` is set (or `max_plans` are done); returns plans handled."""
         with session_scope(self.factory) as session:
-            crud.register_worker(
-                session, self.worker_id, socket.gethostname(), {"kinds": list(self.kinds)}
+            registry.register_worker(
+                session,
+                worker_id=self.worker_id,
+                hostname=socket.gethostname(),
+                devices={"kinds": list(self.kinds)},
             )
         done = 0
         finished = threading.Event()
@@ -113,8 +117,13 @@ class PlanWorker:
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         with self.factory() as session:
-            crud.fail_exhausted(session, self.settings.max_attempts)
-            plan = crud.claim_next(session, self.worker_id, self.settings.lease_seconds, self.kinds)
+            claims.fail_exhausted(session, max_attempts=self.settings.max_attempts)
+            plan = claims.claim_next(
+                session,
+                worker_id=self.worker_id,
+                lease_seconds=self.settings.lease_seconds,
+                device_kinds=self.kinds,
+            )
             if plan is None:
                 return 0
             plan_id, attempt, spec, spec_hash = plan.id, plan.attempts, plan.spec, plan.spec_hash
@@ -131,7 +140,13 @@ class PlanWorker:
     def _beat(self, plan_id: str | None, done: int = 0, stopped: bool = False) -> None:
         try:
             with self.factory() as session:
-                crud.worker_heartbeat(session, self.worker_id, plan_id, done, stopped)
+                registry.worker_heartbeat(
+                    session,
+                    worker_id=self.worker_id,
+                    current_plan=plan_id,
+                    done_delta=done,
+                    stopped=stopped,
+                )
         except Exception as exc:
             log.warning("worker.heartbeat_failed", error=str(exc)[:300])
             return
@@ -222,8 +237,8 @@ class PlanWorker:
             self._store_trial(run.plan_id, run.attempt, run.trials, payload)
             run.trials += 1
             return self._end(run, PlanStatus.cancelled) if self._cancelled(run.plan_id) else None
-        if kind == "result":
-            return self._end(run, PlanStatus.succeeded, result=payload)
+        if kind == "result":  # the child's result, typed again on this side of the queue
+            return self._end(run, PlanStatus.succeeded, result=PlanResult.model_validate(payload))
         return self._end(run, PlanStatus.failed, error=payload)
 
     def _retrying(self, what: str, write: Callable[[Session], T]) -> T:
@@ -246,7 +261,9 @@ class PlanWorker:
     def _store_trial(self, plan_id: str, attempt: int, index: int, trial: dict[str, Any]) -> None:
         def write(session: Session) -> None:
             try:
-                crud.add_trial(session, plan_id, attempt, index, trial)
+                claims.add_trial(
+                    session, plan_id=plan_id, attempt=attempt, index=index, trial=trial
+                )
             except IntegrityError:  # a retry after a commit whose answer was lost: stored
                 session.rollback()
 
@@ -254,40 +271,43 @@ class PlanWorker:
         TRIALS.labels(fits=str(bool(trial["fits"])).lower()).inc()
 
     def _cancelled(self, plan_id: str) -> bool:
-        return self._retrying("cancel", lambda s: crud.is_cancel_requested(s, plan_id))
+        return self._retrying("cancel", lambda s: claims.is_cancel_requested(s, plan_id=plan_id))
 
     def _extend(self, plan_id: str) -> bool:
         lease = self.settings.lease_seconds
         return self._retrying(
-            "lease", lambda s: crud.extend_lease(s, plan_id, self.worker_id, lease)
+            "lease",
+            lambda s: claims.extend_lease(
+                s, plan_id=plan_id, worker_id=self.worker_id, lease_seconds=lease
+            ),
         )
 
     def _end(
         self,
         run: _Run,
         status: str,
-        result: dict[str, Any] | None = None,
+        result: PlanResult | None = None,
         error: dict[str, Any] | None = None,
     ) -> str:
         """Record the end, stamped with the versions this worker ran the plan with."""
         plan_id = run.plan_id
         versions = engine.versions()
-        made_with = crud.reuse_key(run.spec_hash, versions) if run.spec_hash else None
+        made_with = plans.reuse_key(run.spec_hash, versions) if run.spec_hash else None
         if status == PlanStatus.cancelled:
             error = problem(
                 "cancelled", "Plan cancelled", "cancelled on request; trials so far are kept", 409
             )
         ok = self._retrying(
             "finish",
-            lambda s: crud.finish(
+            lambda s: claims.finish(
                 s,
-                plan_id,
-                self.worker_id,
-                status,
-                result,
-                error,
-                versions if made_with else None,
-                made_with,
+                plan_id=plan_id,
+                worker_id=self.worker_id,
+                status=status,
+                result=result,
+                error=error,
+                versions=versions if made_with else None,
+                made_with=made_with,
             ),
         )
         elapsed = time.monotonic() - run.started

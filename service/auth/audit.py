@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.principal import Principal
-from service.store import crud
+from service.store import audit_trail, common
 
 log = structlog.get_logger("trainplan.audit")
 
@@ -30,7 +30,7 @@ class AuditLog:
         if not self.enabled:
             return
         event = {
-            "at": crud.now(),
+            "at": common.now(),
             "tenant": principal.tenant,
             "key_id": principal.key_id,
             "action": action,
@@ -44,7 +44,7 @@ class AuditLog:
             events, self._pending = self._pending, []
         if events:
             with self.factory() as session:
-                crud.record_audit(session, events)
+                audit_trail.record_audit(session, events=events)
 
     async def run(self, period: float = 1.0) -> None:
         try:

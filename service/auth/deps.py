@@ -24,7 +24,7 @@ from service.config import Settings
 from service.core.deps import SettingsDep
 from service.core.principal import EVERYONE, Principal, key_hash
 from service.core.problems import ProblemException
-from service.store import crud
+from service.store import keys
 
 BEARER = HTTPBearer(auto_error=False, description="An API key (`trainplan keys create`).")
 
@@ -48,12 +48,12 @@ class KeyRing:
 
     def resolve(self, hashed: str) -> Principal | None:
         with self.factory() as session:
-            row = crud.find_key(session, hashed)
+            row = keys.find_key(session, hashed=hashed)
             principal = None
             if row is not None:
                 principal = Principal(row.tenant, frozenset(row.scopes.split(",")), row.id)
                 if time.monotonic() - self._touched.get(row.id, -1e9) > 60:
-                    crud.touch_key(session, row.id)
+                    keys.touch_key(session, key_id=row.id)
                     self._touched[row.id] = time.monotonic()
         with self._lock:
             if len(self._cache) > 10_000:  # bounded: unknown keys are cached too

@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.problems import ProblemException
-from service.store import crud
+from service.store import keys
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Grant:
 
 class SubmitRate:
     """`per_minute` submits per key, refilled continuously, bursting to `per_minute`. The
-    bucket is a row in the store (`crud.take_submit`), so every API process and host sharing
+    bucket is a row in the store (`keys.take_submit`), so every API process and host sharing
     the database draws from the same one: one UPDATE per keyed submit."""
 
     def __init__(self, factory: sessionmaker[Session], per_minute: int) -> None:
@@ -48,8 +48,8 @@ class SubmitRate:
 
     def take(self, key_id: str) -> Grant:
         with self.factory() as session:
-            allowed, tokens = crud.take_submit(
-                session, key_id, self.capacity, self.rate, time.time()
+            allowed, tokens = keys.take_submit(
+                session, key_id=key_id, capacity=self.capacity, per_second=self.rate, at=time.time()
             )
         return Grant(
             allowed,

@@ -20,7 +20,7 @@ from service.core.problems import ProblemException
 from service.feed.plan_views import plan_body
 from service.schemas.plan import PlanStatus
 from service.schemas.result import Trial
-from service.store import crud
+from service.store import plans
 
 log = structlog.get_logger("trainplan.feed")
 
@@ -48,7 +48,7 @@ class PlanState:
 
     @property
     def signature(self) -> tuple[Any, ...]:
-        """Comparable with `crud.signatures`: differs as soon as the plan has changed."""
+        """Comparable with `plans.signatures`: differs as soon as the plan has changed."""
         last = self.last_index if self.trials else None
         return (self.status, self.attempts, self.cancel_requested, last)
 
@@ -58,7 +58,7 @@ def _load(
 ) -> PlanState | None:
     """The plan's state now, reading only the trials that `known` lacks (None: it is gone)."""
     with factory() as session:
-        row = crud.follow(session, plan_id)
+        row = plans.follow(session, plan_id=plan_id)
         if row is None:
             return None
         status, attempts, cancel_requested, error, answer = row
@@ -67,7 +67,7 @@ def _load(
         new = [
             Trial.model_validate(t).model_dump(mode="json")
             | {"index": t.index, "attempt": attempts}
-            for t in crud.trials_of(session, plan_id, attempts, after)
+            for t in plans.trials_of(session, plan_id=plan_id, attempt=attempts, after_index=after)
         ]
     state = PlanState(PlanStatus(status), attempts, bool(cancel_requested), error, answer)
     state.trials = (known.trials if known is not None and same_attempt else []) + new

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core.problems import ProblemException
 from service.schemas.plan import PlanOut, PlanStatus
 from service.schemas.result import Trial
-from service.store import crud
+from service.store import plans
 from service.store.models import Plan
 
 SHOWS_TRIALS = frozenset({PlanStatus.running, PlanStatus.failed, PlanStatus.cancelled})
@@ -35,7 +35,8 @@ def plan_out(plan: Plan, session: Session | None = None) -> PlanOut:
     out = PlanOut.model_validate(plan)
     if session is not None and plan.status in SHOWS_TRIALS:
         out.trials = [
-            Trial.model_validate(t) for t in crud.trials_of(session, plan.id, plan.attempts)
+            Trial.model_validate(t)
+            for t in plans.trials_of(session, plan_id=plan.id, attempt=plan.attempts)
         ]
     return out
 
@@ -60,13 +61,13 @@ def plan_body(plan_id: str, factory: sessionmaker[Session], tenant: str | None =
     """The plan's response, or a 404. A finished plan's comes from its stored form (rendered
     and stored by the first read after it ended); any other's is rendered from the row."""
     with factory() as session:
-        row = crud.stored_body(session, plan_id, tenant)
+        row = plans.stored_body(session, plan_id=plan_id, tenant=tenant)
         if row is None:
             raise not_found(plan_id)
         status, body, schema = row
         if body is not None and schema == body_schema():
             return PlanBody(PlanStatus(status), body.encode())
-        plan = crud.get_plan(session, plan_id)
+        plan = plans.get_plan(session, plan_id=plan_id)
         if plan is None:  # deleted between the two reads
             raise not_found(plan_id)
         return render(plan, session)
@@ -79,5 +80,5 @@ def render(plan: Plan, session: Session) -> PlanBody:
     out = plan_out(plan, session)
     text = out.model_dump_json()
     if out.status.final:
-        crud.store_body(session, plan.id, text, body_schema())
+        plans.store_body(session, plan_id=plan.id, body=text, schema=body_schema())
     return PlanBody(out.status, text.encode())

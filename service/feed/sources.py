@@ -1,5 +1,5 @@
 """What tells the feed that a plan changed. On PostgreSQL the worker's writes NOTIFY on
-`crud.CHANNEL` and one connection per API process LISTENs; on SQLite (no notifications) one task
+`common.CHANNEL` and one connection per API process LISTENs; on SQLite (no notifications) one task
 per process polls the signatures of the plans being followed, in one query per tick."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import make_url
 
 from service.feed.hub import PlanFeed
-from service.store import crud
+from service.store import common, plans
 from service.store.db import count_statement
 
 log = structlog.get_logger("trainplan.feed")
@@ -40,7 +40,7 @@ async def poll(feed: PlanFeed, interval: float) -> None:
 
 def _signatures(feed: PlanFeed, ids: list[str]) -> dict[str, tuple[object, ...]]:
     with feed.factory() as session:
-        return crud.signatures(session, ids)
+        return plans.signatures(session, plan_ids=ids)
 
 
 async def listen(feed: PlanFeed, database_url: str, retry_seconds: float = 1.0) -> None:
@@ -53,7 +53,7 @@ async def listen(feed: PlanFeed, database_url: str, retry_seconds: float = 1.0) 
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                await conn.execute(f"LISTEN {crud.CHANNEL}")
+                await conn.execute(f"LISTEN {common.CHANNEL}")
                 count_statement()
                 if connected_before:
                     feed.changed(feed.watched())

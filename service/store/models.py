@@ -31,7 +31,7 @@ class Plan(Base):
     # Submission order, for cursors and ties between claims.
     seq: Mapped[int] = mapped_column(Integer, index=True, unique=True)
     # Virtual start time (start-time fair queueing): claims take the lowest, so backlogged
-    # tenants are served in turn (`crud.fair_key`).
+    # tenants are served in turn (`plans.fair_key`).
     fair_key: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -66,7 +66,7 @@ class Plan(Base):
     body: Mapped[str | None] = mapped_column(Text)
     body_schema: Mapped[str | None] = mapped_column(String(16))
 
-    # Every attempt's trials; the API shows only the current attempt's (`crud.trials_of`).
+    # Every attempt's trials; the API shows only the current attempt's (`plans.trials_of`).
     trial_rows: Mapped[list[TrialRow]] = relationship(
         back_populates="plan", order_by="TrialRow.index", cascade="all, delete-orphan"
     )

@@ -256,19 +256,21 @@ def test_concurrent_submits_are_all_queued(client: TestClient, small_spec: dict[
 def test_workers_are_told_apart_busy_idle_stopped_and_lost(client: TestClient) -> None:
     from datetime import timedelta
 
-    from service.store import crud
+    from service.store import common, registry
     from service.store.models import Worker
 
     factory = client.app.state.session_factory  # type: ignore[attr-defined]
     with factory() as s:
         for worker_id in ("busy", "idle", "stopped", "lost"):
-            crud.register_worker(s, worker_id, "host", {"kinds": ["simulated"]})
-        crud.worker_heartbeat(s, "busy", "some-plan")
-        crud.worker_heartbeat(s, "stopped", None, stopped=True)
+            registry.register_worker(
+                s, worker_id=worker_id, hostname="host", devices={"kinds": ["simulated"]}
+            )
+        registry.worker_heartbeat(s, worker_id="busy", current_plan="some-plan")
+        registry.worker_heartbeat(s, worker_id="stopped", current_plan=None, stopped=True)
         s.execute(
             update(Worker)
             .where(Worker.id == "lost")
-            .values(heartbeat_at=crud.now() - timedelta(hours=1), current_plan_id="p")
+            .values(heartbeat_at=common.now() - timedelta(hours=1), current_plan_id="p")
         )
         s.commit()
     states = {w["id"]: w["state"] for w in client.get("/v1/workers").json()["items"]}

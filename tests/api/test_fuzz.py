@@ -25,14 +25,14 @@ from schemathesis.checks import CHECKS, load_all_checks  # noqa: E402
 
 from service.api.app import create_app  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.store import crud  # noqa: E402
+from service.store import keys  # noqa: E402
 from service.store.db import make_engine, make_session_factory, upgrade  # noqa: E402
 
 DB_URL = f"sqlite:///{Path(tempfile.mkdtemp(prefix='trainplan-fuzz-')) / 'fuzz.db'}"
 upgrade(DB_URL)
 # API keys, as the compose file and manifests run: one tenant's admin key
 with make_session_factory(make_engine(DB_URL))() as _session:
-    TOKEN, _ = crud.issue_key(_session, "fuzz", ["submit", "read", "admin"])
+    TOKEN, _ = keys.issue_key(_session, tenant="fuzz", scopes=["submit", "read", "admin"])
 APP = create_app(
     Settings(
         database_url=DB_URL,

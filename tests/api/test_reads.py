@@ -14,7 +14,7 @@ from sqlalchemy import text, update
 
 from service.config import Settings
 from service.feed.plan_views import body_schema, plan_out
-from service.store import crud
+from service.store import plans
 from service.store.db import make_engine, make_session_factory, normalise_url, upgrade
 from service.store.models import Plan
 from workers import engine
@@ -32,7 +32,7 @@ def _finished(client: TestClient, spec: dict[str, Any]) -> str:
 
 def _row(client: TestClient, plan_id: str) -> Plan:
     with client.app.state.session_factory() as s:  # type: ignore[attr-defined]
-        plan = crud.get_plan(s, plan_id)
+        plan = plans.get_plan(s, plan_id=plan_id)
         assert plan is not None
         return plan
 
@@ -54,7 +54,7 @@ def test_a_finished_plan_is_served_from_its_stored_form(
     assert row.body is not None and row.body_schema == body_schema()
     # the stored form is the same document the model view renders
     with client.app.state.session_factory() as s:  # type: ignore[attr-defined]
-        view = plan_out(crud.get_plan(s, plan_id), s)  # type: ignore[arg-type]
+        view = plan_out(plans.get_plan(s, plan_id=plan_id), s)  # type: ignore[arg-type]
     assert first.json() == json.loads(view.model_dump_json())
     assert first.json()["result"]["max_micro_batch_size"] > 0
 
@@ -111,7 +111,7 @@ def test_the_worker_stamps_the_versions_it_ran_with(
     assert PlanWorker(Settings(), factory, "w-old").run_once() == 1
     row = _row(client, plan_id)
     assert row.versions == engine.versions()
-    assert row.reuse_key == crud.reuse_key(row.spec_hash, engine.versions())
+    assert row.reuse_key == plans.reuse_key(row.spec_hash, engine.versions())
     # so this server, whose versions match the worker's, reuses it
     again = client.post("/v1/plans", json=small_spec)
     assert again.status_code == 200 and again.json()["id"] == plan_id
@@ -138,6 +138,6 @@ def test_migration_0005_copies_the_answer_out_of_stored_results(tmp_path: Any) -
     old.dispose()
     upgrade(url)
     with make_session_factory(make_engine(url))() as s:
-        a, b = (crud.get_plan(s, i) for i in ("a", "b"))
+        a, b = (plans.get_plan(s, plan_id=i) for i in ("a", "b"))
         assert a is not None and a.max_micro_batch_size == 37 and a.body is None
         assert b is not None and b.max_micro_batch_size is None

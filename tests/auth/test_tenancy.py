@@ -18,7 +18,7 @@ from sqlalchemy import select
 from service.api.app import create_app
 from service.config import Settings
 from service.core.principal import key_hash, new_key
-from service.store import crud
+from service.store import keys, plans
 from service.store.models import Plan
 from tests.helpers import registered_spec
 from workers.loop import PlanWorker
@@ -37,7 +37,7 @@ def keyed(db_url: str) -> Iterator[TestClient]:
 
 def _key(client: TestClient, tenant: str, *scopes: str) -> dict[str, str]:
     with client.app.state.session_factory() as s:  # type: ignore[attr-defined]
-        key, _ = crud.issue_key(s, tenant, list(scopes or ("submit", "read")))
+        key, _ = keys.issue_key(s, tenant=tenant, scopes=list(scopes or ("submit", "read")))
     return {"Authorization": f"Bearer {key}"}
 
 
@@ -126,10 +126,12 @@ def test_the_cli_creates_lists_and_revokes_keys(db_url: str, keyed: TestClient) 
     listed = cli("list")
     assert key[:10] in listed.stdout and key not in listed.stdout + listed.stderr
     with keyed.app.state.session_factory() as s:  # type: ignore[attr-defined]
-        (row,) = crud.list_keys(s, "acme")
+        (row,) = keys.list_keys(s, tenant="acme")
         assert row.hash == key_hash(key) and row.last_used_at is not None
     with keyed.app.state.session_factory() as s:  # type: ignore[attr-defined]
-        twin = crud.create_key(s, "globex", ["read"], key_hash(new_key()), key[:10]).id
+        twin = keys.create_key(
+            s, tenant="globex", scopes=["read"], hashed=key_hash(new_key()), prefix=key[:10]
+        ).id
     ambiguous = cli("revoke", key[:10])  # two live keys share the prefix: neither is revoked
     assert ambiguous.returncode == 2 and twin in ambiguous.stderr
     assert keyed.get("/v1/plans", headers=headers).status_code == 200
@@ -216,7 +218,7 @@ def test_the_audit_trail_names_the_key_behind_each_action(
         ("cancel", plan_id),
     ]
     with keyed.app.state.session_factory() as s:  # type: ignore[attr-defined]
-        (key,) = crud.list_keys(s, "acme")
+        (key,) = keys.list_keys(s, tenant="acme")
     assert {e["key_id"] for e in trail} == {key.id}
     token = acme["Authorization"].split()[1]
     assert token not in keyed.get("/v1/audit", headers=admin).text
@@ -255,7 +257,10 @@ def test_workers_serve_tenants_in_turn(db_url: str, plugins: str) -> None:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline:
                 with factory() as s:
-                    if crud.active_plans(s, "big") + crud.active_plans(s, "small") == 0:
+                    if (
+                        plans.active_plans(s, tenant="big") + plans.active_plans(s, tenant="small")
+                        == 0
+                    ):
                         break
                 time.sleep(0.2)
         finally:
@@ -263,10 +268,10 @@ def test_workers_serve_tenants_in_turn(db_url: str, plugins: str) -> None:
             for thread in threads:
                 thread.join(timeout=60)
         with factory() as s:
-            plans = list(s.scalars(select(Plan).order_by(Plan.started_at)))
-    assert [p.status for p in plans] == ["succeeded"] * 12, [p.error for p in plans]
-    assert {p.worker_id for p in plans} == {"w0", "w1", "w2"}
-    order = [p.tenant for p in plans]
+            rows = list(s.scalars(select(Plan).order_by(Plan.started_at)))
+    assert [p.status for p in rows] == ["succeeded"] * 12, [p.error for p in rows]
+    assert {p.worker_id for p in rows} == {"w0", "w1", "w2"}
+    order = [p.tenant for p in rows]
     late = [i for i, tenant in enumerate(order) if tenant == "small"]
     early = [i for i, tenant in enumerate(order) if tenant == "big"]
     # claims alternate (big, small, big, small, ...); workers claiming at once may swap

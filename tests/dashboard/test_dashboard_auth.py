@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.config import Settings
 from service.dashboard.assets import STATIC_DIR
-from service.store import crud
+from service.store import keys
 
 PLAN = "00000000-0000-4000-8000-000000000000"
 PAGES = ["/", f"/plans/{PLAN}", "/plans/new", "/gpus"]
@@ -42,7 +42,7 @@ def _key(
     client: TestClient, tenant: str = "acme", scopes: tuple[str, ...] = ("submit", "read")
 ) -> str:
     with client.app.state.session_factory() as s:  # type: ignore[attr-defined]
-        return crud.issue_key(s, tenant, list(scopes))[0]
+        return keys.issue_key(s, tenant=tenant, scopes=list(scopes))[0]
 
 
 def _sign_in(client: TestClient, key: str, next_: str = "/") -> Any:

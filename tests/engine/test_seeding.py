@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.config import Settings
 from service.schemas.spec import PlanSpec
-from service.store import crud
+from service.store import claims, plans
 from service.store.db import make_engine, make_session_factory
-from tests.helpers import mlp_spec, probe_fresh
+from tests.helpers import a_result, mlp_spec, probe_fresh
 from workers.engine.devices import open_device, twin_of
 from workers.engine.profile import run_plan
 from workers.engine.search import find_max_batch
@@ -83,9 +83,9 @@ def _finish(db_url: str, spec: dict[str, Any], predicted: int, real: int) -> Non
     factory = make_session_factory(make_engine(db_url))
     parsed = PlanSpec.model_validate(spec)
     with factory() as s:
-        crud.create_plan(s, parsed.canonical(), parsed.spec_hash)
+        plans.create_plan(s, spec=parsed.canonical(), spec_hash=parsed.spec_hash)
         s.commit()
-        plan = crud.claim_next(s, "w", 30, ("cpu",))
+        plan = claims.claim_next(s, worker_id="w", lease_seconds=30, device_kinds=("cpu",))
         assert plan is not None
         result = {
             "device": {"backend": "cpu", "name": "cpu-budget-0.05GiB", "memory_bytes": 1},
@@ -97,7 +97,9 @@ def _finish(db_url: str, spec: dict[str, Any], predicted: int, real: int) -> Non
                 "simulated_wall_s": 0.5,
             },
         }
-        assert crud.finish(s, plan.id, "w", "succeeded", result=result)
+        assert claims.finish(
+            s, plan_id=plan.id, worker_id="w", status="succeeded", result=a_result(**result)
+        )
 
 
 def test_fidelity_aggregates_predictions_by_model_and_device(

@@ -8,7 +8,7 @@ import pytest
 
 from service.schemas.result import Trial
 from service.schemas.spec import PlanSpec
-from service.store import crud
+from service.store import claims, plans
 from service.store.db import make_engine, make_session_factory, upgrade
 from workers.engine.catalogue import GIB, GPU_CATALOGUE
 from workers.engine.devices import open_device
@@ -130,10 +130,16 @@ def test_store_keeps_the_scenario_of_a_trial(db_url: str, small_spec: dict[str, 
     factory = make_session_factory(make_engine(db_url))
     spec = PlanSpec.model_validate(small_spec)
     with factory() as session:
-        plan = crud.create_plan(session, spec.canonical(), spec.spec_hash)
+        plan = plans.create_plan(session, spec=spec.canonical(), spec_hash=spec.spec_hash)
         session.commit()
         trial = {"batch_size": 4, "fits": True, "peak_bytes": 10, "duration_s": 0.1}
-        crud.add_trial(session, plan.id, 1, 0, trial | {"phase": "what_if", "scenario": "gpu=H200"})
-        crud.add_trial(session, plan.id, 1, 1, trial)
-        stored = crud.trials_of(session, plan.id)
+        claims.add_trial(
+            session,
+            plan_id=plan.id,
+            attempt=1,
+            index=0,
+            trial=trial | {"phase": "what_if", "scenario": "gpu=H200"},
+        )
+        claims.add_trial(session, plan_id=plan.id, attempt=1, index=1, trial=trial)
+        stored = plans.trials_of(session, plan_id=plan.id)
     assert [(t.phase, t.scenario) for t in stored] == [("what_if", "gpu=H200"), ("search", None)]

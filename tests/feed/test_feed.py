@@ -20,7 +20,7 @@ from service.feed import hub
 from service.feed.events import Cursor, events
 from service.feed.hub import PlanFeed, PlanState
 from service.schemas.plan import PlanStatus
-from service.store import crud
+from service.store import claims, common
 from service.store.db import make_engine, make_session_factory, upgrade
 from service.store.models import Plan
 from tests.helpers import enqueue
@@ -31,19 +31,28 @@ TRIAL = {"batch_size": 8, "fits": True, "peak_bytes": 1 << 20, "duration_s": 0.0
 def _claimed(factory: Any, spec: dict[str, Any], worker: str = "w") -> str:
     plan_id = enqueue(factory, spec)
     with factory() as s:
-        assert crud.claim_next(s, worker, 60, ("simulated",)) is not None
+        assert (
+            claims.claim_next(s, worker_id=worker, lease_seconds=60, device_kinds=("simulated",))
+            is not None
+        )
     return plan_id
 
 
 def _add(factory: Any, plan_id: str, attempt: int, index: int) -> None:
     with factory() as s:
-        crud.add_trial(s, plan_id, attempt, index, TRIAL | {"batch_size": 8 + index})
+        claims.add_trial(
+            s,
+            plan_id=plan_id,
+            attempt=attempt,
+            index=index,
+            trial=TRIAL | {"batch_size": 8 + index},
+        )
 
 
 def _cancel_by_worker(factory: Any, plan_id: str, worker: str = "w") -> None:
     error = {"type": "about:blank", "title": "Plan cancelled", "status": 409, "detail": "test"}
     with factory() as s:
-        assert crud.finish(s, plan_id, worker, "cancelled", error=error)
+        assert claims.finish(s, plan_id=plan_id, worker_id=worker, status="cancelled", error=error)
 
 
 def _later(delay: float, *steps: Any) -> threading.Thread:
@@ -137,10 +146,13 @@ def test_sse_tells_a_resumed_client_of_a_new_attempt(
         s.execute(
             update(Plan)
             .where(Plan.id == plan_id)
-            .values(lease_until=crud.now() - timedelta(seconds=1))
+            .values(lease_until=common.now() - timedelta(seconds=1))
         )
         s.commit()
-        assert crud.claim_next(s, "w", 60, ("simulated",)) is not None
+        assert (
+            claims.claim_next(s, worker_id="w", lease_seconds=60, device_kinds=("simulated",))
+            is not None
+        )
     _add(factory, plan_id, 2, 0)
     writer = _later(0.3, lambda: _cancel_by_worker(factory, plan_id))
     got = _events(client.get(f"/v1/plans/{plan_id}/events", headers={"Last-Event-ID": "1.0"}).text)

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from service.api.app import create_app
 from service.config import Settings
-from service.store import crud
+from service.store import plans
 from service.store.db import make_engine, make_session_factory, upgrade
 from tests.helpers import enqueue, registered_spec
 from workers.loop import PlanWorker
@@ -118,7 +118,7 @@ def test_database_restart_mid_plan_costs_a_pause_not_the_plan(
     try:
         with structlog.testing.capture_logs() as logs:
             thread.start()
-            _wait_for(lambda: crud.get_plan(direct(), slow).status == "running")
+            _wait_for(lambda: plans.get_plan(direct(), plan_id=slow).status == "running")
             time.sleep(0.3)
             proxy.cut()  # the database "restarts" while the plan builds: heartbeats fail
             time.sleep(3.0)
@@ -133,7 +133,7 @@ def test_database_restart_mid_plan_costs_a_pause_not_the_plan(
     assert not [e for e in logs if e["event"] == "worker.loop_error"]
     with direct() as s:
         for plan_id in (first, slow):
-            plan = crud.get_plan(s, plan_id, with_trials=True)
+            plan = plans.get_plan(s, plan_id=plan_id, with_trials=True)
             assert plan.status == "succeeded", plan.error
             assert plan.attempts == 1  # waited out, not re-run
             indexes = [t.index for t in plan.trial_rows]
@@ -212,14 +212,14 @@ def test_full_disk_while_a_worker_finishes_recovers_once_space_returns(
     with pytest.raises(Exception, match="full"):
         full.run_once()
     with factory() as s:
-        plan = crud.get_plan(s, plan_id)
+        plan = plans.get_plan(s, plan_id=plan_id)
         assert plan.status == "running" and plan.result is None and plan.attempts == 1
     cap["pages"] = 1 << 30  # space is back (for new connections)
     time.sleep(settings.lease_seconds)  # the lost lease runs out
     fresh = PlanWorker(settings, make_session_factory(make_engine(url)), "w-fresh")
     assert fresh.run_once() == 1
     with factory() as s:
-        plan = crud.get_plan(s, plan_id, with_trials=True)
+        plan = plans.get_plan(s, plan_id=plan_id, with_trials=True)
     assert plan.status == "succeeded" and plan.attempts == 2 and plan.worker_id == "w-fresh"
     latest = [t for t in plan.trial_rows if t.attempt == 2]
     assert len(latest) == len(plan.result["trials"])
@@ -262,7 +262,7 @@ def test_a_spec_that_would_trace_for_minutes_fails_that_plan_only(
     assert time.monotonic() - started < 60
     assert worker.run_once() == 1
     with factory() as s:
-        slow, after = crud.get_plan(s, slow_id), crud.get_plan(s, next_id)
+        slow, after = plans.get_plan(s, plan_id=slow_id), plans.get_plan(s, plan_id=next_id)
     assert slow.status == "failed" and slow.error["status"] == 504
     assert "time limit" in slow.error["title"] and slow.attempts == 1
     assert after.status == "succeeded"

@@ -18,7 +18,7 @@ import pytest
 
 from service.client import TrainplanClient
 from service.schemas.spec import PlanSpec
-from service.store import crud
+from service.store import plans
 from service.store.db import make_engine, make_session_factory, upgrade
 from tests.helpers import registered_spec
 
@@ -189,14 +189,14 @@ def test_workers_on_postgres_run_each_plan_exactly_once(
             spec = registered_spec("test-mlp", hidden=8 + i)
             spec["search"] = {"max_batch_size": 2}
             parsed = PlanSpec.model_validate(spec)
-            ids.append(crud.create_plan(s, parsed.canonical(), parsed.spec_hash).id)
+            ids.append(plans.create_plan(s, spec=parsed.canonical(), spec_hash=parsed.spec_hash).id)
         s.commit()
     procs = [_trainplan("worker", env=_env(db_url, plugins)) for _ in range(workers)]
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline:
             with factory() as s:
-                depth = crud.queue_depth(s)
+                depth = plans.queue_depth(s)
             if depth.get("succeeded", 0) + depth.get("failed", 0) == 200:
                 break
             time.sleep(1)
@@ -204,14 +204,14 @@ def test_workers_on_postgres_run_each_plan_exactly_once(
         for p in procs:
             _stop(p)
     with factory() as s:
-        plans = [crud.get_plan(s, i) for i in ids]
-        errors = [p.error for p in plans if p is not None and p.status == "failed"][:3]
-        assert all(p is not None and p.status == "succeeded" for p in plans), (
-            crud.queue_depth(s),
+        rows = [plans.get_plan(s, plan_id=i) for i in ids]
+        errors = [p.error for p in rows if p is not None and p.status == "failed"][:3]
+        assert all(p is not None and p.status == "succeeded" for p in rows), (
+            plans.queue_depth(s),
             errors,
         )
-        assert all(p.attempts == 1 for p in plans if p is not None)  # none ran twice
-        assert len({p.worker_id for p in plans if p is not None}) == workers  # all took part
+        assert all(p.attempts == 1 for p in rows if p is not None)  # none ran twice
+        assert len({p.worker_id for p in rows if p is not None}) == workers  # all took part
 
 
 @pytest.mark.slow
@@ -221,7 +221,7 @@ def test_worker_killed_mid_plan_is_finished_by_another(db_url: str, plugins: str
     factory = make_session_factory(make_engine(db_url))
     parsed = PlanSpec.model_validate(registered_spec("test-slow", seconds=3))
     with factory() as s:
-        plan_id = crud.create_plan(s, parsed.canonical(), parsed.spec_hash).id
+        plan_id = plans.create_plan(s, spec=parsed.canonical(), spec_hash=parsed.spec_hash).id
         s.commit()
     env = _env(db_url, plugins, TRAINPLAN_LEASE_SECONDS="2")
     first = _trainplan("worker", env=env)
@@ -229,7 +229,7 @@ def test_worker_killed_mid_plan_is_finished_by_another(db_url: str, plugins: str
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with factory() as s:
-                plan = crud.get_plan(s, plan_id)
+                plan = plans.get_plan(s, plan_id=plan_id)
             if plan is not None and plan.status == "running":
                 break
             time.sleep(0.1)
@@ -240,7 +240,7 @@ def test_worker_killed_mid_plan_is_finished_by_another(db_url: str, plugins: str
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
                 with factory() as s:
-                    plan = crud.get_plan(s, plan_id)
+                    plan = plans.get_plan(s, plan_id=plan_id)
                 if plan is not None and plan.status in ("succeeded", "failed"):
                     break
                 time.sleep(0.2)

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from service.config import Settings
-from service.store import crud
+from service.store import plans, registry
 from service.store.db import make_engine, make_session_factory, upgrade
 from tests.helpers import enqueue, registered_spec
 from workers.loop import PlanWorker
@@ -21,7 +21,7 @@ def _setup(db_url: str, **overrides: Any) -> tuple[Settings, Any]:
 
 def _plan(factory: Any, plan_id: str) -> Any:
     with factory() as s:
-        return crud.get_plan(s, plan_id, with_trials=True)
+        return plans.get_plan(s, plan_id=plan_id, with_trials=True)
 
 
 def test_worker_runs_a_plan_and_records_every_trial(
@@ -89,7 +89,7 @@ def test_cancel_stops_a_running_plan(db_url: str, plugins: str) -> None:
     while _plan(factory, plan_id).status != "running" and time.monotonic() < deadline:
         time.sleep(0.05)
     with factory() as s:
-        crud.request_cancel(s, plan_id)
+        plans.request_cancel(s, plan_id=plan_id)
         s.commit()
     thread.join(timeout=60)
     plan = _plan(factory, plan_id)
@@ -111,7 +111,7 @@ def test_a_busy_worker_keeps_its_heartbeat(db_url: str, plugins: str) -> None:
 
     def beat() -> Any:
         with factory() as s:
-            (row,) = [w for w in crud.list_workers(s) if w.id == "w-busy"]
+            (row,) = [w for w in registry.list_workers(s) if w.id == "w-busy"]
             return row.heartbeat_at, row.current_plan_id
 
     first, current = beat()

@@ -35,7 +35,7 @@ from service.schemas.examples import (
 )
 from service.schemas.plan import PlanOut, PlanPage, PlanStatus, PlanSummary
 from service.schemas.spec import PlanSpec
-from service.store import crud
+from service.store import plans
 from service.store.models import Plan
 from workers import engine
 
@@ -144,20 +144,22 @@ def _submit(
     # Idempotency keys are the tenant's own: two tenants may send the same one.
     idempotency = _tenant_key(tenant, idempotency_key) if idempotency_key else None
     if idempotency:
-        existing = crud.find_by_idempotency_key(session, idempotency)
+        existing = plans.find_by_idempotency_key(session, key=idempotency)
         if existing is not None:
             return _existing(existing, session)
     spec_hash = spec.spec_hash
     versions = engine.versions()
-    reuse_key = crud.reuse_key(spec_hash, versions)
+    reuse_key = plans.reuse_key(spec_hash, versions)
     answer = None
     if not spec.refresh:
-        existing = crud.find_reusable(session, reuse_key, tenant)
+        existing = plans.find_reusable(session, reuse_key=reuse_key, tenant=tenant)
         if existing is not None:
             return _existing(existing, session)
-        answer = crud.find_answer(session, reuse_key)  # another tenant's: copied, not shown
+        answer = plans.find_answer(
+            session, reuse_key=reuse_key
+        )  # another tenant's: copied, not shown
     if answer is None:
-        active = crud.active_plans(session, tenant)
+        active = plans.active_plans(session, tenant=tenant)
         if active >= settings.tenant_max_active:
             raise tenant_full(tenant, active, settings.tenant_max_active)
         _check_buildable(spec, checks, settings)
@@ -165,20 +167,20 @@ def _submit(
         if attempt:
             time.sleep(0.005 * attempt)
         try:
-            plan = crud.create_plan(
+            plan = plans.create_plan(
                 session,
-                spec.canonical(),
-                spec_hash,
-                idempotency,
-                versions,
-                reuse_key,
+                spec=spec.canonical(),
+                spec_hash=spec_hash,
+                idempotency_key=idempotency,
+                versions=versions,
+                reuse_key=reuse_key,
                 tenant=tenant,
                 answer=answer,
             )
             break
         except IntegrityError:
             session.rollback()
-            if idempotency and (found := crud.find_by_idempotency_key(session, idempotency)):
+            if idempotency and (found := plans.find_by_idempotency_key(session, key=idempotency)):
                 return _existing(found, session)
     else:
         raise ProblemException(503, "busy", "Busy", "could not enqueue the plan; retry")
@@ -214,13 +216,13 @@ def list_plans(
 ) -> Response:
     """Reads only the columns a summary shows, and serialises the page once."""
     audit.record(principal, "list")
-    page = crud.list_plans(
+    page = plans.list_plans(
         session,
-        status,
-        model,
-        min(limit, settings.page_size_max),
-        int(cursor) if cursor else None,
-        principal.tenant_filter,
+        status=status,
+        model=model,
+        limit=min(limit, settings.page_size_max),
+        cursor=int(cursor) if cursor else None,
+        tenant=principal.tenant_filter,
     )
     items = [PlanSummary.model_validate(row) for row in page.items]
     body = PlanPage(items=items, next_cursor=page.next_cursor).model_dump_json()
@@ -269,7 +271,7 @@ async def get_plan(
 def cancel_plan(
     plan_id: str, principal: SubmitterDep, audit: AuditDep, session: SessionDep
 ) -> PlanOut:
-    plan = crud.request_cancel(session, plan_id, principal.tenant_filter)
+    plan = plans.request_cancel(session, plan_id=plan_id, tenant=principal.tenant_filter)
     if plan is None:
         raise not_found(plan_id)
     if plan.status in (PlanStatus.succeeded, PlanStatus.failed):
@@ -312,7 +314,7 @@ async def plan_events(
 
 def _status_of(factory: sessionmaker[Session], plan_id: str, tenant: str | None) -> PlanStatus:
     with factory() as session:
-        row = crud.follow(session, plan_id, tenant)
+        row = plans.follow(session, plan_id=plan_id, tenant=tenant)
     if row is None:
         raise not_found(plan_id)
     return PlanStatus(row[0])

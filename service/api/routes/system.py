@@ -23,7 +23,7 @@ from service.schemas.examples import (
 from service.schemas.plan import PlanStatus
 from service.schemas.system import GpuPage, Health, Readiness
 from service.schemas.worker import WorkerOut, WorkerPage, WorkerState
-from service.store import crud
+from service.store import audit_trail, common, fidelity_stats, plans, registry
 from service.store.models import TrialRow
 from workers import engine
 
@@ -64,7 +64,7 @@ class FidelityOut(BaseModel):
 def fidelity(_: AdminDep, session: SessionDep) -> FidelityOut:
     """Every plan on a real device (cuda, cpu) first searches its simulated twin; this groups
     their predicted and real answers by model and device."""
-    return FidelityOut(items=[FidelityRow(**row) for row in crud.fidelity(session)])
+    return FidelityOut(items=[FidelityRow(**row) for row in fidelity_stats.fidelity(session)])
 
 
 @router.get(
@@ -76,9 +76,9 @@ def fidelity(_: AdminDep, session: SessionDep) -> FidelityOut:
 )
 def workers(_: AdminDep, session: SessionDep, settings: SettingsDep) -> WorkerPage:
     stale = timedelta(seconds=max(settings.lease_seconds, settings.heartbeat_seconds * 3))
-    now = crud.now()
+    now = common.now()
     items = []
-    for row in crud.list_workers(session):
+    for row in registry.list_workers(session):
         worker = WorkerOut.model_validate(row)
         items.append(worker.model_copy(update={"state": worker_state(worker, now - stale)}))
     return WorkerPage(items=items)
@@ -124,8 +124,13 @@ def audit(
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
 ) -> AuditPage:
     """Newest first; written by each API process once a second (TRAINPLAN_AUTH_MODE=keys)."""
-    page = crud.audit_events(
-        session, tenant, plan_id, key_id, limit, int(cursor) if cursor else None
+    page = audit_trail.audit_events(
+        session,
+        tenant=tenant,
+        plan_id=plan_id,
+        key_id=key_id,
+        limit=limit,
+        cursor=int(cursor) if cursor else None,
     )
     items = [AuditEventOut.model_validate(r) for r in page.items]
     return AuditPage(items=items, next_cursor=page.next_cursor)
@@ -166,7 +171,7 @@ def readyz(session: SessionDep, response: Response) -> Readiness:
     responses=response_example(200, METRICS_EXAMPLE, media_type="text/plain"),
 )
 def metrics(_: AdminDep, session: SessionDep) -> Response:
-    depth = crud.queue_depth(session)
+    depth = plans.queue_depth(session)
     lines = ["# HELP trainplan_plans Plans in the store by status", "# TYPE trainplan_plans gauge"]
     for status in PlanStatus:
         lines.append(f'trainplan_plans{{status="{status}"}} {depth.get(status, 0)}')

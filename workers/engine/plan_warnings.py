@@ -190,7 +190,7 @@ def framework_fallback(facts: Facts) -> PlanWarning | None:
             "optimizer built over configs.recipe's param_groups: the Trainer builds the "
             f"arguments' {facts.schedule.name} schedule on it)"
         )
-    if deepspeed_takes_recipe(facts.spec, facts.schedule, facts.lr.learning_rate):
+    if deepspeed_takes_recipe(groups, facts.schedule, facts.lr.learning_rate):
         missing.append("DeepSpeed (pass them to deepspeed.initialize(optimizer=, lr_scheduler=))")
     if not missing:
         return None

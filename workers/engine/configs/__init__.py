@@ -1,0 +1,51 @@
+"""Launch settings that carry a plan into the frameworks people train with, one module each.
+
+One source of truth, `PlanNumbers`, feeds all the renderings (a plain PyTorch loop, Lightning, the
+Hugging Face Trainer, DeepSpeed, Accelerate), so they cannot disagree with each other or with the
+plan: micro-batch x accumulation x world_size = the effective global batch, the scaled learning
+rate and its schedule (`configs.recipe`, the very functions the plan's rates come from), the
+optimizer and its implementation, per-group rates, early stopping. The spec is read once, into
+a `LaunchJob`; each rendering takes that and the numbers. Each is checked against the library's
+own code in `tests/engine/test_configs.py` and `tests/engine/test_recipe.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.schemas.spec import PlanSpec
+from workers.engine.configs.accelerate import accelerate_config
+from workers.engine.configs.deepspeed import deepspeed_config, deepspeed_takes_recipe
+from workers.engine.configs.hf_trainer import hf_callbacks, hf_native_schedule, hf_trainer_arguments
+from workers.engine.configs.job import LaunchJob, launch_job
+from workers.engine.configs.lightning import lightning_settings
+from workers.engine.configs.numbers import PlanNumbers, peft_settings
+from workers.engine.configs.pytorch_loop import pytorch_loop
+from workers.engine.recipe_source import recipe_source
+
+__all__ = [
+    "LaunchJob",
+    "PlanNumbers",
+    "build_configs",
+    "deepspeed_takes_recipe",
+    "hf_native_schedule",
+    "launch_job",
+]
+
+
+def build_configs(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
+    """Every rendering of a feasible plan, keyed as `result.configs` carries them."""
+    job = launch_job(spec)
+    out: dict[str, Any] = {
+        "recipe": recipe_source(numbers.lr_schedule, numbers.learning_rate, job.param_groups),
+        "pytorch": pytorch_loop(job, numbers),
+        "lightning": lightning_settings(job, numbers),
+        "hf_trainer": hf_trainer_arguments(job, numbers),
+        "deepspeed": deepspeed_config(job, numbers),
+        "accelerate": accelerate_config(job, numbers),
+    }
+    if job.peft is not None:
+        out["peft"] = peft_settings(job)
+    if job.early_stopping is not None:
+        out["hf_callbacks"] = hf_callbacks(job)
+    return out

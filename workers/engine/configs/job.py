@@ -1,0 +1,73 @@
+"""The slice of a spec the framework renderings read, resolved once: each rendering takes this
+and the plan's numbers, never the whole spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.schemas.spec import EarlyStoppingSpec, PeftSpec, PlanSpec
+from workers.engine.optimizers import OptimizerChoice, choose
+from workers.engine.recipe import param_groups
+
+# FSDP's sharding strategies by the names Lightning, the HF Trainer and Accelerate take.
+FSDP_SHARDING = {
+    "fsdp": "FULL_SHARD",
+    "zero3": "FULL_SHARD",
+    "zero2": "SHARD_GRAD_OP",
+    "hybrid_shard": "HYBRID_SHARD",
+}
+
+
+@dataclass(frozen=True)
+class LaunchJob:
+    """What a launch config says beside the plan's numbers: the model's kind, the precision,
+    the strategy and its options, the resolved optimizer, the recipe's extras."""
+
+    hf: bool  # a transformers model: batches are dicts and the model computes its own loss
+    source: str
+    precision: str
+    strategy: str  # resolved: none, ddp, zero1, zero2, zero3, fsdp, hybrid_shard
+    world_size: int
+    gpus_per_node: int
+    cpu_offload: bool
+    sharding: str | None  # FSDP's strategy name; None where the strategy does not shard
+    reshards_after_forward: bool
+    gradient_checkpointing: bool
+    channels_last: bool
+    epochs: float
+    choice: OptimizerChoice
+    peft: PeftSpec | None
+    early_stopping: EarlyStoppingSpec | None
+    param_groups: list[tuple[str, float]]  # (prefix, lr scale), as the recipe renders them
+    has_param_groups: bool
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding is not None
+
+
+def launch_job(spec: PlanSpec) -> LaunchJob:
+    training = spec.training
+    strategy = training.strategy
+    sharding = FSDP_SHARDING.get(strategy)
+    if strategy == "fsdp" and not training.parallelism.reshard_after_forward:
+        sharding = "SHARD_GRAD_OP"  # fsdp that keeps parameters gathered is ZeRO-2
+    return LaunchJob(
+        hf=spec.model.source == "transformers",
+        source=spec.model.source,
+        precision=training.precision,
+        strategy=strategy,
+        world_size=training.world_size,
+        gpus_per_node=training.parallelism.gpus_per_node,
+        cpu_offload=training.parallelism.cpu_offload,
+        sharding=sharding,
+        reshards_after_forward=training.reshards_after_forward,
+        gradient_checkpointing=training.gradient_checkpointing,
+        channels_last=getattr(spec.data, "layout", None) == "channels_last",
+        epochs=training.epochs,
+        choice=choose(training),
+        peft=training.peft,
+        early_stopping=training.early_stopping,
+        param_groups=param_groups(spec),
+        has_param_groups=bool(training.param_groups),
+    )

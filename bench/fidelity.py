@@ -32,7 +32,8 @@ import torch
 
 from bench import published
 from bench.machine import header
-from bench.zoo import GRAY_CNN, MLP
+from service.schemas.examples import GRAY_CNN_MODEL as GRAY_CNN
+from service.schemas.examples import MLP_MODEL as MLP
 from service.schemas.result import MemoryCategory
 from service.schemas.spec import PlanSpec
 from workers.engine.devices import open_device

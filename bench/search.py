@@ -37,8 +37,9 @@ from typing import Any
 import torch
 
 from bench.machine import header
-from bench.zoo import GRAY_CNN
-from bench.zoo import MLP as SMALL_MLP
+from service.schemas.examples import GRAY_CNN_MODEL as GRAY_CNN
+from service.schemas.examples import MLP_MODEL as SMALL_MLP
+from service.schemas.examples import WIDE_MLP_MODEL as MLP
 from service.schemas.spec import PlanSpec
 from workers.engine.devices import open_device
 from workers.engine.models import build_model
@@ -46,17 +47,6 @@ from workers.engine.search import find_max_batch
 
 BOUND = 65536
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (oracle)"
-
-MLP = {
-    "source": "layers",
-    "layers": [
-        {"type": "Linear", "out_features": 4096},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 4096},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 10},
-    ],
-}
 
 
 def image(size: int, channels: int = 3, classes: int = 1000) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""Helpers the tests share: specs, a fresh probe, an exactness check, a queued plan, DeepSpeed's
-config module told it runs as rank 0. Tests import these from here, not from each other."""
+"""Helpers the tests share: specs (built from service/schemas/examples.py's named models), a
+fresh probe, an exactness check, a queued plan, DeepSpeed's config module told it runs as rank 0.
+Tests import these from here, not from each other."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from copy import deepcopy
 from typing import Any
 
 import pytest
@@ -13,22 +15,14 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
+from service.schemas.examples import MLP_MODEL, TINY_LLAMA, TINY_MLP_MODEL
 from service.schemas.spec import PlanSpec
 from service.store import plans
 from workers.engine.devices import open_device
 from workers.engine.models import build_model
 from workers.engine.profile import run_plan
 
-# A two-layer Llama small enough to trace in a second (no weights: a config).
-TINY_LLAMA = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1000,
-    "max_position_embeddings": 256,
-}
+__all__ = ["TINY_LLAMA"]  # re-exported: tests import it from here
 
 
 def registered_spec(name: str, **kwargs: Any) -> dict[str, Any]:
@@ -53,16 +47,7 @@ def mlp_spec(
     optimizer: str = "adam", precision: str = "fp32", memory_gib: float = 0.25, **training: Any
 ) -> dict[str, Any]:
     return {
-        "model": {
-            "source": "layers",
-            "layers": [
-                {"type": "Linear", "out_features": 1024},
-                {"type": "ReLU"},
-                {"type": "Linear", "out_features": 1024},
-                {"type": "ReLU"},
-                {"type": "Linear", "out_features": 10},
-            ],
-        },
+        "model": deepcopy(MLP_MODEL),
         "data": {"kind": "tensor", "shape": [512], "num_classes": 10, "num_samples": 10000},
         "training": {
             "optimizer": optimizer,
@@ -100,14 +85,7 @@ def tensor_spec(**training: Any) -> PlanSpec:
     """A small MLP on 16 features; the search bound of 48 forces accumulation for a global 256."""
     return PlanSpec.model_validate(
         {
-            "model": {
-                "source": "layers",
-                "layers": [
-                    {"type": "Linear", "out_features": 32},
-                    {"type": "ReLU"},
-                    {"type": "Linear", "out_features": 4},
-                ],
-            },
+            "model": deepcopy(TINY_MLP_MODEL),
             "data": {"kind": "tensor", "shape": [16], "num_classes": 4, "num_samples": 1000},
             "training": {
                 "optimizer": "sgd_momentum",

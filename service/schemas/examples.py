@@ -1,4 +1,5 @@
-"""Request examples shown in the OpenAPI documentation (and used by the tests)."""
+"""The one module of example specs: the request examples the OpenAPI documentation shows (and
+`examples/*.json` writes out), and the named models the tests and benches build theirs from."""
 
 from typing import Any
 
@@ -238,3 +239,65 @@ FIDELITY_EXAMPLE: dict[str, Any] = {
 METRICS_EXAMPLE = (
     '# TYPE trainplan_plans gauge\ntrainplan_plans{status="queued"} 3\ntrainplan_store_ooms 41\n'
 )
+
+
+# -- named models the tests and benches share ---------------------------------------------------
+# A two-layer Llama small enough to trace in a second (no weights: a config).
+TINY_LLAMA: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 256,
+}
+
+# A three-layer MLP (512 -> 1024 -> 1024 -> 10) of the `layers` source.
+MLP_MODEL: dict[str, Any] = {
+    "source": "layers",
+    "layers": [
+        {"type": "Linear", "out_features": 1024},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 1024},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 10},
+    ],
+}
+
+# The same shape, 4096 wide: the search bench's large-answer MLP.
+WIDE_MLP_MODEL: dict[str, Any] = {
+    "source": "layers",
+    "layers": [
+        {"type": "Linear", "out_features": 4096},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 4096},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 10},
+    ],
+}
+
+# A 16 -> 32 -> 4 MLP: plans in milliseconds (the recipe and planner tests).
+TINY_MLP_MODEL: dict[str, Any] = {
+    "source": "layers",
+    "layers": [
+        {"type": "Linear", "out_features": 32},
+        {"type": "ReLU"},
+        {"type": "Linear", "out_features": 4},
+    ],
+}
+
+# A small grayscale CNN (28x28, 10 classes) without the grayscale example's pooling head.
+GRAY_CNN_MODEL: dict[str, Any] = {
+    "source": "layers",
+    "layers": [
+        {"type": "Conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
+        {"type": "BatchNorm2d"},
+        {"type": "ReLU"},
+        {"type": "MaxPool2d", "kernel_size": 2},
+        {"type": "Conv2d", "out_channels": 64, "kernel_size": 3, "padding": 1},
+        {"type": "ReLU"},
+        {"type": "Flatten"},
+        {"type": "Linear", "out_features": 10},
+    ],
+}

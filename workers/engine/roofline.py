@@ -51,7 +51,7 @@ NO_TRAFFIC = {
 # Achievable fraction of the card's ceiling per op class: matmul and conv against the measured
 # GEMM maximum of the card (`GpuModel.matmul_tflops`, or its datasheet peak where none was
 # measured, scaled by MEASURED_OVER_DATASHEET), memory-bound ops against the datasheet bandwidth.
-# Calibrated together on ../shared/calibration/published.json by bench/fidelity.py --published
+# Calibrated together on bench/data/published.json by bench/fidelity.py --published
 # --fit (least squares in log space over all 10 cases at once, never one case at a time; each
 # capped at 1). Matmul and memory sit at the cap: cuBLAS reaches the measured GEMM maximum and
 # memory-bound kernels the datasheet bandwidth once the trace's bytes are counted as moved.

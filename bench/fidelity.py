@@ -36,8 +36,7 @@ from service.schemas.examples import GRAY_CNN_MODEL as GRAY_CNN
 from service.schemas.examples import MLP_MODEL as MLP
 from service.schemas.result import MemoryCategory
 from service.schemas.spec import PlanSpec
-from workers.engine.devices import open_device
-from workers.engine.models import build_model
+from workers.engine.devices import open_device, open_session
 from workers.engine.profile import run_plan
 
 MIB = 1 << 20
@@ -166,14 +165,14 @@ def zoo_rows() -> list[dict[str, Any]]:
         cpu_spec = spec_of(case, {"kind": "cpu", "memory_gib": 16})
         sim_dev, cpu_dev = open_device(sim_spec), open_device(cpu_spec)
         fake: dict[int, tuple[Any, int, float]] = {}
-        with sim_dev.session(sim_spec, build_model(sim_spec)) as sim:  # fake tensors
+        with open_session(sim_dev, sim_spec) as sim:  # fake tensors
             # MemTracker sees tensors only: leave out the modelled cuDNN workspaces, which
             # would move the moment of the peak
             sim.tracker.workspace = None  # type: ignore[attr-defined]
             for batch in BATCHES:
                 ours = sim.probe(batch)
                 fake[batch] = (ours, *memtracker_peak(sim.job, batch))
-        with cpu_dev.session(cpu_spec, build_model(cpu_spec)) as cpu:  # real tensors
+        with open_session(cpu_dev, cpu_spec) as cpu:  # real tensors
             for batch in BATCHES:
                 real = cpu.probe(batch)
                 prof = profiler_peak(cpu.job, batch)
@@ -235,7 +234,7 @@ def llama_rows(repeat: int) -> list[dict[str, Any]]:
             walls.append(time.perf_counter() - start)
         assert result is not None
         device = open_device(spec)
-        with device.session(spec, build_model(spec)) as session:
+        with open_session(device, spec) as session:
             ours = session.probe(1)
             theirs, mt_s = memtracker_peak(session.job, 1)
         row = {
@@ -276,7 +275,7 @@ def cuda_rows(memory_gib: float) -> list[dict[str, Any]]:
         reserved: dict[str, dict[int, int]] = {}
         for label, spec in (("cuda", real_spec), ("sim", sim_spec)):
             device = open_device(spec)
-            with device.session(spec, build_model(spec)) as session:
+            with open_session(device, spec) as session:
                 outcomes = {b: session.probe(b) for b in BATCHES}
             peaks[label] = {b: allocated_and_reserved(o)[0] for b, o in outcomes.items()}
             reserved[label] = {b: allocated_and_reserved(o)[1] for b, o in outcomes.items()}

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from service.schemas.spec import PlanSpec
-from workers.engine.devices import open_device
-from workers.engine.models import build_model
+from workers.engine.devices import open_device, open_session
 from workers.engine.profile import run_plan
 from workers.engine.roofline import EFFICIENCY, StepCost
 
@@ -80,7 +79,7 @@ def verdict(answer: int, bracket: dict[str, Any] | None) -> str:
 
 def probe_at(spec: PlanSpec, batch: int) -> tuple[Any, StepCost | None]:
     device = open_device(spec)
-    with device.session(spec, build_model(spec)) as session:
+    with open_session(device, spec) as session:
         return session.probe(batch), session.step_cost(batch)
 
 

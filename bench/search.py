@@ -41,8 +41,7 @@ from service.schemas.examples import GRAY_CNN_MODEL as GRAY_CNN
 from service.schemas.examples import MLP_MODEL as SMALL_MLP
 from service.schemas.examples import WIDE_MLP_MODEL as MLP
 from service.schemas.spec import PlanSpec
-from workers.engine.devices import open_device
-from workers.engine.models import build_model
+from workers.engine.devices import open_device, open_session
 from workers.engine.search import find_max_batch
 
 BOUND = 65536
@@ -135,7 +134,7 @@ class Oracle:
         self.session: Any = None
 
     def _serve(self) -> None:
-        with self.device.session(self.spec, build_model(self.spec)) as session:
+        with open_session(self.device, self.spec) as session:
             self.session = session
             self.answers.put(session.limit_bytes)
             while (batch := self.requests.get()) is not None:
@@ -334,7 +333,7 @@ def cpu_rows(budget_gib: float) -> list[dict[str, Any]]:
                 row["simulated_wall_s"] = result.prediction.simulated_wall_s
                 answer = result.max_micro_batch_size
                 device = open_device(spec)
-                with device.session(spec, build_model(spec)) as session:
+                with open_session(device, spec) as session:
                     row["exact"] = session.probe(answer).fits and not session.probe(answer + 1).fits
         rows.append(row)
         print(

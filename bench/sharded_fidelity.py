@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.machine import header
 from service.schemas.spec import PlanSpec
-from workers.engine.devices import open_device
+from workers.engine.devices import open_device, open_session
 from workers.engine.models import build_model
 
 GIB = 2**30
@@ -46,7 +46,7 @@ def against_fsdp_mem_tracker(spec: PlanSpec, batch: int) -> dict[str, Any]:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     device = open_device(spec)
-    with device.session(spec, build_model(spec)) as session:
+    with open_session(device, spec) as session:
         session.probe(batch)  # steady state
         job, tracker = session.job, session.tracker
         assert job is not None
@@ -82,7 +82,7 @@ def against_deepspeed(spec: PlanSpec, batch: int, stage: int) -> dict[str, Any]:
             total, largest, per_node, nodes, cpu_offload=False, cpu_offload_params=False
         )
     device = open_device(spec)
-    with device.session(spec, built) as session:
+    with open_session(device, spec, built) as session:
         parts = session.probe(batch).breakdown
     states = sum(
         parts[k]

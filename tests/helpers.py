@@ -18,8 +18,7 @@ from torch.utils.data import TensorDataset
 from service.schemas.examples import MLP_MODEL, TINY_LLAMA, TINY_MLP_MODEL
 from service.schemas.spec import PlanSpec
 from service.store import plans
-from workers.engine.devices import open_device
-from workers.engine.models import build_model
+from workers.engine.devices import open_device, open_session
 from workers.engine.profile import run_plan
 
 __all__ = ["TINY_LLAMA"]  # re-exported: tests import it from here
@@ -63,7 +62,7 @@ def mlp_spec(
 def probe_fresh(spec: PlanSpec, batches: list[int]) -> dict[int, bool]:
     """Probe batches in a new session, independent of the search that produced the answer."""
     device = open_device(spec)
-    with device.session(spec, build_model(spec)) as session:
+    with open_session(device, spec) as session:
         return {b: session.probe(b).fits for b in batches}
 
 

@@ -12,9 +12,8 @@ import torch
 
 def prewarm() -> None:
     from service.schemas.spec import PlanSpec
-    from workers.engine.devices import open_device
+    from workers.engine.devices import open_device, open_session
     from workers.engine.job import compute_loss
-    from workers.engine.models import build_model
 
     spec = PlanSpec.model_validate(
         {
@@ -33,7 +32,7 @@ def prewarm() -> None:
             "device": {"kind": "simulated", "memory_gib": 1},
         }
     )
-    with open_device(spec).session(spec, build_model(spec)) as session:
+    with open_session(open_device(spec), spec) as session:
         job = session.job
         assert job is not None
         x, y = job.make_batch(2)

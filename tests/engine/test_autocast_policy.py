@@ -16,8 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.schemas.spec import PlanSpec
 from workers.engine import autocast_policy as ap
-from workers.engine.devices import open_device, simulated
-from workers.engine.models import build_model
+from workers.engine.devices import open_device, open_session, simulated
 
 HEADER = Path(torch.__file__).parent / "include" / "ATen" / "autocast_mode.h"
 MACROS = {
@@ -165,7 +164,7 @@ def test_simulated_transformer_keeps_fp32_norm_outputs_for_backward(
 
     def activations() -> int:
         device = open_device(spec)
-        with device.session(spec, build_model(spec)) as session:
+        with open_session(device, spec) as session:
             return session.probe(16).breakdown["activations"]
 
     with_cuda_rules = activations()

@@ -9,7 +9,7 @@ import pytest
 
 from service.schemas.spec import PlanSpec
 from tests.helpers import assert_exact, mlp_spec
-from workers.engine.devices import open_device
+from workers.engine.devices import open_device, open_session
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model
 from workers.engine.profile import run_plan
@@ -65,7 +65,7 @@ def test_resnet18_is_exact_on_a_small_card() -> None:
 def test_optimizer_state_is_counted_per_parameter(optimizer: str, copies: int) -> None:
     spec = PlanSpec.model_validate(mlp_spec(optimizer))
     device = open_device(spec)
-    with device.session(spec, build_model(spec)) as session:
+    with open_session(device, spec) as session:
         outcome = session.probe(1)  # batch 1: the peak is at the optimizer step
     params = (512 * 1024 + 1024) * 4 + (1024 * 1024 + 1024) * 4 + (1024 * 10 + 10) * 4
     parts = outcome.breakdown
@@ -79,7 +79,7 @@ def test_gradients_exist_at_the_step_and_frozen_parameters_have_none() -> None:
     frozen = PlanSpec.model_validate(mlp_spec("adam", trainable=["0.", "2."]))
     out = {}
     for name, spec in (("full", full), ("frozen", frozen)):
-        with open_device(spec).session(spec, build_model(spec)) as session:
+        with open_session(open_device(spec), spec) as session:
             out[name] = session.probe(1).breakdown
     assert out["full"]["gradients"] >= out["full"]["parameters"] - 6 * 512
     last_layer = (1024 * 10 + 10) * 4
@@ -89,7 +89,7 @@ def test_gradients_exist_at_the_step_and_frozen_parameters_have_none() -> None:
 
 def _activations_at(spec_dict: dict[str, Any], batch: int) -> int:
     spec = PlanSpec.model_validate(spec_dict)
-    with open_device(spec).session(spec, build_model(spec)) as session:
+    with open_session(open_device(spec), spec) as session:
         return session.probe(batch).breakdown["activations"]
 
 
@@ -232,7 +232,7 @@ def test_exact_on_catalogue_cards(small_spec: dict[str, Any], gpu: str) -> None:
 
 def test_adafactor_keeps_factored_state() -> None:
     spec = PlanSpec.model_validate(mlp_spec("adafactor"))
-    with open_device(spec).session(spec, build_model(spec)) as session:
+    with open_session(open_device(spec), spec) as session:
         parts = session.probe(1).breakdown
     # rows + columns per matrix, far below one full copy of the parameters
     assert 0 < parts["optimizer_state"] < parts["parameters"] / 10

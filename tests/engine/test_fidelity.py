@@ -13,9 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from service.schemas.spec import PlanSpec
 from workers.engine.catalogue import GIB, GPU_CATALOGUE, MIB
-from workers.engine.devices import open_device
+from workers.engine.devices import open_device, open_session
 from workers.engine.errors import SpecError
-from workers.engine.models import build_model
 from workers.engine.profile import run_plan
 from workers.engine.roofline import Roofline, StepCostMode
 from workers.engine.runtime import (
@@ -127,7 +126,7 @@ def test_channels_last_avoids_the_cudnn_transform_workspace() -> None:
     nhwc = PlanSpec.model_validate(nhwc_spec)
     workspaces = []
     for spec in (nchw, nhwc):
-        with open_device(spec).session(spec, build_model(spec)) as session:
+        with open_session(open_device(spec), spec) as session:
             workspaces.append(session.probe(64).breakdown["workspace"])
     assert workspaces[0] > workspaces[1]
 

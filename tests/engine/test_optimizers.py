@@ -15,8 +15,7 @@ from torch import nn
 from service.schemas.spec import PlanSpec
 from tests.helpers import mlp_spec, run_pytorch_loop, tensor_spec
 from workers.engine.configs import PlanNumbers, build_configs
-from workers.engine.devices import open_device
-from workers.engine.models import build_model
+from workers.engine.devices import open_device, open_session
 from workers.engine.optimizers import PAGED_MIN_ELEMENTS, choose
 from workers.engine.profile import run_plan
 
@@ -42,7 +41,7 @@ def breakdown(impl: str | None, optimizer: str = "adamw", batch: int = 1) -> dic
         mlp_spec(optimizer, memory_gib=4, optimizer_impl=impl)
         | {"search": {"what_if": False, "max_batch_size": 64}}
     )
-    with open_device(spec).session(spec, build_model(spec)) as session:
+    with open_session(open_device(spec), spec) as session:
         outcome = session.probe(batch)
     assert outcome.allocated_bytes is not None
     return outcome.breakdown | {"allocated": outcome.allocated_bytes}

@@ -26,7 +26,7 @@ from tests.helpers import Mpu, deepspeed_config_module, tensor_spec
 from workers.engine.catalogue import GPU_CATALOGUE
 from workers.engine.communication import ring, step_traffic
 from workers.engine.configs import PlanNumbers, build_configs
-from workers.engine.devices import open_device
+from workers.engine.devices import open_device, open_session
 from workers.engine.models import build_model
 from workers.engine.profile import run_plan
 from workers.engine.scale_out import world_sizes
@@ -75,7 +75,7 @@ def llama_spec(memory_gib: float = 2.0, model: Any = LLAMA, **training: Any) -> 
 def probe(spec: PlanSpec, batch: int = 1) -> tuple[Any, Any]:
     """(outcome, job) of one traced step."""
     device = open_device(spec)
-    with device.session(spec, build_model(spec)) as session:
+    with open_session(device, spec) as session:
         return session.probe(batch), session.job
 
 

@@ -14,7 +14,7 @@ from service.schemas.spec import PlanSpec
 from service.store import claims, plans
 from service.store.db import make_engine, make_session_factory
 from tests.helpers import a_result, mlp_spec, probe_fresh
-from workers.engine.devices import open_device, twin_of
+from workers.engine.devices import open_device, open_session, twin_of
 from workers.engine.profile import run_plan
 from workers.engine.search import find_max_batch
 
@@ -53,12 +53,11 @@ def test_seeding_changes_the_trials_not_the_answer() -> None:
 def test_a_wrong_seed_falls_back_to_an_exact_search() -> None:
     spec = PlanSpec.model_validate(cpu_spec(seed=False))
     device = open_device(spec)
-    from workers.engine.models import build_model
 
     for seed in (1, 7, 100_000):
-        with device.session(spec, build_model(spec)) as session:
+        with open_session(device, spec) as session:
             seeded = find_max_batch(session.probe, session.limit_bytes, 1 << 20, seed=seed)
-        with device.session(spec, build_model(spec)) as session:
+        with open_session(device, spec) as session:
             blind = find_max_batch(session.probe, session.limit_bytes, 1 << 20)
         assert seeded.max_batch == blind.max_batch
 

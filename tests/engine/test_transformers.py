@@ -8,7 +8,7 @@ import pytest
 
 from service.schemas.spec import PlanSpec
 from tests.helpers import TINY_LLAMA, assert_exact
-from workers.engine.devices import open_device
+from workers.engine.devices import open_device, open_session
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model
 from workers.engine.models.hf import PRESETS
@@ -88,7 +88,7 @@ def test_checkpointing_shrinks_transformer_activations() -> None:
                 gradient_checkpointing=ckpt,
             )
         )
-        with open_device(spec).session(spec, build_model(spec)) as session:
+        with open_session(open_device(spec), spec) as session:
             return session.probe(8).breakdown["activations"]
 
     assert activations(True) < 0.7 * activations(False)
@@ -134,7 +134,7 @@ def test_llama_3_8b_has_8b_parameters_and_tied_1b() -> None:
             "device": {"kind": "simulated", "gpu": "H100-80GB"},
         }
     )
-    with open_device(small).session(small, build_model(small)) as session:
+    with open_session(open_device(small), small) as session:
         parts = session.probe(1).breakdown
     assert parts["parameters"] == pytest.approx(1_235_814_400 * 2, rel=0.001)  # tied: once
 

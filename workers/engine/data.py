@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from service.schemas.spec import DataSpec, PlanSpec
+from service.schemas.spec import DataSpec, ImageData, TensorData, TokensData
 
 
 def sample_input(
@@ -44,9 +44,8 @@ def sample_target(
     return torch.randint(0, n, (batch,), device=device)
 
 
-def sample_bytes(spec: PlanSpec) -> int:
+def sample_bytes(data: ImageData | TokensData | TensorData) -> int:
     """Bytes of one sample as the loader hands it over (fp32 values, int64 token ids)."""
-    data = spec.data
     if data.kind == "tokens":
         return data.seq_len * 8
     if data.kind == "image":

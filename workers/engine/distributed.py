@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from service.schemas.spec import SHARDED, PlanSpec
+from service.schemas.spec import SHARDED, TrainingSpec
 from workers.engine.tracker import MemoryTracker
 
 REPLICATING = frozenset({"ddp", "zero1"})
@@ -63,10 +63,9 @@ class World:
 
 
 @contextmanager
-def fake_world(spec: PlanSpec) -> Iterator[World | None]:
+def fake_world(training: TrainingSpec) -> Iterator[World | None]:
     """A fake process group of the spec's world size for the length of one session (None for a
     single-process job). Only one group exists per process: sessions do not nest."""
-    training = spec.training
     strategy = training.strategy
     if strategy == "none":
         yield None
@@ -144,12 +143,12 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def shard(model: nn.Module, world: World, spec: PlanSpec, low: torch.dtype | None) -> None:
+def shard(model: nn.Module, world: World, training: TrainingSpec, low: torch.dtype | None) -> None:
     """`fully_shard` each block, then the root, on the meta model (before materialising);
     `low`: the mixed-precision dtype, if any."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    reshard = spec.training.reshards_after_forward
+    reshard = training.reshards_after_forward
     policy = MixedPrecisionPolicy()
     if low is not None:  # gathered in low precision, gradients reduced in fp32 (FSDP2's advice)
         policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
@@ -162,14 +161,14 @@ def shard(model: nn.Module, world: World, spec: PlanSpec, low: torch.dtype | Non
     fully_shard(model, mesh=world.mesh, reshard_after_forward=reshard, mp_policy=policy)
 
 
-def replicate(model: nn.Module, spec: PlanSpec, tracker: MemoryTracker) -> nn.Module:
+def replicate(model: nn.Module, training: TrainingSpec, tracker: MemoryTracker) -> nn.Module:
     """DDP around the materialised model; its gradient buckets count as communication."""
     from torch.nn.parallel import DistributedDataParallel
 
     with tracker.in_phase("communication"):
         wrapped = DistributedDataParallel(
             model,
-            bucket_cap_mb=spec.training.parallelism.bucket_cap_mb,
+            bucket_cap_mb=training.parallelism.bucket_cap_mb,
             init_sync=False,
             find_unused_parameters=True,
         )

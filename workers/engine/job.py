@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from service.schemas.spec import PlanSpec
 from workers.engine.autocast_policy import CudaAutocastPolicy, autocast_region
 from workers.engine.data import sample_input, sample_target
 from workers.engine.distributed import World, local, replicate, shard
 from workers.engine.models import BuiltModel
 from workers.engine.optimizers import choose, make_optimizer, paged_states
+from workers.engine.trace import TraceJob
 from workers.engine.tracker import MemoryTracker
 
 LOW_PRECISION = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
@@ -115,7 +115,7 @@ class TrainingJob:
 
     def __init__(
         self,
-        spec: PlanSpec,
+        trace: TraceJob,
         built: BuiltModel,
         device: str,
         tracker: MemoryTracker,
@@ -127,7 +127,7 @@ class TrainingJob:
         cuda_semantics: bool | None = None,
         world: World | None = None,
     ) -> None:
-        self.spec = spec
+        self.trace = trace
         self.autocast_policy = autocast_policy  # CUDA's rules on a trace made on the CPU
         # `zero_grad()` frees gradients since torch 2.0; before, it zeroed them in place, so
         # they stay allocated through the next forward.
@@ -136,7 +136,7 @@ class TrainingJob:
         self.device = device
         self.tracker = tracker
         self.fake = fake
-        training = spec.training
+        training = trace.training
         self.precision = training.precision
         self.autocast_dtype = LOW_PRECISION.get(self.precision)
         self.param_dtype = torch.bfloat16 if self.precision == "bf16" else None
@@ -144,7 +144,7 @@ class TrainingJob:
         self.host_bytes = 0  # what CPU offload or paged optimizer states keep in host memory
         model = built.module
         self.forward_loss = built.forward_loss
-        self.vocab_size = built.vocab_size or getattr(spec.data, "vocab_size", None)
+        self.vocab_size = built.vocab_size or getattr(trace.data, "vocab_size", None)
         if training.gradient_checkpointing:
             enable_checkpointing(model)
         self.frozen = self._freeze(model)
@@ -162,7 +162,7 @@ class TrainingJob:
 
             tracker.mark(adapter_parameters(model), "adapter_parameters")
         if world is not None and world.replicates:
-            model = replicate(model, spec, tracker)
+            model = replicate(model, training, tracker)
         self.model = model.train()
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
@@ -184,7 +184,7 @@ class TrainingJob:
 
     # -- set-up ----------------------------------------------------------------------------
     def _freeze(self, model: nn.Module) -> list[str]:
-        prefixes = self.spec.training.trainable
+        prefixes = self.trace.training.trainable
         if prefixes == "all":
             return []
         frozen = []
@@ -199,7 +199,7 @@ class TrainingJob:
     ) -> nn.Module:
         dtype = self.param_dtype
         device = self.device
-        data = self.spec.data
+        data = self.trace.data
         nhwc = data.kind == "image" and data.layout == "channels_last"
 
         def empty(t: torch.Tensor) -> torch.Tensor:
@@ -233,7 +233,7 @@ class TrainingJob:
         """fully_shard the meta model, then give each rank its local shards."""
         if self.param_dtype is not None:
             model = model.to(self.param_dtype)
-        shard(model, world, self.spec, self.autocast_dtype)
+        shard(model, world, self.trace.training, self.autocast_dtype)
         model.to_empty(device=self.device)
         retie = getattr(model, "tie_weights", None)
         if retie is not None:  # `to_empty` gives tied slots separate parameters
@@ -242,8 +242,8 @@ class TrainingJob:
 
     def _output_classes(self) -> int | None:
         if self.family == "hf_sequence":
-            return self.spec.data.num_classes or 2
-        return self.spec.data.num_classes or self.vocab_size
+            return self.trace.data.num_classes or 2
+        return self.trace.data.num_classes or self.vocab_size
 
     def _make_scaler(self) -> Any:
         if self.precision != "fp16-mixed" or self.fake:
@@ -270,7 +270,7 @@ class TrainingJob:
 
     @property
     def offloaded(self) -> bool:
-        return self.world is not None and self.spec.training.parallelism.cpu_offload
+        return self.world is not None and self.trace.training.parallelism.cpu_offload
 
     def gradients(self) -> Iterator[torch.Tensor | None]:
         """This rank's gradients (local shards under FSDP)."""
@@ -294,7 +294,7 @@ class TrainingJob:
         return torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype)
 
     def make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        data = self.spec.data
+        data = self.trace.data
         with self.tracker.in_phase("input"):
             x = sample_input(
                 data,

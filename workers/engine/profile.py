@@ -33,7 +33,7 @@ from workers.engine import planner, recipe
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.data import sample_bytes
-from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, twin_of
+from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_session, twin_of
 from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.errors import SpecError
@@ -151,7 +151,7 @@ def simulate_twin(spec: PlanSpec, device: ProbeDevice) -> tuple[int, int, float]
     if twin is None or not spec.search.seed_from_simulation:
         return None
     start = time.perf_counter()
-    with twin.session(spec, build_model(spec)) as session:
+    with open_session(twin, spec) as session:
         search = find_max_batch(
             session.probe, session.limit_bytes, spec.search.max_batch_size, session.predict_fits
         )
@@ -176,7 +176,7 @@ class Measured:
 def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResult:
     twin = simulate_twin(spec, device)
     built = build_model(spec)
-    with device.session(spec, built) as session:
+    with open_session(device, spec, built) as session:
         search = find_max_batch(
             recorder.probe(session),
             session.limit_bytes,
@@ -474,7 +474,7 @@ def estimate_throughput(
     optimizer = seconds["optimizer"]
     comm = traffic.seconds if traffic is not None else 0.0
     step = compute + memory_bound + optimizer + exposed(comm, compute + memory_bound)
-    input_bytes = sample_bytes(spec) * batches.micro_batch_size
+    input_bytes = sample_bytes(spec.data) * batches.micro_batch_size
     estimate = _throughput(
         spec,
         batches,

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.schemas.spec import PlanSpec
-from workers.engine.devices import ProbeDevice, TrialOutcome
+from workers.engine.devices import ProbeDevice, TrialOutcome, open_session
 from workers.engine.errors import BatchUndefined
-from workers.engine.models import build_model
 
 MAX_WORLD = 1 << 16
 
@@ -67,7 +66,7 @@ def fewest_gpus(
     def probe(size: int) -> TrialOutcome:
         if size not in checked:
             target = with_world(spec, strategy, size)
-            with device.session(target, build_model(target)) as session:
+            with open_session(device, target) as session:
                 try:
                     checked[size] = session.probe(1)
                 except BatchUndefined as exc:  # BatchNorm at one value per channel

@@ -23,7 +23,7 @@ from service.schemas.spec import (
     TrainingSpec,
 )
 from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, GpuModel
-from workers.engine.devices import ProbeDevice, TrialOutcome, open_device
+from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_session
 from workers.engine.devices.base import ProbeSession
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model
@@ -163,7 +163,7 @@ def explore(
             built = build_model(scenario.spec)
         except SpecError:
             continue
-        with target.session(scenario.spec, built) as session:
+        with open_session(target, scenario.spec, built) as session:
             search = find_max_batch(
                 make_probe(session, scenario.label),
                 session.limit_bytes,

@@ -3,11 +3,14 @@ micro-batches of one job. `simulated` traces on fake tensors, `cpu` and `cuda` r
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 from service.schemas.spec import PlanSpec
-from workers.engine.devices.base import ProbeDevice, TrialOutcome
+from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
 from workers.engine.errors import SpecError
+from workers.engine.models import BuiltModel
+from workers.engine.trace import trace_job
 
 
 def open_device(spec: PlanSpec) -> ProbeDevice:
@@ -36,7 +39,7 @@ def _open(spec: PlanSpec) -> ProbeDevice:
     return CudaDevice(device.memory_gib)
 
 
-__all__ = ["ProbeDevice", "TrialOutcome", "open_device"]
+__all__ = ["ProbeDevice", "TrialOutcome", "open_device", "open_session"]
 
 
 def twin_of(device: ProbeDevice) -> ProbeDevice | None:
@@ -53,3 +56,14 @@ def twin_of(device: ProbeDevice) -> ProbeDevice | None:
         return SimulatedDevice(gpu, host=True)
     gpu = replace(gpu, sm=getattr(device, "sm", gpu.sm))  # cuBLAS workspaces follow the arch
     return SimulatedDevice(gpu, context_bytes=device.overhead_bytes)
+
+
+def open_session(
+    device: ProbeDevice, spec: PlanSpec, built: BuiltModel | None = None
+) -> AbstractContextManager[ProbeSession]:
+    """A session of `spec`'s training step on `device`: the spec compiled to the trace's slice,
+    its model built (unless given) and the byte limit its headroom leaves."""
+    from workers.engine.models import build_model
+
+    trace = trace_job(spec)
+    return device.session(trace, built or build_model(spec), device.limit_bytes(trace.headroom))

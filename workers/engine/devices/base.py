@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.schemas.spec import PlanSpec
 from workers.engine.errors import SpecError
 from workers.engine.failures import classify
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
 from workers.engine.roofline import StepCost
+from workers.engine.trace import TraceJob
 from workers.engine.tracker import CATEGORIES, MemoryBudgetExceeded
 
 
@@ -146,4 +146,7 @@ class ProbeDevice(ABC):
 
     @abstractmethod
     @contextmanager
-    def session(self, spec: PlanSpec, built: BuiltModel) -> Iterator[ProbeSession]: ...
+    def session(
+        self, trace: TraceJob, built: BuiltModel, limit_bytes: int
+    ) -> Iterator[ProbeSession]:
+        """Materialise the job on this device; probes fit under `limit_bytes`."""

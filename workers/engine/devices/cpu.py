@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from service.schemas.spec import PlanSpec
 from workers.engine.catalogue import GIB
 from workers.engine.devices.base import (
     ProbeDevice,
@@ -21,6 +20,7 @@ from workers.engine.devices.base import (
 )
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
+from workers.engine.trace import TraceJob
 from workers.engine.tracker import MemoryBudgetExceeded, MemoryTracker
 
 
@@ -32,11 +32,13 @@ class CpuDevice(ProbeDevice):
         self.memory_bytes = int(memory_gib * GIB)
 
     @contextmanager
-    def session(self, spec: PlanSpec, built: BuiltModel) -> Iterator[ProbeSession]:
-        limit = self.limit_bytes(spec.search.headroom)
+    def session(
+        self, trace: TraceJob, built: BuiltModel, limit_bytes: int
+    ) -> Iterator[ProbeSession]:
+        limit = limit_bytes
         tracker = MemoryTracker(raise_above=limit)
         with tracker:
-            session = _CpuSession(self, limit, spec, built, tracker)
+            session = _CpuSession(self, limit, trace, built, tracker)
             try:
                 yield session
             finally:
@@ -49,19 +51,19 @@ class _CpuSession(ProbeSession):
         self,
         device: CpuDevice,
         limit: int,
-        spec: PlanSpec,
+        trace: TraceJob,
         built: BuiltModel,
         tracker: MemoryTracker,
     ) -> None:
         super().__init__(device, limit)
-        self.spec, self.built, self.tracker = spec, built, tracker
+        self.trace, self.built, self.tracker = trace, built, tracker
         self.setup_error: MemoryBudgetExceeded | None = None
 
     def _ensure_job(self) -> TrainingJob | None:
         if self.job is None and self.setup_error is None:
             try:
                 self.job = TrainingJob(
-                    self.spec, self.built, "cpu", self.tracker, fake=False, fill=fill_small_normal
+                    self.trace, self.built, "cpu", self.tracker, fake=False, fill=fill_small_normal
                 )
             except MemoryBudgetExceeded as exc:
                 self.setup_error = exc

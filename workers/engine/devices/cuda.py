@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import torch
 
-from service.schemas.spec import PlanSpec
 from workers.engine.catalogue import GIB
 from workers.engine.devices.base import (
     ProbeDevice,
@@ -24,6 +23,7 @@ from workers.engine.devices.base import (
 )
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
+from workers.engine.trace import TraceJob
 from workers.engine.tracker import MemoryTracker
 
 
@@ -51,16 +51,18 @@ class CudaDevice(ProbeDevice):
         self.overhead_bytes = max(0, total - free - torch.cuda.memory_reserved())
 
     @contextmanager
-    def session(self, spec: PlanSpec, built: BuiltModel) -> Iterator[ProbeSession]:
-        limit = self.limit_bytes(spec.search.headroom)
+    def session(
+        self, trace: TraceJob, built: BuiltModel, limit_bytes: int
+    ) -> Iterator[ProbeSession]:
+        limit = limit_bytes
         torch.cuda.set_per_process_memory_fraction(
             min(1.0, (limit - self.overhead_bytes) / self.total_bytes)
         )
         tracker = MemoryTracker()
         matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = spec.training.precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = trace.training.precision == "tf32"
         with tracker:
-            session = _CudaSession(self, limit, spec, built, tracker)
+            session = _CudaSession(self, limit, trace, built, tracker)
             try:
                 yield session
             finally:
@@ -76,12 +78,12 @@ class _CudaSession(ProbeSession):
         self,
         device: CudaDevice,
         limit: int,
-        spec: PlanSpec,
+        trace: TraceJob,
         built: BuiltModel,
         tracker: MemoryTracker,
     ) -> None:
         super().__init__(device, limit)
-        self.spec, self.built, self.tracker = spec, built, tracker
+        self.trace, self.built, self.tracker = trace, built, tracker
 
     def _probe(self, batch: int) -> TrialOutcome:
         gc.collect()
@@ -90,7 +92,7 @@ class _CudaSession(ProbeSession):
         try:
             if self.job is None:
                 self.job = TrainingJob(
-                    self.spec, self.built, "cuda", self.tracker, fake=False, fill=fill_small_normal
+                    self.trace, self.built, "cuda", self.tracker, fake=False, fill=fill_small_normal
                 )
             self.tracker.reset_peak()
             torch.cuda.synchronize()

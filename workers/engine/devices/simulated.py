@@ -17,7 +17,6 @@ from dataclasses import replace
 
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from service.schemas.spec import PlanSpec
 from service.schemas.spec import SimulatedDeviceSpec as SimulatedSpec
 from workers.engine.allocator import (
     AffineSequence,
@@ -39,6 +38,7 @@ from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
 from workers.engine.roofline import Roofline, StepCost, StepCostMode
 from workers.engine.runtime import FixedCosts, Runtime, fixed_costs, parse_version
+from workers.engine.trace import TraceJob
 from workers.engine.tracker import CATEGORIES, MemoryTracker
 
 
@@ -104,13 +104,17 @@ class SimulatedDevice(ProbeDevice):
         return cls(gpu, runtime, config)
 
     @contextmanager
-    def session(self, spec: PlanSpec, built: BuiltModel) -> Iterator[ProbeSession]:
-        limit = self.limit_bytes(spec.search.headroom)
-        costs = self.fixed_costs(spec.training.world_size)
+    def session(
+        self, trace: TraceJob, built: BuiltModel, limit_bytes: int
+    ) -> Iterator[ProbeSession]:
+        limit = limit_bytes
+        costs = self.fixed_costs(trace.training.world_size)
         workspace = None if self.host else nchw_transform_workspace(self.gpu.sm)
         autocast = nullcontext() if self.host else cuda_autocast_on_cpu()
         with ExitStack() as stack:
-            world = stack.enter_context(fake_world(spec))  # the mesh: outside the fake mode
+            world = stack.enter_context(
+                fake_world(trace.training)
+            )  # the mesh: outside the fake mode
             tracker = MemoryTracker(
                 fake_scalars=True, workspace=workspace, distributed=world is not None
             )
@@ -120,7 +124,7 @@ class SimulatedDevice(ProbeDevice):
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             stack.enter_context(tracker)
             job = TrainingJob(
-                spec,
+                trace,
                 built,
                 "cpu",
                 tracker,

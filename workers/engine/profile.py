@@ -387,7 +387,7 @@ def _schedule_out(schedule: Schedule, peak: float) -> LrSchedule:
 
 
 def _group_rates(spec: PlanSpec, peak: float) -> list[ParamGroupRate]:
-    groups = recipe.param_groups(spec)
+    groups = recipe.param_groups(spec.training)
     if not groups:
         return []
     rest = ParamGroupRate(prefix=None, lr_scale=1.0, learning_rate=peak)

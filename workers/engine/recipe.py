@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from service.schemas.spec import BNB_OPTIMIZERS, PlanSpec, algorithm
+from service.schemas.spec import BNB_OPTIMIZERS, PlanSpec, TrainingSpec, algorithm
 from workers.engine.errors import SpecError
 from workers.engine.optimizers import bitsandbytes_available
 
@@ -52,24 +52,24 @@ def sde_adjustment(optimizer: str, rule: str, k: float) -> Adjustment | None:
     return Adjustment(k, tuple(round(b, 12) for b in betas), DEFAULT_EPS / math.sqrt(k), applies)
 
 
-def estimated_total_steps(spec: PlanSpec) -> tuple[int, int]:
+def estimated_total_steps(training: TrainingSpec, num_samples: int) -> tuple[int, int]:
     """Optimizer steps per epoch and in all from the requested global batch: the plan's
     effective batch is never smaller, so its run is never longer than this."""
-    per_epoch = math.ceil(spec.data.num_samples / spec.training.global_batch_size)
-    return per_epoch, math.ceil(spec.training.epochs * per_epoch)
+    per_epoch = math.ceil(num_samples / training.global_batch_size)
+    return per_epoch, math.ceil(training.epochs * per_epoch)
 
 
 def check(spec: PlanSpec, facts: ModelFacts) -> None:
     """What the schema cannot see: a group prefix that matches no trainable parameter, a
     schedule whose milestones or step size lie past the end of the run, a bitsandbytes optimizer
     on a server without bitsandbytes."""
-    _check_groups(spec, facts.trainable)
-    _check_schedule(spec)
-    _check_optimizer(spec)
+    _check_groups(spec.training, facts.trainable)
+    _check_schedule(spec.training, spec.data.num_samples)
+    _check_optimizer(spec.training)
 
 
-def _check_optimizer(spec: PlanSpec) -> None:
-    optimizer = spec.training.optimizer
+def _check_optimizer(training: TrainingSpec) -> None:
+    optimizer = training.optimizer
     if optimizer in BNB_OPTIMIZERS and not bitsandbytes_available():
         raise SpecError(
             ("training", "optimizer"),
@@ -77,9 +77,9 @@ def _check_optimizer(spec: PlanSpec) -> None:
         )
 
 
-def _check_groups(spec: PlanSpec, names: tuple[str, ...]) -> None:
-    frozen = spec.training.trainable
-    for i, group in enumerate(spec.training.param_groups or ()):
+def _check_groups(training: TrainingSpec, names: tuple[str, ...]) -> None:
+    frozen = training.trainable
+    for i, group in enumerate(training.param_groups or ()):
         matched = [n for n in names if n.startswith(group.prefix)]
         if frozen != "all":
             matched = [n for n in matched if not any(n.startswith(f) for f in frozen)]
@@ -91,12 +91,12 @@ def _check_groups(spec: PlanSpec, names: tuple[str, ...]) -> None:
             )
 
 
-def _check_schedule(spec: PlanSpec) -> None:
-    schedule = spec.training.schedule
-    per_epoch, total = estimated_total_steps(spec)
+def _check_schedule(training: TrainingSpec, num_samples: int) -> None:
+    schedule = training.schedule
+    per_epoch, total = estimated_total_steps(training, num_samples)
     per = per_epoch if schedule.unit == "epochs" else 1
     unit = schedule.unit
-    length = f"{total} optimizer steps ({spec.training.epochs:g} epochs of {per_epoch})"
+    length = f"{total} optimizer steps ({training.epochs:g} epochs of {per_epoch})"
     if schedule.name == "multistep" and schedule.milestones:
         late = [m for m in schedule.milestones if m * per >= total]
         if late:
@@ -117,6 +117,6 @@ def _check_schedule(spec: PlanSpec) -> None:
         )
 
 
-def param_groups(spec: PlanSpec) -> list[tuple[str, float]]:
+def param_groups(training: TrainingSpec) -> list[tuple[str, float]]:
     """(prefix, lr_scale) in the order the first match is taken."""
-    return [(g.prefix, g.lr_scale) for g in spec.training.param_groups or ()]
+    return [(g.prefix, g.lr_scale) for g in training.param_groups or ()]

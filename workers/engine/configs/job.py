@@ -68,6 +68,6 @@ def launch_job(spec: PlanSpec) -> LaunchJob:
         choice=choose(training),
         peft=training.peft,
         early_stopping=training.early_stopping,
-        param_groups=param_groups(spec),
+        param_groups=param_groups(training),
         has_param_groups=bool(training.param_groups),
     )

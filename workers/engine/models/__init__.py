@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from service.schemas.spec import PlanSpec
+from service.schemas.spec import DataSpec, ModelSpec, PlanSpec
 from workers.engine.errors import SpecError
 
 
@@ -31,8 +31,9 @@ class BuiltModel:
 
 def build_model(spec: PlanSpec) -> BuiltModel:
     """Build the spec's model on the meta device (with its LoRA adapters when the spec asks for
-    them), or raise SpecError naming the field."""
-    built = _build_base(spec)
+    them), or raise SpecError naming the field. Each source's builder takes its own slices:
+    the model's spec and the data's."""
+    built = _build_base(spec.model, spec.data)
     if spec.training.peft is not None:
         from workers.engine.peft import apply_peft
 
@@ -41,10 +42,10 @@ def build_model(spec: PlanSpec) -> BuiltModel:
     return built
 
 
-def _build_base(spec: PlanSpec) -> BuiltModel:
+def _build_base(model: ModelSpec, data: DataSpec) -> BuiltModel:
     try:
         with torch.device("meta"):
-            return _build(spec)
+            return _build(model, data)
     except NotImplementedError:
         pass
     except RuntimeError as exc:
@@ -53,7 +54,7 @@ def _build_base(spec: PlanSpec) -> BuiltModel:
     # Some constructors compute with small tensors (RegNet's widths): keep those real and send
     # only the large allocations (the weights) to the meta device.
     with LargeTensorsToMeta():
-        return _build(spec)
+        return _build(model, data)
 
 
 class LargeTensorsToMeta(TorchFunctionMode):
@@ -77,22 +78,23 @@ class LargeTensorsToMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _build(spec: PlanSpec) -> BuiltModel:
-    source = spec.model.source
-    if source == "layers":
+def _build(model: ModelSpec, data: DataSpec) -> BuiltModel:
+    if model.source == "layers":
         from workers.engine.models.layers import build_layers
 
-        return build_layers(spec)
-    if source == "torchvision":
+        return build_layers(model, data)
+    if model.source == "torchvision":
         from workers.engine.models.vision import build_torchvision
 
-        return build_torchvision(spec)
-    if source == "transformers":
+        return build_torchvision(model, data)
+    if model.source == "transformers":
         from workers.engine.models.hf import build_transformers
 
-        return build_transformers(spec)
-    if source == "registered":
+        return build_transformers(model, data)
+    if model.source == "registered":
         from workers.engine.models.registered import build_registered
 
-        return build_registered(spec)
-    raise SpecError(("model", "source"), f"the {source!r} source is not available on this worker")
+        return build_registered(model, data)
+    raise SpecError(
+        ("model", "source"), f"the {model.source!r} source is not available on this worker"
+    )

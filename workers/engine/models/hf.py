@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.schemas.spec import PlanSpec
+from service.schemas.spec import DataSpec, TransformersModel
 from workers.engine.errors import SpecError
 
 _LLAMA_3 = {
@@ -135,9 +135,7 @@ TEXT_SUFFIXES = (
 VISION_SUFFIXES = ("ForImageClassification",)
 
 
-def resolve(spec: PlanSpec) -> tuple[str, dict[str, Any]]:
-    model = spec.model
-    assert model.source == "transformers"
+def resolve(model: TransformersModel) -> tuple[str, dict[str, Any]]:
     if model.preset is not None:
         if model.preset not in PRESETS:
             raise SpecError(
@@ -177,13 +175,12 @@ def hf_forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return model(**{key: x, "labels": y}).loss
 
 
-def build_transformers(spec: PlanSpec) -> Any:
+def build_transformers(model: TransformersModel, data: DataSpec) -> Any:
     from workers.engine.models import BuiltModel
 
-    architecture, config_values = resolve(spec)
+    architecture, config_values = resolve(model)
     cls = model_class(architecture)
     is_vision = architecture.endswith(VISION_SUFFIXES)
-    data = spec.data
     if is_vision and data.kind != "image":
         raise SpecError(("data", "kind"), f"{architecture} takes images: use data.kind 'image'")
     if not is_vision and data.kind != "tokens":
@@ -198,8 +195,7 @@ def build_transformers(spec: PlanSpec) -> Any:
         config_values.setdefault("pad_token_id", 0)
     if architecture.endswith("ForSequenceClassification"):
         config_values.setdefault("num_labels", data.num_classes or 2)
-    assert spec.model.source == "transformers"
-    _check_sizes(spec.model.config)
+    _check_sizes(model.config)
     try:
         config = cls.config_class(**config_values)
     except Exception as exc:  # whatever the library raises on a config it rejects is a 422

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from service.schemas.layers import LAYER_TYPES
-from service.schemas.spec import PlanSpec
+from service.schemas.spec import DataSpec, LayersModel
 from workers.engine.data import sample_input
 from workers.engine.errors import SpecError
 
@@ -41,7 +41,7 @@ class SelfAttention(nn.Module):
         return self.inner(x, x, x, need_weights=False)[0]
 
 
-def _infer(kind: str, kwargs: dict[str, Any], shape: torch.Size, spec: PlanSpec) -> dict[str, Any]:
+def _infer(kind: str, kwargs: dict[str, Any], shape: torch.Size, data: DataSpec) -> dict[str, Any]:
     """Fill the input-size keywords the user left out from the incoming shape."""
     kw = dict(kwargs)
     channels = shape[1] if len(shape) > 1 else shape[-1]
@@ -58,7 +58,7 @@ def _infer(kind: str, kwargs: dict[str, Any], shape: torch.Size, spec: PlanSpec)
     elif kind == "LayerNorm":
         kw.setdefault("normalized_shape", last)
     elif kind == "Embedding":
-        vocab = getattr(spec.data, "vocab_size", None) or spec.data.num_classes
+        vocab = getattr(data, "vocab_size", None) or data.num_classes
         if vocab is not None:
             kw.setdefault("num_embeddings", vocab)
     elif kind in _SEQUENCE_LAYERS:
@@ -101,18 +101,17 @@ def _make(kind: str, kw: dict[str, Any]) -> nn.Module:
     return layer
 
 
-def build_layers(spec: PlanSpec) -> Any:
+def build_layers(model: LayersModel, data: DataSpec) -> Any:
     from workers.engine.models import BuiltModel
 
-    assert spec.model.source == "layers"
-    x = sample_input(spec.data, batch=2, device="meta")
+    x = sample_input(data, batch=2, device="meta")
     modules: list[nn.Module] = []
-    for index, layer in enumerate(spec.model.layers):
+    for index, layer in enumerate(model.layers):
         loc = ("model", "layers", index)
         # torch checks a layer's arguments and input with whatever exception it likes
         # (AssertionError, ZeroDivisionError, NotImplementedError ...): each is the spec's fault.
         try:
-            module = _make(layer.type, _infer(layer.type, layer.kwargs, x.shape, spec))
+            module = _make(layer.type, _infer(layer.type, layer.kwargs, x.shape, data))
         except MemoryError:
             raise
         except Exception as exc:
@@ -129,25 +128,23 @@ def build_layers(spec: PlanSpec) -> Any:
             ) from None
         if (
             x.dtype not in (torch.float32, torch.float16, torch.bfloat16)
-            and index + 1 < len(spec.model.layers)
+            and index + 1 < len(model.layers)
             and layer.type != "Embedding"
         ):
             raise SpecError(loc, f"{layer.type} outputs {x.dtype}, which no layer after it takes")
         modules.append(module)
-    _check_head(spec, x)
+    _check_head(len(model.layers), data, x)
     family = (
         "lm"
-        if spec.data.kind == "tokens" and x.dim() == 3
-        else ("regression" if spec.data.target == "regression" else "classification")
+        if data.kind == "tokens" and x.dim() == 3
+        else ("regression" if data.target == "regression" else "classification")
     )
     return BuiltModel(nn.Sequential(*modules), family)
 
 
-def _check_head(spec: PlanSpec, out: torch.Tensor) -> None:
-    assert spec.model.source == "layers"
-    loc = ("model", "layers", len(spec.model.layers) - 1)
+def _check_head(layers: int, data: DataSpec, out: torch.Tensor) -> None:
+    loc = ("model", "layers", layers - 1)
     per_sample = list(out.shape[1:])
-    data = spec.data
     if data.target == "regression":
         if per_sample != [data.num_outputs]:
             raise SpecError(

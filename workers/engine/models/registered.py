@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from service.schemas.spec import PlanSpec
+from service.schemas.spec import DataSpec, RegisteredModel
 from workers.engine.errors import SpecError
 
 GROUP = "trainplan.models"
@@ -20,22 +20,21 @@ def registered_names() -> list[str]:
     return sorted(ep.name for ep in entry_points(group=GROUP))
 
 
-def build_registered(spec: PlanSpec) -> Any:
+def build_registered(model: RegisteredModel, data: DataSpec) -> Any:
     from workers.engine.models import BuiltModel
 
-    assert spec.model.source == "registered"
-    matches = [ep for ep in entry_points(group=GROUP) if ep.name == spec.model.name]
+    matches = [ep for ep in entry_points(group=GROUP) if ep.name == model.name]
     if not matches:
         raise SpecError(
             ("model", "name"),
-            f"no registered model {spec.model.name!r}; registered: {registered_names() or 'none'}",
+            f"no registered model {model.name!r}; registered: {registered_names() or 'none'}",
         )
     factory = matches[0].load()
     try:
-        module = factory(**spec.model.kwargs)
+        module = factory(**model.kwargs)
     except (TypeError, ValueError) as exc:
-        raise SpecError(("model", "kwargs"), f"{spec.model.name}: {exc}") from None
+        raise SpecError(("model", "kwargs"), f"{model.name}: {exc}") from None
     if not isinstance(module, nn.Module):
-        raise SpecError(("model", "name"), f"{spec.model.name} did not return an nn.Module")
-    family = "regression" if spec.data.target == "regression" else "classification"
+        raise SpecError(("model", "name"), f"{model.name} did not return an nn.Module")
+    family = "regression" if data.target == "regression" else "classification"
     return BuiltModel(module, family)

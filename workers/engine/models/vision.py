@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from service.schemas.spec import PlanSpec
+from service.schemas.spec import DataSpec, TorchvisionModel
 from workers.engine.errors import SpecError
 
 SUPPORTED_FAMILIES = ("classification", "segmentation", "video")
@@ -42,13 +42,12 @@ def families() -> dict[str, str]:
 CONV_SHAPE = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 
 
-def build_torchvision(spec: PlanSpec) -> Any:
+def build_torchvision(model_spec: TorchvisionModel, data: DataSpec) -> Any:
     import torchvision.models as tvm
 
     from workers.engine.models import BuiltModel
 
-    assert spec.model.source == "torchvision"
-    name = spec.model.name
+    name = model_spec.name
     family = families().get(name)
     if family is None:
         raise SpecError(("model", "name"), f"torchvision has no model {name!r}")
@@ -58,11 +57,11 @@ def build_torchvision(spec: PlanSpec) -> Any:
             f"{name} is a {family} model; trainplan plans "
             f"{', '.join(SUPPORTED_FAMILIES)} models from torchvision",
         )
-    if spec.data.kind not in ("image", "tensor"):
-        raise SpecError(("data", "kind"), f"{name} takes images; data.kind is {spec.data.kind!r}")
-    kwargs: dict[str, Any] = dict(spec.model.kwargs)
-    if spec.data.num_classes is not None:
-        kwargs.setdefault("num_classes", spec.data.num_classes)
+    if data.kind not in ("image", "tensor"):
+        raise SpecError(("data", "kind"), f"{name} takes images; data.kind is {data.kind!r}")
+    kwargs: dict[str, Any] = dict(model_spec.kwargs)
+    if data.num_classes is not None:
+        kwargs.setdefault("num_classes", data.num_classes)
     if family == "segmentation":
         kwargs.setdefault("weights_backbone", None)
     try:
@@ -70,8 +69,8 @@ def build_torchvision(spec: PlanSpec) -> Any:
     except (TypeError, ValueError) as exc:
         raise SpecError(("model", "kwargs"), f"{name}: {exc}") from None
     notes = []
-    channels = getattr(spec.data, "channels", 3)
-    if spec.data.kind == "image" and channels != 3 and _adapt_stem(model, channels):
+    channels = getattr(data, "channels", 3)
+    if data.kind == "image" and channels != 3 and _adapt_stem(model, channels):
         notes.append(f"first convolution adapted from 3 to {channels} input channels")
     return BuiltModel(
         model, "segmentation" if family == "segmentation" else "classification", notes

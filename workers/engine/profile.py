@@ -28,7 +28,7 @@ from service.schemas.result import (
     Trial,
     WorldSizeCheck,
 )
-from service.schemas.spec import SHARDED, PlanSpec
+from service.schemas.spec import SHARDED, DataSpec, PlanSpec, TrainingSpec
 from workers.engine import planner, recipe
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.configs import PlanNumbers, build_configs
@@ -197,7 +197,7 @@ def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResul
                 spec.training.world_size,
                 spec.search.micro_batch,
             )
-            _check_defined(spec, search, batches.micro_batch_size)
+            _check_defined(spec.training, search, batches.micro_batch_size)
             at_micro = search.outcome_at(batches.micro_batch_size)
             if at_micro is None:  # the breakdown is reported at the chosen micro-batch
                 at_micro = session.probe(batches.micro_batch_size)
@@ -212,11 +212,10 @@ def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResul
     return result
 
 
-def _check_defined(spec: PlanSpec, search: SearchResult, micro: int) -> None:
+def _check_defined(training: TrainingSpec, search: SearchResult, micro: int) -> None:
     """The chosen micro-batch must be one where training is defined (BatchNorm: 2 and up)."""
     if micro >= search.min_batch:
         return
-    training = spec.training
     raise SpecError(
         ("training", "global_batch_size"),
         f"global_batch_size {training.global_batch_size} on {training.world_size} GPU(s) gives "
@@ -296,14 +295,16 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         epochs.optimizer_steps_per_epoch,
         epochs.total_optimizer_steps,
     )
-    schedule, adjustment = _recipe(spec, lr, batches, epochs)
+    schedule, adjustment = _recipe(spec.training, lr, batches, epochs)
     warnings = plan_warnings(
         Facts(spec, device, search, batches, lr, measured.has_batchnorm, schedule, adjustment)
     )
-    throughput = _measured_throughput(spec, batches, epochs, at_micro)
+    throughput = _measured_throughput(spec.training, batches, epochs, at_micro)
     if throughput is None and measured.cost is not None:
-        traffic = _traffic(spec, device, measured.counts, batches.accumulation_steps)
-        throughput = estimate_throughput(spec, batches, epochs, measured.cost, traffic)
+        traffic = _traffic(spec.training, device, measured.counts, batches.accumulation_steps)
+        throughput = estimate_throughput(
+            spec.training, spec.data, batches, epochs, measured.cost, traffic
+        )
     warnings += [PlanWarning(code="model_adapted", message=n) for n in measured.notes]
     warnings += undefined_batch_warning(measured.search)
     numbers = PlanNumbers(
@@ -339,7 +340,7 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         total_optimizer_steps=epochs.total_optimizer_steps,
         total_steps_upper_bound=training.early_stopping is not None,
         schedule=_schedule_out(schedule, lr.learning_rate),
-        param_groups=_group_rates(spec, lr.learning_rate),
+        param_groups=_group_rates(spec.training, lr.learning_rate),
         optimizer=choice.path,
         optimizer_impl=choice.impl,
         optimizer_adjustment=_adjustment_out(adjustment),
@@ -359,10 +360,12 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
 
 
 def _recipe(
-    spec: PlanSpec, lr: planner.LrPlan, batches: planner.BatchPlan, epochs: planner.EpochPlan
+    training: TrainingSpec,
+    lr: planner.LrPlan,
+    batches: planner.BatchPlan,
+    epochs: planner.EpochPlan,
 ) -> tuple[Schedule, recipe.Adjustment | None]:
     """The schedule in this run's optimizer steps, and the square-root rule's betas."""
-    training = spec.training
     schedule = resolve_schedule(
         training.schedule,
         lr.warmup_steps,
@@ -386,8 +389,8 @@ def _schedule_out(schedule: Schedule, peak: float) -> LrSchedule:
     )
 
 
-def _group_rates(spec: PlanSpec, peak: float) -> list[ParamGroupRate]:
-    groups = recipe.param_groups(spec.training)
+def _group_rates(training: TrainingSpec, peak: float) -> list[ParamGroupRate]:
+    groups = recipe.param_groups(training)
     if not groups:
         return []
     rest = ParamGroupRate(prefix=None, lr_scale=1.0, learning_rate=peak)
@@ -409,25 +412,28 @@ def _adjustment_out(adjustment: recipe.Adjustment | None) -> OptimizerAdjustment
 
 
 def _measured_throughput(
-    spec: PlanSpec, batches: planner.BatchPlan, epochs: planner.EpochPlan, at_micro: TrialOutcome
+    training: TrainingSpec,
+    batches: planner.BatchPlan,
+    epochs: planner.EpochPlan,
+    at_micro: TrialOutcome,
 ) -> Throughput | None:
     """Real devices time the probe at the chosen micro-batch; one step is `accumulation` of them.
     A single probe includes first-touch costs, so this is an upper bound on step time."""
     if at_micro.step_time_s is None:
         return None
     step = at_micro.step_time_s * batches.accumulation_steps
-    return _throughput(spec, batches, epochs, step, measured=True)
+    return _throughput(training.world_size, batches, epochs, step, measured=True)
 
 
 def _throughput(
-    spec: PlanSpec,
+    world_size: int,
     batches: planner.BatchPlan,
     epochs: planner.EpochPlan,
     step: float,
     **extra: Any,
 ) -> Throughput:
     """Samples per second and times per epoch and run, from the time of one optimizer step."""
-    samples = batches.micro_batch_size * batches.accumulation_steps * spec.training.world_size
+    samples = batches.micro_batch_size * batches.accumulation_steps * world_size
     return Throughput(
         samples_per_second=samples / step,
         step_time_s=step,
@@ -438,11 +444,10 @@ def _throughput(
 
 
 def _traffic(
-    spec: PlanSpec, device: ProbeDevice, counts: tuple[int, int], accumulation: int
+    training: TrainingSpec, device: ProbeDevice, counts: tuple[int, int], accumulation: int
 ) -> StepTraffic | None:
     if not isinstance(device, SimulatedDevice):
         return None
-    training = spec.training
     return step_traffic(
         training.strategy,
         device.gpu,
@@ -457,7 +462,8 @@ def _traffic(
 
 
 def estimate_throughput(
-    spec: PlanSpec,
+    training: TrainingSpec,
+    data: DataSpec,
     batches: planner.BatchPlan,
     epochs: planner.EpochPlan,
     cost: StepCost,
@@ -474,9 +480,9 @@ def estimate_throughput(
     optimizer = seconds["optimizer"]
     comm = traffic.seconds if traffic is not None else 0.0
     step = compute + memory_bound + optimizer + exposed(comm, compute + memory_bound)
-    input_bytes = sample_bytes(spec.data) * batches.micro_batch_size
+    input_bytes = sample_bytes(data) * batches.micro_batch_size
     estimate = _throughput(
-        spec,
+        training.world_size,
         batches,
         epochs,
         step,
@@ -497,8 +503,7 @@ def estimate_throughput(
     )
 
 
-def suggestions_for(spec: PlanSpec) -> list[str]:
-    training = spec.training
+def suggestions_for(training: TrainingSpec) -> list[str]:
     out = []
     if training.precision == "fp32":
         out.append(
@@ -561,5 +566,5 @@ def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> Plan
             )
         ]
         + [PlanWarning(code="model_adapted", message=n) for n in notes],
-        suggestions=suggestions_for(spec),
+        suggestions=suggestions_for(spec.training),
     )

@@ -200,6 +200,9 @@ def _sign_in(page: Page, server: Server, key: str | None = None, then: str = "/"
     page.fill("#key", key)
     page.click("form[action='/sign-in'] button")
     expect(page).to_have_url(f"{server.base}{then}")
+    # the URL changes when the navigation commits; the page's script runs later (CI once typed
+    # into the editor before the script loaded its default example over the text)
+    page.wait_for_load_state("load")
     return key
 
 

@@ -166,5 +166,8 @@
   editor.addEventListener("keydown", (event) => {
     if ((event.ctrlKey || event.metaKey) && event.key === "Enter") { event.preventDefault(); submit(); }
   });
-  load(Object.keys(examples)[1] || Object.keys(examples)[0]);
+  // The default example only where nothing was typed yet (a fast typist, or the browser
+  // restoring the field, must not lose their text to it).
+  if (!editor.value.trim()) load(Object.keys(examples)[1] || Object.keys(examples)[0]);
+  else paintGutter();
 })();

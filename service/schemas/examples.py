@@ -253,39 +253,22 @@ TINY_LLAMA: dict[str, Any] = {
     "max_position_embeddings": 256,
 }
 
-# A three-layer MLP (512 -> 1024 -> 1024 -> 10) of the `layers` source.
-MLP_MODEL: dict[str, Any] = {
-    "source": "layers",
-    "layers": [
-        {"type": "Linear", "out_features": 1024},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 1024},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 10},
-    ],
-}
 
+def mlp_model(*widths: int) -> dict[str, Any]:
+    """A `layers` MLP: a Linear of each width, ReLU between them (the input width is inferred)."""
+    layers: list[dict[str, Any]] = []
+    for i, width in enumerate(widths):
+        layers += [{"type": "ReLU"}] if i else []
+        layers.append({"type": "Linear", "out_features": width})
+    return {"source": "layers", "layers": layers}
+
+
+# 512 -> 1024 -> 1024 -> 10 (the input width comes from the data).
+MLP_MODEL: dict[str, Any] = mlp_model(1024, 1024, 10)
 # The same shape, 4096 wide: the search bench's large-answer MLP.
-WIDE_MLP_MODEL: dict[str, Any] = {
-    "source": "layers",
-    "layers": [
-        {"type": "Linear", "out_features": 4096},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 4096},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 10},
-    ],
-}
-
-# A 16 -> 32 -> 4 MLP: plans in milliseconds (the recipe and planner tests).
-TINY_MLP_MODEL: dict[str, Any] = {
-    "source": "layers",
-    "layers": [
-        {"type": "Linear", "out_features": 32},
-        {"type": "ReLU"},
-        {"type": "Linear", "out_features": 4},
-    ],
-}
+WIDE_MLP_MODEL: dict[str, Any] = mlp_model(4096, 4096, 10)
+# 16 -> 32 -> 4: plans in milliseconds (the recipe and planner tests).
+TINY_MLP_MODEL: dict[str, Any] = mlp_model(32, 4)
 
 # A small grayscale CNN (28x28, 10 classes) without the grayscale example's pooling head.
 GRAY_CNN_MODEL: dict[str, Any] = {

@@ -36,8 +36,9 @@ from service.schemas.examples import GRAY_CNN_MODEL as GRAY_CNN
 from service.schemas.examples import MLP_MODEL as MLP
 from service.schemas.result import MemoryCategory
 from service.schemas.spec import PlanSpec
+from workers import engine
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device, open_session
-from workers.engine.profile import run_plan
 
 MIB = 1 << 20
 
@@ -163,16 +164,16 @@ def zoo_rows() -> list[dict[str, Any]]:
     for name, case in ZOO.items():
         sim_spec = spec_of(case, {"kind": "simulated", "memory_gib": 64})
         cpu_spec = spec_of(case, {"kind": "cpu", "memory_gib": 16})
-        sim_dev, cpu_dev = open_device(sim_spec), open_device(cpu_spec)
+        sim_dev, cpu_dev = open_device(compile_job(sim_spec)), open_device(compile_job(cpu_spec))
         fake: dict[int, tuple[Any, int, float]] = {}
-        with open_session(sim_dev, sim_spec) as sim:  # fake tensors
+        with open_session(sim_dev, compile_job(sim_spec)) as sim:  # fake tensors
             # MemTracker sees tensors only: leave out the modelled cuDNN workspaces, which
             # would move the moment of the peak
             sim.tracker.workspace = None  # type: ignore[attr-defined]
             for batch in BATCHES:
                 ours = sim.probe(batch)
                 fake[batch] = (ours, *memtracker_peak(sim.job, batch))
-        with open_session(cpu_dev, cpu_spec) as cpu:  # real tensors
+        with open_session(cpu_dev, compile_job(cpu_spec)) as cpu:  # real tensors
             for batch in BATCHES:
                 real = cpu.probe(batch)
                 prof = profiler_peak(cpu.job, batch)
@@ -230,11 +231,12 @@ def llama_rows(repeat: int) -> list[dict[str, Any]]:
         walls, result = [], None
         for _ in range(repeat):
             start = time.perf_counter()
-            result = run_plan(spec)
+            result = engine.plan(spec)
             walls.append(time.perf_counter() - start)
         assert result is not None
-        device = open_device(spec)
-        with open_session(device, spec) as session:
+        job = compile_job(spec)
+        device = open_device(job)
+        with open_session(device, job) as session:
             ours = session.probe(1)
             theirs, mt_s = memtracker_peak(session.job, 1)
         row = {
@@ -274,12 +276,12 @@ def cuda_rows(memory_gib: float) -> list[dict[str, Any]]:
         peaks: dict[str, dict[int, int]] = {}
         reserved: dict[str, dict[int, int]] = {}
         for label, spec in (("cuda", real_spec), ("sim", sim_spec)):
-            device = open_device(spec)
-            with open_session(device, spec) as session:
+            device = open_device(compile_job(spec))
+            with open_session(device, compile_job(spec)) as session:
                 outcomes = {b: session.probe(b) for b in BATCHES}
             peaks[label] = {b: allocated_and_reserved(o)[0] for b, o in outcomes.items()}
             reserved[label] = {b: allocated_and_reserved(o)[1] for b, o in outcomes.items()}
-        real_plan, sim_plan = run_plan(real_spec), run_plan(sim_spec)
+        real_plan, sim_plan = engine.plan(real_spec), engine.plan(sim_spec)
         row = {
             "case": name,
             "memory_gib": memory_gib,

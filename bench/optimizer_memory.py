@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.machine import header
 from service.schemas.spec import PlanSpec
-from workers.engine.profile import run_plan
+from workers import engine
 
 GIB = 2**30
 CASES: dict[str, dict[str, Any]] = {
@@ -55,7 +55,7 @@ def main() -> None:
     rows = []
     for key in args.cases.split(","):
         start = time.perf_counter()
-        result = run_plan(spec(CASES[key]))
+        result = engine.plan(spec(CASES[key]))
         wall = time.perf_counter() - start
         memory = result.memory
         rows.append(

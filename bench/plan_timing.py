@@ -17,7 +17,7 @@ from typing import Any
 from bench.machine import header
 from service.schemas.examples import RESNET50_A100, SMALL_GRAYSCALE_CNN
 from service.schemas.spec import PlanSpec
-from workers.engine.profile import run_plan
+from workers import engine
 
 CASES: dict[str, dict[str, Any]] = {
     "resnet50 224x224 bf16-mixed A100-80GB": RESNET50_A100,
@@ -40,7 +40,7 @@ def main() -> None:
         times, result = [], None
         for _ in range(args.repeat):
             start = time.perf_counter()
-            result = run_plan(spec)
+            result = engine.plan(spec)
             times.append(time.perf_counter() - start)
         assert result is not None
         search = [t for t in result.trials if t.phase == "search"]

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from service.schemas.spec import PlanSpec
+from workers import engine
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device, open_session
-from workers.engine.profile import run_plan
 from workers.engine.roofline import EFFICIENCY, StepCost
 
 MIB = 1 << 20
@@ -78,8 +79,9 @@ def verdict(answer: int, bracket: dict[str, Any] | None) -> str:
 
 
 def probe_at(spec: PlanSpec, batch: int) -> tuple[Any, StepCost | None]:
-    device = open_device(spec)
-    with open_session(device, spec) as session:
+    job = compile_job(spec)
+    device = open_device(job)
+    with open_session(device, job) as session:
         return session.probe(batch), session.step_cost(batch)
 
 
@@ -87,8 +89,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     measured = case["measured"]
     start = time.perf_counter()
     spec0 = case_spec(case, headroom=0.0)
-    plan0 = run_plan(spec0)
-    plan_default = run_plan(case_spec(case, headroom=0.05))
+    plan0 = engine.plan(spec0)
+    plan_default = engine.plan(case_spec(case, headroom=0.05))
     row: dict[str, Any] = {
         "id": case["id"],
         "stack": stack_of(case),

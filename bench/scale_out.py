@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.machine import header
 from service.schemas.spec import PlanSpec
-from workers.engine.profile import run_plan
+from workers import engine
 
 LLAMA_8B = {"source": "transformers", "preset": "llama-3-8b"}
 DATA = {"kind": "tokens", "seq_len": 2048, "num_samples": 100_000}
@@ -68,7 +68,7 @@ def main() -> None:
         name, body = CASES[key]
         spec = PlanSpec.model_validate(body or full_fine_tune(key))
         start = time.perf_counter()
-        result = run_plan(spec)
+        result = engine.plan(spec)
         wall = time.perf_counter() - start
         search = [t for t in result.trials if t.phase == "search"]
         rows.append(

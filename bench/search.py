@@ -41,6 +41,8 @@ from service.schemas.examples import GRAY_CNN_MODEL as GRAY_CNN
 from service.schemas.examples import MLP_MODEL as SMALL_MLP
 from service.schemas.examples import WIDE_MLP_MODEL as MLP
 from service.schemas.spec import PlanSpec
+from workers import engine
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device, open_session
 from workers.engine.search import find_max_batch
 
@@ -126,7 +128,7 @@ class Oracle:
 
     def __init__(self, spec: PlanSpec) -> None:
         self.spec = spec
-        self.device = open_device(spec)
+        self.device = open_device(compile_job(spec))
         self.calls: list[tuple[int, bool]] = []
         self.requests: queue.Queue[int | None] = queue.Queue()
         self.answers: queue.Queue[Any] = queue.Queue()
@@ -134,7 +136,7 @@ class Oracle:
         self.session: Any = None
 
     def _serve(self) -> None:
-        with open_session(self.device, self.spec) as session:
+        with open_session(self.device, compile_job(self.spec)) as session:
             self.session = session
             self.answers.put(session.limit_bytes)
             while (batch := self.requests.get()) is not None:
@@ -300,7 +302,6 @@ CPU_ZOO: dict[str, dict[str, Any]] = {
 def cpu_rows(budget_gib: float) -> list[dict[str, Any]]:
     """The seeded search on the real `cpu` device against the blind one: real trials (search
     probes only), the answer, and exactness checked by fresh real probes."""
-    from workers.engine.profile import run_plan
 
     rows = []
     for name, case in CPU_ZOO.items():
@@ -321,7 +322,7 @@ def cpu_rows(budget_gib: float) -> list[dict[str, Any]]:
                 }
             )
             start = time.perf_counter()
-            result = run_plan(spec)
+            result = engine.plan(spec)
             wall = time.perf_counter() - start
             label = "seeded" if seeded else "blind"
             row[f"{label}_max"] = result.max_micro_batch_size
@@ -332,8 +333,8 @@ def cpu_rows(budget_gib: float) -> list[dict[str, Any]]:
                 row["simulated_trials"] = result.prediction.simulated_trials
                 row["simulated_wall_s"] = result.prediction.simulated_wall_s
                 answer = result.max_micro_batch_size
-                device = open_device(spec)
-                with open_session(device, spec) as session:
+                device = open_device(compile_job(spec))
+                with open_session(device, compile_job(spec)) as session:
                     row["exact"] = session.probe(answer).fits and not session.probe(answer + 1).fits
         rows.append(row)
         print(

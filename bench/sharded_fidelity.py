@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.machine import header
 from service.schemas.spec import PlanSpec
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device, open_session
 from workers.engine.models import build_model
 
@@ -45,8 +46,9 @@ def spec_for(strategy: str, world: int, preset: str, seq: int) -> PlanSpec:
 def against_fsdp_mem_tracker(spec: PlanSpec, batch: int) -> dict[str, Any]:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    device = open_device(spec)
-    with open_session(device, spec) as session:
+    job = compile_job(spec)
+    device = open_device(job)
+    with open_session(device, job) as session:
         session.probe(batch)  # steady state
         job, tracker = session.job, session.tracker
         assert job is not None
@@ -69,7 +71,7 @@ def against_deepspeed(spec: PlanSpec, batch: int, stage: int) -> dict[str, Any]:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     world = spec.training.world_size
-    built = build_model(spec)
+    built = build_model(spec.model, spec.data, spec.training.peft)
     total = sum(p.numel() for p in built.module.parameters())
     largest = max(  # the largest single layer (DeepSpeed gathers one at a time)
         sum(p.numel() for p in m.parameters(recurse=False)) for m in built.module.modules()
@@ -81,8 +83,8 @@ def against_deepspeed(spec: PlanSpec, batch: int, stage: int) -> dict[str, Any]:
         _, ds, _ = estimate_zero3_model_states_mem_needs(
             total, largest, per_node, nodes, cpu_offload=False, cpu_offload_params=False
         )
-    device = open_device(spec)
-    with open_session(device, spec, built) as session:
+    device = open_device(compile_job(spec))
+    with open_session(device, compile_job(spec), built) as session:
         parts = session.probe(batch).breakdown
     states = sum(
         parts[k]

@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.client import TrainplanClient, TrainplanError
+from service.config import get_settings
+from service.core.principal import SCOPES
 from service.schemas.plan import PlanStatus
+from service.schemas.problem import problem
+from service.schemas.result import MemoryBreakdown
+from service.schemas.spec import PlanSpec
+from service.store import keys
+from service.store.db import (
+    current_revision,
+    head_revision,
+    make_engine,
+    make_session_factory,
+    upgrade,
+)
+
+# Imported where a command needs them, not here: the engine and the worker loop load torch
+# (1-3 s), the web app loads FastAPI and every route; `trainplan --help`, `keys` and `db` need
+# neither.
 
 app = typer.Typer(
     help="Plan PyTorch training jobs: max micro-batch, accumulation, LR, memory.",
@@ -40,12 +64,8 @@ def serve(
 
     The composition root: the API (service.api) and the worker loop (workers.loop) know nothing
     of each other; they meet here, over the store."""
-    import os
-
-    from service.api.serving import serve_processes
-    from service.config import get_settings
-    from service.store.db import make_engine, make_session_factory, upgrade
-    from workers.loop import start_threads
+    from service.api.serving import serve_processes  # the web app: only `serve` needs it
+    from workers.loop import start_threads  # torch
 
     settings = get_settings()
     host, port = host or settings.host, port or settings.port
@@ -57,7 +77,7 @@ def serve(
     threads = start_threads(settings, make_session_factory(engine), stop) if embedded else []
     try:
         if settings.api_workers == 1:
-            import uvicorn
+            import uvicorn  # the web app: only `serve` needs it
 
             from service.api.app import create_app
 
@@ -78,11 +98,7 @@ def worker_cmd(
     migrate: Annotated[bool, typer.Option(help="Upgrade the store first.")] = False,
 ) -> None:
     """A standalone worker for a shared store (many GPU nodes on one PostgreSQL)."""
-    import signal
-
-    from service.config import get_settings
-    from service.store.db import make_engine, make_session_factory, upgrade
-    from workers.loop import PlanWorker
+    from workers.loop import PlanWorker  # torch
 
     settings = get_settings()
     if migrate:
@@ -110,9 +126,6 @@ def worker_health(
     """Exit 0 if this host's worker beat recently: a container health check. The worker touches
     TRAINPLAN_HEARTBEAT_FILE after each heartbeat the store accepted, so a stuck worker or one
     cut off from the store turns unhealthy."""
-    import time
-
-    from service.config import get_settings
 
     settings = get_settings()
     if settings.heartbeat_file is None:
@@ -133,8 +146,6 @@ def worker_health(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply all migrations to TRAINPLAN_DATABASE_URL."""
-    from service.config import get_settings
-    from service.store.db import upgrade
 
     upgrade(get_settings().database_url)
     err.print("database is at the latest revision")
@@ -143,8 +154,6 @@ def db_upgrade() -> None:
 @db_app.command("current")
 def db_current() -> None:
     """Print the store's revision and the newest one this package knows; exit 1 if behind."""
-    from service.config import get_settings
-    from service.store.db import current_revision, head_revision
 
     current, head = current_revision(get_settings().database_url), head_revision()
     print(f"current {current or 'none'}, head {head}")
@@ -152,9 +161,7 @@ def db_current() -> None:
         raise typer.Exit(1)
 
 
-def _store() -> Any:
-    from service.config import get_settings
-    from service.store.db import make_engine, make_session_factory, upgrade
+def _store() -> sessionmaker[Session]:
 
     url = get_settings().database_url
     upgrade(url)
@@ -169,9 +176,6 @@ def keys_create(
     ),
 ) -> None:
     """Create a key and print it once: only its hash is stored."""
-    from service.core.principal import SCOPES
-    from service.store import keys
-
     scopes = sorted({s.strip() for s in scope.split(",") if s.strip()})
     unknown = set(scopes) - set(SCOPES)
     if not scopes or unknown or not tenant.strip() or len(tenant) > 100:
@@ -186,10 +190,6 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
     """The keys (never the secrets): id, prefix, tenant, scopes, created, last used, revoked."""
-    from rich.table import Column
-
-    from service.store import keys
-
     # id and prefix never wrap or shorten: `keys revoke` takes either, copied from here.
     table = Table(
         Column("id", no_wrap=True, min_width=8),
@@ -217,8 +217,6 @@ def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
 @keys_app.command("revoke")
 def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix.")]) -> None:
     """Revoke a key (it stops working within seconds: API processes cache keys for 5 s)."""
-    from service.store import keys
-
     with _store()() as session:
         rows = keys.revoke_key(session, key_id_or_prefix=key)
     if not rows:
@@ -234,7 +232,7 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix.
 @app.command()
 def gpus() -> None:
     """List the GPU catalogue of the simulated device."""
-    from workers import engine
+    from workers import engine  # torch
 
     table = Table("name", "usable GiB", "fp32 TF", "tf32 TF", "fp16 TF", "bf16 TF", "GB/s")
     for g in engine.gpus():
@@ -297,8 +295,6 @@ class CliFailure(Exception):
 
 
 def _failure(code: int, kind: str, title: str, detail: str, **extra: Any) -> CliFailure:
-    from service.schemas.problem import problem
-
     body = problem(kind, title, detail, 0, **extra)
     del body["status"]  # no HTTP status: the exit code says how it failed
     return CliFailure(code, body)
@@ -334,10 +330,7 @@ def _trial_text(trial: dict[str, Any]) -> str:
 
 
 def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
-    from pydantic import ValidationError
-
-    from service.schemas.spec import PlanSpec
-    from workers import engine
+    from workers import engine  # torch
 
     try:
         spec = PlanSpec.model_validate_json(raw)
@@ -378,10 +371,6 @@ def _plan_local(raw: str, quiet: bool) -> dict[str, Any]:
 def _plan_remote(
     raw: str, server: str, token: str | None, refresh: bool, quiet: bool
 ) -> dict[str, Any]:
-    import httpx
-
-    from service.client import TrainplanClient, TrainplanError
-
     try:
         spec = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -451,8 +440,6 @@ def _print_plan(body: dict[str, Any]) -> None:
     memory = result["memory"]
     mem = Table("memory at the chosen micro-batch", "bytes", "share", title=None)
     peak = max(memory["peak"], 1)
-    from service.schemas.result import MemoryBreakdown
-
     for key in MemoryBreakdown.PARTS:
         share = memory[key] / peak
         mem.add_row(key, _gib(memory[key]), f"{'█' * round(share * 20):<20} {share:6.1%}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from copy import deepcopy
 from typing import Any
 
@@ -18,8 +19,10 @@ from torch.utils.data import TensorDataset
 from service.schemas.examples import MLP_MODEL, TINY_LLAMA, TINY_MLP_MODEL
 from service.schemas.spec import PlanSpec
 from service.store import plans
-from workers.engine.devices import open_device, open_session
-from workers.engine.profile import run_plan
+from workers import engine
+from workers.engine.compiled import compile_job
+from workers.engine.devices import ProbeSession, open_device, open_session
+from workers.engine.models import BuiltModel, build_model
 
 __all__ = ["TINY_LLAMA"]  # re-exported: tests import it from here
 
@@ -59,10 +62,20 @@ def mlp_spec(
     }
 
 
+def model_of(spec: PlanSpec) -> BuiltModel:
+    """The spec's model on the meta device, as the engine builds it."""
+    return build_model(spec.model, spec.data, spec.training.peft)
+
+
+def session_of(spec: PlanSpec) -> AbstractContextManager[ProbeSession]:
+    """A probe session of the spec's job on the spec's own device."""
+    job = compile_job(spec)
+    return open_session(open_device(job), job)
+
+
 def probe_fresh(spec: PlanSpec, batches: list[int]) -> dict[int, bool]:
     """Probe batches in a new session, independent of the search that produced the answer."""
-    device = open_device(spec)
-    with open_session(device, spec) as session:
+    with session_of(spec) as session:
         return {b: session.probe(b).fits for b in batches}
 
 
@@ -70,7 +83,7 @@ def assert_exact(spec_dict: dict[str, Any]) -> Any:
     """Plan the spec (without what-ifs) and check the answer with independent fresh probes."""
     spec_dict = spec_dict | {"search": {**spec_dict.get("search", {}), "what_if": False}}
     spec = PlanSpec.model_validate(spec_dict)
-    result = run_plan(spec)
+    result = engine.plan(spec)
     answer = result.max_micro_batch_size
     assert answer >= 1
     checks = probe_fresh(spec, [answer, answer + 1])

@@ -12,32 +12,35 @@ import torch
 
 def prewarm() -> None:
     from service.schemas.spec import PlanSpec
+    from workers.engine.compiled import compile_job
     from workers.engine.devices import open_device, open_session
     from workers.engine.job import compute_loss
 
-    spec = PlanSpec.model_validate(
-        {
-            "model": {
-                "source": "layers",
-                "layers": [
-                    {"type": "Conv2d", "out_channels": 4, "kernel_size": 3},
-                    {"type": "BatchNorm2d"},
-                    {"type": "ReLU"},
-                    {"type": "Flatten"},
-                    {"type": "Linear", "out_features": 2},
-                ],
-            },
-            "data": {"kind": "image", "channels": 1, "height": 8, "width": 8, "num_classes": 2},
-            "training": {"optimizer": "adamw", "precision": "bf16-mixed"},
-            "device": {"kind": "simulated", "memory_gib": 1},
-        }
+    job = compile_job(
+        PlanSpec.model_validate(
+            {
+                "model": {
+                    "source": "layers",
+                    "layers": [
+                        {"type": "Conv2d", "out_channels": 4, "kernel_size": 3},
+                        {"type": "BatchNorm2d"},
+                        {"type": "ReLU"},
+                        {"type": "Flatten"},
+                        {"type": "Linear", "out_features": 2},
+                    ],
+                },
+                "data": {"kind": "image", "channels": 1, "height": 8, "width": 8, "num_classes": 2},
+                "training": {"optimizer": "adamw", "precision": "bf16-mixed"},
+                "device": {"kind": "simulated", "memory_gib": 1},
+            }
+        )
     )
-    with open_session(open_device(spec), spec) as session:
-        job = session.job
-        assert job is not None
-        x, y = job.make_batch(2)
-        with torch.no_grad(), job.autocast():
-            compute_loss(job.model(x), y, job.family)
+    with open_session(open_device(job), job) as session:
+        traced = session.job
+        assert traced is not None
+        x, y = traced.make_batch(2)
+        with torch.no_grad(), traced.autocast():
+            compute_loss(traced.model(x), y, traced.family)
 
 
 with contextlib.suppress(Exception):  # a failed warm-up only costs speed

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.schemas.spec import PlanSpec
 from workers.engine import autocast_policy as ap
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device, open_session, simulated
 
 HEADER = Path(torch.__file__).parent / "include" / "ATen" / "autocast_mode.h"
@@ -163,8 +164,9 @@ def test_simulated_transformer_keeps_fp32_norm_outputs_for_backward(
     )
 
     def activations() -> int:
-        device = open_device(spec)
-        with open_session(device, spec) as session:
+        job = compile_job(spec)
+        device = open_device(job)
+        with open_session(device, job) as session:
             return session.probe(16).breakdown["activations"]
 
     with_cuda_rules = activations()

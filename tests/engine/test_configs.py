@@ -22,9 +22,10 @@ from tests.helpers import (
     run_pytorch_loop,
     tensor_spec,
 )
+from workers import engine
+from workers.engine.compiled import compile_job
 from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.optimizers import TORCH_OPTIMIZERS
-from workers.engine.profile import run_plan
 
 OPTIMIZERS = list(TORCH_OPTIMIZERS)
 PRECISIONS = ["fp32", "tf32", "fp16-mixed", "bf16-mixed", "bf16"]
@@ -33,7 +34,7 @@ PRECISIONS = ["fp32", "tf32", "fp16-mixed", "bf16-mixed", "bf16"]
 @pytest.fixture(scope="module")
 def planned() -> tuple[PlanSpec, Any]:
     spec = tensor_spec()
-    return spec, run_plan(spec)
+    return spec, engine.plan(spec)
 
 
 def numbers(world_size: int = 1) -> PlanNumbers:
@@ -80,7 +81,7 @@ def test_configs_agree_with_the_plan_and_each_other(planned: tuple[PlanSpec, Any
 def test_infeasible_plan_has_no_configs() -> None:
     spec = tensor_spec()
     spec = spec.model_copy(update={"device": spec.device.model_copy(update={"memory_gib": 0.01})})
-    result = run_plan(spec)
+    result = engine.plan(spec)
     assert not result.feasible
     assert result.configs == {}
 
@@ -104,7 +105,7 @@ def test_pytorch_loop_runs_the_plans_steps_with_the_plans_batch(
 @pytest.mark.parametrize("optimizer", ["adamw", "nesterov", "adafactor"])
 def test_pytorch_loop_runs_for_each_precision(precision: str, optimizer: str) -> None:
     spec = tensor_spec(precision=precision, optimizer=optimizer)
-    code = build_configs(spec, numbers())["pytorch"]
+    code = build_configs(compile_job(spec).launch, numbers())["pytorch"]
     scope = run_pytorch_loop(code, 300)
     assert len(scope["steps"]) == 8
     name, _ = TORCH_OPTIMIZERS[optimizer]
@@ -116,7 +117,7 @@ def test_pytorch_loop_runs_for_each_precision(precision: str, optimizer: str) ->
 
 def test_pytorch_loop_for_ddp_and_transformers_compiles() -> None:
     spec = tensor_spec()
-    code = build_configs(spec, numbers(world_size=4))["pytorch"]
+    code = build_configs(compile_job(spec).launch, numbers(world_size=4))["pytorch"]
     compile(code, "<plan>", "exec")
     assert "DistributedSampler" in code and "model.no_sync()" in code
     assert "torchrun --nproc_per_node=4" in code
@@ -127,7 +128,7 @@ def test_pytorch_loop_for_ddp_and_transformers_compiles() -> None:
             "training": {"gradient_checkpointing": True},
         }
     )
-    code = build_configs(hf, numbers())["pytorch"]
+    code = build_configs(compile_job(hf).launch, numbers())["pytorch"]
     compile(code, "<plan>", "exec")
     assert "model(**batch).loss" in code and "gradient_checkpointing_enable()" in code
 
@@ -142,7 +143,9 @@ def test_lightning_trainer_takes_the_plans_steps(planned: tuple[PlanSpec, Any]) 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_lightning_accepts_every_precision(precision: str) -> None:
     pl = pytest.importorskip("lightning.pytorch")
-    cfg = build_configs(tensor_spec(precision=precision), numbers())["lightning"]
+    cfg = build_configs(compile_job(tensor_spec(precision=precision)).launch, numbers())[
+        "lightning"
+    ]
     trainer = pl.Trainer(**cfg["trainer"], accelerator="cpu", logger=False)
     assert trainer.accumulate_grad_batches == 8
     assert trainer.max_steps == 8
@@ -153,7 +156,9 @@ def test_lightning_accepts_every_precision(precision: str) -> None:
 def test_hf_trainer_arguments_are_valid(tmp_path: Any, optimizer: str, precision: str) -> None:
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    cfg = build_configs(tensor_spec(optimizer=optimizer, precision=precision), numbers())
+    cfg = build_configs(
+        compile_job(tensor_spec(optimizer=optimizer, precision=precision)).launch, numbers()
+    )
     hf = dict(cfg["hf_trainer"])
     # TrainingArguments refuses tf32 without an Ampere GPU: check the flag, validate the rest.
     assert hf.pop("tf32", False) == (precision == "tf32")
@@ -189,7 +194,9 @@ def test_deepspeed_config_is_valid(
     monkeypatch: pytest.MonkeyPatch, world: int, optimizer: str, precision: str
 ) -> None:
     config_module = deepspeed_config_module(monkeypatch)
-    cfg = build_configs(tensor_spec(optimizer=optimizer, precision=precision), numbers(world))
+    cfg = build_configs(
+        compile_job(tensor_spec(optimizer=optimizer, precision=precision)).launch, numbers(world)
+    )
     ds = config_module.DeepSpeedConfig(cfg["deepspeed"], mpu=Mpu(world))
     assert ds.train_batch_size == 32 * 8 * world
     assert ds.train_micro_batch_size_per_gpu == 32
@@ -208,6 +215,6 @@ def test_deepspeed_rejects_a_batch_that_does_not_multiply_out(
 ) -> None:
     """The check the config relies on is DeepSpeed's own: proof the validation is live."""
     config_module = deepspeed_config_module(monkeypatch)
-    cfg = build_configs(tensor_spec(), numbers(4))["deepspeed"]
+    cfg = build_configs(compile_job(tensor_spec()).launch, numbers(4))["deepspeed"]
     with pytest.raises(AssertionError, match="train_batch_size"):
         config_module.DeepSpeedConfig(cfg, mpu=Mpu(2))

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from service.schemas.spec import PlanSpec
+from workers import engine
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device
 from workers.engine.devices.cuda import CudaUnavailable
-from workers.engine.profile import run_plan
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -24,7 +25,7 @@ def cuda_spec(small_spec: dict[str, Any], memory_gib: float = 2.0) -> PlanSpec:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_without_a_gpu_is_a_clear_error(small_spec: dict[str, Any]) -> None:
     with pytest.raises(CudaUnavailable, match="no CUDA device"):
-        open_device(cuda_spec(small_spec))
+        open_device(compile_job(cuda_spec(small_spec)))
 
 
 def test_workers_only_claim_cuda_plans_with_a_gpu() -> None:
@@ -37,7 +38,7 @@ def test_workers_only_claim_cuda_plans_with_a_gpu() -> None:
 @needs_gpu
 def test_real_oom_bisection_is_exact(small_spec: dict[str, Any]) -> None:
     spec = cuda_spec(small_spec, 1.5)
-    result = run_plan(spec)
+    result = engine.plan(spec)
     answer = result.max_micro_batch_size
     by_batch = {t.batch_size: t for t in result.trials}
     assert by_batch[answer].fits and not by_batch[answer + 1].fits
@@ -48,6 +49,6 @@ def test_real_oom_bisection_is_exact(small_spec: dict[str, Any]) -> None:
 @pytest.mark.cuda
 @needs_gpu
 def test_memory_cap_is_honoured(small_spec: dict[str, Any]) -> None:
-    small = run_plan(cuda_spec(small_spec, 1.0)).max_micro_batch_size
-    large = run_plan(cuda_spec(small_spec, 2.0)).max_micro_batch_size
+    small = engine.plan(cuda_spec(small_spec, 1.0)).max_micro_batch_size
+    large = engine.plan(cuda_spec(small_spec, 2.0)).max_micro_batch_size
     assert small < large

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 from service.schemas.spec import PlanSpec
-from tests.helpers import assert_exact, mlp_spec
+from tests.helpers import assert_exact, mlp_spec, model_of, session_of
+from workers import engine
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device, open_session
 from workers.engine.errors import SpecError
-from workers.engine.models import build_model
-from workers.engine.profile import run_plan
 
 MIB = 1 << 20
 
@@ -64,8 +64,9 @@ def test_resnet18_is_exact_on_a_small_card() -> None:
 )
 def test_optimizer_state_is_counted_per_parameter(optimizer: str, copies: int) -> None:
     spec = PlanSpec.model_validate(mlp_spec(optimizer))
-    device = open_device(spec)
-    with open_session(device, spec) as session:
+    job = compile_job(spec)
+    device = open_device(job)
+    with open_session(device, job) as session:
         outcome = session.probe(1)  # batch 1: the peak is at the optimizer step
     params = (512 * 1024 + 1024) * 4 + (1024 * 1024 + 1024) * 4 + (1024 * 10 + 10) * 4
     parts = outcome.breakdown
@@ -79,7 +80,7 @@ def test_gradients_exist_at_the_step_and_frozen_parameters_have_none() -> None:
     frozen = PlanSpec.model_validate(mlp_spec("adam", trainable=["0.", "2."]))
     out = {}
     for name, spec in (("full", full), ("frozen", frozen)):
-        with open_session(open_device(spec), spec) as session:
+        with session_of(spec) as session:
             out[name] = session.probe(1).breakdown
     assert out["full"]["gradients"] >= out["full"]["parameters"] - 6 * 512
     last_layer = (1024 * 10 + 10) * 4
@@ -89,7 +90,7 @@ def test_gradients_exist_at_the_step_and_frozen_parameters_have_none() -> None:
 
 def _activations_at(spec_dict: dict[str, Any], batch: int) -> int:
     spec = PlanSpec.model_validate(spec_dict)
-    with open_session(open_device(spec), spec) as session:
+    with session_of(spec) as session:
         return session.probe(batch).breakdown["activations"]
 
 
@@ -124,7 +125,7 @@ def test_cpu_device_is_exact_under_its_budget() -> None:
 
 def test_infeasible_plan_explains_itself() -> None:
     spec = PlanSpec.model_validate(mlp_spec("adam", memory_gib=0.01))
-    result = run_plan(spec)
+    result = engine.plan(spec)
     assert not result.feasible and result.max_micro_batch_size == 0
     assert [t.batch_size for t in result.trials] == [1]
     assert result.memory.peak > result.memory.capacity * 0.99
@@ -135,7 +136,7 @@ def test_infeasible_plan_explains_itself() -> None:
 def test_batchnorm_warning_when_micro_batch_is_small(small_spec: dict[str, Any]) -> None:
     small_spec["data"].update(height=512, width=512)
     small_spec["device"] = {"kind": "simulated", "memory_gib": 1.3}
-    result = run_plan(PlanSpec.model_validate(small_spec))
+    result = engine.plan(PlanSpec.model_validate(small_spec))
     assert 0 < result.micro_batch_size < 16
     codes = [w.code for w in result.warnings]
     assert "batchnorm_small_micro_batch" in codes
@@ -144,21 +145,21 @@ def test_batchnorm_warning_when_micro_batch_is_small(small_spec: dict[str, Any])
 
 def test_global_batch_over_dataset_warns(small_spec: dict[str, Any]) -> None:
     small_spec["data"]["num_samples"] = 100
-    result = run_plan(PlanSpec.model_validate(small_spec))
+    result = engine.plan(PlanSpec.model_validate(small_spec))
     assert "global_batch_exceeds_dataset" in [w.code for w in result.warnings]
 
 
 def test_shape_that_does_not_chain_names_the_layer(small_spec: dict[str, Any]) -> None:
     small_spec["model"]["layers"].insert(8, {"type": "Linear", "in_features": 7, "out_features": 5})
     with pytest.raises(SpecError) as info:
-        build_model(PlanSpec.model_validate(small_spec))
+        model_of(PlanSpec.model_validate(small_spec))
     assert info.value.loc == ("model", "layers", 8)
 
 
 def test_head_must_match_the_classes(small_spec: dict[str, Any]) -> None:
     small_spec["model"]["layers"][-1]["out_features"] = 7
     with pytest.raises(SpecError, match="num_classes=10"):
-        build_model(PlanSpec.model_validate(small_spec))
+        model_of(PlanSpec.model_validate(small_spec))
 
 
 def test_sequence_layers_and_regression() -> None:
@@ -185,7 +186,7 @@ def test_unsupported_torchvision_family_is_a_clear_error() -> None:
         "data": {"kind": "image", "channels": 3, "height": 64, "width": 64, "num_classes": 3},
     }
     with pytest.raises(SpecError, match="detection"):
-        build_model(PlanSpec.model_validate(spec))
+        model_of(PlanSpec.model_validate(spec))
 
 
 def test_every_torchvision_name_builds_or_is_refused_clearly() -> None:
@@ -205,10 +206,10 @@ def test_every_torchvision_name_builds_or_is_refused_clearly() -> None:
             }
         )
         if family in SUPPORTED_FAMILIES:
-            assert build_model(spec).module is not None, name
+            assert model_of(spec).module is not None, name
         else:
             with pytest.raises(SpecError):
-                build_model(spec)
+                model_of(spec)
 
 
 def test_grayscale_torchvision_adapts_the_stem() -> None:
@@ -217,7 +218,7 @@ def test_grayscale_torchvision_adapts_the_stem() -> None:
         "data": {"kind": "image", "channels": 1, "height": 32, "width": 32, "num_classes": 10},
         "device": {"kind": "simulated", "memory_gib": 1},
     }
-    built = build_model(PlanSpec.model_validate(spec))
+    built = model_of(PlanSpec.model_validate(spec))
     assert built.module.conv1.in_channels == 1 and built.notes
 
 
@@ -232,7 +233,7 @@ def test_exact_on_catalogue_cards(small_spec: dict[str, Any], gpu: str) -> None:
 
 def test_adafactor_keeps_factored_state() -> None:
     spec = PlanSpec.model_validate(mlp_spec("adafactor"))
-    with open_session(open_device(spec), spec) as session:
+    with session_of(spec) as session:
         parts = session.probe(1).breakdown
     # rows + columns per matrix, far below one full copy of the parameters
     assert 0 < parts["optimizer_state"] < parts["parameters"] / 10
@@ -270,7 +271,7 @@ def test_local_cli_names_the_bad_field(small_spec: dict[str, Any], tmp_path: Any
 def test_simulated_throughput_counts_the_flops() -> None:
     """Forward 2 FLOPs per weight per sample, backward 4 (2 for the input of the first layer
     are skipped: the data needs no gradient)."""
-    result = run_plan(PlanSpec.model_validate(mlp_spec("adam", memory_gib=1.0)))
+    result = engine.plan(PlanSpec.model_validate(mlp_spec("adam", memory_gib=1.0)))
     throughput = result.throughput
     assert throughput is not None and not throughput.measured
     w1, w2, w3 = 512 * 1024, 1024 * 1024, 1024 * 10

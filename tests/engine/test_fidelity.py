@@ -12,10 +12,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from service.schemas.spec import PlanSpec
+from tests.helpers import session_of
+from workers import engine
 from workers.engine.catalogue import GIB, GPU_CATALOGUE, MIB
-from workers.engine.devices import open_device, open_session
+from workers.engine.compiled import compile_job
+from workers.engine.devices import open_device
 from workers.engine.errors import SpecError
-from workers.engine.profile import run_plan
 from workers.engine.roofline import Roofline, StepCostMode
 from workers.engine.runtime import (
     CONTEXT_EAGER,
@@ -80,7 +82,7 @@ def test_breakdown_names_allocated_reserved_and_fixed_costs() -> None:
     spec = cnn_spec()
     spec["training"]["world_size"] = 2
     spec["training"]["global_batch_size"] = 512
-    result = run_plan(PlanSpec.model_validate(spec))
+    result = engine.plan(PlanSpec.model_validate(spec))
     m = result.memory
     parts = sum(getattr(m, part) for part in m.PARTS)  # DDP's buckets count too
     assert parts == m.peak and m.communication > 0
@@ -93,7 +95,7 @@ def test_breakdown_names_allocated_reserved_and_fixed_costs() -> None:
 
 def test_answer_plus_one_fails_on_reserved_memory() -> None:
     spec = PlanSpec.model_validate(cnn_spec(memory_gib=4))
-    result = run_plan(spec)
+    result = engine.plan(spec)
     by_batch = {t.batch_size: t for t in result.trials}
     answer = result.max_micro_batch_size
     assert by_batch[answer].fits and not by_batch[answer + 1].fits
@@ -102,8 +104,8 @@ def test_answer_plus_one_fails_on_reserved_memory() -> None:
 
 def test_legacy_stack_plans_a_smaller_batch() -> None:
     """torch 1.12: eager context loading and gradients kept by zero_grad(): less room."""
-    current = run_plan(PlanSpec.model_validate(cnn_spec(memory_gib=4))).max_micro_batch_size
-    legacy = run_plan(
+    current = engine.plan(PlanSpec.model_validate(cnn_spec(memory_gib=4))).max_micro_batch_size
+    legacy = engine.plan(
         PlanSpec.model_validate(cnn_spec(memory_gib=4, runtime={"torch": "1.12", "cuda": "11.3"}))
     ).max_micro_batch_size
     assert legacy < current
@@ -112,8 +114,8 @@ def test_legacy_stack_plans_a_smaller_batch() -> None:
 def test_expandable_segments_plan_close_to_plain_segments() -> None:
     """Large activations get segments of their own size either way; expandable segments round
     growth to 20 MiB pages, so the answers differ by a few samples (unit tests: allocator)."""
-    plain = run_plan(PlanSpec.model_validate(cnn_spec(memory_gib=4))).max_micro_batch_size
-    expandable = run_plan(
+    plain = engine.plan(PlanSpec.model_validate(cnn_spec(memory_gib=4))).max_micro_batch_size
+    expandable = engine.plan(
         PlanSpec.model_validate(cnn_spec(memory_gib=4, allocator={"expandable_segments": True}))
     ).max_micro_batch_size
     assert plain < 4096 and abs(expandable - plain) <= 0.02 * plain
@@ -126,7 +128,7 @@ def test_channels_last_avoids_the_cudnn_transform_workspace() -> None:
     nhwc = PlanSpec.model_validate(nhwc_spec)
     workspaces = []
     for spec in (nchw, nhwc):
-        with open_session(open_device(spec), spec) as session:
+        with session_of(spec) as session:
             workspaces.append(session.probe(64).breakdown["workspace"])
     assert workspaces[0] > workspaces[1]
 
@@ -167,7 +169,7 @@ def test_math_modes_follow_pytorch_defaults() -> None:
 
 
 def test_estimated_throughput_is_split_banded_and_not_measured() -> None:
-    result = run_plan(PlanSpec.model_validate(cnn_spec()))
+    result = engine.plan(PlanSpec.model_validate(cnn_spec()))
     t = result.throughput
     assert t is not None and not t.measured and t.split is not None
     assert t.step_time_s == pytest.approx(
@@ -183,7 +185,7 @@ def test_tf32_on_a_card_without_it_names_the_field() -> None:
     spec["device"]["gpu"] = "V100-16GB"
     spec["training"]["precision"] = "tf32"
     with pytest.raises(SpecError) as info:
-        open_device(PlanSpec.model_validate(spec))
+        open_device(compile_job(PlanSpec.model_validate(spec)))
     assert info.value.loc == ("training", "precision")
 
 
@@ -192,8 +194,8 @@ def test_tf32_plans_like_fp32_in_memory() -> None:
     fp32["training"]["precision"] = "fp32"
     tf32 = cnn_spec()
     tf32["training"]["precision"] = "tf32"
-    a = run_plan(PlanSpec.model_validate(fp32))
-    b = run_plan(PlanSpec.model_validate(tf32))
+    a = engine.plan(PlanSpec.model_validate(fp32))
+    b = engine.plan(PlanSpec.model_validate(tf32))
     assert a.max_micro_batch_size == b.max_micro_batch_size
     assert a.throughput and b.throughput
     assert b.throughput.samples_per_second >= a.throughput.samples_per_second
@@ -201,7 +203,7 @@ def test_tf32_plans_like_fp32_in_memory() -> None:
 
 def test_memory_cap_on_a_catalogued_card_keeps_its_compute() -> None:
     spec = PlanSpec.model_validate(cnn_spec(memory_gib=8))
-    device = open_device(spec)
+    device = open_device(compile_job(spec))
     assert device.memory_bytes == 8 * GIB
     assert device.name == "RTX-3090@8GiB" and device.supports_tf32
     assert device.overhead_bytes > 200 * MIB

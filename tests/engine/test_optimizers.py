@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from service.schemas.spec import PlanSpec
-from tests.helpers import mlp_spec, run_pytorch_loop, tensor_spec
+from tests.helpers import mlp_spec, run_pytorch_loop, session_of, tensor_spec
+from workers import engine
+from workers.engine.compiled import compile_job
 from workers.engine.configs import PlanNumbers, build_configs
-from workers.engine.devices import open_device, open_session
 from workers.engine.optimizers import PAGED_MIN_ELEMENTS, choose
-from workers.engine.profile import run_plan
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -41,7 +41,7 @@ def breakdown(impl: str | None, optimizer: str = "adamw", batch: int = 1) -> dic
         mlp_spec(optimizer, memory_gib=4, optimizer_impl=impl)
         | {"search": {"what_if": False, "max_batch_size": 64}}
     )
-    with open_session(open_device(spec), spec) as session:
+    with session_of(spec) as session:
         outcome = session.probe(batch)
     assert outcome.allocated_bytes is not None
     return outcome.breakdown | {"allocated": outcome.allocated_bytes}
@@ -85,7 +85,7 @@ def test_lion_keeps_one_state_and_its_8bit_form_a_quarter_of_it() -> None:
 def test_paged_states_are_host_backed_not_device_memory() -> None:
     plain, paged = breakdown(None, "adamw_8bit"), breakdown(None, "paged_adamw_8bit")
     spec = PlanSpec.model_validate(mlp_spec("paged_adamw_8bit", memory_gib=4))
-    result = run_plan(
+    result = engine.plan(
         spec.model_copy(update={"search": spec.search.model_copy(update={"what_if": False})})
     )
     # bitsandbytes pages the uint8 states of parameters of 100,000 elements or more
@@ -161,7 +161,7 @@ def test_hf_trainer_builds_the_traced_implementation(
 ) -> None:
     transformers = pytest.importorskip("transformers")
     spec = tensor_spec(optimizer=optimizer, optimizer_impl=impl)
-    hf = build_configs(spec, numbers())["hf_trainer"]
+    hf = build_configs(compile_job(spec).launch, numbers())["hf_trainer"]
     assert hf["optim"] == HF_OPTIM[optimizer, impl][0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -185,7 +185,7 @@ def test_hf_trainer_builds_the_traced_implementation(
 def test_pytorch_loop_and_lightning_name_the_same_class(optimizer: str, impl: str | None) -> None:
     spec = tensor_spec(optimizer=optimizer, optimizer_impl=impl)
     choice = choose(spec.training)
-    configs = build_configs(spec, numbers())
+    configs = build_configs(compile_job(spec).launch, numbers())
     assert f"optimizer = {choice.path}(" in configs["pytorch"]
     assert configs["lightning"]["optimizer"] == choice.path
     module, cls = choice.path.rsplit(".", 1)
@@ -202,7 +202,7 @@ def test_what_if_shows_what_fused_and_8bit_buy() -> None:
     spec["model"]["layers"][0]["out_features"] = spec["model"]["layers"][2]["out_features"] = 4096
     spec["data"]["shape"] = [4096]
     spec["search"] = {"headroom": 0.0, "max_batch_size": 1 << 14, "what_if": True}
-    result = run_plan(PlanSpec.model_validate(spec))
+    result = engine.plan(PlanSpec.model_validate(spec))
     offered = {w.value: w for w in result.what_if if w.change in ("optimizer_impl", "optimizer")}
     assert set(offered) == {"fused", "adamw_8bit"}  # foreach's temporaries tip it over
     assert offered["adamw_8bit"].max_micro_batch_size > offered["fused"].max_micro_batch_size
@@ -215,6 +215,6 @@ def test_what_if_shows_what_fused_and_8bit_buy() -> None:
 )
 def test_pytorch_loop_runs_with_the_implementation(optimizer: str, impl: str | None) -> None:
     spec = tensor_spec(optimizer=optimizer, optimizer_impl=impl)
-    scope = run_pytorch_loop(build_configs(spec, numbers())["pytorch"], 300)
+    scope = run_pytorch_loop(build_configs(compile_job(spec).launch, numbers())["pytorch"], 300)
     assert len(scope["steps"]) == 8
     assert type(scope["optimizer"]).__name__ == choose(spec.training).cls

@@ -22,13 +22,13 @@ from pydantic import ValidationError
 from service.api.app import create_app
 from service.config import Settings
 from service.schemas.spec import PlanSpec
-from tests.helpers import Mpu, deepspeed_config_module, tensor_spec
+from tests.helpers import Mpu, deepspeed_config_module, model_of, tensor_spec
+from workers import engine
 from workers.engine.catalogue import GPU_CATALOGUE
 from workers.engine.communication import ring, step_traffic
+from workers.engine.compiled import compile_job
 from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.devices import open_device, open_session
-from workers.engine.models import build_model
-from workers.engine.profile import run_plan
 from workers.engine.scale_out import world_sizes
 
 LLAMA = {
@@ -74,13 +74,14 @@ def llama_spec(memory_gib: float = 2.0, model: Any = LLAMA, **training: Any) -> 
 
 def probe(spec: PlanSpec, batch: int = 1) -> tuple[Any, Any]:
     """(outcome, job) of one traced step."""
-    device = open_device(spec)
-    with open_session(device, spec) as session:
+    job = compile_job(spec)
+    device = open_device(job)
+    with open_session(device, job) as session:
         return session.probe(batch), session.job
 
 
 def parameter_bytes(spec: PlanSpec) -> int:
-    return sum(p.numel() * 4 for p in build_model(spec).module.parameters())
+    return sum(p.numel() * 4 for p in model_of(spec).module.parameters())
 
 
 # -- the spec ------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_lora_keeps_gradients_and_state_for_the_adapters_only() -> None:
 # -- exact answers, fewest GPUs, time ------------------------------------------------------
 def test_sharded_plan_is_exact_per_rank() -> None:
     spec = llama_spec(memory_gib=1.5, parallelism={"strategy": "fsdp", "world_size": 4})
-    result = run_plan(spec)
+    result = engine.plan(spec)
     assert result.feasible and result.strategy == "fsdp" and result.world_size == 4
     best = result.max_micro_batch_size
     fits = {t.batch_size: t.fits for t in result.trials}
@@ -241,7 +242,7 @@ def test_sharded_plan_is_exact_per_rank() -> None:
 def test_auto_world_size_answers_the_fewest_gpus() -> None:
     # 1.6 GiB: rank memory is 1.77 GiB on one card, 1.54 on 4, 1.46 on 8 (limit 1.52)
     spec = llama_spec(1.6, WIDER, parallelism={"strategy": "fsdp", "world_size": "auto"})
-    result = run_plan(spec)
+    result = engine.plan(spec)
     (answer,) = result.scale_out
     fewest = answer.world_size
     assert fewest is not None and fewest > 1 and result.world_size == fewest
@@ -284,7 +285,7 @@ def test_deepspeed_and_accelerate_configs(
     monkeypatch: pytest.MonkeyPatch, strategy: str, stage: int
 ) -> None:
     config_module = deepspeed_config_module(monkeypatch)
-    cfg = build_configs(tiny_spec(strategy=strategy), NUMBERS)
+    cfg = build_configs(compile_job(tiny_spec(strategy=strategy)).launch, NUMBERS)
     assert cfg["deepspeed"]["zero_optimization"]["stage"] == stage
     ds = config_module.DeepSpeedConfig(cfg["deepspeed"], mpu=Mpu(2))
     assert ds.zero_optimization_stage == stage
@@ -303,7 +304,7 @@ def test_accelerate_and_lightning_take_the_strategy(strategy: str) -> None:
     parallelism: dict[str, Any] = {"strategy": strategy}
     if strategy == "hybrid_shard":
         parallelism["gpus_per_node"] = 1
-    cfg = build_configs(tiny_spec(**parallelism), NUMBERS)
+    cfg = build_configs(compile_job(tiny_spec(**parallelism)).launch, NUMBERS)
     cluster = ClusterConfig(**cfg["accelerate"])  # accelerate's own config class
     assert cluster.num_processes == 2
     expected = {"ddp": "MULTI_GPU", "zero1": "DEEPSPEED"}.get(strategy, "FSDP")
@@ -327,7 +328,7 @@ def test_accelerate_and_lightning_take_the_strategy(strategy: str) -> None:
 def test_hf_trainer_fsdp_arguments_are_accepted(tmp_path: Path) -> None:
     from transformers import TrainingArguments
 
-    cfg = build_configs(tiny_spec(strategy="fsdp", cpu_offload=True), NUMBERS)
+    cfg = build_configs(compile_job(tiny_spec(strategy="fsdp", cpu_offload=True)).launch, NUMBERS)
     args = cfg["hf_trainer"]
     assert args["fsdp"] == "full_shard auto_wrap offload"
     parsed = TrainingArguments(output_dir=str(tmp_path), **args)
@@ -339,7 +340,7 @@ def test_peft_settings_build_the_libraries_configs() -> None:
     from transformers import BitsAndBytesConfig
 
     spec = llama_spec(peft={"method": "qlora", "r": 8, "target_modules": ["q_proj", "v_proj"]})
-    settings = build_configs(spec, NUMBERS)["peft"]
+    settings = build_configs(compile_job(spec).launch, NUMBERS)["peft"]
     lora = LoraConfig(**settings["lora_config"])
     assert lora.r == 8 and set(lora.target_modules) == {"q_proj", "v_proj"}
     bnb = settings["bnb_config"]
@@ -371,7 +372,7 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1"])
 def test_rendered_loop_runs_at_world_size_two_on_gloo(strategy: str, tmp_path: Path) -> None:
     """The generated loop, run by torchrun with two CPU ranks, ends at the plan's steps."""
-    code = build_configs(tiny_spec(strategy=strategy), NUMBERS)["pytorch"]
+    code = build_configs(compile_job(tiny_spec(strategy=strategy)).launch, NUMBERS)["pytorch"]
     script = tmp_path / "train.py"
     script.write_text(PRELUDE + code + EPILOGUE)  # trainplan's own text, never a request's
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -401,7 +402,7 @@ def test_rendered_loop_runs_at_world_size_two_on_gloo(strategy: str, tmp_path: P
 def test_what_if_offers_lora_and_the_next_strategy() -> None:
     spec = llama_spec(1.6, WIDER, parallelism={"strategy": "ddp", "world_size": 2})
     spec = spec.model_copy(update={"search": spec.search.model_copy(update={"what_if": True})})
-    result = run_plan(spec)
+    result = engine.plan(spec)
     by_change = {(w.change, w.value): w for w in result.what_if}
     lora = by_change[("peft", "lora")]
     zero1 = by_change[("strategy", "zero1")]

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from workers import engine
 from workers.engine import planner
 
 micro_caps = st.integers(1, 5000)
@@ -105,14 +106,13 @@ def test_divisor_gives_exact_global_batch() -> None:
 
 def _adamw_at_64(**training: object) -> object:
     from tests.helpers import tensor_spec
-    from workers.engine.profile import run_plan
 
     spec = tensor_spec(optimizer="adamw", base_lr=3e-4, global_batch_size=64, **training)
     if "base_batch_size" not in training:  # tensor_spec names one; this plan must not
         spec = spec.model_copy(
             update={"training": spec.training.model_copy(update={"base_batch_size": None})}
         )
-    return run_plan(spec)
+    return engine.plan(spec)
 
 
 def test_the_rate_given_without_a_reference_batch_is_the_rate_at_the_batch_asked() -> None:

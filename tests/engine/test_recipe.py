@@ -16,7 +16,7 @@ from torch import nn
 from service.schemas.result import PlanResult
 from service.schemas.spec import PlanSpec
 from tests.helpers import Counting, recipe_scope, run_lightning, run_pytorch_loop, tensor_spec
-from workers.engine.profile import run_plan
+from workers import engine
 from workers.engine.schedule import LINEAR_START, lr_factor
 
 # tensor_spec: 1,000 samples, global batch 256 -> 4 optimizer steps an epoch; 5 epochs -> 20
@@ -39,7 +39,7 @@ HF_NATIVE = {"constant", "cosine", "cosine_floor"}
 
 def planned(schedule: dict[str, Any], **training: Any) -> tuple[PlanSpec, PlanResult]:
     spec = tensor_spec(epochs=5, schedule=schedule, **training)
-    return spec, run_plan(spec)
+    return spec, engine.plan(spec)
 
 
 def expected_rates(result: PlanResult) -> list[float]:
@@ -292,7 +292,7 @@ def test_early_stopping_stops_the_loop_and_bounds_the_plan(tmp_path: Any) -> Non
 def test_square_root_rule_gives_the_matching_betas_and_eps(tmp_path: Any) -> None:
     """k = 1024 / 256 = 4: beta1 0.9 -> 0.6, beta2 0.999 -> 0.996, eps 1e-8 -> 5e-9."""
     spec = tensor_spec(optimizer="adamw", global_batch_size=1024, base_batch_size=256)
-    result = run_plan(spec)
+    result = engine.plan(spec)
     adjustment = result.optimizer_adjustment
     assert adjustment is not None and adjustment.applied and adjustment.batch_factor == 4
     assert adjustment.betas == pytest.approx([0.6, 0.996])
@@ -310,11 +310,11 @@ def test_square_root_rule_gives_the_matching_betas_and_eps(tmp_path: Any) -> Non
 
 def test_square_root_rule_out_of_range_is_said_not_applied() -> None:
     spec = tensor_spec(optimizer="adam", global_batch_size=4096, base_batch_size=256)
-    result = run_plan(spec)
+    result = engine.plan(spec)
     assert result.optimizer_adjustment is not None and not result.optimizer_adjustment.applied
     assert "sde_rule_out_of_range" in {w.code for w in result.warnings}
     assert "adam_beta1" not in result.configs["hf_trainer"]
-    assert run_plan(tensor_spec(optimizer="sgd_momentum")).optimizer_adjustment is None
+    assert engine.plan(tensor_spec(optimizer="sgd_momentum")).optimizer_adjustment is None
 
 
 def test_the_fine_tune_example_validates_and_builds() -> None:
@@ -330,7 +330,7 @@ def test_the_fine_tune_example_validates_and_builds() -> None:
 def test_rmsprop_gets_its_alpha_and_eps_through_the_trainers_optim_args(tmp_path: Any) -> None:
     transformers = pytest.importorskip("transformers")
     spec = tensor_spec(optimizer="rmsprop", global_batch_size=1024, base_batch_size=256)
-    result = run_plan(spec)
+    result = engine.plan(spec)
     assert result.optimizer_adjustment is not None
     assert result.optimizer_adjustment.betas == pytest.approx([0.96])  # 1 - 4 x (1 - 0.99)
     with warnings.catch_warnings():

@@ -14,8 +14,9 @@ from service.schemas.spec import PlanSpec
 from service.store import claims, plans
 from service.store.db import make_engine, make_session_factory
 from tests.helpers import a_result, mlp_spec, probe_fresh
+from workers import engine
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device, open_session, twin_of
-from workers.engine.profile import run_plan
 from workers.engine.search import find_max_batch
 
 
@@ -29,7 +30,7 @@ def cpu_spec(seed: bool = True, optimizer: str = "sgd_momentum") -> dict[str, An
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
 def test_a_cpu_plan_confirms_its_twins_answer_in_two_real_trials(optimizer: str) -> None:
     spec = PlanSpec.model_validate(cpu_spec(optimizer=optimizer))
-    result = run_plan(spec)
+    result = engine.plan(spec)
     answer = result.max_micro_batch_size
     search = [t for t in result.trials if t.phase == "search"]
     assert [(t.batch_size, t.fits) for t in search] == [(answer, True), (answer + 1, False)]
@@ -42,8 +43,8 @@ def test_a_cpu_plan_confirms_its_twins_answer_in_two_real_trials(optimizer: str)
 
 
 def test_seeding_changes_the_trials_not_the_answer() -> None:
-    seeded = run_plan(PlanSpec.model_validate(cpu_spec(seed=True)))
-    blind = run_plan(PlanSpec.model_validate(cpu_spec(seed=False)))
+    seeded = engine.plan(PlanSpec.model_validate(cpu_spec(seed=True)))
+    blind = engine.plan(PlanSpec.model_validate(cpu_spec(seed=False)))
     assert seeded.max_micro_batch_size == blind.max_micro_batch_size
     assert blind.prediction is None
     search = [t for t in blind.trials if t.phase == "search"]
@@ -52,22 +53,22 @@ def test_seeding_changes_the_trials_not_the_answer() -> None:
 
 def test_a_wrong_seed_falls_back_to_an_exact_search() -> None:
     spec = PlanSpec.model_validate(cpu_spec(seed=False))
-    device = open_device(spec)
+    device = open_device(compile_job(spec))
 
     for seed in (1, 7, 100_000):
-        with open_session(device, spec) as session:
+        with open_session(device, compile_job(spec)) as session:
             seeded = find_max_batch(session.probe, session.limit_bytes, 1 << 20, seed=seed)
-        with open_session(device, spec) as session:
+        with open_session(device, compile_job(spec)) as session:
             blind = find_max_batch(session.probe, session.limit_bytes, 1 << 20)
         assert seeded.max_batch == blind.max_batch
 
 
 def test_twins() -> None:
-    cpu = open_device(PlanSpec.model_validate(cpu_spec()))
+    cpu = open_device(compile_job(PlanSpec.model_validate(cpu_spec())))
     twin = twin_of(cpu)
     assert twin is not None and twin.backend == "simulated" and twin.overhead_bytes == 0
     assert twin.memory_bytes == cpu.memory_bytes
-    simulated = open_device(PlanSpec.model_validate(mlp_spec("adam")))
+    simulated = open_device(compile_job(PlanSpec.model_validate(mlp_spec("adam"))))
     assert twin_of(simulated) is None
 
 

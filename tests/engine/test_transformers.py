@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 
 from service.schemas.spec import PlanSpec
-from tests.helpers import TINY_LLAMA, assert_exact
+from tests.helpers import TINY_LLAMA, assert_exact, model_of, session_of
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device, open_session
 from workers.engine.errors import SpecError
-from workers.engine.models import build_model
 from workers.engine.models.hf import PRESETS
 
 
@@ -88,7 +88,7 @@ def test_checkpointing_shrinks_transformer_activations() -> None:
                 gradient_checkpointing=ckpt,
             )
         )
-        with open_session(open_device(spec), spec) as session:
+        with session_of(spec) as session:
             return session.probe(8).breakdown["activations"]
 
     assert activations(True) < 0.7 * activations(False)
@@ -112,12 +112,12 @@ def test_presets_build_without_allocating() -> None:
                 ),
             }
         )
-        built = build_model(spec)
+        built = model_of(spec)
         assert all(p.is_meta for p in built.module.parameters()), name
 
 
 def test_llama_3_8b_has_8b_parameters_and_tied_1b() -> None:
-    big = build_model(
+    big = model_of(
         PlanSpec.model_validate(
             {
                 "model": {"source": "transformers", "preset": "llama-3-8b"},
@@ -134,7 +134,7 @@ def test_llama_3_8b_has_8b_parameters_and_tied_1b() -> None:
             "device": {"kind": "simulated", "gpu": "H100-80GB"},
         }
     )
-    with open_session(open_device(small), small) as session:
+    with open_session(open_device(compile_job(small)), compile_job(small)) as session:
         parts = session.probe(1).breakdown
     assert parts["parameters"] == pytest.approx(1_235_814_400 * 2, rel=0.001)  # tied: once
 
@@ -163,7 +163,7 @@ def test_bad_transformers_specs(change: dict[str, Any], loc: tuple[str, ...]) ->
     model = {"source": "transformers"} | change
     spec = PlanSpec.model_validate({"model": model, "data": {"kind": "tokens", "seq_len": 16}})
     with pytest.raises(SpecError) as info:
-        build_model(spec)
+        model_of(spec)
     assert info.value.loc == loc
 
 
@@ -175,5 +175,5 @@ def test_seq_len_beyond_the_model_is_refused() -> None:
         }
     )
     with pytest.raises(SpecError) as info:
-        build_model(spec)
+        model_of(spec)
     assert info.value.loc == ("data", "seq_len")

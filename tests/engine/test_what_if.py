@@ -10,7 +10,9 @@ from service.schemas.result import Trial
 from service.schemas.spec import PlanSpec
 from service.store import claims, plans
 from service.store.db import make_engine, make_session_factory, upgrade
+from workers import engine
 from workers.engine.catalogue import GIB, GPU_CATALOGUE
+from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device
 from workers.engine.profile import ProfileHooks, run_plan
 from workers.engine.what_if import bigger_gpu, neighbours, other_precision
@@ -30,13 +32,13 @@ def replan(spec: PlanSpec, change: str, value: Any) -> Any:
         raw["device"] = {"kind": "simulated", "gpu": value}
     else:
         raw["training"][change] = value
-    return run_plan(PlanSpec.model_validate(raw))
+    return engine.plan(PlanSpec.model_validate(raw))
 
 
 def test_each_what_if_equals_the_plan_of_its_spec(small_spec: dict[str, Any]) -> None:
     spec = with_what_if(small_spec)
     streamed: list[Trial] = []
-    result = run_plan(spec, ProfileHooks(on_trial=streamed.append))
+    result = run_plan(compile_job(spec), ProfileHooks(on_trial=streamed.append))
     changes = {(w.change, w.value) for w in result.what_if}
     assert changes == {
         ("precision", "bf16-mixed"),
@@ -78,7 +80,7 @@ def test_an_infeasible_plan_shows_the_way_out(small_spec: dict[str, Any]) -> Non
         "device": {"kind": "simulated", "memory_gib": 1.0},  # 8192^2 fp32 Adam needs ~1.1 GiB
         "search": {"what_if": True, "max_batch_size": 1024, "headroom": 0.0},
     }
-    result = run_plan(PlanSpec.model_validate(raw))
+    result = engine.plan(PlanSpec.model_validate(raw))
     assert not result.feasible
     gpu = next(w for w in result.what_if if w.change == "gpu")
     assert gpu.feasible and gpu.max_micro_batch_size >= 1
@@ -87,7 +89,7 @@ def test_an_infeasible_plan_shows_the_way_out(small_spec: dict[str, Any]) -> Non
 
 
 def test_what_if_can_be_turned_off(small_spec: dict[str, Any]) -> None:
-    assert run_plan(PlanSpec.model_validate(small_spec)).what_if == []
+    assert engine.plan(PlanSpec.model_validate(small_spec)).what_if == []
 
 
 @pytest.mark.parametrize(
@@ -104,7 +106,7 @@ def test_other_precision(
     small_spec: dict[str, Any], precision: str, gpu: str, expected: str
 ) -> None:
     spec = PlanSpec.model_validate(small_spec | {"device": {"kind": "simulated", "gpu": gpu}})
-    assert other_precision(precision, open_device(spec)) == expected
+    assert other_precision(precision, open_device(compile_job(spec))) == expected
 
 
 def test_bigger_gpu() -> None:
@@ -119,9 +121,10 @@ def test_bigger_gpu() -> None:
 
 def test_cpu_plans_have_no_card_neighbour(small_spec: dict[str, Any]) -> None:
     spec = PlanSpec.model_validate(small_spec | {"device": {"kind": "cpu", "memory_gib": 0.5}})
-    changes = [n.change for n in neighbours(spec, open_device(spec))]
+    job = compile_job(spec)
+    changes = [n.change for n in neighbours(job, open_device(job))]
     assert changes == ["precision", "gradient_checkpointing"]
-    with_state = [n.change for n in neighbours(spec, open_device(spec), state_share=0.3)]
+    with_state = [n.change for n in neighbours(job, open_device(job), state_share=0.3)]
     assert with_state == ["precision", "gradient_checkpointing", "optimizer_impl", "optimizer"]
 
 

@@ -67,7 +67,7 @@ def model_facts(spec: PlanSpec) -> ModelFacts:
 
     from workers.engine.models import build_model
 
-    module = build_model(spec).module
+    module = build_model(spec.model, spec.data, spec.training.peft).module
     leaves = [m for m in module.modules() if not any(True for _ in m.children())]
     embedding = next((m for m in leaves if isinstance(m, torch.nn.Embedding)), None)
     return ModelFacts(
@@ -80,23 +80,25 @@ def model_facts(spec: PlanSpec) -> ModelFacts:
 
 def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
     from workers.engine import recipe
+    from workers.engine.compiled import compile_job
     from workers.engine.devices import open_device
 
     if spec.device.kind == "simulated":  # a real device is the worker's to open
-        open_device(spec)
+        open_device(compile_job(spec))
     elif spec.training.parallelism.strategy not in (None, "none"):
         raise SpecError(
             ("training", "parallelism", "strategy"),
             "multi-GPU strategies are traced on the simulated device (device.kind "
             "'simulated'); a real device probes one process",
         )
-    recipe.check(spec, facts or model_facts(spec))
+    recipe.check(spec.training, spec.data.num_samples, facts or model_facts(spec))
 
 
 def plan(spec: PlanSpec, on_trial: Callable[[Trial], None] | None = None) -> PlanResult:
+    from workers.engine.compiled import compile_job
     from workers.engine.profile import ProfileHooks, run_plan
 
-    return run_plan(spec, ProfileHooks(on_trial=on_trial))
+    return run_plan(compile_job(spec), ProfileHooks(on_trial=on_trial))
 
 
 def gpus() -> list[dict[str, Any]]:

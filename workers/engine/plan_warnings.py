@@ -10,11 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.schemas.result import PlanWarning
-from service.schemas.spec import PlanSpec
 from workers.engine import planner
+from workers.engine.compiled import CompiledJob
 from workers.engine.configs import deepspeed_takes_recipe, hf_native_schedule
 from workers.engine.devices import ProbeDevice
-from workers.engine.optimizers import choose
 from workers.engine.recipe import Adjustment
 from workers.engine.schedule import Schedule
 from workers.engine.search import SearchResult
@@ -24,7 +23,7 @@ BATCHNORM_MIN = 16  # BatchNorm's statistics need a real batch of 16-32
 
 @dataclass(frozen=True)
 class Facts:
-    spec: PlanSpec
+    job: CompiledJob
     device: ProbeDevice
     search: SearchResult
     batches: planner.BatchPlan
@@ -38,7 +37,7 @@ Rule = Callable[[Facts], PlanWarning | None]
 
 
 def batchnorm_small_micro_batch(facts: Facts) -> PlanWarning | None:
-    micro, world = facts.batches.micro_batch_size, facts.spec.training.world_size
+    micro, world = facts.batches.micro_batch_size, facts.job.training.world_size
     if not facts.has_batchnorm or micro >= BATCHNORM_MIN:
         return None
     sync = micro * world
@@ -58,7 +57,7 @@ def batchnorm_small_micro_batch(facts: Facts) -> PlanWarning | None:
 
 
 def global_batch_adjusted(facts: Facts) -> PlanWarning | None:
-    b, training = facts.batches, facts.spec.training
+    b, training = facts.batches, facts.job.training
     if b.effective_global_batch_size == training.global_batch_size:
         return None
     return PlanWarning(
@@ -73,7 +72,7 @@ def global_batch_adjusted(facts: Facts) -> PlanWarning | None:
 
 
 def global_batch_exceeds_dataset(facts: Facts) -> PlanWarning | None:
-    effective, samples = facts.batches.effective_global_batch_size, facts.spec.data.num_samples
+    effective, samples = facts.batches.effective_global_batch_size, facts.job.data.num_samples
     if effective <= samples:
         return None
     return PlanWarning(
@@ -86,7 +85,7 @@ def global_batch_exceeds_dataset(facts: Facts) -> PlanWarning | None:
 
 
 def bf16_unsupported(facts: Facts) -> PlanWarning | None:
-    if facts.spec.training.precision not in ("bf16", "bf16-mixed") or facts.device.supports_bf16:
+    if facts.job.training.precision not in ("bf16", "bf16-mixed") or facts.device.supports_bf16:
         return None
     return PlanWarning(
         code="bf16_unsupported",
@@ -112,14 +111,14 @@ def search_bound_reached(facts: Facts) -> PlanWarning | None:
     return PlanWarning(
         code="search_bound_reached",
         message=(
-            f"the largest micro-batch allowed ({facts.spec.search.max_batch_size}) fits; the real "
+            f"the largest micro-batch allowed ({facts.job.search.max_batch_size}) fits; the real "
             f"maximum may be larger (raise search.max_batch_size)."
         ),
     )
 
 
 def deepspeed_layout(facts: Facts) -> PlanWarning | None:
-    strategy = facts.spec.training.strategy
+    strategy = facts.job.training.strategy
     if strategy not in ("zero2", "zero3"):
         return None
     return PlanWarning(
@@ -147,7 +146,7 @@ def heavy_accumulation(facts: Facts) -> PlanWarning | None:
 
 
 def early_stopping_upper_bound(facts: Facts) -> PlanWarning | None:
-    stopping = facts.spec.training.early_stopping
+    stopping = facts.job.training.early_stopping
     if stopping is None:
         return None
     return PlanWarning(
@@ -161,7 +160,7 @@ def early_stopping_upper_bound(facts: Facts) -> PlanWarning | None:
 
 
 def paged_optimizer_state(facts: Facts) -> PlanWarning | None:
-    if not choose(facts.spec.training).paged:
+    if not facts.job.optimizer.paged:
         return None
     return PlanWarning(
         code="paged_optimizer_state",
@@ -178,7 +177,7 @@ def framework_fallback(facts: Facts) -> PlanWarning | None:
     if facts.schedule is None:
         return None
     missing = []
-    groups = bool(facts.spec.training.param_groups)
+    groups = bool(facts.job.training.param_groups)
     if hf_native_schedule(facts.schedule) is None:
         missing.append(
             "the HF Trainer (pass Trainer(optimizers=(optimizer, scheduler)) built with "

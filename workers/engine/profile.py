@@ -28,9 +28,10 @@ from service.schemas.result import (
     Trial,
     WorldSizeCheck,
 )
-from service.schemas.spec import SHARDED, DataSpec, PlanSpec, TrainingSpec
+from service.schemas.spec import SHARDED, DataSpec, TrainingSpec
 from workers.engine import planner, recipe
 from workers.engine.communication import StepTraffic, exposed, step_traffic
+from workers.engine.compiled import CompiledJob
 from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.data import sample_bytes
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_session, twin_of
@@ -38,10 +39,9 @@ from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model
-from workers.engine.optimizers import choose
 from workers.engine.plan_warnings import Facts, plan_warnings
 from workers.engine.roofline import UNCERTAINTY, StepCost
-from workers.engine.scale_out import fewest_gpus, with_world
+from workers.engine.scale_out import fewest_gpus
 from workers.engine.schedule import Schedule
 from workers.engine.schedule import resolve as resolve_schedule
 from workers.engine.search import SearchResult, find_max_batch
@@ -98,28 +98,28 @@ class _Recorder:
 
 
 def run_plan(
-    spec: PlanSpec, hooks: ProfileHooks | None = None, device: ProbeDevice | None = None
+    job: CompiledJob, hooks: ProfileHooks | None = None, device: ProbeDevice | None = None
 ) -> PlanResult:
     """Profile the spec's job on its device and return the plan (feasible or not), with the
-    what-if neighbours when the spec asks for them."""
+    what-if neighbours when the job asks for them."""
     recorder = _Recorder(hooks or ProfileHooks())
-    device = device or open_device(spec)
+    device = device or open_device(job)
     scale_out: list[ScaleOut] = []
-    if spec.training.auto_world_size:
-        answer = _scale_out(spec, device, recorder, spec.training.parallelism.strategy or "fsdp")
+    if job.training.auto_world_size:
+        answer = _scale_out(job, device, recorder, job.training.parallelism.strategy or "fsdp")
         scale_out.append(answer)
         if answer.world_size is not None:
-            spec = with_world(spec, answer.strategy, answer.world_size)
-    result = _plan(spec, device, recorder)
+            job = job.with_world(answer.strategy, answer.world_size)
+    result = _plan(job, device, recorder)
     if not result.feasible and not scale_out and isinstance(device, SimulatedDevice):
-        strategy = spec.training.strategy
+        strategy = job.training.strategy
         scale_out.append(
-            _scale_out(spec, device, recorder, strategy if strategy in SHARDED else "fsdp")
+            _scale_out(job, device, recorder, strategy if strategy in SHARDED else "fsdp")
         )
     result.scale_out = scale_out
-    if spec.search.what_if:
+    if job.search.what_if:
         result.what_if = explore(
-            spec,
+            job,
             device,
             lambda session, label: recorder.probe(session, "what_if", label),
             lambda outcome, label: to_trial(outcome, "what_if", label),
@@ -128,13 +128,15 @@ def run_plan(
     return result
 
 
-def _scale_out(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder, strategy: str) -> ScaleOut:
+def _scale_out(
+    job: CompiledJob, device: ProbeDevice, recorder: _Recorder, strategy: str
+) -> ScaleOut:
     """The fewest GPUs for `strategy`, each world size checked reported as a trial."""
 
     def report(size: int, outcome: TrialOutcome) -> None:
         recorder.emit(to_trial(outcome, "scale_out", f"{strategy}@world_size={size}"))
 
-    answer = fewest_gpus(spec, device, strategy, on_probe=report)
+    answer = fewest_gpus(job, device, strategy, on_probe=report)
     return ScaleOut(
         strategy=strategy,
         world_size=answer.world_size,
@@ -145,22 +147,22 @@ def _scale_out(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder, strateg
     )
 
 
-def simulate_twin(spec: PlanSpec, device: ProbeDevice) -> tuple[int, int, float] | None:
+def simulate_twin(job: CompiledJob, device: ProbeDevice) -> tuple[int, int, float] | None:
     """The simulated twin's answer for a real device: (max micro-batch, trials, wall s)."""
     twin = twin_of(device)
-    if twin is None or not spec.search.seed_from_simulation:
+    if twin is None or not job.search.seed_from_simulation:
         return None
     start = time.perf_counter()
-    with open_session(twin, spec) as session:
+    with open_session(twin, job) as session:
         search = find_max_batch(
-            session.probe, session.limit_bytes, spec.search.max_batch_size, session.predict_fits
+            session.probe, session.limit_bytes, job.search.max_batch_size, session.predict_fits
         )
     return search.max_batch, len(search.trials), time.perf_counter() - start
 
 
 @dataclass
 class Measured:
-    """What the probes found for one spec on one device: the inputs of the plan arithmetic."""
+    """What the probes found for one job on one device: the inputs of the plan arithmetic."""
 
     search: SearchResult
     trials: list[Trial]
@@ -173,31 +175,31 @@ class Measured:
     host_bytes: int = 0
 
 
-def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResult:
-    twin = simulate_twin(spec, device)
-    built = build_model(spec)
-    with open_session(device, spec, built) as session:
+def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanResult:
+    twin = simulate_twin(job, device)
+    built = build_model(job.model, job.data, job.peft)
+    with open_session(device, job, built) as session:
         search = find_max_batch(
             recorder.probe(session),
             session.limit_bytes,
-            spec.search.max_batch_size,
+            job.search.max_batch_size,
             session.predict_fits,
             seed=twin[0] if twin else None,
         )
-        job = session.job
+        traced = session.job
         measured = Measured(search, recorder.trials, built.notes)
-        if job is not None:
-            measured.has_batchnorm = job.has_batchnorm()
-            measured.counts = job.parameter_count()
-            measured.host_bytes = job.host_bytes
+        if traced is not None:
+            measured.has_batchnorm = traced.has_batchnorm()
+            measured.counts = traced.parameter_count()
+            measured.host_bytes = traced.host_bytes
         if search.max_batch > 0:
             measured.batches = batches = planner.choose_batches(
                 search.max_batch,
-                spec.training.global_batch_size,
-                spec.training.world_size,
-                spec.search.micro_batch,
+                job.training.global_batch_size,
+                job.training.world_size,
+                job.search.micro_batch,
             )
-            _check_defined(spec.training, search, batches.micro_batch_size)
+            _check_defined(job.training, search, batches.micro_batch_size)
             at_micro = search.outcome_at(batches.micro_batch_size)
             if at_micro is None:  # the breakdown is reported at the chosen micro-batch
                 at_micro = session.probe(batches.micro_batch_size)
@@ -205,9 +207,9 @@ def _plan(spec: PlanSpec, device: ProbeDevice, recorder: _Recorder) -> PlanResul
             measured.at_micro = at_micro
             measured.cost = session.step_cost(batches.micro_batch_size)
     if measured.batches is None:
-        result = _infeasible(spec, device, measured)
+        result = _infeasible(job, device, measured)
     else:
-        result = _feasible(spec, device, measured)
+        result = _feasible(job, device, measured)
     result.prediction = _prediction(twin, search.max_batch)
     return result
 
@@ -275,10 +277,10 @@ def _memory(outcome: TrialOutcome, capacity: int, host: int = 0) -> MemoryBreakd
     )
 
 
-def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanResult:
+def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> PlanResult:
     search, batches, at_micro = measured.search, measured.batches, measured.at_micro
     assert batches is not None and at_micro is not None
-    training, data = spec.training, spec.data
+    training, data = job.training, job.data
     epochs = planner.epoch_arithmetic(
         data.num_samples,
         batches.micro_batch_size,
@@ -295,15 +297,15 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         epochs.optimizer_steps_per_epoch,
         epochs.total_optimizer_steps,
     )
-    schedule, adjustment = _recipe(spec.training, lr, batches, epochs)
+    schedule, adjustment = _recipe(job.training, lr, batches, epochs)
     warnings = plan_warnings(
-        Facts(spec, device, search, batches, lr, measured.has_batchnorm, schedule, adjustment)
+        Facts(job, device, search, batches, lr, measured.has_batchnorm, schedule, adjustment)
     )
-    throughput = _measured_throughput(spec.training, batches, epochs, at_micro)
+    throughput = _measured_throughput(job.training, batches, epochs, at_micro)
     if throughput is None and measured.cost is not None:
-        traffic = _traffic(spec.training, device, measured.counts, batches.accumulation_steps)
+        traffic = _traffic(job.training, device, measured.counts, batches.accumulation_steps)
         throughput = estimate_throughput(
-            spec.training, spec.data, batches, epochs, measured.cost, traffic
+            job.training, job.data, batches, epochs, measured.cost, traffic
         )
     warnings += [PlanWarning(code="model_adapted", message=n) for n in measured.notes]
     warnings += undefined_batch_warning(measured.search)
@@ -317,7 +319,7 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         schedule=schedule,
         optimizer_overrides=adjustment.kwargs if adjustment and adjustment.applies else {},
     )
-    choice = choose(training)
+    choice = job.optimizer
     return PlanResult(
         feasible=True,
         device=_device_info(device),
@@ -340,7 +342,7 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         total_optimizer_steps=epochs.total_optimizer_steps,
         total_steps_upper_bound=training.early_stopping is not None,
         schedule=_schedule_out(schedule, lr.learning_rate),
-        param_groups=_group_rates(spec.training, lr.learning_rate),
+        param_groups=_group_rates(job.training, lr.learning_rate),
         optimizer=choice.path,
         optimizer_impl=choice.impl,
         optimizer_adjustment=_adjustment_out(adjustment),
@@ -355,7 +357,7 @@ def _feasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanRe
         },
         world_size=training.world_size,
         strategy=training.strategy,
-        configs=build_configs(spec, numbers),
+        configs=build_configs(job.launch, numbers),
     )
 
 
@@ -528,25 +530,25 @@ def suggestions_for(training: TrainingSpec) -> list[str]:
     return out
 
 
-def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> PlanResult:
+def _infeasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> PlanResult:
     search, trials, notes = measured.search, measured.trials, measured.notes
     first = search.trials[0]
-    lr_rule = planner.resolve_rule(spec.training.lr_scaling, spec.training.optimizer)
-    choice = choose(spec.training)
+    lr_rule = planner.resolve_rule(job.training.lr_scaling, job.training.optimizer)
+    choice = job.optimizer
     return PlanResult(
         feasible=False,
         device=_device_info(device),
         max_micro_batch_size=0,
         micro_batch_size=0,
         accumulation_steps=0,
-        global_batch_size=spec.training.global_batch_size,
+        global_batch_size=job.training.global_batch_size,
         effective_global_batch_size=0,
-        learning_rate=spec.training.base_lr,
+        learning_rate=job.training.base_lr,
         lr_scaling=LrScalingInfo(
             rule=lr_rule,
-            base_lr=spec.training.base_lr,
-            base_batch_size=spec.training.reference_batch_size,
-            base_batch_size_from="spec" if spec.training.base_batch_size else "global_batch_size",
+            base_lr=job.training.base_lr,
+            base_batch_size=job.training.reference_batch_size,
+            base_batch_size_from="spec" if job.training.base_batch_size else "global_batch_size",
             factor=1.0,
             warmup_steps=0,
         ),
@@ -557,8 +559,8 @@ def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> Plan
         optimizer_impl=choice.impl,
         memory=_memory(first, device.memory_bytes, measured.host_bytes),
         trials=trials,
-        world_size=spec.training.world_size,
-        strategy=spec.training.strategy,
+        world_size=job.training.world_size,
+        strategy=job.training.strategy,
         warnings=[
             PlanWarning(
                 code="infeasible",
@@ -566,5 +568,5 @@ def _infeasible(spec: PlanSpec, device: ProbeDevice, measured: Measured) -> Plan
             )
         ]
         + [PlanWarning(code="model_adapted", message=n) for n in notes],
-        suggestions=suggestions_for(spec.training),
+        suggestions=suggestions_for(job.training),
     )

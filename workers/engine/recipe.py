@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from service.schemas.spec import BNB_OPTIMIZERS, PlanSpec, TrainingSpec, algorithm
+from service.schemas.spec import BNB_OPTIMIZERS, TrainingSpec, algorithm
 from workers.engine.errors import SpecError
 from workers.engine.optimizers import bitsandbytes_available
 
@@ -59,13 +59,13 @@ def estimated_total_steps(training: TrainingSpec, num_samples: int) -> tuple[int
     return per_epoch, math.ceil(training.epochs * per_epoch)
 
 
-def check(spec: PlanSpec, facts: ModelFacts) -> None:
+def check(training: TrainingSpec, num_samples: int, facts: ModelFacts) -> None:
     """What the schema cannot see: a group prefix that matches no trainable parameter, a
     schedule whose milestones or step size lie past the end of the run, a bitsandbytes optimizer
     on a server without bitsandbytes."""
-    _check_groups(spec.training, facts.trainable)
-    _check_schedule(spec.training, spec.data.num_samples)
-    _check_optimizer(spec.training)
+    _check_groups(training, facts.trainable)
+    _check_schedule(training, num_samples)
+    _check_optimizer(training)
 
 
 def _check_optimizer(training: TrainingSpec) -> None:

@@ -13,7 +13,7 @@ import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.schemas.spec import PlanSpec
+from workers.engine.compiled import CompiledJob
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_session
 from workers.engine.errors import BatchUndefined
 
@@ -41,32 +41,21 @@ class ScaleOutAnswer:
     checked: dict[int, TrialOutcome]
 
 
-def with_world(spec: PlanSpec, strategy: str, world_size: int) -> PlanSpec:
-    parallelism = spec.training.parallelism.model_copy(
-        update={"strategy": strategy, "world_size": world_size}
-    )
-    training = spec.training.model_copy(
-        update={"parallelism": parallelism, "world_size": world_size}
-    )
-    return spec.model_copy(update={"training": training})
-
-
 def fewest_gpus(
-    spec: PlanSpec,
+    job: CompiledJob,
     device: ProbeDevice,
     strategy: str,
     on_probe: Callable[[int, TrialOutcome], None] | None = None,
 ) -> ScaleOutAnswer:
     """The smallest world size (within the global batch: a sample per rank) where `strategy`
     fits a micro-batch of one on `device` (of two where training is undefined at one)."""
-    gpus = spec.training.parallelism.gpus_per_node
-    sizes = world_sizes(gpus, min(MAX_WORLD, spec.training.global_batch_size))
+    gpus = job.training.parallelism.gpus_per_node
+    sizes = world_sizes(gpus, min(MAX_WORLD, job.training.global_batch_size))
     checked: dict[int, TrialOutcome] = {}
 
     def probe(size: int) -> TrialOutcome:
         if size not in checked:
-            target = with_world(spec, strategy, size)
-            with open_session(device, target) as session:
+            with open_session(device, job.with_world(strategy, size)) as session:
                 try:
                     checked[size] = session.probe(1)
                 except BatchUndefined as exc:  # BatchNorm at one value per channel
@@ -75,7 +64,7 @@ def fewest_gpus(
                 on_probe(size, checked[size])
         return checked[size]
 
-    limit = device.limit_bytes(spec.search.headroom)
+    limit = device.limit_bytes(job.search.headroom)
     if strategy in ("ddp", "none"):  # replicas do not shrink: one card's answer holds
         first = sizes[0] if strategy == "none" else sizes[min(1, len(sizes) - 1)]
         return ScaleOutAnswer(strategy, first if probe(first).fits else None, checked)

@@ -1,6 +1,6 @@
 """What-if: the max micro-batch under the choices a user would try next.
 
-After the plan, the same exact search runs for each neighbouring spec: the other precision, gradient
+After the plan, the same exact search runs for each neighbouring job: the other precision, gradient
 checkpointing toggled, the next bigger card of the catalogue, LoRA and the next sharding strategy,
 and for Adam the fused kernels and 8-bit states. One request then answers "would bf16 /
 checkpointing / an H200 / adamw_8bit let me double the batch?" without a second round trip.
@@ -18,11 +18,11 @@ from service.schemas.spec import (
     OPTIMIZER_IMPLS,
     SHARDED,
     PeftSpec,
-    PlanSpec,
     SimulatedDeviceSpec,
     TrainingSpec,
 )
 from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, GpuModel
+from workers.engine.compiled import CompiledJob
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_session
 from workers.engine.devices.base import ProbeSession
 from workers.engine.errors import SpecError
@@ -43,7 +43,7 @@ MakeProbe = Callable[[ProbeSession, str], Callable[[int], TrialOutcome]]
 class Scenario:
     change: Change
     value: str | bool
-    spec: PlanSpec
+    job: CompiledJob
 
     @property
     def label(self) -> str:
@@ -56,31 +56,31 @@ class Scenario:
 OPTIMIZER_STATE_SHARE = 0.1
 
 
-def neighbours(spec: PlanSpec, device: ProbeDevice, state_share: float = 0.0) -> list[Scenario]:
+def neighbours(job: CompiledJob, device: ProbeDevice, state_share: float = 0.0) -> list[Scenario]:
     """`state_share`: the plan's optimizer state over the card's capacity."""
-    training = spec.training
+    training = job.training
     out = [
-        _with_training(spec, "precision", other_precision(training.precision, device)),
-        _with_training(spec, "gradient_checkpointing", not training.gradient_checkpointing),
+        _with_training(job, "precision", other_precision(training.precision, device)),
+        _with_training(job, "gradient_checkpointing", not training.gradient_checkpointing),
     ]
-    if spec.device.kind != "cpu":
+    if job.device.kind != "cpu":
         bigger = bigger_gpu(device.memory_bytes, training.precision)
         if bigger is not None:
             card = SimulatedDeviceSpec(kind="simulated", gpu=bigger.name)
-            out.append(Scenario("gpu", bigger.name, spec.model_copy(update={"device": card})))
-    out += _scale_neighbours(spec)
+            out.append(Scenario("gpu", bigger.name, job.with_device(card)))
+    out += _scale_neighbours(job)
     if state_share >= OPTIMIZER_STATE_SHARE:
-        out += _optimizer_neighbours(spec)
+        out += _optimizer_neighbours(job)
     return out
 
 
-def _optimizer_neighbours(spec: PlanSpec) -> list[Scenario]:
+def _optimizer_neighbours(job: CompiledJob) -> list[Scenario]:
     """The fused kernels (no multi-tensor temporary copy of the state) and bitsandbytes' 8-bit
     AdamW, where they apply: what each frees shows as the micro-batch it buys."""
-    training = spec.training
+    training = job.training
     out = []
     if training.implementation == "foreach" and "fused" in OPTIMIZER_IMPLS[training.optimizer]:
-        out.append(_with_training(spec, "optimizer_impl", "fused"))
+        out.append(_with_training(job, "optimizer_impl", "fused"))
     if (
         training.optimizer in ("adam", "adamw")
         and training.strategy not in SHARDED
@@ -89,31 +89,30 @@ def _optimizer_neighbours(spec: PlanSpec) -> list[Scenario]:
         eight_bit = TrainingSpec.model_validate(
             training.model_dump() | {"optimizer": "adamw_8bit", "optimizer_impl": None}
         )
-        changed = spec.model_copy(update={"training": eight_bit})
-        out.append(Scenario("optimizer", "adamw_8bit", changed))
+        out.append(Scenario("optimizer", "adamw_8bit", job.with_training(eight_bit)))
     return out
 
 
-def _scale_neighbours(spec: PlanSpec) -> list[Scenario]:
+def _scale_neighbours(job: CompiledJob) -> list[Scenario]:
     """LoRA for a full fine-tune (QLoRA for a LoRA one), and the next sharding strategy."""
-    training = spec.training
+    training = job.training
     out = []
     peft = training.peft
-    if peft is None and spec.model.source == "transformers":
-        out.append(_with_peft(spec, PeftSpec(method="lora")))
+    if peft is None and job.model.source == "transformers":
+        out.append(_with_peft(job, PeftSpec(method="lora")))
     elif peft is not None and peft.method == "lora" and training.strategy not in SHARDED:
-        out.append(_with_peft(spec, peft.model_copy(update={"method": "qlora"})))
+        out.append(_with_peft(job, peft.model_copy(update={"method": "qlora"})))
     following = NEXT_STRATEGY.get(training.strategy)
-    if following is not None and spec.device.kind == "simulated":
+    if following is not None and job.device.kind == "simulated":
         parallelism = training.parallelism.model_copy(update={"strategy": following})
         changed = training.model_copy(update={"parallelism": parallelism})
-        out.append(Scenario("strategy", following, spec.model_copy(update={"training": changed})))
+        out.append(Scenario("strategy", following, job.with_training(changed)))
     return out
 
 
-def _with_peft(spec: PlanSpec, peft: PeftSpec) -> Scenario:
-    training = spec.training.model_copy(update={"peft": peft})
-    return Scenario("peft", peft.method, spec.model_copy(update={"training": training}))
+def _with_peft(job: CompiledJob, peft: PeftSpec) -> Scenario:
+    training = job.training.model_copy(update={"peft": peft})
+    return Scenario("peft", peft.method, job.with_training(training))
 
 
 def other_precision(precision: str, device: ProbeDevice) -> str:
@@ -142,14 +141,14 @@ def bigger_gpu(capacity: int, precision: str) -> GpuModel | None:
     return min(candidates, key=lambda g: (g.memory_bytes, -g.tflops(precision)))
 
 
-def _with_training(spec: PlanSpec, field: Change, value: str | bool) -> Scenario:
+def _with_training(job: CompiledJob, field: Change, value: str | bool) -> Scenario:
     # validated again: a changed field can make the spec's other choices inconsistent
-    training = TrainingSpec.model_validate(spec.training.model_dump() | {field: value})
-    return Scenario(field, value, spec.model_copy(update={"training": training}))
+    training = TrainingSpec.model_validate(job.training.model_dump() | {field: value})
+    return Scenario(field, value, job.with_training(training))
 
 
 def explore(
-    spec: PlanSpec,
+    job: CompiledJob,
     device: ProbeDevice,
     make_probe: MakeProbe,
     to_trial: Callable[[TrialOutcome, str], Trial],
@@ -157,17 +156,18 @@ def explore(
 ) -> list[WhatIf]:
     """Run the exact search for each neighbour; a neighbour that cannot be built is skipped."""
     out = []
-    for scenario in neighbours(spec, device, state_share):
-        target = open_device(scenario.spec) if scenario.change == "gpu" else device
+    for scenario in neighbours(job, device, state_share):
+        changed = scenario.job
+        target = open_device(changed) if scenario.change == "gpu" else device
         try:
-            built = build_model(scenario.spec)
+            built = build_model(changed.model, changed.data, changed.peft)
         except SpecError:
             continue
-        with open_session(target, scenario.spec, built) as session:
+        with open_session(target, changed, built) as session:
             search = find_max_batch(
                 make_probe(session, scenario.label),
                 session.limit_bytes,
-                spec.search.max_batch_size,
+                job.search.max_batch_size,
                 session.predict_fits,
             )
         best = search.outcome_at(search.max_batch) if search.max_batch else search.trials[0]

@@ -4,16 +4,15 @@ One source of truth, `PlanNumbers`, feeds all the renderings (a plain PyTorch lo
 Hugging Face Trainer, DeepSpeed, Accelerate), so they cannot disagree with each other or with the
 plan: micro-batch x accumulation x world_size = the effective global batch, the scaled learning
 rate and its schedule (`configs.recipe`, the very functions the plan's rates come from), the
-optimizer and its implementation, per-group rates, early stopping. The spec is read once, into
-a `LaunchJob`; each rendering takes that and the numbers. Each is checked against the library's
-own code in `tests/engine/test_configs.py` and `tests/engine/test_recipe.py`.
+optimizer and its implementation, per-group rates, early stopping. The compile step reads the
+spec once, into a `LaunchJob`; each rendering takes that and the numbers. Each is checked against
+the library's own code in `tests/engine/test_configs.py` and `tests/engine/test_recipe.py`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from service.schemas.spec import PlanSpec
 from workers.engine.configs.accelerate import accelerate_config
 from workers.engine.configs.deepspeed import deepspeed_config, deepspeed_takes_recipe
 from workers.engine.configs.hf_trainer import hf_callbacks, hf_native_schedule, hf_trainer_arguments
@@ -33,9 +32,8 @@ __all__ = [
 ]
 
 
-def build_configs(spec: PlanSpec, numbers: PlanNumbers) -> dict[str, Any]:
+def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
     """Every rendering of a feasible plan, keyed as `result.configs` carries them."""
-    job = launch_job(spec)
     out: dict[str, Any] = {
         "recipe": recipe_source(numbers.lr_schedule, numbers.learning_rate, job.param_groups),
         "pytorch": pytorch_loop(job, numbers),

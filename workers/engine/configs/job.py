@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.schemas.spec import EarlyStoppingSpec, PeftSpec, PlanSpec
+from service.schemas.spec import DataSpec, EarlyStoppingSpec, ModelSpec, PeftSpec, TrainingSpec
 from workers.engine.optimizers import OptimizerChoice, choose
 from workers.engine.recipe import param_groups
 
@@ -46,15 +46,14 @@ class LaunchJob:
         return self.sharding is not None
 
 
-def launch_job(spec: PlanSpec) -> LaunchJob:
-    training = spec.training
+def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> LaunchJob:
     strategy = training.strategy
     sharding = FSDP_SHARDING.get(strategy)
     if strategy == "fsdp" and not training.parallelism.reshard_after_forward:
         sharding = "SHARD_GRAD_OP"  # fsdp that keeps parameters gathered is ZeRO-2
     return LaunchJob(
-        hf=spec.model.source == "transformers",
-        source=spec.model.source,
+        hf=model.source == "transformers",
+        source=model.source,
         precision=training.precision,
         strategy=strategy,
         world_size=training.world_size,
@@ -63,7 +62,7 @@ def launch_job(spec: PlanSpec) -> LaunchJob:
         sharding=sharding,
         reshards_after_forward=training.reshards_after_forward,
         gradient_checkpointing=training.gradient_checkpointing,
-        channels_last=getattr(spec.data, "layout", None) == "channels_last",
+        channels_last=getattr(data, "layout", None) == "channels_last",
         epochs=training.epochs,
         choice=choose(training),
         peft=training.peft,

@@ -1,4 +1,4 @@
-"""Devices behind one interface: `open_device(spec)` gives a `ProbeDevice` whose `session` probes
+"""Devices behind one interface: `open_device(job)` gives a `ProbeDevice` whose `session` probes
 micro-batches of one job. `simulated` traces on fake tensors, `cpu` and `cuda` run for real."""
 
 from __future__ import annotations
@@ -6,16 +6,15 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import replace
 
-from service.schemas.spec import PlanSpec
+from workers.engine.compiled import CompiledJob
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
 from workers.engine.errors import SpecError
-from workers.engine.models import BuiltModel
-from workers.engine.trace import trace_job
+from workers.engine.models import BuiltModel, build_model
 
 
-def open_device(spec: PlanSpec) -> ProbeDevice:
-    device = _open(spec)
-    if spec.training.precision == "tf32" and not device.supports_tf32:
+def open_device(job: CompiledJob) -> ProbeDevice:
+    device = _open(job)
+    if job.training.precision == "tf32" and not device.supports_tf32:
         raise SpecError(
             ("training", "precision"),
             f"tf32 needs Tensor Cores with TF32 (Ampere or later); {device.name} has none: "
@@ -24,8 +23,8 @@ def open_device(spec: PlanSpec) -> ProbeDevice:
     return device
 
 
-def _open(spec: PlanSpec) -> ProbeDevice:
-    device = spec.device
+def _open(job: CompiledJob) -> ProbeDevice:
+    device = job.device
     if device.kind == "simulated":
         from workers.engine.devices.simulated import SimulatedDevice
 
@@ -59,11 +58,9 @@ def twin_of(device: ProbeDevice) -> ProbeDevice | None:
 
 
 def open_session(
-    device: ProbeDevice, spec: PlanSpec, built: BuiltModel | None = None
+    device: ProbeDevice, job: CompiledJob, built: BuiltModel | None = None
 ) -> AbstractContextManager[ProbeSession]:
-    """A session of `spec`'s training step on `device`: the spec compiled to the trace's slice,
-    its model built (unless given) and the byte limit its headroom leaves."""
-    from workers.engine.models import build_model
-
-    trace = trace_job(spec)
-    return device.session(trace, built or build_model(spec), device.limit_bytes(trace.headroom))
+    """A session of the job's training step on `device`: the trace's slice, the model built
+    (unless given) and the byte limit its headroom leaves."""
+    model = built or build_model(job.model, job.data, job.peft)
+    return device.session(job.trace, model, device.limit_bytes(job.trace.headroom))

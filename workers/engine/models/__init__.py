@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from service.schemas.spec import DataSpec, ModelSpec, PlanSpec
+from service.schemas.spec import DataSpec, ModelSpec, PeftSpec
 from workers.engine.errors import SpecError
 
 
@@ -29,16 +29,16 @@ class BuiltModel:
     vocab_size: int | None = None
 
 
-def build_model(spec: PlanSpec) -> BuiltModel:
-    """Build the spec's model on the meta device (with its LoRA adapters when the spec asks for
-    them), or raise SpecError naming the field. Each source's builder takes its own slices:
-    the model's spec and the data's."""
-    built = _build_base(spec.model, spec.data)
-    if spec.training.peft is not None:
+def build_model(model: ModelSpec, data: DataSpec, peft: PeftSpec | None = None) -> BuiltModel:
+    """Build the model on the meta device (with LoRA adapters when `peft` asks for them), or
+    raise SpecError naming the field. Each source's builder takes its own slices: the model's
+    spec and the data's."""
+    built = _build_base(model, data)
+    if peft is not None:
         from workers.engine.peft import apply_peft
 
         with torch.device("meta"):
-            built.module = apply_peft(built.module, spec.training.peft, built.family)
+            built.module = apply_peft(built.module, peft, built.family)
     return built
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,8 +72,6 @@ class TrainplanClient:
         return self._json(self.http.get("/v1/plans", params=filters))
 
     def wait(self, plan_id: str, timeout: float = 600) -> dict[str, Any]:
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             plan = self.get(plan_id, wait=min(30.0, max(0.0, deadline - time.monotonic())))

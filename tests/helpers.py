@@ -4,6 +4,7 @@ Tests import these from here, not from each other."""
 
 from __future__ import annotations
 
+import socket
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -25,6 +26,13 @@ from workers.engine.devices import ProbeSession, open_device, open_session
 from workers.engine.models import BuiltModel, build_model
 
 __all__ = ["TINY_LLAMA"]  # re-exported: tests import it from here
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def registered_spec(name: str, **kwargs: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
+import torch
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,13 +42,8 @@ TRANSIENT = (OperationalError, InterfaceError)
 def device_kinds() -> tuple[str, ...]:
     """What this worker can run: simulated and cpu always, cuda when a GPU is visible."""
     kinds = ["simulated", "cpu"]
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            kinds.append("cuda")
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if torch.cuda.is_available():
+        kinds.append("cuda")
     return tuple(kinds)
 
 

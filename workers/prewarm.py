@@ -11,6 +11,8 @@ import torch
 
 
 def prewarm() -> None:
+    # imported inside: the forkserver runs this module under `suppress`, and an import that
+    # fails must cost only the warm-up, never the worker
     from service.schemas.spec import PlanSpec
     from workers.engine.compiled import compile_job
     from workers.engine.devices import open_device, open_session

@@ -10,14 +10,13 @@ import traceback
 from typing import Any
 
 from service.schemas.problem import problem
+from service.schemas.spec import PlanSpec
+from workers import engine
 
 
 def child_main(spec_json: str, queue: Any, memory_limit: int = 0) -> None:
     """Entry point of the child process."""
     try:
-        from service.schemas.spec import PlanSpec
-        from workers import engine
-
         spec = PlanSpec.model_validate_json(spec_json)
         if memory_limit and spec.device.kind != "cuda":
             cap_memory(memory_limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +28,7 @@ from service.feed.hub import PlanFeed
 from service.feed.sources import run_source
 from service.schemas.problem import problem
 from service.store.db import make_engine, make_session_factory, upgrade
+from workers import engine
 
 DESCRIPTION = """Plans PyTorch training jobs: the largest micro-batch that fits (exact, by OOM
 bisection on a real or simulated GPU), gradient accumulation to reach the global batch, the scaled
@@ -75,8 +77,6 @@ class BodyLimit:
                 return messages
 
     async def _too_large(self, send: Send) -> None:
-        import json
-
         body = json.dumps(
             problem(
                 "too-large",
@@ -167,12 +167,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
 
 
 def settle_heap() -> None:
-    """Import what submit needs (torch, the engine) now, then move everything alive into the
-    collector's permanent generation: otherwise each full collection walks torch's millions of
-    objects, a pause of tens of milliseconds that lands in some request's latency."""
-    from workers import engine
-    from workers.engine import devices, models  # noqa: F401
-
+    """Warm what submit needs (the engine loaded torch with this module), then move everything
+    alive into the collector's permanent generation: otherwise each full collection walks
+    torch's millions of objects, a pause of tens of milliseconds in some request's latency."""
     engine.versions()
     gc.collect()
     gc.freeze()

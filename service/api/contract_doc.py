@@ -11,6 +11,9 @@ import json
 import sys
 from typing import Any
 
+from service.api.app import create_app
+from service.config import Settings
+
 HEADER = """# The trainplan API contract
 
 Generated from the OpenAPI schema the server serves at `/openapi.json` (`make spec-doc`; a test
@@ -111,9 +114,6 @@ def render(openapi: dict[str, Any]) -> str:
 
 def current() -> str:
     """The contract of this code's API (no database is touched: the schema is static)."""
-    from service.api.app import create_app
-    from service.config import Settings
-
     return render(create_app(Settings(database_url="sqlite://")).openapi())
 
 

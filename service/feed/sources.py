@@ -46,7 +46,7 @@ def _signatures(feed: PlanFeed, ids: list[str]) -> dict[str, tuple[object, ...]]
 async def listen(feed: PlanFeed, database_url: str, retry_seconds: float = 1.0) -> None:
     """The PostgreSQL source: LISTEN on one connection of its own; after it drops and comes back,
     every followed plan is refreshed (a notification may have been missed meanwhile)."""
-    import psycopg
+    import psycopg  # the optional `postgres` extra: only a PostgreSQL store listens
 
     url = make_url(database_url).set(drivername="postgresql").render_as_string(False)
     connected_before = False

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.resources import files
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from prometheus_client import Counter
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -68,10 +73,6 @@ def alembic_config(url: str) -> Any:
     are the installed package `service.store.migrations` (the repository's `migrations/`,
     mapped in by setup.py), found wherever the package is installed and whatever the working
     directory."""
-    from importlib.resources import files
-
-    from alembic.config import Config
-
     config = Config()
     config.set_main_option("script_location", str(files("service.store.migrations")))
     config.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
@@ -80,15 +81,11 @@ def alembic_config(url: str) -> Any:
 
 def upgrade(url: str) -> None:
     """Apply every Alembic migration to the database at `url`."""
-    from alembic import command
-
     command.upgrade(alembic_config(url), "head")
 
 
 def current_revision(url: str) -> str | None:
     """The store's Alembic revision (None: never migrated)."""
-    from alembic.runtime.migration import MigrationContext
-
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
@@ -99,6 +96,4 @@ def current_revision(url: str) -> str | None:
 
 def head_revision() -> str | None:
     """The newest revision the installed migrations know."""
-    from alembic.script import ScriptDirectory
-
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()

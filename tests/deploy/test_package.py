@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +25,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,16 +106,10 @@ def test_db_upgrade_from_the_wheel(installed: Path, elsewhere: Path, db_url: str
     assert list(elsewhere.iterdir()) == []  # nothing written where it was run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served(installed: Path, elsewhere: Path, db_url: str) -> Iterator[str]:
     """`trainplan serve` (embedded worker) from the wheel's venv, working directory elsewhere."""
-    port = _free_port()
+    port = free_port()
     env = _env(db_url, TRAINPLAN_PORT=str(port), TRAINPLAN_HEARTBEAT_SECONDS="0.5")
     proc = subprocess.Popen(
         [str(installed / "trainplan"), "serve"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,9 @@ from service.client import TrainplanClient
 from service.schemas.spec import PlanSpec
 from service.store import plans
 from service.store.db import make_engine, make_session_factory, upgrade
-from tests.helpers import registered_spec
+from tests.helpers import free_port, registered_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(db_url: str, plugins: str | None = None, **extra: str) -> dict[str, str]:
@@ -68,7 +61,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @contextmanager
 def _serving(db_url: str, **extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`trainplan serve` on a free port, once it answers /readyz."""
-    port = _free_port()
+    port = free_port()
     proc = _trainplan("serve", "--port", str(port), env=_env(db_url, **extra))
     url = f"http://127.0.0.1:{port}"
     try:

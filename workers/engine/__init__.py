@@ -18,11 +18,20 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+import torch
 
 from service.schemas.result import PlanResult, Trial
 from service.schemas.spec import PlanSpec
+from workers.engine import recipe
+from workers.engine.catalogue import GPU_CATALOGUE
+from workers.engine.compiled import compile_job
+from workers.engine.devices import open_device
 from workers.engine.errors import SpecError, Unsupported
+from workers.engine.models import build_model
+from workers.engine.profile import ProfileHooks, run_plan
 
 __all__ = [
     "ModelFacts",
@@ -63,10 +72,6 @@ def model_key(spec: PlanSpec) -> str:
 
 def model_facts(spec: PlanSpec) -> ModelFacts:
     """Build the model on the meta device (raising SpecError at the field that breaks it)."""
-    import torch
-
-    from workers.engine.models import build_model
-
     module = build_model(spec.model, spec.data, spec.training.peft).module
     leaves = [m for m in module.modules() if not any(True for _ in m.children())]
     embedding = next((m for m in leaves if isinstance(m, torch.nn.Embedding)), None)
@@ -79,10 +84,6 @@ def model_facts(spec: PlanSpec) -> ModelFacts:
 
 
 def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
-    from workers.engine import recipe
-    from workers.engine.compiled import compile_job
-    from workers.engine.devices import open_device
-
     if spec.device.kind == "simulated":  # a real device is the worker's to open
         open_device(compile_job(spec))
     elif spec.training.parallelism.strategy not in (None, "none"):
@@ -95,24 +96,15 @@ def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
 
 
 def plan(spec: PlanSpec, on_trial: Callable[[Trial], None] | None = None) -> PlanResult:
-    from workers.engine.compiled import compile_job
-    from workers.engine.profile import ProfileHooks, run_plan
-
     return run_plan(compile_job(spec), ProfileHooks(on_trial=on_trial))
 
 
 def gpus() -> list[dict[str, Any]]:
-    from workers.engine.catalogue import GPU_CATALOGUE
-
     return [g.as_json() for g in GPU_CATALOGUE.values()]
 
 
 @cache
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
     try:
         package = version("trainplan")
     except PackageNotFoundError:  # run from a source tree without installing

@@ -30,6 +30,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from service.schemas.spec import SHARDED, TrainingSpec
 from workers.engine.tracker import MemoryTracker
@@ -70,8 +73,6 @@ def fake_world(training: TrainingSpec) -> Iterator[World | None]:
     if strategy == "none":
         yield None
         return
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     size = training.world_size
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -86,8 +87,6 @@ def fake_world(training: TrainingSpec) -> Iterator[World | None]:
 
 
 def _mesh(world: World) -> Any:
-    from torch.distributed.device_mesh import init_device_mesh
-
     shard = world.shard_group
     if world.strategy == "hybrid_shard" and world.world_size > shard:
         if world.world_size % shard:
@@ -104,6 +103,7 @@ def _mesh(world: World) -> Any:
 @contextmanager
 def traced_collectives(tracker: MemoryTracker) -> Iterator[None]:
     """Let the tracker see FSDP's storage resizes and not see DTensor's sharding propagation."""
+    # DTensor's machinery (0.7 s to import): only sharded plans trace it
     from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
     resize = torch.UntypedStorage.resize_
@@ -146,7 +146,7 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 def shard(model: nn.Module, world: World, training: TrainingSpec, low: torch.dtype | None) -> None:
     """`fully_shard` each block, then the root, on the meta model (before materialising);
     `low`: the mixed-precision dtype, if any."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # only sharded plans
 
     reshard = training.reshards_after_forward
     policy = MixedPrecisionPolicy()
@@ -163,8 +163,6 @@ def shard(model: nn.Module, world: World, training: TrainingSpec, low: torch.dty
 
 def replicate(model: nn.Module, training: TrainingSpec, tracker: MemoryTracker) -> nn.Module:
     """DDP around the materialised model; its gradient buckets count as communication."""
-    from torch.nn.parallel import DistributedDataParallel
-
     with tracker.in_phase("communication"):
         wrapped = DistributedDataParallel(
             model,

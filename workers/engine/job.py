@@ -22,6 +22,8 @@ from workers.engine.data import sample_input, sample_target
 from workers.engine.distributed import World, local, replicate, shard
 from workers.engine.models import BuiltModel
 from workers.engine.optimizers import choose, make_optimizer, paged_states
+from workers.engine.peft import adapter_parameters
+from workers.engine.qlora import quantize_materialised
 from workers.engine.trace import TraceJob
 from workers.engine.tracker import MemoryTracker
 
@@ -154,12 +156,8 @@ class TrainingJob:
             else:
                 model = self._materialise(model, fill)
             if training.peft is not None and training.peft.method == "qlora":
-                from workers.engine.qlora import quantize_materialised
-
                 quantize_materialised(model)
         if training.peft is not None:
-            from workers.engine.peft import adapter_parameters
-
             tracker.mark(adapter_parameters(model), "adapter_parameters")
         if world is not None and world.replicates:
             model = replicate(model, training, tracker)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from service.schemas.spec import BNB_OPTIMIZERS, TrainingSpec
 
@@ -110,6 +111,7 @@ def make_optimizer(
     (`ZeroRedundancyOptimizer`)."""
     cls = _optimizer_class(choice)
     if partitioned:
+        # torch.distributed.optim (0.5 s to import, with RPC): only ZeRO-1 plans use it
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, lr=lr, **choice.kwargs)
@@ -120,7 +122,7 @@ def make_optimizer(
 
 def _optimizer_class(choice: OptimizerChoice) -> Any:
     if choice.bitsandbytes:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # the optional `peft` extra
 
         return getattr(bnb.optim, choice.cls)
     return getattr(torch.optim, choice.cls)
@@ -145,8 +147,7 @@ def prepare_bitsandbytes() -> None:
 
 @cache
 def _quantization_maps() -> dict[bool, list[float]]:
-    from bitsandbytes import functional
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from bitsandbytes import functional  # the optional `peft` extra
 
     with unset_fake_temporarily():
         return {s: functional.create_dynamic_map(signed=s).tolist() for s in (True, False)}
@@ -156,7 +157,7 @@ def _quantization_maps() -> dict[bool, list[float]]:
 def _traceable_bitsandbytes() -> Iterator[None]:
     """bitsandbytes builds its 8-bit quantization maps with `.tolist()`, which a fake tensor
     cannot answer: hand it the same maps computed once on real tensors."""
-    from bitsandbytes import functional
+    from bitsandbytes import functional  # the optional `peft` extra
 
     maps = _quantization_maps()
     original = functional.create_dynamic_map

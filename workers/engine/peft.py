@@ -9,18 +9,25 @@ linear weights by bitsandbytes' 4-bit NF4 storage (`qlora`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig
 from torch import nn
 
 from service.schemas.spec import PeftSpec
+from workers.engine.distributed import local
 from workers.engine.errors import SpecError
+from workers.engine.qlora import quantize_base
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 FIELD = ("training", "peft", "target_modules")
 
 
 def lora_config(spec: PeftSpec, family: str) -> LoraConfig:
+    from peft import LoraConfig  # the optional `peft` extra; 1 s to import, with bitsandbytes
+
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -33,11 +40,9 @@ def lora_config(spec: PeftSpec, family: str) -> LoraConfig:
 def apply_peft(model: nn.Module, spec: PeftSpec, family: str) -> nn.Module:
     """The model with LoRA adapters on the target modules; a target that matches nothing is the
     spec's error, named at its field."""
-    from peft import get_peft_model
+    from peft import get_peft_model  # the optional `peft` extra
 
     if spec.method == "qlora":
-        from workers.engine.qlora import quantize_base
-
         quantize_base(model, spec)
     try:
         wrapped: nn.Module = get_peft_model(model, lora_config(spec, family))
@@ -48,8 +53,6 @@ def apply_peft(model: nn.Module, spec: PeftSpec, family: str) -> nn.Module:
 
 def adapter_parameters(model: nn.Module) -> Iterator[torch.Tensor]:
     """The LoRA A and B weights (peft names them `lora_A` / `lora_B`)."""
-    from workers.engine.distributed import local
-
     for name, param in model.named_parameters():
         if "lora_" in name:
             yield local(param)

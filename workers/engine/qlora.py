@@ -28,7 +28,7 @@ class NF4Linear(nn.Linear):
     quant_state: Any = None
 
     def quantize(self) -> None:
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf  # the optional `peft` extra
 
         packed, state = bnbf.quantize_4bit(
             self.weight.data.to(self.compute_dtype),
@@ -42,7 +42,7 @@ class NF4Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_state is None:
             return super().forward(x)
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # the optional `peft` extra
 
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         out = bnb.matmul_4bit(

@@ -6,8 +6,12 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import replace
 
+from workers.engine.catalogue import GIB, custom_gpu
 from workers.engine.compiled import CompiledJob
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
+from workers.engine.devices.cpu import CpuDevice
+from workers.engine.devices.cuda import CudaDevice
+from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.errors import SpecError
 from workers.engine.models import BuiltModel, build_model
 
@@ -26,15 +30,9 @@ def open_device(job: CompiledJob) -> ProbeDevice:
 def _open(job: CompiledJob) -> ProbeDevice:
     device = job.device
     if device.kind == "simulated":
-        from workers.engine.devices.simulated import SimulatedDevice
-
         return SimulatedDevice.from_spec(device)
     if device.kind == "cpu":
-        from workers.engine.devices.cpu import CpuDevice
-
         return CpuDevice(device.memory_gib)
-    from workers.engine.devices.cuda import CudaDevice
-
     return CudaDevice(device.memory_gib)
 
 
@@ -45,9 +43,6 @@ def twin_of(device: ProbeDevice) -> ProbeDevice | None:
     """The simulated device that predicts a real one: the cpu device's rules (CPU semantics,
     live tensors against the budget) or a card of the cuda device's memory with its measured
     context. None for a simulated device: it is its own prediction."""
-    from workers.engine.catalogue import GIB, custom_gpu
-    from workers.engine.devices.simulated import SimulatedDevice
-
     if device.backend == "simulated":
         return None
     gpu = custom_gpu(device.memory_bytes / GIB)

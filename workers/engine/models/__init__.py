@@ -7,26 +7,21 @@ built in a moment; a device then materialises it (fake, real CPU or CUDA tensors
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from service.schemas.spec import DataSpec, ModelSpec, PeftSpec
 from workers.engine.errors import SpecError
+from workers.engine.models.built import BuiltModel
+from workers.engine.models.hf import build_transformers
+from workers.engine.models.layers import build_layers
+from workers.engine.models.registered import build_registered
+from workers.engine.models.vision import build_torchvision
+from workers.engine.peft import apply_peft
 
-
-@dataclass
-class BuiltModel:
-    module: nn.Module
-    family: str = "classification"  # classification | segmentation | lm | regression | hf
-    notes: list[str] = field(default_factory=list)
-    # (model, inputs, targets) -> loss, for models that compute their own loss (transformers)
-    forward_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    vocab_size: int | None = None
+__all__ = ["BuiltModel", "build_model"]
 
 
 def build_model(model: ModelSpec, data: DataSpec, peft: PeftSpec | None = None) -> BuiltModel:
@@ -35,8 +30,6 @@ def build_model(model: ModelSpec, data: DataSpec, peft: PeftSpec | None = None) 
     spec and the data's."""
     built = _build_base(model, data)
     if peft is not None:
-        from workers.engine.peft import apply_peft
-
         with torch.device("meta"):
             built.module = apply_peft(built.module, peft, built.family)
     return built
@@ -80,20 +73,12 @@ class LargeTensorsToMeta(TorchFunctionMode):
 
 def _build(model: ModelSpec, data: DataSpec) -> BuiltModel:
     if model.source == "layers":
-        from workers.engine.models.layers import build_layers
-
         return build_layers(model, data)
     if model.source == "torchvision":
-        from workers.engine.models.vision import build_torchvision
-
         return build_torchvision(model, data)
     if model.source == "transformers":
-        from workers.engine.models.hf import build_transformers
-
         return build_transformers(model, data)
     if model.source == "registered":
-        from workers.engine.models.registered import build_registered
-
         return build_registered(model, data)
     raise SpecError(
         ("model", "source"), f"the {model.source!r} source is not available on this worker"

@@ -15,6 +15,7 @@ from torch import nn
 
 from service.schemas.spec import DataSpec, TransformersModel
 from workers.engine.errors import SpecError
+from workers.engine.models.built import BuiltModel
 
 _LLAMA_3 = {
     "hidden_size": 4096,
@@ -149,7 +150,7 @@ def resolve(model: TransformersModel) -> tuple[str, dict[str, Any]]:
 
 
 def model_class(architecture: str) -> Any:
-    import transformers
+    import transformers  # the optional `nlp` extra
 
     if not architecture.endswith(TEXT_SUFFIXES + VISION_SUFFIXES):
         raise SpecError(
@@ -175,9 +176,7 @@ def hf_forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     return model(**{key: x, "labels": y}).loss
 
 
-def build_transformers(model: TransformersModel, data: DataSpec) -> Any:
-    from workers.engine.models import BuiltModel
-
+def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:
     architecture, config_values = resolve(model)
     cls = model_class(architecture)
     is_vision = architecture.endswith(VISION_SUFFIXES)

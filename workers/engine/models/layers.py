@@ -15,6 +15,7 @@ from service.schemas.layers import LAYER_TYPES
 from service.schemas.spec import DataSpec, LayersModel
 from workers.engine.data import sample_input
 from workers.engine.errors import SpecError
+from workers.engine.models.built import BuiltModel
 
 _SEQUENCE_LAYERS = {"RNN", "LSTM", "GRU"}
 
@@ -101,9 +102,7 @@ def _make(kind: str, kw: dict[str, Any]) -> nn.Module:
     return layer
 
 
-def build_layers(model: LayersModel, data: DataSpec) -> Any:
-    from workers.engine.models import BuiltModel
-
+def build_layers(model: LayersModel, data: DataSpec) -> BuiltModel:
     x = sample_input(data, batch=2, device="meta")
     modules: list[nn.Module] = []
     for index, layer in enumerate(model.layers):

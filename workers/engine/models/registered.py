@@ -6,12 +6,12 @@ The request only names the entry point; the code is the operator's, installed wi
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Any
 
 from torch import nn
 
 from service.schemas.spec import DataSpec, RegisteredModel
 from workers.engine.errors import SpecError
+from workers.engine.models.built import BuiltModel
 
 GROUP = "trainplan.models"
 
@@ -20,9 +20,7 @@ def registered_names() -> list[str]:
     return sorted(ep.name for ep in entry_points(group=GROUP))
 
 
-def build_registered(model: RegisteredModel, data: DataSpec) -> Any:
-    from workers.engine.models import BuiltModel
-
+def build_registered(model: RegisteredModel, data: DataSpec) -> BuiltModel:
     matches = [ep for ep in entry_points(group=GROUP) if ep.name == model.name]
     if not matches:
         raise SpecError(

@@ -14,6 +14,7 @@ from torch import nn
 
 from service.schemas.spec import DataSpec, TorchvisionModel
 from workers.engine.errors import SpecError
+from workers.engine.models.built import BuiltModel
 
 SUPPORTED_FAMILIES = ("classification", "segmentation", "video")
 
@@ -21,7 +22,7 @@ SUPPORTED_FAMILIES = ("classification", "segmentation", "video")
 @cache
 def families() -> dict[str, str]:
     """Model name -> family, from torchvision's own registry."""
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # the optional `vision` extra; 1.3 s to import
 
     table: dict[str, str] = {}
     for family, module in (
@@ -42,10 +43,8 @@ def families() -> dict[str, str]:
 CONV_SHAPE = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 
 
-def build_torchvision(model_spec: TorchvisionModel, data: DataSpec) -> Any:
-    import torchvision.models as tvm
-
-    from workers.engine.models import BuiltModel
+def build_torchvision(model_spec: TorchvisionModel, data: DataSpec) -> BuiltModel:
+    import torchvision.models as tvm  # the optional `vision` extra; 1.3 s to import
 
     name = model_spec.name
     family = families().get(name)

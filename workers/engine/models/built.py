@@ -1,0 +1,21 @@
+"""What a model source builds: the module on the meta device, its family (which loss the step
+computes), the notes the plan passes on, and for models that compute their own loss the way
+they do it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BuiltModel:
+    module: nn.Module
+    family: str = "classification"  # classification | segmentation | lm | regression | hf
+    notes: list[str] = field(default_factory=list)
+    # (model, inputs, targets) -> loss, for models that compute their own loss (transformers)
+    forward_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    vocab_size: int | None = None

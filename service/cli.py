@@ -434,6 +434,18 @@ def _print_plan(body: dict[str, Any]) -> None:
         ),
         ("trials", str(len(result["trials"]))),
     ]
+    sequence = result.get("sequence_length")
+    if sequence:
+        longest = f"{sequence['max_seq_len']} tokens" if sequence["max_seq_len"] else "none fits"
+        bound = ", the bound" if sequence["bound_reached"] else ""
+        rows.insert(
+            0,
+            (
+                "longest sequence",
+                f"{longest} at micro-batch {sequence['micro_batch_size']} "
+                f"(step {sequence['granularity']}{bound})",
+            ),
+        )
     for key, value in rows:
         summary.add_row(key, value)
     console.print(summary)

@@ -130,10 +130,28 @@ class Trial(BaseModel):
     peak_bytes: int
     duration_s: float
     reason: str | None = None
-    phase: Literal["search", "breakdown", "what_if", "scale_out"] = "search"
+    phase: Literal["search", "breakdown", "what_if", "scale_out", "sequence_length"] = "search"
     scenario: str | None = Field(
         default=None, description="The what-if neighbour this probe belongs to, if any."
     )
+
+
+class SequenceLengthCheck(BaseModel):
+    seq_len: int
+    fits: bool
+    peak_bytes: int
+
+
+class SequenceLength(BaseModel):
+    """The longest sequence that fits (search.target 'sequence_length'), exact to a granule:
+    `max_seq_len` fits and `max_seq_len + granularity` does not, both probed (unless
+    `max_seq_len` is the spec's own data.seq_len: `bound_reached`)."""
+
+    micro_batch_size: int
+    granularity: int
+    max_seq_len: int = Field(description="0: not even one granule fits.")
+    bound_reached: bool = False
+    checked: list[SequenceLengthCheck] = Field(default_factory=list)
 
 
 class WhatIf(BaseModel):
@@ -147,6 +165,7 @@ class WhatIf(BaseModel):
         "strategy",
         "optimizer_impl",
         "optimizer",
+        "loss_kernel",
     ]
     value: str | bool
     device: DeviceInfo
@@ -263,4 +282,9 @@ class PlanResult(BaseModel):
         default_factory=list,
         description="The fewest GPUs per strategy (world_size 'auto', or a job that does not "
         "fit): each the smallest world size where a micro-batch of one fits per rank.",
+    )
+    sequence_length: SequenceLength | None = Field(
+        default=None,
+        description="search.target 'sequence_length': the longest seq_len that fits; the rest "
+        "of the plan is made at that length.",
     )

@@ -419,6 +419,9 @@ def _auto_world_size(data: dict[str, Any]) -> dict[str, Any]:
     return {**rest, "parallelism": {**parallelism, "world_size": "auto"}}
 
 
+LossKernel = Literal["standard", "liger"]
+
+
 class TrainingSpec(StrictModel):
     optimizer: Optimizer = "adamw"
     optimizer_impl: OptimizerImpl | None = Field(
@@ -435,6 +438,14 @@ class TrainingSpec(StrictModel):
         default=False,
         description="Recompute activations in backward instead of keeping them (HF models: "
         "per block; layer lists: segments of about sqrt(n) layers).",
+    )
+    loss_kernel: LossKernel = Field(
+        default="standard",
+        description="How a causal LM's output head and loss run. standard: transformers' own "
+        "(the logits of every token in the autocast dtype, upcast to fp32 for the loss, and "
+        "their gradient). liger: Liger-Kernel's fused linear cross-entropy (the HF Trainer's "
+        "use_liger_kernel, loss head only): logits in chunks of about tokens x hidden elements, "
+        "gradients made in forward. Only for transformers *ForCausalLM models.",
     )
     global_batch_size: int = Field(
         default=256,
@@ -665,6 +676,25 @@ class SearchSpec(StrictModel):
         default=True,
         description="Also search the neighbouring choices (other precision, checkpointing "
         "toggled, the next bigger card): about three more searches.",
+    )
+    target: Literal["micro_batch", "sequence_length"] = Field(
+        default="micro_batch",
+        description="micro_batch: the largest micro-batch at data.seq_len. sequence_length "
+        "(token data): first the longest seq_len, a multiple of sequence_granularity up to "
+        "data.seq_len, at which sequence_micro_batch fits (that length fits and one granule "
+        "more does not, both probed); then the plan at that length.",
+    )
+    sequence_granularity: int = Field(
+        default=128,
+        ge=1,
+        le=1 << 16,
+        description="The step of the sequence-length search, in tokens.",
+    )
+    sequence_micro_batch: int = Field(
+        default=1,
+        ge=1,
+        le=1 << 16,
+        description="The micro-batch the longest sequence must fit (target sequence_length).",
     )
 
 

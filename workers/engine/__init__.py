@@ -30,8 +30,10 @@ from workers.engine.catalogue import GPU_CATALOGUE
 from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device
 from workers.engine.errors import SpecError, Unsupported
+from workers.engine.loss_head import is_causal_lm
 from workers.engine.models import build_model
 from workers.engine.profile import ProfileHooks, run_plan
+from workers.engine.sequence_search import check_target
 
 __all__ = [
     "ModelFacts",
@@ -47,7 +49,7 @@ __all__ = [
 
 # Bumped whenever the engine answers the same spec differently (a new model of memory, a new
 # field in the result): plans made before are then not reused for new submits.
-ENGINE_REVISION = 18  # 18: base_lr default reference, BatchNorm floor, unsupported problems
+ENGINE_REVISION = 19  # 19: training.loss_kernel (Liger's loss head), sequence-length search
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ModelFacts:
     parameters: int = 0
     weighted_layers: int = 0
     token_width: int | None = None
+    causal_lm: bool = False  # a transformers *ForCausalLM: its loss head can be fused
 
 
 def model_key(spec: PlanSpec) -> str:
@@ -80,6 +83,7 @@ def model_facts(spec: PlanSpec) -> ModelFacts:
         parameters=sum(p.numel() for p in module.parameters()),
         weighted_layers=sum(1 for m in leaves if any(True for _ in m.parameters(recurse=False))),
         token_width=embedding.embedding_dim if embedding is not None else None,
+        causal_lm=is_causal_lm(module),
     )
 
 
@@ -92,6 +96,7 @@ def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
             "multi-GPU strategies are traced on the simulated device (device.kind "
             "'simulated'); a real device probes one process",
         )
+    check_target(compile_job(spec))
     recipe.check(spec.training, spec.data.num_samples, facts or model_facts(spec))
 
 

@@ -55,6 +55,9 @@ class CompiledJob:
     def with_training(self, training: TrainingSpec) -> CompiledJob:
         return _compile(self.model, self.data, training, self.device, self.search)
 
+    def with_data(self, data: DataSpec) -> CompiledJob:
+        return _compile(self.model, data, self.training, self.device, self.search)
+
     def with_device(self, device: DeviceSpec) -> CompiledJob:
         return _compile(self.model, self.data, self.training, device, self.search)
 

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from workers.engine.autocast_policy import CudaAutocastPolicy, autocast_region
 from workers.engine.data import sample_input, sample_target
 from workers.engine.distributed import World, local, replicate, shard
+from workers.engine.loss_head import install as install_loss_head
 from workers.engine.models import BuiltModel
 from workers.engine.optimizers import choose, make_optimizer, paged_states
 from workers.engine.peft import adapter_parameters
@@ -144,6 +145,7 @@ class TrainingJob:
         self.param_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.world = world
         self.host_bytes = 0  # what CPU offload or paged optimizer states keep in host memory
+        install_loss_head(training.loss_kernel, built)
         model = built.module
         self.forward_loss = built.forward_loss
         self.vocab_size = built.vocab_size or getattr(trace.data, "vocab_size", None)

@@ -23,6 +23,8 @@ from service.schemas.result import (
     PlanWarning,
     Prediction,
     ScaleOut,
+    SequenceLength,
+    SequenceLengthCheck,
     StepSplit,
     Throughput,
     Trial,
@@ -45,6 +47,7 @@ from workers.engine.scale_out import fewest_gpus
 from workers.engine.schedule import Schedule
 from workers.engine.schedule import resolve as resolve_schedule
 from workers.engine.search import SearchResult, find_max_batch
+from workers.engine.sequence_search import longest_sequence, with_seq_len
 from workers.engine.what_if import explore
 
 # PCIe 4.0 x16: 31.5 GB/s per direction (PCI-SIG); pinned copies reach about 80% of it.
@@ -81,7 +84,7 @@ class _Recorder:
         self.trials: list[Trial] = []
 
     def emit(self, trial: Trial) -> None:
-        if trial.phase not in ("what_if", "scale_out"):
+        if trial.phase not in ("what_if", "scale_out", "sequence_length"):
             self.trials.append(trial)
         if self.hooks.on_trial is not None:
             self.hooks.on_trial(trial)
@@ -104,6 +107,11 @@ def run_plan(
     what-if neighbours when the job asks for them."""
     recorder = _Recorder(hooks or ProfileHooks())
     device = device or open_device(job)
+    sequence = None
+    if job.search.target == "sequence_length":
+        sequence = _longest_sequence(job, device, recorder)
+        if sequence.max_seq_len:
+            job = with_seq_len(job, sequence.max_seq_len)
     scale_out: list[ScaleOut] = []
     if job.training.auto_world_size:
         answer = _scale_out(job, device, recorder, job.training.parallelism.strategy or "fsdp")
@@ -117,6 +125,7 @@ def run_plan(
             _scale_out(job, device, recorder, strategy if strategy in SHARDED else "fsdp")
         )
     result.scale_out = scale_out
+    result.sequence_length = sequence
     if job.search.what_if:
         result.what_if = explore(
             job,
@@ -143,6 +152,26 @@ def _scale_out(
         checked=[
             WorldSizeCheck(world_size=size, fits=o.fits, peak_bytes=o.peak_bytes)
             for size, o in sorted(answer.checked.items())
+        ],
+    )
+
+
+def _longest_sequence(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> SequenceLength:
+    """The longest sequence at the search's micro-batch, each length checked reported as a
+    trial."""
+
+    def report(seq_len: int, outcome: TrialOutcome) -> None:
+        recorder.emit(to_trial(outcome, "sequence_length", f"seq_len={seq_len}"))
+
+    answer = longest_sequence(job, device, on_probe=report)
+    return SequenceLength(
+        micro_batch_size=answer.micro_batch,
+        granularity=answer.granularity,
+        max_seq_len=answer.max_seq_len,
+        bound_reached=answer.bound_reached,
+        checked=[
+            SequenceLengthCheck(seq_len=length, fits=o.fits, peak_bytes=o.peak_bytes)
+            for length, o in sorted(answer.checked.items())
         ],
     )
 

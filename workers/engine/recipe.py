@@ -64,8 +64,18 @@ def check(training: TrainingSpec, num_samples: int, facts: ModelFacts) -> None:
     schedule whose milestones or step size lie past the end of the run, a bitsandbytes optimizer
     on a server without bitsandbytes."""
     _check_groups(training, facts.trainable)
+    _check_loss_kernel(training, facts.causal_lm)
     _check_schedule(training, num_samples)
     _check_optimizer(training)
+
+
+def _check_loss_kernel(training: TrainingSpec, causal_lm: bool) -> None:
+    if training.loss_kernel != "standard" and not causal_lm:
+        raise SpecError(
+            ("training", "loss_kernel"),
+            f"loss_kernel {training.loss_kernel!r} fuses a causal LM's output head with its "
+            "loss: the model is not a transformers *ForCausalLM (use 'standard')",
+        )
 
 
 def _check_optimizer(training: TrainingSpec) -> None:

@@ -1,9 +1,10 @@
 """What-if: the max micro-batch under the choices a user would try next.
 
 After the plan, the same exact search runs for each neighbouring job: the other precision, gradient
-checkpointing toggled, the next bigger card of the catalogue, LoRA and the next sharding strategy,
-and for Adam the fused kernels and 8-bit states. One request then answers "would bf16 /
-checkpointing / an H200 / adamw_8bit let me double the batch?" without a second round trip.
+checkpointing toggled, Liger's fused loss head for a causal LM, the next bigger card of the
+catalogue, LoRA and the next sharding strategy, and for Adam the fused kernels and 8-bit states.
+One request then answers "would bf16 / checkpointing / an H200 / adamw_8bit let me double the
+batch?" without a second round trip.
 A card that is not in the worker is always simulated; the other changes run on the plan's device.
 """
 
@@ -27,11 +28,19 @@ from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_
 from workers.engine.devices.base import ProbeSession
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model
+from workers.engine.models.hf import resolve as resolve_architecture
 from workers.engine.optimizers import bitsandbytes_available
 from workers.engine.search import find_max_batch
 
 Change = Literal[
-    "precision", "gradient_checkpointing", "gpu", "peft", "strategy", "optimizer_impl", "optimizer"
+    "precision",
+    "gradient_checkpointing",
+    "gpu",
+    "peft",
+    "strategy",
+    "optimizer_impl",
+    "optimizer",
+    "loss_kernel",
 ]
 # The strategy that keeps less per rank than each one.
 NEXT_STRATEGY = {"ddp": "zero1", "zero1": "zero2", "zero2": "fsdp"}
@@ -68,6 +77,8 @@ def neighbours(job: CompiledJob, device: ProbeDevice, state_share: float = 0.0) 
         if bigger is not None:
             card = SimulatedDeviceSpec(kind="simulated", gpu=bigger.name)
             out.append(Scenario("gpu", bigger.name, job.with_device(card)))
+    if training.loss_kernel == "standard" and _causal_lm(job):
+        out.append(_with_training(job, "loss_kernel", "liger"))
     out += _scale_neighbours(job)
     if state_share >= OPTIMIZER_STATE_SHARE:
         out += _optimizer_neighbours(job)
@@ -108,6 +119,18 @@ def _scale_neighbours(job: CompiledJob) -> list[Scenario]:
         changed = training.model_copy(update={"parallelism": parallelism})
         out.append(Scenario("strategy", following, job.with_training(changed)))
     return out
+
+
+def _causal_lm(job: CompiledJob) -> bool:
+    """A transformers *ForCausalLM, told from the spec (the build checks it again)."""
+    model = job.model
+    if model.source != "transformers":
+        return False
+    try:
+        architecture, _ = resolve_architecture(model)
+    except SpecError:
+        return False
+    return architecture.endswith("ForCausalLM")
 
 
 def _with_peft(job: CompiledJob, peft: PeftSpec) -> Scenario:

@@ -7,6 +7,7 @@ from typing import Any
 from workers.engine.configs.deepspeed import deepspeed_config
 from workers.engine.configs.job import LaunchJob
 from workers.engine.configs.numbers import PlanNumbers
+from workers.engine.loss_head import LIGER_LOSS_ONLY
 from workers.engine.optimizers import OptimizerChoice
 from workers.engine.schedule import Schedule
 
@@ -32,6 +33,9 @@ def hf_trainer_arguments(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]
     }
     if job.precision == "tf32":
         out["tf32"] = True
+    if job.loss_kernel == "liger":
+        out["use_liger_kernel"] = True
+        out["liger_kernel_config"] = dict(LIGER_LOSS_ONLY)
     if optim_args:
         out["optim_args"] = optim_args
     if job.strategy == "zero1":

@@ -33,6 +33,7 @@ class LaunchJob:
     sharding: str | None  # FSDP's strategy name; None where the strategy does not shard
     reshards_after_forward: bool
     gradient_checkpointing: bool
+    loss_kernel: str  # standard | liger
     channels_last: bool
     epochs: float
     choice: OptimizerChoice
@@ -62,6 +63,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         sharding=sharding,
         reshards_after_forward=training.reshards_after_forward,
         gradient_checkpointing=training.gradient_checkpointing,
+        loss_kernel=training.loss_kernel,
         channels_last=getattr(data, "layout", None) == "channels_last",
         epochs=training.epochs,
         choice=choose(training),

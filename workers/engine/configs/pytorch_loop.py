@@ -14,6 +14,7 @@ from workers.engine.configs.numbers import (
     optimizer_kwargs,
     peft_settings,
 )
+from workers.engine.loss_head import LIGER_LOSS_ONLY
 from workers.engine.recipe_source import recipe_source
 
 
@@ -51,6 +52,7 @@ def pytorch_loop(job: LaunchJob, numbers: PlanNumbers) -> str:
         opt_args="".join(f", {k}={v!r}" for k, v in optimizer_kwargs(job, numbers).items()),
         micro_step=_micro_step(job, ddp),
         better=_better(job),
+        liger=LIGER_LOSS_ONLY,
     )
 
 

@@ -101,7 +101,7 @@
       : `${int(best)} fits (the search bound)`;
   }
 
-  const PROBES_ELSEWHERE = new Set(["what_if", "scale_out"]); // other cards, precisions, world sizes
+  const PROBES_ELSEWHERE = new Set(["what_if", "scale_out", "sequence_length"]); // other cards, precisions, world sizes
 
   function drawTrials() {
     const list = [...trials.values()].filter((t) => !PROBES_ELSEWHERE.has(t.phase));

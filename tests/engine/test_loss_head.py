@@ -1,0 +1,149 @@
+"""The loss head: Liger's fused linear cross-entropy stand-in gives transformers' loss and
+gradients, chunks as the library does, and frees the memory of the logits in the plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.schemas.spec import PlanSpec
+from tests.helpers import TINY_LLAMA, model_of, session_of
+from workers import engine
+from workers.engine.compiled import compile_job
+from workers.engine.configs import build_configs
+from workers.engine.configs.numbers import PlanNumbers
+from workers.engine.loss_head import (
+    IGNORE_INDEX,
+    LIGER_LOSS_ONLY,
+    LigerLinearCrossEntropy,
+    chunk_size,
+    install,
+)
+
+VOCAB = 4000
+
+
+def lm_spec(loss_kernel: str = "standard", **training: Any) -> PlanSpec:
+    """A 2-layer Llama whose vocabulary dwarfs its width: the loss head is most of the step."""
+    return PlanSpec.model_validate(
+        {
+            "model": {
+                "source": "transformers",
+                "architecture": "LlamaForCausalLM",
+                "config": TINY_LLAMA | {"vocab_size": VOCAB},
+            },
+            "data": {"kind": "tokens", "seq_len": 128, "vocab_size": VOCAB, "num_samples": 512},
+            "training": {
+                "optimizer": "adamw",
+                "precision": "bf16-mixed",
+                "global_batch_size": 64,
+                "loss_kernel": loss_kernel,
+                **training,
+            },
+            "device": {"kind": "simulated", "memory_gib": 0.5},
+            "search": {"what_if": False, "headroom": 0.0},
+        }
+    )
+
+
+def test_chunk_size_is_liger_s() -> None:
+    # the library's own example: BT = 4096 * 4, V = 32000, H = 4096 -> inc_factor 8, chunk 2048
+    assert chunk_size(4096 * 4, 4096, 32000) == 2048
+    assert chunk_size(10, 4096, 32000) == 2  # ceil(10 / 8) = 2, a power of two
+    assert chunk_size(3, 64, 32000) == 1  # ceil(3 / 500) = 1
+    assert chunk_size(3, 4096, 4096) == 3  # the power of two above 3, but never past the tokens
+
+
+@pytest.mark.parametrize("with_weight_grad", [True, False])
+def test_values_and_gradients_equal_cross_entropy(with_weight_grad: bool) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(100, 16, dtype=torch.float64, requires_grad=with_weight_grad)
+    target = torch.randint(0, 100, (37,))
+    target[::5] = IGNORE_INDEX
+    counted = int((target != IGNORE_INDEX).sum())
+    assert chunk_size(37, 16, 100) < 37  # several chunks, the last one short
+
+    loss = LigerLinearCrossEntropy.apply(hidden, weight, target, counted)
+    (loss * 3).backward()
+    fused = (loss.detach(), hidden.grad, weight.grad)
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy(hidden @ weight.t(), target, ignore_index=IGNORE_INDEX)
+    (reference * 3).backward()
+    assert torch.allclose(fused[0].double(), reference.detach(), rtol=1e-6)  # fp32, as Liger's
+    assert torch.allclose(fused[1], hidden.grad)
+    if with_weight_grad:
+        assert torch.allclose(fused[2], weight.grad)
+    else:
+        assert fused[2] is None
+
+
+def test_causal_lm_loss_equals_transformers() -> None:
+    """The installed forward gives the model's own loss (labels shifted, last token ignored)."""
+    spec = lm_spec()
+    built = model_of(spec)
+    module = built.module.to_empty(device="cpu").double()
+    torch.manual_seed(0)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randint(0, VOCAB, (3, 17))
+    standard = module(input_ids=x, labels=x).loss
+    standard.backward()
+    head_grad = module.lm_head.weight.grad.clone()
+    module.zero_grad()
+    install("liger", built)
+    fused = module(input_ids=x, labels=x).loss
+    fused.backward()
+    assert torch.allclose(fused, standard)
+    assert torch.allclose(module.lm_head.weight.grad, head_grad)
+
+
+def test_liger_frees_the_logits_and_plans_a_larger_batch() -> None:
+    standard, liger = engine.plan(lm_spec()), engine.plan(lm_spec("liger"))
+    assert liger.max_micro_batch_size > 2 * standard.max_micro_batch_size
+    # at one micro-batch, the fp32 logits and their gradient are gone from the peak
+    batch = standard.max_micro_batch_size
+    with session_of(lm_spec()) as s:
+        plain = s.probe(batch)
+    with session_of(lm_spec("liger")) as s:
+        fused = s.probe(batch)
+    logits_fp32 = batch * 128 * VOCAB * 4
+    assert plain.peak_bytes - fused.peak_bytes > logits_fp32
+    assert fused.breakdown.get("temporary", 0) < plain.breakdown["temporary"] / 10
+
+
+def test_liger_under_lora_keeps_no_head_gradient() -> None:
+    with session_of(lm_spec("liger", peft={"method": "lora"})) as s:
+        outcome = s.probe(4)
+    assert outcome.fits and outcome.breakdown.get("gradients", 0) == 0
+
+
+def test_loss_kernel_needs_a_causal_lm(small_spec: dict[str, Any]) -> None:
+    raw = small_spec | {"training": {**small_spec["training"], "loss_kernel": "liger"}}
+    with pytest.raises(engine.SpecError) as caught:
+        engine.check(PlanSpec.model_validate(raw))
+    assert caught.value.loc == ("training", "loss_kernel")
+
+
+def test_configs_apply_the_loss_kernel_only() -> None:
+    transformers = pytest.importorskip("transformers")
+    numbers = PlanNumbers(
+        micro_batch_size=4,
+        accumulation_steps=2,
+        world_size=1,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        total_optimizer_steps=10,
+    )
+    configs = build_configs(compile_job(lm_spec("liger")).launch, numbers)
+    hf = configs["hf_trainer"]
+    assert hf["use_liger_kernel"] is True and hf["liger_kernel_config"] == LIGER_LOSS_ONLY
+    args = transformers.TrainingArguments(output_dir="/tmp/trainplan-liger", use_cpu=True, **hf)
+    assert args.use_liger_kernel and args.liger_kernel_config["fused_linear_cross_entropy"]
+    assert "_apply_liger_kernel_to_instance(model=model" in configs["pytorch"]
+    compile(configs["pytorch"], "train.py", "exec")
+    plain = build_configs(compile_job(lm_spec()).launch, numbers)
+    assert "use_liger_kernel" not in plain["hf_trainer"] and "liger" not in plain["pytorch"]

@@ -3,7 +3,7 @@ checkpointing, on a simulated H100 (80 GB), with transformers' standard loss and
 fused linear cross-entropy. For each: the exact max micro-batch (infeasible: 0), the peak and the
 breakdown at micro-batch 1, the search's trials and the plan's wall time on this machine.
 
-.venv/bin/python -m bench.loss_head [--seq-len 32768] [--kernels standard,liger]
+.venv/bin/python -m bench.loss_head [--seq-len 32768] [--kernels standard,liger] [--what-if]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from workers import engine
 GIB = 2**30
 
 
-def spec(seq_len: int, kernel: str) -> PlanSpec:
+def spec(seq_len: int, kernel: str, what_if: bool = False) -> PlanSpec:
     return PlanSpec.model_validate(
         {
             "model": {"source": "transformers", "preset": "llama-3.1-8b"},
@@ -34,7 +34,7 @@ def spec(seq_len: int, kernel: str) -> PlanSpec:
                 "loss_kernel": kernel,
             },
             "device": {"kind": "simulated", "gpu": "H100-80GB"},
-            "search": {"what_if": False},
+            "search": {"what_if": what_if},
         }
     )
 
@@ -43,13 +43,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--kernels", default="standard,liger")
+    parser.add_argument(
+        "--what-if", action="store_true", help="with the what-ifs (and, if infeasible, fits_with)"
+    )
     args = parser.parse_args()
     print(header())
     rows: list[dict[str, Any]] = []
     print(f"{'loss kernel':<12} {'max micro':>9} {'peak@1 GiB':>11} {'trials':>6} {'wall s':>7}")
     for kernel in args.kernels.split(","):
         start = time.perf_counter()
-        result = engine.plan(spec(args.seq_len, kernel))
+        result = engine.plan(spec(args.seq_len, kernel, args.what_if))
         wall = time.perf_counter() - start
         at_one = next((t for t in result.trials if t.batch_size == 1), result.trials[0])
         row = {
@@ -72,7 +75,15 @@ def main() -> None:
             f"{row['trials']:>6} {row['wall_s']:>7.1f}"
         )
         print(f"{'':<12} memory at the plan's micro-batch (GiB): {row['breakdown_gib']}")
-    out = Path(__file__).parent / "results" / "loss_head.json"
+        if args.what_if:
+            row["what_if"] = {
+                f"{w.change}={w.value}": w.max_micro_batch_size for w in result.what_if
+            }
+            row["fits_with"] = result.fits_with.model_dump() if result.fits_with else None
+            print(f"{'':<12} what-if max micro-batch: {row['what_if']}")
+            print(f"{'':<12} fits_with: {row['fits_with']}")
+    name = "loss_head_what_if.json" if args.what_if else "loss_head.json"
+    out = Path(__file__).parent / "results" / name
     out.write_text(json.dumps({"header": header(), "rows": rows}, indent=2) + "\n")
 
 

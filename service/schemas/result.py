@@ -154,6 +154,22 @@ class SequenceLength(BaseModel):
     checked: list[SequenceLengthCheck] = Field(default_factory=list)
 
 
+class FitSuggestion(BaseModel):
+    """The changes that make an infeasible job fit, tried cumulatively from the cheapest (mixed
+    precision, the fused loss head, fused optimizer kernels, checkpointing, 8-bit state, LoRA
+    then QLoRA, bigger cards), and the plan they give."""
+
+    changes: dict[str, str | bool] = Field(
+        description="Spec fields (training.* or gpu) and the values that fit.",
+        examples=[{"loss_kernel": "liger", "gradient_checkpointing": True}],
+    )
+    device: DeviceInfo
+    max_micro_batch_size: int
+    micro_batch_size: int
+    accumulation_steps: int
+    samples_per_second: float | None = None
+
+
 class WhatIf(BaseModel):
     """The exact max micro-batch under one neighbouring choice of the spec."""
 
@@ -282,6 +298,11 @@ class PlanResult(BaseModel):
         default_factory=list,
         description="The fewest GPUs per strategy (world_size 'auto', or a job that does not "
         "fit): each the smallest world size where a micro-batch of one fits per rank.",
+    )
+    fits_with: FitSuggestion | None = Field(
+        default=None,
+        description="An infeasible plan (with search.what_if): the first combination of "
+        "changes, cheapest first, whose plan is feasible; more GPUs are in scale_out.",
     )
     sequence_length: SequenceLength | None = Field(
         default=None,

@@ -12,6 +12,7 @@ from typing import Any
 
 from service.schemas.result import (
     DeviceInfo,
+    FitSuggestion,
     LrPoint,
     LrScalingInfo,
     LrSchedule,
@@ -40,6 +41,7 @@ from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_
 from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.errors import SpecError
+from workers.engine.fit_search import first_fit
 from workers.engine.models import build_model
 from workers.engine.plan_warnings import Facts, plan_warnings
 from workers.engine.roofline import UNCERTAINTY, StepCost
@@ -126,6 +128,10 @@ def run_plan(
         )
     result.scale_out = scale_out
     result.sequence_length = sequence
+    if not result.feasible and job.search.what_if:
+        result.fits_with = _first_fit(job, device, recorder)
+        if result.fits_with is not None:
+            result.suggestions.insert(0, _fit_text(result.fits_with))
     if job.search.what_if:
         result.what_if = explore(
             job,
@@ -173,6 +179,36 @@ def _longest_sequence(job: CompiledJob, device: ProbeDevice, recorder: _Recorder
             SequenceLengthCheck(seq_len=length, fits=o.fits, peak_bytes=o.peak_bytes)
             for length, o in sorted(answer.checked.items())
         ],
+    )
+
+
+class _Labelled(_Recorder):
+    """A sub-plan's recorder: its own trials, each reported to the caller's hooks as a probe
+    of the scenario `label`."""
+
+    def __init__(self, parent: _Recorder, label: str) -> None:
+        super().__init__(ProfileHooks())
+        self.parent, self.label = parent, label
+
+    def emit(self, trial: Trial) -> None:
+        self.trials.append(trial)
+        self.parent.emit(trial.model_copy(update={"phase": "what_if", "scenario": self.label}))
+
+
+def _first_fit(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> FitSuggestion | None:
+    def plan(changed: CompiledJob, target: ProbeDevice, label: str) -> PlanResult:
+        return _plan(changed, target, _Labelled(recorder, label))
+
+    return first_fit(job, device, plan)
+
+
+def _fit_text(fit: FitSuggestion) -> str:
+    changes = ", ".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fit.changes.items()
+    )
+    return (
+        f"fits with {changes}: max micro-batch {fit.max_micro_batch_size} on {fit.device.name}"
+        f" (micro-batch {fit.micro_batch_size} x {fit.accumulation_steps} accumulation)"
     )
 
 

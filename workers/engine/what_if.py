@@ -69,16 +69,16 @@ def neighbours(job: CompiledJob, device: ProbeDevice, state_share: float = 0.0) 
     """`state_share`: the plan's optimizer state over the card's capacity."""
     training = job.training
     out = [
-        _with_training(job, "precision", other_precision(training.precision, device)),
-        _with_training(job, "gradient_checkpointing", not training.gradient_checkpointing),
+        with_training(job, "precision", other_precision(training.precision, device)),
+        with_training(job, "gradient_checkpointing", not training.gradient_checkpointing),
     ]
     if job.device.kind != "cpu":
         bigger = bigger_gpu(device.memory_bytes, training.precision)
         if bigger is not None:
             card = SimulatedDeviceSpec(kind="simulated", gpu=bigger.name)
             out.append(Scenario("gpu", bigger.name, job.with_device(card)))
-    if training.loss_kernel == "standard" and _causal_lm(job):
-        out.append(_with_training(job, "loss_kernel", "liger"))
+    if training.loss_kernel == "standard" and causal_lm(job):
+        out.append(with_training(job, "loss_kernel", "liger"))
     out += _scale_neighbours(job)
     if state_share >= OPTIMIZER_STATE_SHARE:
         out += _optimizer_neighbours(job)
@@ -91,7 +91,7 @@ def _optimizer_neighbours(job: CompiledJob) -> list[Scenario]:
     training = job.training
     out = []
     if training.implementation == "foreach" and "fused" in OPTIMIZER_IMPLS[training.optimizer]:
-        out.append(_with_training(job, "optimizer_impl", "fused"))
+        out.append(with_training(job, "optimizer_impl", "fused"))
     if (
         training.optimizer in ("adam", "adamw")
         and training.strategy not in SHARDED
@@ -121,7 +121,7 @@ def _scale_neighbours(job: CompiledJob) -> list[Scenario]:
     return out
 
 
-def _causal_lm(job: CompiledJob) -> bool:
+def causal_lm(job: CompiledJob) -> bool:
     """A transformers *ForCausalLM, told from the spec (the build checks it again)."""
     model = job.model
     if model.source != "transformers":
@@ -164,7 +164,7 @@ def bigger_gpu(capacity: int, precision: str) -> GpuModel | None:
     return min(candidates, key=lambda g: (g.memory_bytes, -g.tflops(precision)))
 
 
-def _with_training(job: CompiledJob, field: Change, value: str | bool) -> Scenario:
+def with_training(job: CompiledJob, field: Change, value: str | bool) -> Scenario:
     # validated again: a changed field can make the spec's other choices inconsistent
     training = TrainingSpec.model_validate(job.training.model_dump() | {field: value})
     return Scenario(field, value, job.with_training(training))

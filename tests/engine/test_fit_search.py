@@ -1,0 +1,56 @@
+"""When nothing fits: the plan answers a small set of changes that does, each change needed,
+with the exact max micro-batch a plan of the changed spec finds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.schemas.examples import TINY_LLAMA
+from service.schemas.spec import PlanSpec
+from workers import engine
+
+
+def long_lm(memory_gib: float, what_if: bool = True, **training: Any) -> PlanSpec:
+    """A 2-layer Llama at 2048 tokens whose fp32 logits alone overflow the card."""
+    return PlanSpec.model_validate(
+        {
+            "model": {
+                "source": "transformers",
+                "architecture": "LlamaForCausalLM",
+                "config": TINY_LLAMA | {"vocab_size": 4000, "max_position_embeddings": 4096},
+            },
+            "data": {"kind": "tokens", "seq_len": 2048, "vocab_size": 4000, "num_samples": 512},
+            "training": {"optimizer": "adamw", "global_batch_size": 8, **training},
+            "device": {"kind": "simulated", "memory_gib": memory_gib},
+            "search": {"headroom": 0.0, "what_if": what_if},
+        }
+    )
+
+
+def test_an_infeasible_plan_answers_the_changes_that_fit() -> None:
+    result = engine.plan(long_lm(0.32))
+    assert not result.feasible
+    fit = result.fits_with
+    assert fit is not None
+    assert fit.changes == {"precision": "bf16-mixed", "loss_kernel": "liger"}
+    assert result.suggestions[0].startswith("fits with precision=bf16-mixed, loss_kernel=liger")
+    # the answer is the plan of the changed spec, which a user can submit as it is
+    changed = engine.plan(long_lm(0.32, what_if=False, **fit.changes))
+    assert changed.feasible and changed.max_micro_batch_size == fit.max_micro_batch_size
+    assert (changed.micro_batch_size, changed.accumulation_steps) == (
+        fit.micro_batch_size,
+        fit.accumulation_steps,
+    )
+    # each change is needed: neither alone fits
+    for alone in ({"precision": "bf16-mixed"}, {"loss_kernel": "liger"}):
+        assert not engine.plan(long_lm(0.32, what_if=False, **alone)).feasible
+
+
+def test_changes_are_dropped_when_a_later_one_does_the_job() -> None:
+    fit = engine.plan(long_lm(0.35)).fits_with
+    assert fit is not None and fit.changes == {"loss_kernel": "liger"}
+
+
+def test_no_search_without_what_if_or_when_the_plan_fits() -> None:
+    assert engine.plan(long_lm(0.32, what_if=False)).fits_with is None
+    assert engine.plan(long_lm(2.0, what_if=False)).fits_with is None

@@ -1,0 +1,148 @@
+"""What would fit: when a micro-batch of one does not, the changes a user would make, in order.
+
+The ladder runs from what costs nothing to what costs the most: mixed precision (faster, not
+slower), Liger's fused loss head for a causal LM, Adam's fused kernels, gradient checkpointing
+(about a third more compute), 8-bit optimizer state, LoRA then QLoRA (a different training
+job), then bigger cards. Changes accumulate: each rung is planned on top of the ones before, and
+the first combination whose plan is feasible is kept; then each change it can do without is
+dropped, the costliest first (a bigger card may make the earlier changes unnecessary). The answer
+carries its exact max micro-batch and its throughput. More GPUs are the scale-out answer beside
+it (`result.scale_out`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.schemas.result import FitSuggestion, PlanResult
+from service.schemas.spec import OPTIMIZER_IMPLS, SHARDED, PeftSpec, SimulatedDeviceSpec
+from workers.engine.compiled import CompiledJob
+from workers.engine.devices import ProbeDevice, open_device
+from workers.engine.errors import SpecError
+from workers.engine.optimizers import bitsandbytes_available
+from workers.engine.what_if import Change, bigger_gpu, causal_lm, other_precision, with_training
+
+# (job, device) -> the job's plan on the device; its probes reported under `label`
+PlanFn = Callable[[CompiledJob, ProbeDevice, str], PlanResult]
+MAX_CARDS = 3  # bigger cards tried, each the next one up the catalogue
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One change: `apply` makes it on a job (None where it does not apply to that job)."""
+
+    change: str
+    value: str | bool
+    apply: Callable[[CompiledJob], CompiledJob | None]
+
+
+def first_fit(job: CompiledJob, device: ProbeDevice, plan: PlanFn) -> FitSuggestion | None:
+    """Climb the ladder until the plan is feasible, then drop each change it can do without,
+    the costliest first: a small set of changes that fits (None: the whole ladder does not)."""
+    rungs = _ladder(job, device)
+    for top in range(1, len(rungs) + 1):
+        found = _try(job, device, rungs[:top], plan)
+        if found is not None:
+            break
+    else:
+        return None
+    kept = rungs[:top]
+    for rung in reversed(rungs[: top - 1]):  # the last rung made it fit: keep it
+        fewer = [r for r in kept if r is not rung]
+        lighter = _try(job, device, fewer, plan)
+        if lighter is not None:
+            kept, found = fewer, lighter
+    return found
+
+
+def _try(
+    job: CompiledJob, device: ProbeDevice, rungs: list[Rung], plan: PlanFn
+) -> FitSuggestion | None:
+    """The plan of `job` with `rungs` applied in order, if it is feasible."""
+    changes: dict[str, str | bool] = {}
+    for rung in rungs:
+        changed = rung.apply(job)
+        if changed is None:
+            return None
+        job = changed
+        changes[rung.change] = rung.value
+    target = open_device(job) if "gpu" in changes else device
+    label = "fit:" + ",".join(f"{k}={_text(v)}" for k, v in changes.items())
+    try:
+        result = plan(job, target, label)
+    except SpecError:  # a combination the engine refuses (say, a model peft cannot wrap)
+        return None
+    if not result.feasible:
+        return None
+    throughput = result.throughput
+    return FitSuggestion(
+        changes=changes,
+        device=result.device,
+        max_micro_batch_size=result.max_micro_batch_size,
+        micro_batch_size=result.micro_batch_size,
+        accumulation_steps=result.accumulation_steps,
+        samples_per_second=throughput.samples_per_second if throughput else None,
+    )
+
+
+def _text(value: str | bool) -> str:
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+def _training(field: Change, value: str | bool) -> Callable[[CompiledJob], CompiledJob]:
+    return lambda job: with_training(job, field, value).job
+
+
+def _on_card(card: str) -> Callable[[CompiledJob], CompiledJob]:
+    spec = SimulatedDeviceSpec(kind="simulated", gpu=card)
+    return lambda job: job.with_device(spec)
+
+
+def _ladder(job: CompiledJob, device: ProbeDevice) -> list[Rung]:
+    """The changes that apply to this job, cheapest first."""
+    t = job.training
+    rungs: list[Rung] = []
+    if t.precision == "fp32":
+        precision = other_precision("fp32", device)
+        rungs.append(Rung("precision", precision, _training("precision", precision)))
+    if t.loss_kernel == "standard" and causal_lm(job):
+        rungs.append(Rung("loss_kernel", "liger", _training("loss_kernel", "liger")))
+    if t.implementation == "foreach" and "fused" in OPTIMIZER_IMPLS[t.optimizer]:
+        rungs.append(Rung("optimizer_impl", "fused", _training("optimizer_impl", "fused")))
+    if not t.gradient_checkpointing:
+        rungs.append(
+            Rung("gradient_checkpointing", True, _training("gradient_checkpointing", True))
+        )
+    if t.optimizer in ("adam", "adamw") and t.strategy not in SHARDED and bitsandbytes_available():
+        rungs.append(Rung("optimizer", "adamw_8bit", _eight_bit))
+    if job.model.source == "transformers" and (t.peft is None or t.peft.method == "lora"):
+        if t.peft is None:
+            rungs.append(Rung("peft", "lora", lambda j: _with_peft(j, "lora")))
+        if t.strategy not in SHARDED:
+            rungs.append(Rung("peft", "qlora", lambda j: _with_peft(j, "qlora")))
+    if job.device.kind != "cpu":
+        capacity = device.memory_bytes
+        for _ in range(MAX_CARDS):
+            card = bigger_gpu(capacity, t.precision)
+            if card is None:
+                break
+            rungs.append(Rung("gpu", card.name, _on_card(card.name)))
+            capacity = card.memory_bytes
+    return rungs
+
+
+def _eight_bit(job: CompiledJob) -> CompiledJob | None:
+    t = job.training
+    if t.optimizer not in ("adam", "adamw"):
+        return None
+    return job.with_training(
+        t.model_validate(t.model_dump() | {"optimizer": "adamw_8bit", "optimizer_impl": None})
+    )
+
+
+def _with_peft(job: CompiledJob, method: str) -> CompiledJob:
+    peft = job.training.peft or PeftSpec(method="lora")
+    return job.with_training(
+        job.training.model_copy(update={"peft": peft.model_copy(update={"method": method})})
+    )

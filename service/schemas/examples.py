@@ -88,6 +88,23 @@ RESNET50_FINE_TUNE: dict[str, Any] = {
     },
     "device": {"kind": "simulated", "gpu": "L4"},
 }
+# Llama-3.1-8B, LoRA, 32k tokens on an H100: with transformers' loss head the logits alone
+# overflow the card; Liger's fused linear cross-entropy fits a micro-batch of one.
+LONG_CONTEXT_LORA: dict[str, Any] = {
+    "model": {"source": "transformers", "preset": "llama-3.1-8b"},
+    "data": {"kind": "tokens", "seq_len": 32768, "num_samples": 10000},
+    "training": {
+        "precision": "bf16-mixed",
+        "gradient_checkpointing": True,
+        "peft": {"method": "lora", "r": 16},
+        "loss_kernel": "liger",
+        "global_batch_size": 8,
+        "base_lr": 0.0002,
+    },
+    "device": {"kind": "simulated", "gpu": "H100-80GB"},
+    "search": {"what_if": False},
+}
+
 PLAN_EXAMPLES: dict[str, Any] = {
     "resnet50": {"summary": "ResNet-50 on ImageNet, A100-80GB, bf16-mixed", "value": RESNET50_A100},
     "grayscale_cnn": {
@@ -97,6 +114,10 @@ PLAN_EXAMPLES: dict[str, Any] = {
     "fine_tune": {
         "summary": "Fine-tune ResNet-50: cosine schedule, a 10x head, early stopping, fused AdamW",
         "value": RESNET50_FINE_TUNE,
+    },
+    "long_context_lora": {
+        "summary": "Llama-3.1-8B LoRA at 32k tokens, H100, Liger's fused loss head",
+        "value": LONG_CONTEXT_LORA,
     },
 }
 

@@ -28,26 +28,30 @@ def long_lm(memory_gib: float, what_if: bool = True, **training: Any) -> PlanSpe
 
 
 def test_an_infeasible_plan_answers_the_changes_that_fit() -> None:
-    result = engine.plan(long_lm(0.32))
+    result = engine.plan(long_lm(0.29))
     assert not result.feasible
     fit = result.fits_with
     assert fit is not None
-    assert fit.changes == {"precision": "bf16-mixed", "loss_kernel": "liger"}
-    assert result.suggestions[0].startswith("fits with precision=bf16-mixed, loss_kernel=liger")
+    wanted = {"precision": "bf16-mixed", "loss_kernel": "liger", "gradient_checkpointing": True}
+    assert fit.changes == wanted
+    assert result.suggestions[0].startswith(
+        "fits with precision=bf16-mixed, loss_kernel=liger, gradient_checkpointing=true"
+    )
     # the answer is the plan of the changed spec, which a user can submit as it is
-    changed = engine.plan(long_lm(0.32, what_if=False, **fit.changes))
+    changed = engine.plan(long_lm(0.29, what_if=False, **fit.changes))
     assert changed.feasible and changed.max_micro_batch_size == fit.max_micro_batch_size
     assert (changed.micro_batch_size, changed.accumulation_steps) == (
         fit.micro_batch_size,
         fit.accumulation_steps,
     )
-    # each change is needed: neither alone fits
-    for alone in ({"precision": "bf16-mixed"}, {"loss_kernel": "liger"}):
-        assert not engine.plan(long_lm(0.32, what_if=False, **alone)).feasible
+    # each change is needed: without any one of them it does not fit
+    for dropped in wanted:
+        fewer = {k: v for k, v in wanted.items() if k != dropped}
+        assert not engine.plan(long_lm(0.29, what_if=False, **fewer)).feasible, dropped
 
 
 def test_changes_are_dropped_when_a_later_one_does_the_job() -> None:
-    fit = engine.plan(long_lm(0.35)).fits_with
+    fit = engine.plan(long_lm(0.31)).fits_with
     assert fit is not None and fit.changes == {"loss_kernel": "liger"}
 
 

@@ -177,3 +177,31 @@ def test_seq_len_beyond_the_model_is_refused() -> None:
     with pytest.raises(SpecError) as info:
         model_of(spec)
     assert info.value.loc == ("data", "seq_len")
+
+
+def test_the_trace_builds_no_causal_mask_a_gpu_would_not() -> None:
+    """With no padding, a real step lets SDPA apply causality (`is_causal`): nothing in memory
+    grows with the square of the sequence. The fake trace must agree (transformers reads a fake
+    tensor as graph tracing and would otherwise build a T x T mask and a copy per layer)."""
+
+    def activations(seq_len: int) -> int:
+        spec = PlanSpec.model_validate(
+            {
+                "model": {
+                    "source": "transformers",
+                    "architecture": "LlamaForCausalLM",
+                    "config": TINY_LLAMA | {"max_position_embeddings": 16384},
+                },
+                "data": {"kind": "tokens", "seq_len": seq_len, "vocab_size": 1000},
+                "training": {"precision": "bf16-mixed", "gradient_checkpointing": True},
+                "device": {"kind": "simulated", "gpu": "H100-80GB"},
+                "search": {"what_if": False},
+            }
+        )
+        with session_of(spec) as session:
+            parts = session.probe(1).breakdown
+        return parts.get("activations", 0) + parts.get("temporary", 0)
+
+    small, middle, large = activations(2048), activations(4096), activations(8192)
+    # doubling the sequence doubles what grows with it (a square term would quadruple it)
+    assert 1.8 < (large - middle) / (middle - small) < 2.3

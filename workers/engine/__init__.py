@@ -49,7 +49,9 @@ __all__ = [
 
 # Bumped whenever the engine answers the same spec differently (a new model of memory, a new
 # field in the result): plans made before are then not reused for new submits.
-ENGINE_REVISION = 19  # 19: training.loss_kernel (Liger's loss head), sequence-length search
+# 19: training.loss_kernel (Liger's loss head), sequence-length search, fits_with, and no
+# causal mask in a transformers trace that a GPU would not build
+ENGINE_REVISION = 19
 
 
 @dataclass(frozen=True)

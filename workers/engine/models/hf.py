@@ -8,6 +8,8 @@ keys. Built on the meta device, so an 8B model costs nothing until a device mate
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -173,7 +175,35 @@ def model_class(architecture: str) -> Any:
 def hf_forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The loss the model computes itself from labels, as the HF Trainer would."""
     key = "pixel_values" if x.is_floating_point() else "input_ids"
-    return model(**{key: x, "labels": y}).loss
+    with causal_mask_as_on_a_gpu():
+        return model(**{key: x, "labels": y}).loss
+
+
+@contextmanager
+def causal_mask_as_on_a_gpu() -> Iterator[None]:
+    """A real training step builds no causal mask: with no padding and no cache, transformers
+    looks for packed sequences in the position ids (`find_packed_sequence_indices`), finds none
+    (`.all()` on the last index) and lets SDPA run with `is_causal=True`. On a fake tensor that
+    check cannot read values, so transformers assumes packing and materialises a
+    (batch, 1, T, T) mask with a copy per layer: a square term in the sequence (2 GiB a layer at
+    32k tokens) that the GPU never allocates. The trace's batches are whole sequences (the
+    position ids are transformers' own 0..T-1), so during the trace the answer is the real
+    run's: no packed sequences."""
+    import transformers.masking_utils as masking  # the optional `nlp` extra
+
+    find = getattr(masking, "find_packed_sequence_indices", None)
+    if find is None:  # another transformers: nothing to correct
+        yield
+        return
+    masking.find_packed_sequence_indices = _no_packed_sequences
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = find
+
+
+def _no_packed_sequences(position_ids: torch.Tensor) -> None:
+    return None
 
 
 def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:

@@ -136,6 +136,37 @@ class Trial(BaseModel):
     )
 
 
+class TokenBatching(BaseModel):
+    """How the token data's real lengths are batched (data.lengths, data.batching), at the
+    plan's micro-batch."""
+
+    batching: Literal["pad_to_max", "pad_to_longest", "packed"]
+    batch_unit: Literal["samples", "rows"] = Field(
+        description="What micro_batch_size, accumulation and the global batches of the plan "
+        "count: samples, or for packed data rows of seq_len tokens."
+    )
+    mean_length: float
+    longest: int
+    traced_length: int = Field(
+        description="The rows' length in the trace: seq_len, or for pad_to_longest the "
+        "longest sample (a batch may hold it)."
+    )
+    samples_per_micro_batch: float = Field(description="On average, for packed rows.")
+    tokens_per_micro_batch: float = Field(
+        description="Tokens computed per micro-batch, padding included (pad_to_longest: at the "
+        "expected padded length of a batch)."
+    )
+    real_tokens_per_micro_batch: float
+    padding_fraction: float = Field(description="Of the tokens computed, the share of padding.")
+    padding_fraction_pad_to_max: float = Field(
+        description="The same share had every sample been padded to seq_len."
+    )
+    global_batch_samples: int = Field(description="The global batch the spec asked for.")
+    effective_global_batch_samples: float = Field(
+        description="Samples per optimizer step the plan's batches hold (on average, packed)."
+    )
+
+
 class SequenceLengthCheck(BaseModel):
     seq_len: int
     fits: bool
@@ -303,6 +334,10 @@ class PlanResult(BaseModel):
         default=None,
         description="An infeasible plan (with search.what_if): the first combination of "
         "changes, cheapest first, whose plan is feasible; more GPUs are in scale_out.",
+    )
+    token_batching: TokenBatching | None = Field(
+        default=None,
+        description="Token data with data.lengths: padding or packing at the plan's batches.",
     )
     sequence_length: SequenceLength | None = Field(
         default=None,

@@ -8,6 +8,7 @@ sources name things from allow-lists (torch.nn classes, torchvision names, prese
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -179,10 +180,106 @@ class ImageData(_DataBase):
         return (self.channels, self.height, self.width)
 
 
+class LengthBin(StrictModel):
+    up_to: int = Field(ge=1, description="The bin's longest sample, in tokens.")
+    count: int = Field(ge=0, le=10**12)
+
+
+# A percentile as a JSON object key: "0" to "100".
+Percentile = Annotated[str, Field(pattern=r"^(100|[1-9]?[0-9])$")]
+
+
+class TokenLengths(StrictModel):
+    """How long the samples are, in tokens: percentiles (the lengths at some percentiles, 100
+    the longest sample; straight lines between them) or a histogram (bins of lengths up to a
+    bound, with counts; uniform within a bin). Exactly one of the two."""
+
+    percentiles: dict[Percentile, Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=101,
+        description="Percentile -> length in tokens; must include 100 (the longest).",
+        examples=[{"50": 350, "90": 1400, "99": 3900, "100": 8192}],
+    )
+    histogram: list[LengthBin] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Bins with increasing bounds: the count of samples longer than the previous "
+        "bound and at most this one.",
+        examples=[[{"up_to": 512, "count": 6000}, {"up_to": 8192, "count": 500}]],
+    )
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> TokenLengths:
+        if (self.percentiles is None) == (self.histogram is None):
+            raise ValueError("give exactly one of percentiles and histogram")
+        if self.percentiles is not None:
+            points = self.points()
+            if points[-1][0] != 100:
+                raise ValueError("percentiles must include 100 (the longest sample)")
+            if any(b[1] < a[1] for a, b in itertools.pairwise(points)):
+                raise ValueError("lengths must not fall as the percentile rises")
+        if self.histogram is not None:
+            bounds = [b.up_to for b in self.histogram]
+            if any(b <= a for a, b in itertools.pairwise(bounds)):
+                raise ValueError("histogram bounds must increase")
+            if sum(b.count for b in self.histogram) == 0:
+                raise ValueError("the histogram counts no sample")
+        return self
+
+    def points(self) -> list[tuple[int, int]]:
+        """The percentiles as (percentile, length), in order."""
+        return sorted((int(k), v) for k, v in (self.percentiles or {}).items())
+
+    @property
+    def longest(self) -> int:
+        if self.percentiles is not None:
+            return self.percentiles["100"]
+        assert self.histogram is not None
+        return max(b.up_to for b in self.histogram if b.count > 0)
+
+
 class TokensData(_DataBase):
     kind: Literal["tokens"]
-    seq_len: int = Field(ge=1, le=131072)
+    seq_len: int = Field(
+        ge=1,
+        le=131072,
+        description="Tokens per sample as the model sees them: the padded or packed row length "
+        "(samples longer are truncated to it).",
+    )
     vocab_size: int | None = Field(default=None, ge=2, le=1 << 22)
+    lengths: TokenLengths | None = Field(
+        default=None,
+        description="The real samples' lengths (none: every sample is seq_len tokens long).",
+    )
+    batching: Literal["pad_to_max", "pad_to_longest", "packed"] = Field(
+        default="pad_to_max",
+        description="pad_to_max: every sample padded to seq_len. pad_to_longest: each batch "
+        "padded to its longest sample (memory planned for a batch holding the longest; time "
+        "at the expected padded length). packed: samples concatenated into rows of seq_len "
+        "tokens, document boundaries kept (padding-free / varlen attention); micro_batch_size "
+        "counts rows, global_batch_size still counts samples.",
+    )
+
+    @field_validator("lengths")
+    @classmethod
+    def _within_seq_len(cls, lengths: TokenLengths | None, info: ValidationInfo) -> Any:
+        seq_len = info.data.get("seq_len")
+        if lengths is not None and seq_len is not None and lengths.longest > seq_len:
+            raise ValueError(
+                f"the longest sample ({lengths.longest} tokens) is longer than seq_len "
+                f"{seq_len}: raise seq_len, or truncate the samples and say so here"
+            )
+        return lengths
+
+    @field_validator("batching")
+    @classmethod
+    def _lengths_for_batching(cls, batching: str, info: ValidationInfo) -> Any:
+        # only when lengths validated and are absent: a bad `lengths` has its own error
+        if batching != "pad_to_max" and "lengths" in info.data and info.data["lengths"] is None:
+            raise ValueError(f"batching {batching!r} needs data.lengths (how long the samples are)")
+        return batching
 
 
 class TensorData(_DataBase):

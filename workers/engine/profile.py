@@ -32,7 +32,7 @@ from service.schemas.result import (
     WorldSizeCheck,
 )
 from service.schemas.spec import SHARDED, DataSpec, TrainingSpec
-from workers.engine import planner, recipe
+from workers.engine import planner, recipe, token_batching
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.compiled import CompiledJob
 from workers.engine.configs import PlanNumbers, build_configs
@@ -109,6 +109,7 @@ def run_plan(
     what-if neighbours when the job asks for them."""
     recorder = _Recorder(hooks or ProfileHooks())
     device = device or open_device(job)
+    job, batching = token_batching.prepare(job)
     sequence = None
     if job.search.target == "sequence_length":
         sequence = _longest_sequence(job, device, recorder)
@@ -128,6 +129,8 @@ def run_plan(
         )
     result.scale_out = scale_out
     result.sequence_length = sequence
+    if batching is not None and result.feasible:
+        result.token_batching = token_batching.report(batching, result)
     if not result.feasible and job.search.what_if:
         result.fits_with = _first_fit(job, device, recorder)
         if result.fits_with is not None:

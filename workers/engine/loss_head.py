@@ -26,7 +26,7 @@ the same class runs on real devices; there its time is PyTorch's chunked matmuls
 from __future__ import annotations
 
 import math
-from types import MethodType, SimpleNamespace
+from types import MethodType
 from typing import Any
 
 import torch
@@ -166,7 +166,10 @@ def liger_forward(self: Any, input_ids: torch.Tensor, labels: torch.Tensor, **_:
     loss = LigerLinearCrossEntropy.apply(
         hidden.view(-1, width), head.weight, shifted.view(-1), batch * max(seq - 1, 1)
     )
-    return SimpleNamespace(loss=loss, logits=None)
+    # a ModelOutput (a dict), as the library returns: DDP finds the loss in it to hook its sync
+    from transformers.modeling_outputs import CausalLMOutputWithPast  # the optional `nlp` extra
+
+    return CausalLMOutputWithPast(loss=loss)
 
 
 def _unwrap(model: nn.Module) -> Any:

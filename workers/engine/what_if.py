@@ -177,7 +177,8 @@ def explore(
     to_trial: Callable[[TrialOutcome, str], Trial],
     state_share: float = 0.0,
 ) -> list[WhatIf]:
-    """Run the exact search for each neighbour; a neighbour that cannot be built is skipped."""
+    """Run the exact search for each neighbour; a neighbour that cannot be built or traced is
+    skipped."""
     out = []
     for scenario in neighbours(job, device, state_share):
         changed = scenario.job
@@ -186,13 +187,16 @@ def explore(
             built = build_model(changed.model, changed.data, changed.peft)
         except SpecError:
             continue
-        with open_session(target, changed, built) as session:
-            search = find_max_batch(
-                make_probe(session, scenario.label),
-                session.limit_bytes,
-                job.search.max_batch_size,
-                session.predict_fits,
-            )
+        try:
+            with open_session(target, changed, built) as session:
+                search = find_max_batch(
+                    make_probe(session, scenario.label),
+                    session.limit_bytes,
+                    job.search.max_batch_size,
+                    session.predict_fits,
+                )
+        except SpecError:  # the neighbour cannot be traced (Unsupported): the plan still stands
+            continue
         best = search.outcome_at(search.max_batch) if search.max_batch else search.trials[0]
         assert best is not None
         out.append(

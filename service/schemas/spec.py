@@ -129,6 +129,13 @@ class TransformersModel(StrictModel):
     preset: str | None = Field(default=None, pattern=NAME_PATTERN, examples=["llama-3-8b"])
     architecture: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{1,64}$")
     config: dict[str, KwargValue] = Field(default_factory=dict)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa",
+        description="The attention kernel, as transformers names it (from_pretrained's "
+        "attn_implementation). eager materialises the scores (batch x heads x T x T) and keeps "
+        "their softmax for backward; sdpa and flash_attention_2 keep O(T) statistics (the "
+        "trace runs SDPA's flash kernel for both).",
+    )
 
     _cfg = field_validator("config")(classmethod(lambda cls, v: _check_kwargs(v)))
 

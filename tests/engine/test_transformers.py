@@ -9,6 +9,7 @@ import pytest
 from service.schemas.spec import PlanSpec
 from tests.helpers import TINY_LLAMA, assert_exact, model_of, session_of
 from workers.engine.compiled import compile_job
+from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.devices import open_device, open_session
 from workers.engine.errors import SpecError
 from workers.engine.models.hf import PRESETS
@@ -205,3 +206,57 @@ def test_the_trace_builds_no_causal_mask_a_gpu_would_not() -> None:
     small, middle, large = activations(2048), activations(4096), activations(8192)
     # doubling the sequence doubles what grows with it (a square term would quadruple it)
     assert 1.8 < (large - middle) / (middle - small) < 2.3
+
+
+def _attention_bytes(attn: str, seq_len: int) -> int:
+    """Activations + temporaries of one traced step of a tiny Llama at `seq_len`."""
+    spec = PlanSpec.model_validate(
+        {
+            "model": {
+                "source": "transformers",
+                "architecture": "LlamaForCausalLM",
+                "config": TINY_LLAMA | {"max_position_embeddings": 8192},
+                "attn_implementation": attn,
+            },
+            "data": {"kind": "tokens", "seq_len": seq_len, "vocab_size": 1000},
+            "training": {"precision": "bf16-mixed"},
+            "device": {"kind": "simulated", "gpu": "H100-80GB"},
+            "search": {"what_if": False},
+        }
+    )
+    with session_of(spec) as session:
+        parts = session.probe(1).breakdown
+    return parts.get("activations", 0) + parts.get("temporary", 0)
+
+
+def test_eager_attention_keeps_the_scores_and_flash_does_not() -> None:
+    eager = [_attention_bytes("eager", n) for n in (1024, 2048)]
+    sdpa = [_attention_bytes("sdpa", n) for n in (1024, 2048)]
+    # 4 heads x T x T scores (and their softmax) per layer: a square term that sdpa lacks
+    assert eager[1] - eager[0] > 3 * (sdpa[1] - sdpa[0])
+    assert eager[1] - sdpa[1] > 2 * 4 * 2048 * 2048 * 2  # two layers' bf16 scores at least
+    # flash-attention 2 keeps the same O(T) statistics as SDPA's flash kernel: its stand-in
+    assert _attention_bytes("flash_attention_2", 2048) == sdpa[1]
+
+
+def test_configs_load_the_model_with_the_traced_attention() -> None:
+    spec = PlanSpec.model_validate(
+        {
+            "model": {
+                "source": "transformers",
+                "preset": "llama-3.2-1b",
+                "attn_implementation": "eager",
+            },
+            "data": {"kind": "tokens", "seq_len": 128},
+        }
+    )
+    numbers = PlanNumbers(
+        micro_batch_size=1,
+        accumulation_steps=1,
+        world_size=1,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        total_optimizer_steps=1,
+    )
+    configs = build_configs(compile_job(spec).launch, numbers)
+    assert configs["from_pretrained"] == {"attn_implementation": "eager"}

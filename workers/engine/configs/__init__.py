@@ -42,6 +42,9 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
         "deepspeed": deepspeed_config(job, numbers),
         "accelerate": accelerate_config(job, numbers),
     }
+    if job.hf and job.attn_implementation is not None:
+        # what the plan traced: load the model with the same attention kernel
+        out["from_pretrained"] = {"attn_implementation": job.attn_implementation}
     if job.peft is not None:
         out["peft"] = peft_settings(job)
     if job.early_stopping is not None:

@@ -34,6 +34,7 @@ class LaunchJob:
     reshards_after_forward: bool
     gradient_checkpointing: bool
     loss_kernel: str  # standard | liger
+    attn_implementation: str | None  # transformers models: from_pretrained's kwarg
     channels_last: bool
     epochs: float
     choice: OptimizerChoice
@@ -64,6 +65,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         reshards_after_forward=training.reshards_after_forward,
         gradient_checkpointing=training.gradient_checkpointing,
         loss_kernel=training.loss_kernel,
+        attn_implementation=getattr(model, "attn_implementation", None),
         channels_last=getattr(data, "layout", None) == "channels_last",
         epochs=training.epochs,
         choice=choose(training),

@@ -238,6 +238,9 @@ def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:
                 ("data", "seq_len"),
                 f"seq_len {data.seq_len} is longer than the model's {limit} positions",
             )
+    # flash_attention_2 needs the flash-attn package and a GPU; SDPA's flash kernel keeps the
+    # same O(T) statistics (the output and a float32 logsumexp per row and head), so it stands in
+    config._attn_implementation = "eager" if model.attn_implementation == "eager" else "sdpa"
     try:
         module = cls(config)
     except Exception as exc:

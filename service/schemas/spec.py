@@ -129,13 +129,20 @@ class TransformersModel(StrictModel):
     preset: str | None = Field(default=None, pattern=NAME_PATTERN, examples=["llama-3-8b"])
     architecture: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{1,64}$")
     config: dict[str, KwargValue] = Field(default_factory=dict)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        default="sdpa",
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        default=None,
         description="The attention kernel, as transformers names it (from_pretrained's "
-        "attn_implementation). eager materialises the scores (batch x heads x T x T) and keeps "
-        "their softmax for backward; sdpa and flash_attention_2 keep O(T) statistics (the "
-        "trace runs SDPA's flash kernel for both).",
+        "attn_implementation); null: config.attn_implementation if given, else sdpa. eager "
+        "materialises the scores (batch x heads x T x T) and keeps their softmax for backward; "
+        "sdpa and flash_attention_2 keep O(T) statistics (the trace runs SDPA's flash kernel "
+        "for both).",
     )
+
+    @property
+    def attention(self) -> str:
+        """The kernel the model runs with: this field, the config's key, or sdpa."""
+        named = self.config.get("attn_implementation")
+        return self.attn_implementation or (named if isinstance(named, str) else "sdpa")
 
     _cfg = field_validator("config")(classmethod(lambda cls, v: _check_kwargs(v)))
 

@@ -65,7 +65,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         reshards_after_forward=training.reshards_after_forward,
         gradient_checkpointing=training.gradient_checkpointing,
         loss_kernel=training.loss_kernel,
-        attn_implementation=getattr(model, "attn_implementation", None),
+        attn_implementation=model.attention if model.source == "transformers" else None,
         channels_last=getattr(data, "layout", None) == "channels_last",
         epochs=training.epochs,
         choice=choose(training),

@@ -240,7 +240,7 @@ def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:
             )
     # flash_attention_2 needs the flash-attn package and a GPU; SDPA's flash kernel keeps the
     # same O(T) statistics (the output and a float32 logsumexp per row and head), so it stands in
-    config._attn_implementation = "eager" if model.attn_implementation == "eager" else "sdpa"
+    config._attn_implementation = "eager" if model.attention == "eager" else "sdpa"
     try:
         module = cls(config)
     except Exception as exc:

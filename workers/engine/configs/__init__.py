@@ -17,6 +17,7 @@ from workers.engine.configs.accelerate import accelerate_config
 from workers.engine.configs.deepspeed import deepspeed_config, deepspeed_takes_recipe
 from workers.engine.configs.hf_trainer import hf_callbacks, hf_native_schedule, hf_trainer_arguments
 from workers.engine.configs.job import LaunchJob, launch_job
+from workers.engine.configs.launch import launch_specs
 from workers.engine.configs.lightning import lightning_settings
 from workers.engine.configs.numbers import PlanNumbers, peft_settings
 from workers.engine.configs.pytorch_loop import pytorch_loop
@@ -41,6 +42,7 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
         "hf_trainer": hf_trainer_arguments(job, numbers),
         "deepspeed": deepspeed_config(job, numbers),
         "accelerate": accelerate_config(job, numbers),
+        "launch": launch_specs(job, numbers),
     }
     if job.hf and job.attn_implementation is not None:
         # what the plan traced: load the model with the same attention kernel

@@ -130,9 +130,26 @@ class Trial(BaseModel):
     peak_bytes: int
     duration_s: float
     reason: str | None = None
-    phase: Literal["search", "breakdown", "what_if", "scale_out", "sequence_length"] = "search"
+    phase: Literal[
+        "search", "breakdown", "what_if", "scale_out", "sequence_length", "evaluation"
+    ] = "search"
     scenario: str | None = Field(
         default=None, description="The what-if neighbour this probe belongs to, if any."
+    )
+
+
+class EvaluationPlan(BaseModel):
+    """The evaluation's own micro-batch (forward only) and what it adds to time-to-train."""
+
+    max_micro_batch_size: int
+    micro_batch_size: int = Field(description="per_device_eval_batch_size.")
+    peak_bytes: int = Field(description="At the evaluation's micro-batch.")
+    iterations: int = Field(description="Micro-batches in one evaluation, per rank.")
+    evaluations: int = Field(description="Evaluations in the run.")
+    step_time_s: float | None = None
+    time_per_evaluation_s: float | None = None
+    total_time_s: float | None = Field(
+        default=None, description="All evaluations; included in throughput.total_time_s."
     )
 
 
@@ -334,6 +351,9 @@ class PlanResult(BaseModel):
         default=None,
         description="An infeasible plan (with search.what_if): the first combination of "
         "changes, cheapest first, whose plan is feasible; more GPUs are in scale_out.",
+    )
+    evaluation: EvaluationPlan | None = Field(
+        default=None, description="training.evaluation: its micro-batch and its time."
     )
     token_batching: TokenBatching | None = Field(
         default=None,

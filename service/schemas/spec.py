@@ -510,6 +510,19 @@ class EarlyStoppingSpec(StrictModel):
     min_delta: float = Field(default=0.0, ge=0, le=1e9)
 
 
+class EvaluationSpec(StrictModel):
+    """Evaluation during training: forward only, no gradients, `model.eval()`, with a
+    micro-batch of its own (larger than training's: nothing is kept for backward)."""
+
+    num_samples: int = Field(ge=1, le=10**12, description="Samples in one evaluation.")
+    every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**9,
+        description="Evaluate every this many optimizer steps; null: once per epoch.",
+    )
+
+
 class ParamGroup(StrictModel):
     """Parameters whose names start with `prefix` train at `lr_scale` x the plan's rate."""
 
@@ -614,6 +627,7 @@ class TrainingSpec(StrictModel):
         "rest train at the plan's rate. Frozen prefixes (`trainable`) stay frozen.",
     )
     early_stopping: EarlyStoppingSpec | None = None
+    evaluation: EvaluationSpec | None = None
 
     @field_validator("trainable")
     @classmethod

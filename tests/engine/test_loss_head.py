@@ -147,3 +147,17 @@ def test_configs_apply_the_loss_kernel_only() -> None:
     compile(configs["pytorch"], "train.py", "exec")
     plain = build_configs(compile_job(lm_spec()).launch, numbers)
     assert "use_liger_kernel" not in plain["hf_trainer"] and "liger" not in plain["pytorch"]
+
+
+def test_evaluation_makes_the_logits_the_fused_training_step_does_not() -> None:
+    """Liger fuses the loss in training only: evaluation (model.eval()) makes the logits, so
+    its micro-batch is smaller than training's, and the plan says so."""
+    raw = lm_spec("liger").model_dump(mode="json")
+    raw["training"]["evaluation"] = {"num_samples": 256}
+    result = engine.plan(PlanSpec.model_validate(raw))
+    assert result.evaluation is not None
+    assert result.evaluation.max_micro_batch_size < result.micro_batch_size
+    assert "evaluation_batch_smaller" in {w.code for w in result.warnings}
+    assert result.configs["hf_trainer"]["per_device_eval_batch_size"] == (
+        result.evaluation.micro_batch_size
+    )

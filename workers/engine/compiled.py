@@ -10,7 +10,7 @@ consistent as the first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.schemas.spec import (
     DataSpec,
@@ -51,6 +51,10 @@ class CompiledJob:
     @property
     def world_size(self) -> int:
         return self.training.world_size
+
+    def for_evaluation(self) -> CompiledJob:
+        """The same job stepping through evaluation: forward only, no gradients."""
+        return replace(self, trace=replace(self.trace, evaluating=True))
 
     def with_training(self, training: TrainingSpec) -> CompiledJob:
         return _compile(self.model, self.data, training, self.device, self.search)

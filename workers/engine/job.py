@@ -316,7 +316,11 @@ class TrainingJob:
         return x, y
 
     def iteration(self, batch: int) -> None:
-        """forward + loss + backward + step on one micro-batch, as a training loop would."""
+        """forward + loss + backward + step on one micro-batch, as a training loop would (or,
+        for an evaluation job, the forward and the loss alone)."""
+        if self.trace.evaluating:
+            self.evaluation_step(batch)
+            return
         tracker = self.tracker
         x, y = self.make_batch(batch)
         with tracker.in_phase("forward"), self.autocast():
@@ -349,6 +353,21 @@ class TrainingJob:
                     self._fake_unscale()
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
+
+    def evaluation_step(self, batch: int) -> None:
+        """What `Trainer.evaluate` runs between steps: `model.eval()`, no gradients, the loss
+        of one micro-batch; the optimizer state stays, gradients are already freed."""
+        x, y = self.make_batch(batch)
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.tracker.in_phase("forward"), self.autocast():
+                if self.forward_loss is not None:
+                    loss = self.forward_loss(self.model, x, y)
+                else:
+                    loss = compute_loss(self.model(x), y, self.family)
+            del loss, x, y
+        finally:
+            self.model.train()
 
     def _fake_unscale(self) -> None:
         grads = [g for g in self.gradients() if g is not None]

@@ -158,6 +158,8 @@ def liger_forward(self: Any, input_ids: torch.Tensor, labels: torch.Tensor, **_:
     labels padded with -100 and shifted by one, hidden states flattened with a view). Installed
     as the model's `forward`, so wrappers (peft, FSDP's hooks) run around it as around the
     library's patch."""
+    if not self.training:  # lce_forward fuses only in training; evaluation makes the logits
+        return type(self).forward(self, input_ids=input_ids, labels=labels)
     hidden = self.base_model(input_ids=input_ids).last_hidden_state
     head = self.get_output_embeddings()
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()

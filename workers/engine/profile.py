@@ -36,11 +36,13 @@ from workers.engine import planner, recipe, token_batching
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.compiled import CompiledJob
 from workers.engine.configs import PlanNumbers, build_configs
+from workers.engine.configs.hf_trainer import with_evaluation
 from workers.engine.data import sample_bytes
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_session, twin_of
 from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.errors import SpecError
+from workers.engine.evaluation import plan_evaluation
 from workers.engine.fit_search import first_fit
 from workers.engine.models import build_model
 from workers.engine.plan_warnings import Facts, plan_warnings
@@ -86,7 +88,7 @@ class _Recorder:
         self.trials: list[Trial] = []
 
     def emit(self, trial: Trial) -> None:
-        if trial.phase not in ("what_if", "scale_out", "sequence_length"):
+        if trial.phase not in ("what_if", "scale_out", "sequence_length", "evaluation"):
             self.trials.append(trial)
         if self.hooks.on_trial is not None:
             self.hooks.on_trial(trial)
@@ -129,6 +131,8 @@ def run_plan(
         )
     result.scale_out = scale_out
     result.sequence_length = sequence
+    if result.feasible and job.training.evaluation is not None:
+        _add_evaluation(result, job, device, recorder)
     if batching is not None and result.feasible:
         result.token_batching = token_batching.report(batching, result)
     if not result.feasible and job.search.what_if:
@@ -163,6 +167,42 @@ def _scale_out(
             for size, o in sorted(answer.checked.items())
         ],
     )
+
+
+def _add_evaluation(
+    result: PlanResult, job: CompiledJob, device: ProbeDevice, recorder: _Recorder
+) -> None:
+    """The evaluation's micro-batch, and its time in time-to-train."""
+    evaluation = plan_evaluation(
+        job,
+        device,
+        lambda session: recorder.probe(session, "evaluation"),
+        result.total_optimizer_steps,
+    )
+    result.evaluation = evaluation
+    if evaluation is not None and evaluation.max_micro_batch_size < result.micro_batch_size:
+        result.warnings.append(
+            PlanWarning(
+                code="evaluation_batch_smaller",
+                message=f"evaluation fits at most {evaluation.max_micro_batch_size} samples a "
+                f"micro-batch, fewer than training's {result.micro_batch_size} (its logits are "
+                "made in full: no fused loss kernel in eval mode); set "
+                "per_device_eval_batch_size as the configs do, or the first evaluation runs "
+                "out of memory",
+            )
+        )
+    spec = job.training.evaluation
+    if evaluation is not None and evaluation.micro_batch_size and "hf_trainer" in result.configs:
+        result.configs["hf_trainer"] = with_evaluation(
+            result.configs["hf_trainer"],
+            evaluation.micro_batch_size,
+            spec.every_steps if spec is not None else None,
+        )
+    if evaluation is not None and evaluation.total_time_s and result.throughput is not None:
+        t = result.throughput
+        result.throughput = t.model_copy(
+            update={"total_time_s": t.total_time_s + evaluation.total_time_s}
+        )
 
 
 def _longest_sequence(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> SequenceLength:

@@ -14,3 +14,4 @@ class TraceJob:
     training: TrainingSpec
     data: ImageData | TokensData | TensorData
     headroom: float  # the fraction of the device the search keeps free
+    evaluating: bool = False  # a forward-only evaluation step instead of a training step

@@ -49,6 +49,19 @@ def hf_trainer_arguments(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]
     return out
 
 
+def with_evaluation(args: dict[str, Any], micro: int, every_steps: int | None) -> dict[str, Any]:
+    """The Trainer's arguments with the plan's evaluation: its micro-batch and its cadence
+    (checkpoints, where kept for early stopping, follow the same cadence: the Trainer needs
+    `save_strategy` to match `eval_strategy` to keep the best model)."""
+    out = args | {"per_device_eval_batch_size": micro}
+    if every_steps is None:
+        return out | {"eval_strategy": "epoch"}
+    out |= {"eval_strategy": "steps", "eval_steps": every_steps}
+    if "save_strategy" in out:
+        out |= {"save_strategy": "steps", "save_steps": every_steps}
+    return out
+
+
 def hf_native_schedule(schedule: Schedule) -> tuple[str, dict[str, Any]] | None:
     """The Trainer's own scheduler equal to the plan's; None where `configs.recipe`'s goes in.
     Per-group rates do not change it: the Trainer builds its scheduler on the optimizer it is

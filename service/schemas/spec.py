@@ -510,6 +510,20 @@ class EarlyStoppingSpec(StrictModel):
     min_delta: float = Field(default=0.0, ge=0, le=1e9)
 
 
+class CheckpointingSpec(StrictModel):
+    """Which blocks checkpoint (with gradient_checkpointing on): torchtitan's activation
+    checkpoint options, run through transformers' layers or our block wrapper. A checkpointed
+    block keeps only its input and runs its forward again in backward."""
+
+    every: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Checkpoint one block in this many (1: every block, 'full'); the others "
+        "keep all their activations (torchtitan's selective_ac_option = 'k').",
+    )
+
+
 class EvaluationSpec(StrictModel):
     """Evaluation during training: forward only, no gradients, `model.eval()`, with a
     micro-batch of its own (larger than training's: nothing is kept for backward)."""
@@ -628,6 +642,10 @@ class TrainingSpec(StrictModel):
     )
     early_stopping: EarlyStoppingSpec | None = None
     evaluation: EvaluationSpec | None = None
+    checkpointing: CheckpointingSpec = Field(
+        default_factory=CheckpointingSpec,
+        description="With gradient_checkpointing: which blocks.",
+    )
 
     @field_validator("trainable")
     @classmethod

@@ -60,8 +60,11 @@ def test_configs_agree_with_the_plan_and_each_other(planned: tuple[PlanSpec, Any
         "hf_trainer",
         "deepspeed",
         "accelerate",
+        "launch",
     }
     lightning, hf, ds = configs["lightning"], configs["hf_trainer"], configs["deepspeed"]
+    env = configs["launch"]["env"]
+    assert (env["MICRO_BATCH_SIZE"], env["GRAD_ACCUM_STEPS"]) == (str(micro), str(k))
     assert lightning["batch_size"] == hf["per_device_train_batch_size"] == micro
     assert ds["train_micro_batch_size_per_gpu"] == micro
     assert lightning["trainer"]["accumulate_grad_batches"] == k

@@ -7,7 +7,6 @@ in backward and freed by `zero_grad(set_to_none=True)`), at any micro-batch size
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -15,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from workers.engine.autocast_policy import CudaAutocastPolicy, autocast_region
+from workers.engine.checkpointing import enable_checkpointing
 from workers.engine.data import sample_input, sample_target
 from workers.engine.distributed import World, local, replicate, shard
 from workers.engine.loss_head import install as install_loss_head
@@ -29,56 +28,6 @@ from workers.engine.trace import TraceJob
 from workers.engine.tracker import MemoryTracker
 
 LOW_PRECISION = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
-
-
-class Checkpointed(nn.Module):
-    """Recomputes its inner module's activations in backward instead of keeping them."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return self.inner(*args)
-        return checkpoint(self.inner, *args, use_reentrant=False)
-
-
-def apply_checkpointing(model: nn.Module) -> int:
-    """Checkpoint every block of every `nn.Sequential` (a block: a child that has children); for a
-    flat Sequential of plain layers, checkpoint segments of about sqrt(n) layers. Returns the
-    number of checkpointed segments."""
-    count = 0
-    for parent in list(model.modules()):
-        if not isinstance(parent, nn.Sequential) or isinstance(parent, Checkpointed):
-            continue
-        children = list(parent.named_children())
-        if any(len(list(c.children())) > 0 for _, c in children):
-            for name, child in children:
-                if len(list(child.children())) > 0 and any(True for _ in child.parameters()):
-                    setattr(parent, name, Checkpointed(child))
-                    count += 1
-    if count == 0 and isinstance(model, nn.Sequential):
-        layers = list(model.children())
-        size = max(1, round(len(layers) ** 0.5))
-        segments = [nn.Sequential(*layers[i : i + size]) for i in range(0, len(layers), size)]
-        for index in range(len(layers) - 1, -1, -1):
-            del model[index]
-        for segment in segments:
-            model.append(Checkpointed(segment))
-        count = len(segments)
-    return count
-
-
-def enable_checkpointing(model: nn.Module) -> int:
-    """Hugging Face models have their own switch (per decoder layer); others get ours."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if enable is not None and getattr(model, "supports_gradient_checkpointing", False):
-        with warnings.catch_warnings():  # renamed in transformers 5; same behaviour
-            warnings.simplefilter("ignore", FutureWarning)
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False))
-    return apply_checkpointing(model)
 
 
 def compute_loss(out: Any, target: torch.Tensor, family: str) -> torch.Tensor:
@@ -150,7 +99,7 @@ class TrainingJob:
         self.forward_loss = built.forward_loss
         self.vocab_size = built.vocab_size or getattr(trace.data, "vocab_size", None)
         if training.gradient_checkpointing:
-            enable_checkpointing(model)
+            enable_checkpointing(model, training.checkpointing)
         self.frozen = self._freeze(model)
         with tracker.in_phase("parameters"):
             if world is not None and world.shards:

@@ -47,6 +47,17 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
     if job.hf and job.attn_implementation is not None:
         # what the plan traced: load the model with the same attention kernel
         out["from_pretrained"] = {"attn_implementation": job.attn_implementation}
+    if job.gradient_checkpointing and job.checkpoint_every > 1:
+        # the Trainer's switch checkpoints every layer; the loop above and torchtitan can do this
+        out["checkpointing"] = {
+            "every": job.checkpoint_every,
+            "torchtitan": {
+                "activation_checkpoint": {
+                    "mode": "selective",
+                    "selective_ac_option": str(job.checkpoint_every),
+                }
+            },
+        }
     if job.peft is not None:
         out["peft"] = peft_settings(job)
     if job.early_stopping is not None:

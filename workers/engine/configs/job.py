@@ -33,6 +33,7 @@ class LaunchJob:
     sharding: str | None  # FSDP's strategy name; None where the strategy does not shard
     reshards_after_forward: bool
     gradient_checkpointing: bool
+    checkpoint_every: int  # one block in this many checkpointed
     loss_kernel: str  # standard | liger
     attn_implementation: str | None  # transformers models: from_pretrained's kwarg
     channels_last: bool
@@ -64,6 +65,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         sharding=sharding,
         reshards_after_forward=training.reshards_after_forward,
         gradient_checkpointing=training.gradient_checkpointing,
+        checkpoint_every=training.checkpointing.every,
         loss_kernel=training.loss_kernel,
         attn_implementation=model.attention if model.source == "transformers" else None,
         channels_last=getattr(data, "layout", None) == "channels_last",

@@ -1,0 +1,84 @@
+"""Checkpointing one block in k: memory and recompute between none and full, for transformers'
+layers and for our block wrapper, and the loop renders the same choice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from service.schemas.examples import TINY_LLAMA
+from service.schemas.spec import CheckpointingSpec, PlanSpec
+from workers.engine.checkpointing import Checkpointed, apply_checkpointing
+from workers.engine.compiled import compile_job
+from workers.engine.configs import PlanNumbers, build_configs
+from workers.engine.devices import open_device, open_session
+
+
+def llama(every: int | None) -> PlanSpec:
+    return PlanSpec.model_validate(
+        {
+            "model": {
+                "source": "transformers",
+                "architecture": "LlamaForCausalLM",
+                "config": TINY_LLAMA | {"num_hidden_layers": 4, "max_position_embeddings": 4096},
+            },
+            "data": {"kind": "tokens", "seq_len": 2048, "vocab_size": 1000},
+            "training": {
+                "precision": "bf16-mixed",
+                "gradient_checkpointing": every is not None,
+                "checkpointing": {"every": every or 1},
+                "loss_kernel": "liger",
+            },
+            "device": {"kind": "simulated", "gpu": "H100-80GB"},
+            "search": {"what_if": False},
+        }
+    )
+
+
+def traced(spec: PlanSpec) -> tuple[int, float]:
+    """(activations at the peak, the step's FLOPs) at micro-batch 4."""
+    job = compile_job(spec)
+    with open_session(open_device(job), job) as session:
+        outcome = session.probe(4)
+        cost = session.step_cost(4)
+    assert cost is not None
+    return outcome.breakdown.get("activations", 0), cost.flops
+
+
+def test_every_second_layer_sits_between_none_and_full() -> None:
+    none, half, full = traced(llama(None)), traced(llama(2)), traced(llama(1))
+    # memory: fewer blocks checkpointed keep more activations
+    assert full[0] < half[0] < none[0]
+    # time: half the layers recompute their forward
+    assert none[1] < half[1] < full[1]
+    assert half[1] - none[1] == pytest.approx((full[1] - none[1]) / 2, rel=0.05)
+
+
+def test_our_block_wrapper_checkpoints_one_block_in_k() -> None:
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(6)]
+    model = nn.Sequential(*blocks)
+    assert apply_checkpointing(model, CheckpointingSpec(every=3)) == 2
+    wrapped = [isinstance(b, Checkpointed) for b in model]
+    assert wrapped == [True, False, False, True, False, False]
+    model(torch.randn(2, 4)).sum().backward()  # still trains
+
+
+def test_the_loop_checkpoints_the_same_layers() -> None:
+    numbers = PlanNumbers(
+        micro_batch_size=4,
+        accumulation_steps=1,
+        world_size=1,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        total_optimizer_steps=2,
+    )
+    configs = build_configs(compile_job(llama(2)).launch, numbers)
+    code = configs["pytorch"]
+    assert "_layer.gradient_checkpointing = _index % 2 == 0" in code
+    compile(code, "train.py", "exec")
+    option: dict[str, Any] = configs["checkpointing"]["torchtitan"]["activation_checkpoint"]
+    assert option == {"mode": "selective", "selective_ac_option": "2"}
+    assert "checkpointing" not in build_configs(compile_job(llama(1)).launch, numbers)

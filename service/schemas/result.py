@@ -352,6 +352,11 @@ class PlanResult(BaseModel):
         description="An infeasible plan (with search.what_if): the first combination of "
         "changes, cheapest first, whose plan is feasible; more GPUs are in scale_out.",
     )
+    traced_steps: int | None = Field(
+        default=None,
+        description="Training steps traced (run, on a real device) to make this plan, its "
+        "what-ifs and searches included: the plan's cost.",
+    )
     evaluation: EvaluationPlan | None = Field(
         default=None, description="training.evaluation: its micro-batch and its time."
     )

@@ -280,3 +280,24 @@ def test_simulated_throughput_counts_the_flops() -> None:
     assert throughput.epoch_time_s == pytest.approx(
         throughput.step_time_s * result.optimizer_steps_per_epoch
     )
+
+
+def test_a_plan_counts_its_traces_and_costs_the_step_from_the_probe_s_trace(
+    small_spec: dict[str, Any],
+) -> None:
+    """Every probe is one traced step, and the step's roofline comes from the probe's own
+    trace: a plan traces exactly as many steps as it streams trials."""
+    spec = PlanSpec.model_validate(
+        small_spec | {"search": {**small_spec["search"], "what_if": True}}
+    )
+    streamed: list[Any] = []
+    result = engine.plan(spec, streamed.append)
+    assert result.traced_steps == len(streamed) > 0
+    # the cost read off a probe's trace is the cost of tracing that step on its own
+    with session_of(spec) as session:
+        session.probe(64)
+        reused = session.step_cost(64)
+    with session_of(spec) as session:
+        fresh = session.step_cost(64)
+    assert reused is not None and fresh is not None
+    assert (reused.flops, reused.total_s()) == (fresh.flops, fresh.total_s())

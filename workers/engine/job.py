@@ -8,7 +8,8 @@ in backward and freed by `zero_grad(set_to_none=True)`), at any micro-batch size
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -28,6 +29,20 @@ from workers.engine.trace import TraceJob
 from workers.engine.tracker import MemoryTracker
 
 LOW_PRECISION = {"fp16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+# Steps traced (or run, on a real device) while a plan is made: `counting_steps` opens a count,
+# each iteration adds one. A context variable, so plans in other threads count apart.
+_STEPS: ContextVar[list[int] | None] = ContextVar("trainplan_steps", default=None)
+
+
+@contextmanager
+def counting_steps() -> Iterator[list[int]]:
+    """A one-element list whose value is the steps run inside the block."""
+    count = [0]
+    token = _STEPS.set(count)
+    try:
+        yield count
+    finally:
+        _STEPS.reset(token)
 
 
 def compute_loss(out: Any, target: torch.Tensor, family: str) -> torch.Tensor:
@@ -267,6 +282,9 @@ class TrainingJob:
     def iteration(self, batch: int) -> None:
         """forward + loss + backward + step on one micro-batch, as a training loop would (or,
         for an evaluation job, the forward and the loss alone)."""
+        count = _STEPS.get()
+        if count is not None:
+            count[0] += 1
         if self.trace.evaluating:
             self.evaluation_step(batch)
             return

@@ -44,6 +44,7 @@ from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.errors import SpecError
 from workers.engine.evaluation import plan_evaluation
 from workers.engine.fit_search import first_fit
+from workers.engine.job import counting_steps
 from workers.engine.models import build_model
 from workers.engine.plan_warnings import Facts, plan_warnings
 from workers.engine.roofline import UNCERTAINTY, StepCost
@@ -108,7 +109,16 @@ def run_plan(
     job: CompiledJob, hooks: ProfileHooks | None = None, device: ProbeDevice | None = None
 ) -> PlanResult:
     """Profile the spec's job on its device and return the plan (feasible or not), with the
-    what-if neighbours when the job asks for them."""
+    what-if neighbours when the job asks for them, and the steps it traced."""
+    with counting_steps() as steps:
+        result = _run_plan(job, hooks, device)
+    result.traced_steps = steps[0]
+    return result
+
+
+def _run_plan(
+    job: CompiledJob, hooks: ProfileHooks | None, device: ProbeDevice | None
+) -> PlanResult:
     recorder = _Recorder(hooks or ProfileHooks())
     device = device or open_device(job)
     job, batching = token_batching.prepare(job)

@@ -153,6 +153,7 @@ class _SimulatedSession(ProbeSession):
         self.config = device.allocator
         self.host = device.host
         self._sequences: dict[int, Sequence] = {}
+        self._costs: dict[int, StepCost] = {}  # the roofline of each traced batch
         self._model: tuple[tuple[int, ...], AffineSequence | None] | None = None
         # The allocator may reserve what the card offers less the context and NCCL's buffers.
         self.allocator_limit = limit - costs.outside_allocator
@@ -161,7 +162,9 @@ class _SimulatedSession(ProbeSession):
         assert self.job is not None
         tracker = self.tracker
         tracker.reset_peak()
-        self.job.iteration(batch)  # tracing time says nothing about the GPU's speed
+        with self._costing() as mode:  # the same trace gives the step's roofline
+            self.job.iteration(batch)  # tracing time says nothing about the GPU's speed
+        self._costs[batch] = mode.cost
         sequence = self._allocation_sequence()
         self._sequences[batch] = sequence
         if self.host:  # the cpu device's rule: live tensors against the budget
@@ -257,12 +260,18 @@ class _SimulatedSession(ProbeSession):
         )
 
     def step_cost(self, batch: int) -> StepCost:
-        """Roofline cost of one iteration on the card, from the ops of the same fake step."""
+        """Roofline cost of one iteration on the card, from the ops of the same fake step: the
+        probe's own trace where that batch was probed (a trace is the slow part of a plan)."""
+        if batch not in self._costs:
+            assert self.job is not None
+            with self._costing() as mode:
+                self.job.iteration(batch)
+            self._costs[batch] = mode.cost
+        return self._costs[batch]
+
+    def _costing(self) -> StepCostMode:
         assert self.job is not None
         device = self.device
         assert isinstance(device, SimulatedDevice)
-        precision = self.job.precision
-        roofline = Roofline(device.gpu, precision, device.runtime.matmul_tf32_default)
-        with StepCostMode(roofline, lambda: self.tracker.phase) as mode:
-            self.job.iteration(batch)
-        return mode.cost
+        roofline = Roofline(device.gpu, self.job.precision, device.runtime.matmul_tf32_default)
+        return StepCostMode(roofline, lambda: self.tracker.phase)

@@ -285,16 +285,21 @@ def test_simulated_throughput_counts_the_flops() -> None:
 def test_a_plan_counts_its_traces_and_costs_the_step_from_the_probe_s_trace(
     small_spec: dict[str, Any],
 ) -> None:
-    """Every probe is one traced step, and the step's roofline comes from the probe's own
-    trace: a plan traces exactly as many steps as it streams trials."""
+    """Every probe is one traced step, and the step's roofline comes from the breakdown probe's
+    own trace: a plan traces as many steps as it streams trials, plus one where the chosen
+    micro-batch was already probed by the search (its roofline then needs a trace of its own)."""
     spec = PlanSpec.model_validate(
         small_spec | {"search": {**small_spec["search"], "what_if": True}}
     )
     streamed: list[Any] = []
     result = engine.plan(spec, streamed.append)
-    assert result.traced_steps == len(streamed) > 0
+    probed_by_search = any(
+        t.batch_size == result.micro_batch_size and t.phase == "search" for t in result.trials
+    )
+    assert result.traced_steps == len(streamed) + probed_by_search
     # the cost read off a probe's trace is the cost of tracing that step on its own
     with session_of(spec) as session:
+        session.want_cost(64)
         session.probe(64)
         reused = session.step_cost(64)
     with session_of(spec) as session:

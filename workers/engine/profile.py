@@ -320,6 +320,7 @@ def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanRes
             _check_defined(job.training, search, batches.micro_batch_size)
             at_micro = search.outcome_at(batches.micro_batch_size)
             if at_micro is None:  # the breakdown is reported at the chosen micro-batch
+                session.want_cost(batches.micro_batch_size)  # one trace for both
                 at_micro = session.probe(batches.micro_batch_size)
                 recorder.emit(to_trial(at_micro, phase="breakdown"))
             measured.at_micro = at_micro

@@ -73,6 +73,12 @@ class ProbeSession(ABC):
     @abstractmethod
     def _probe(self, batch: int) -> TrialOutcome: ...
 
+    def want_cost(self, batch: int) -> None:
+        """The step's cost at `batch` will be asked for: a device that estimates it may take it
+        from the next probe of that batch instead of tracing the step again (real devices
+        measure the step's time in the probe itself: nothing to do)."""
+        return None
+
     def predict_fits(self, batch: int) -> bool | None:
         """A cheap prediction of `probe(batch).fits` from the probes made so far, where the
         device can make one (None: it cannot, or not yet)."""

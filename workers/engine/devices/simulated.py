@@ -153,7 +153,8 @@ class _SimulatedSession(ProbeSession):
         self.config = device.allocator
         self.host = device.host
         self._sequences: dict[int, Sequence] = {}
-        self._costs: dict[int, StepCost] = {}  # the roofline of each traced batch
+        self._costs: dict[int, StepCost] = {}  # the roofline of each batch costed so far
+        self._cost_wanted: set[int] = set()  # batches whose next probe also costs the step
         self._model: tuple[tuple[int, ...], AffineSequence | None] | None = None
         # The allocator may reserve what the card offers less the context and NCCL's buffers.
         self.allocator_limit = limit - costs.outside_allocator
@@ -162,9 +163,12 @@ class _SimulatedSession(ProbeSession):
         assert self.job is not None
         tracker = self.tracker
         tracker.reset_peak()
-        with self._costing() as mode:  # the same trace gives the step's roofline
+        if batch in self._cost_wanted:  # one trace for the memory and the step's roofline
+            with self._costing() as mode:
+                self.job.iteration(batch)
+            self._costs[batch] = mode.cost
+        else:  # costing every op slows a trace by a fifth: only where it will be asked for
             self.job.iteration(batch)  # tracing time says nothing about the GPU's speed
-        self._costs[batch] = mode.cost
         sequence = self._allocation_sequence()
         self._sequences[batch] = sequence
         if self.host:  # the cpu device's rule: live tensors against the budget
@@ -259,9 +263,13 @@ class _SimulatedSession(ProbeSession):
             reserved_bytes=shown + costs.outside_allocator,
         )
 
+    def want_cost(self, batch: int) -> None:
+        self._cost_wanted.add(batch)
+
     def step_cost(self, batch: int) -> StepCost:
         """Roofline cost of one iteration on the card, from the ops of the same fake step: the
-        probe's own trace where that batch was probed (a trace is the slow part of a plan)."""
+        probe's own trace where `want_cost` asked for it before the probe (a trace is the slow
+        part of a plan)."""
         if batch not in self._costs:
             assert self.job is not None
             with self._costing() as mode:

@@ -400,6 +400,33 @@ def _plan_remote(
             ) from None
 
 
+def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The plan's evaluation, token batching and cost, where it has them."""
+    rows = []
+    evaluation = result.get("evaluation")
+    if evaluation:
+        rows.append(
+            (
+                "evaluation micro-batch",
+                f"{evaluation['micro_batch_size']} (max {evaluation['max_micro_batch_size']}), "
+                f"{evaluation['evaluations']} x {evaluation['iterations']} micro-batches",
+            )
+        )
+    batching = result.get("token_batching")
+    if batching:
+        rows.append(
+            (
+                "token batching",
+                f"{batching['batching']}: {batching['samples_per_micro_batch']:g} samples and "
+                f"{batching['padding_fraction']:.0%} padding per micro-batch "
+                f"(batches count {batching['batch_unit']})",
+            )
+        )
+    if result.get("traced_steps") is not None:
+        rows.append(("traced steps", str(result["traced_steps"])))
+    return rows
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -446,6 +473,7 @@ def _print_plan(body: dict[str, Any]) -> None:
                 f"(step {sequence['granularity']}{bound})",
             ),
         )
+    rows += _long_context_rows(result)
     for key, value in rows:
         summary.add_row(key, value)
     console.print(summary)

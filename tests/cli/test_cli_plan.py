@@ -1,0 +1,44 @@
+"""`trainplan plan --local` shows the long-context parts of a plan: evaluation, token batching
+and what the plan cost."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.schemas.examples import TINY_LLAMA
+
+
+def test_the_table_shows_evaluation_batching_and_traces(tmp_path: Path) -> None:
+    spec = {
+        "model": {
+            "source": "transformers",
+            "architecture": "LlamaForCausalLM",
+            "config": TINY_LLAMA | {"max_position_embeddings": 1024},
+        },
+        "data": {
+            "kind": "tokens",
+            "seq_len": 512,
+            "vocab_size": 1000,
+            "num_samples": 1000,
+            "lengths": {"percentiles": {"50": 100, "100": 512}},
+            "batching": "packed",
+        },
+        "training": {"global_batch_size": 64, "evaluation": {"num_samples": 100}},
+        "device": {"kind": "simulated", "memory_gib": 1},
+        "search": {"what_if": False},
+    }
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    result = CliRunner().invoke(app, ["plan", str(path), "--local"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    batching = next(line for line in lines if "token batching" in line)
+    assert "packed" in batching and "0% padding" in batching and "count rows" in batching
+    assert any("evaluation micro-batch" in line for line in lines)
+    traced = re.search(r"traced steps\W+(\d+)", result.stdout)
+    assert traced is not None and int(traced.group(1)) > 0

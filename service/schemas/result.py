@@ -182,6 +182,12 @@ class TokenBatching(BaseModel):
     effective_global_batch_samples: float = Field(
         description="Samples per optimizer step the plan's batches hold (on average, packed)."
     )
+    global_batch_tokens: int = Field(
+        description="The global batch asked for, in real tokens (at the mean length)."
+    )
+    effective_global_batch_tokens: int = Field(
+        description="Real tokens per optimizer step the plan's batches hold, on average."
+    )
 
 
 class SequenceLengthCheck(BaseModel):

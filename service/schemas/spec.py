@@ -590,7 +590,14 @@ class TrainingSpec(StrictModel):
         ge=1,
         le=1 << 24,
         description="Samples per optimizer step over all GPUs: micro-batch x accumulation x "
-        "world size reaches it (or the nearest above, reported as effective_global_batch_size).",
+        "world size reaches it (or the nearest above, reported as effective_global_batch_size). "
+        "In tokens with batch_unit 'tokens'.",
+    )
+    batch_unit: Literal["samples", "tokens"] = Field(
+        default="samples",
+        description="What global_batch_size and base_batch_size count. tokens (token data): "
+        "real tokens per step, turned into samples (rows of seq_len when packed) by the mean "
+        "sample length (data.lengths; else seq_len); the plan's batches are in those units.",
     )
     base_lr: float = Field(
         default=1e-3, gt=0, le=100, description="The learning rate at base_batch_size."

@@ -117,3 +117,40 @@ def test_bad_lengths_name_their_field(data: dict[str, Any], where: str) -> None:
     with pytest.raises(ValidationError) as caught:
         PlanSpec.model_validate(raw)
     assert any(where in map(str, e["loc"]) for e in caught.value.errors())
+
+
+def tokens_spec(batching: str, lengths: dict[str, Any] | None = SKEWED) -> PlanSpec:
+    raw = token_spec(batching, lengths).model_dump(mode="json")
+    raw["training"] |= {"batch_unit": "tokens", "global_batch_size": 262_144}
+    return PlanSpec.model_validate(raw)
+
+
+def test_a_global_batch_in_tokens_is_rows_when_packed() -> None:
+    packed = engine.plan(tokens_spec("packed"))
+    t = packed.token_batching
+    assert t is not None and t.global_batch_tokens == 262_144
+    assert packed.global_batch_size == 262_144 // 4096  # 64 full rows
+    rows = packed.micro_batch_size * packed.accumulation_steps
+    assert rows >= 64 and t.effective_global_batch_tokens == rows * 4096
+
+
+def test_a_global_batch_in_tokens_is_samples_at_the_mean_length_when_padded() -> None:
+    padded = engine.plan(tokens_spec("pad_to_longest"))
+    t = padded.token_batching
+    assert t is not None
+    assert padded.global_batch_size == math.ceil(262_144 / distribution_mean())
+    assert t.effective_global_batch_tokens >= 262_144 * 0.999
+    # no lengths: every sample is seq_len tokens
+    plain = engine.plan(tokens_spec("pad_to_max", None))
+    assert plain.global_batch_size == 262_144 // 4096 and plain.token_batching is None
+
+
+def distribution_mean() -> float:
+    return distribution(TokenLengths.model_validate(SKEWED)).mean
+
+
+def test_tokens_need_token_data(small_spec: dict[str, Any]) -> None:
+    raw = small_spec | {"training": {**small_spec["training"], "batch_unit": "tokens"}}
+    with pytest.raises(engine.SpecError) as caught:
+        engine.check(PlanSpec.model_validate(raw))
+    assert caught.value.loc == ("training", "batch_unit")

@@ -30,8 +30,13 @@ class SequenceAnswer:
 
 def check_target(job: CompiledJob) -> None:
     """What the schema cannot see: a sequence-length search needs token data at least one
-    granule long."""
+    granule long; batches in tokens need token data."""
     search, data = job.search, job.data
+    if job.training.batch_unit == "tokens" and data.kind != "tokens":
+        raise SpecError(
+            ("training", "batch_unit"),
+            "batches in tokens need token data (data.kind 'tokens'): count samples instead",
+        )
     if search.target != "sequence_length":
         return
     if data.kind != "tokens":

@@ -90,7 +90,8 @@ class Batching:
     seq_len: int  # the spec's
     traced_len: int  # the rows' length in the trace
     lengths: LengthDistribution
-    asked_global_batch: int  # in samples, as the spec says
+    asked_global_batch: int  # as the spec says, in `unit`
+    unit: str = "samples"  # samples | tokens
 
     @property
     def samples_per_row(self) -> float:
@@ -101,22 +102,44 @@ def prepare(job: CompiledJob) -> tuple[CompiledJob, Batching | None]:
     """The job the plan traces and counts: rows of the longest sample for pad_to_longest;
     for packed, batches (global, reference, epoch) counted in rows."""
     data = job.data
-    if data.kind != "tokens" or data.lengths is None:
+    if data.kind != "tokens":
         return job, None
-    lengths = distribution(data.lengths)
+    asked = job.training.global_batch_size
+    lengths = distribution(data.lengths) if data.lengths is not None else None
+    if job.training.batch_unit == "tokens":
+        per_unit = float(data.seq_len)  # a packed row, or a sample of seq_len tokens
+        if lengths is not None and data.batching != "packed":
+            per_unit = lengths.mean
+        job = _counted(job, per_unit)
+    if lengths is None:
+        return job, None
     batching = Batching(
         mode=data.batching,
         seq_len=data.seq_len,
         traced_len=data.seq_len,
         lengths=lengths,
-        asked_global_batch=job.training.global_batch_size,
+        asked_global_batch=asked,
+        unit=job.training.batch_unit,
     )
     if data.batching == "pad_to_longest" and lengths.longest < data.seq_len:
         batching = Batching(**{**batching.__dict__, "traced_len": lengths.longest})
         job = job.with_data(data.model_copy(update={"seq_len": lengths.longest}))
-    if data.batching == "packed":
+    if data.batching == "packed" and batching.unit == "samples":
         job = _in_rows(job, batching.samples_per_row)
     return job, batching
+
+
+def _counted(job: CompiledJob, tokens_per_unit: float) -> CompiledJob:
+    """Batches given in tokens, counted in samples (or packed rows) of `tokens_per_unit`."""
+
+    def units(tokens: int) -> int:
+        return max(1, math.ceil(tokens / tokens_per_unit))
+
+    training = job.training
+    update: dict[str, int] = {"global_batch_size": units(training.global_batch_size)}
+    if training.base_batch_size is not None:
+        update["base_batch_size"] = units(training.base_batch_size)
+    return job.with_training(training.model_copy(update=update))
 
 
 def _in_rows(job: CompiledJob, samples_per_row: float) -> CompiledJob:
@@ -165,9 +188,21 @@ def report(batching: Batching, result: PlanResult) -> TokenBatching:
         real_tokens_per_micro_batch=round(real, 1),
         padding_fraction=round(max(0.0, 1 - real / computed), 4),
         padding_fraction_pad_to_max=round(padded_to_max, 4),
-        global_batch_samples=batching.asked_global_batch,
+        global_batch_samples=(
+            batching.asked_global_batch
+            if batching.unit == "samples"
+            else math.ceil(batching.asked_global_batch / lengths.mean)
+        ),
         effective_global_batch_samples=round(
             result.effective_global_batch_size * batching.samples_per_row, 1
+        ),
+        global_batch_tokens=(
+            batching.asked_global_batch
+            if batching.unit == "tokens"
+            else round(batching.asked_global_batch * lengths.mean)
+        ),
+        effective_global_batch_tokens=round(
+            result.effective_global_batch_size * batching.samples_per_row * lengths.mean
         ),
     )
 

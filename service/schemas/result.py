@@ -224,19 +224,23 @@ class FitSuggestion(BaseModel):
     samples_per_second: float | None = None
 
 
+# The spec fields a what-if changes (gpu: the simulated card).
+WhatIfChange = Literal[
+    "precision",
+    "gradient_checkpointing",
+    "gpu",
+    "peft",
+    "strategy",
+    "optimizer_impl",
+    "optimizer",
+    "loss_kernel",
+]
+
+
 class WhatIf(BaseModel):
     """The exact max micro-batch under one neighbouring choice of the spec."""
 
-    change: Literal[
-        "precision",
-        "gradient_checkpointing",
-        "gpu",
-        "peft",
-        "strategy",
-        "optimizer_impl",
-        "optimizer",
-        "loss_kernel",
-    ]
+    change: WhatIfChange
     value: str | bool
     device: DeviceInfo
     feasible: bool

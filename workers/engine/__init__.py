@@ -90,15 +90,16 @@ def model_facts(spec: PlanSpec) -> ModelFacts:
 
 
 def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
+    job = compile_job(spec)
     if spec.device.kind == "simulated":  # a real device is the worker's to open
-        open_device(compile_job(spec))
+        open_device(job)
     elif spec.training.parallelism.strategy not in (None, "none"):
         raise SpecError(
             ("training", "parallelism", "strategy"),
             "multi-GPU strategies are traced on the simulated device (device.kind "
             "'simulated'); a real device probes one process",
         )
-    check_target(compile_job(spec))
+    check_target(job)
     recipe.check(spec.training, spec.data.num_samples, facts or model_facts(spec))
 
 

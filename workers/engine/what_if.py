@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
-from service.schemas.result import DeviceInfo, Trial, WhatIf
+from service.schemas.result import DeviceInfo, Trial, WhatIf, WhatIfChange
 from service.schemas.spec import (
     OPTIMIZER_IMPLS,
     SHARDED,
@@ -32,16 +31,7 @@ from workers.engine.models.hf import resolve as resolve_architecture
 from workers.engine.optimizers import bitsandbytes_available
 from workers.engine.search import find_max_batch
 
-Change = Literal[
-    "precision",
-    "gradient_checkpointing",
-    "gpu",
-    "peft",
-    "strategy",
-    "optimizer_impl",
-    "optimizer",
-    "loss_kernel",
-]
+Change = WhatIfChange
 # The strategy that keeps less per rank than each one.
 NEXT_STRATEGY = {"ddp": "zero1", "zero1": "zero2", "zero2": "fsdp"}
 # (session, scenario label) -> a probe that records and reports each trial

@@ -132,6 +132,9 @@ def test_a_global_batch_in_tokens_is_rows_when_packed() -> None:
     assert packed.global_batch_size == 262_144 // 4096  # 64 full rows
     rows = packed.micro_batch_size * packed.accumulation_steps
     assert rows >= 64 and t.effective_global_batch_tokens == rows * 4096
+    # the epoch is counted in rows too
+    epoch_rows = math.ceil(100_000 / (4096 / t.mean_length))
+    assert packed.iterations_per_epoch == math.ceil(epoch_rows / packed.micro_batch_size)
 
 
 def test_a_global_batch_in_tokens_is_samples_at_the_mean_length_when_padded() -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.schemas.result import PlanResult, TokenBatching
 from service.schemas.spec import TokenLengths
@@ -100,58 +100,49 @@ class Batching:
 
 def prepare(job: CompiledJob) -> tuple[CompiledJob, Batching | None]:
     """The job the plan traces and counts: rows of the longest sample for pad_to_longest;
-    for packed, batches (global, reference, epoch) counted in rows."""
+    batches given in tokens counted in samples; for packed, batches and the epoch in rows."""
     data = job.data
     if data.kind != "tokens":
         return job, None
-    asked = job.training.global_batch_size
+    training = job.training
     lengths = distribution(data.lengths) if data.lengths is not None else None
-    if job.training.batch_unit == "tokens":
-        per_unit = float(data.seq_len)  # a packed row, or a sample of seq_len tokens
-        if lengths is not None and data.batching != "packed":
-            per_unit = lengths.mean
-        job = _counted(job, per_unit)
-    if lengths is None:
-        return job, None
-    batching = Batching(
-        mode=data.batching,
-        seq_len=data.seq_len,
-        traced_len=data.seq_len,
-        lengths=lengths,
-        asked_global_batch=asked,
-        unit=job.training.batch_unit,
-    )
-    if data.batching == "pad_to_longest" and lengths.longest < data.seq_len:
-        batching = Batching(**{**batching.__dict__, "traced_len": lengths.longest})
-        job = job.with_data(data.model_copy(update={"seq_len": lengths.longest}))
-    if data.batching == "packed" and batching.unit == "samples":
-        job = _in_rows(job, batching.samples_per_row)
+    batching = None
+    if lengths is not None:
+        batching = Batching(
+            mode=data.batching,
+            seq_len=data.seq_len,
+            traced_len=data.seq_len,
+            lengths=lengths,
+            asked_global_batch=training.global_batch_size,
+            unit=training.batch_unit,
+        )
+        if data.batching == "pad_to_longest" and lengths.longest < data.seq_len:
+            batching = replace(batching, traced_len=lengths.longest)
+            job = job.with_data(data.model_copy(update={"seq_len": lengths.longest}))
+    # what one unit of the plan's batches holds: a sample, or (packed) a row of seq_len tokens
+    per_row = batching.samples_per_row if batching is not None else 1.0
+    if training.batch_unit == "tokens":
+        tokens_per_unit = lengths.mean * per_row if lengths is not None else data.seq_len
+        job = _recounted(job, batches=tokens_per_unit, epoch=per_row)
+    elif per_row != 1.0:
+        job = _recounted(job, batches=per_row, epoch=per_row)
     return job, batching
 
 
-def _counted(job: CompiledJob, tokens_per_unit: float) -> CompiledJob:
-    """Batches given in tokens, counted in samples (or packed rows) of `tokens_per_unit`."""
+def _recounted(job: CompiledJob, *, batches: float, epoch: float) -> CompiledJob:
+    """The global and reference batches divided by `batches` (what one unit of the plan's
+    batches holds, in the spec's unit), the epoch's samples by `epoch` (samples per unit)."""
 
-    def units(tokens: int) -> int:
-        return max(1, math.ceil(tokens / tokens_per_unit))
-
-    training = job.training
-    update: dict[str, int] = {"global_batch_size": units(training.global_batch_size)}
-    if training.base_batch_size is not None:
-        update["base_batch_size"] = units(training.base_batch_size)
-    return job.with_training(training.model_copy(update=update))
-
-
-def _in_rows(job: CompiledJob, samples_per_row: float) -> CompiledJob:
-    def rows(samples: int) -> int:
-        return max(1, math.ceil(samples / samples_per_row))
+    def units(amount: int, per_unit: float) -> int:
+        return max(1, math.ceil(amount / per_unit))
 
     training = job.training
-    update: dict[str, int] = {"global_batch_size": rows(training.global_batch_size)}
+    update = {"global_batch_size": units(training.global_batch_size, batches)}
     if training.base_batch_size is not None:
-        update["base_batch_size"] = rows(training.base_batch_size)
+        update["base_batch_size"] = units(training.base_batch_size, batches)
     job = job.with_training(training.model_copy(update=update))
-    return job.with_data(job.data.model_copy(update={"num_samples": rows(job.data.num_samples)}))
+    samples = units(job.data.num_samples, epoch)
+    return job.with_data(job.data.model_copy(update={"num_samples": samples}))
 
 
 def report(batching: Batching, result: PlanResult) -> TokenBatching:

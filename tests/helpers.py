@@ -22,6 +22,7 @@ from service.schemas.spec import PlanSpec
 from service.store import plans
 from workers import engine
 from workers.engine.compiled import compile_job
+from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.devices import ProbeSession, open_device, open_session
 from workers.engine.models import BuiltModel, build_model
 
@@ -73,6 +74,19 @@ def mlp_spec(
 def model_of(spec: PlanSpec) -> BuiltModel:
     """The spec's model on the meta device, as the engine builds it."""
     return build_model(spec.model, spec.data, spec.training.peft)
+
+
+def configs_of(spec: PlanSpec, **numbers: Any) -> dict[str, Any]:
+    """The spec's framework configs for plan numbers (defaults below, overridable)."""
+    given = {
+        "micro_batch_size": 4,
+        "accumulation_steps": 2,
+        "world_size": 1,
+        "learning_rate": 1e-4,
+        "warmup_steps": 0,
+        "total_optimizer_steps": 10,
+    }
+    return build_configs(compile_job(spec).launch, PlanNumbers(**(given | numbers)))
 
 
 def session_of(spec: PlanSpec) -> AbstractContextManager[ProbeSession]:

@@ -11,9 +11,9 @@ from torch import nn
 
 from service.schemas.examples import TINY_LLAMA
 from service.schemas.spec import CheckpointingSpec, PlanSpec
+from tests.helpers import configs_of
 from workers.engine.checkpointing import Checkpointed, apply_checkpointing
 from workers.engine.compiled import compile_job
-from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.devices import open_device, open_session
 
 
@@ -67,18 +67,10 @@ def test_our_block_wrapper_checkpoints_one_block_in_k() -> None:
 
 
 def test_the_loop_checkpoints_the_same_layers() -> None:
-    numbers = PlanNumbers(
-        micro_batch_size=4,
-        accumulation_steps=1,
-        world_size=1,
-        learning_rate=1e-4,
-        warmup_steps=0,
-        total_optimizer_steps=2,
-    )
-    configs = build_configs(compile_job(llama(2)).launch, numbers)
+    configs = configs_of(llama(2))
     code = configs["pytorch"]
     assert "_layer.gradient_checkpointing = _index % 2 == 0" in code
     compile(code, "train.py", "exec")
     option: dict[str, Any] = configs["checkpointing"]["torchtitan"]["activation_checkpoint"]
     assert option == {"mode": "selective", "selective_ac_option": "2"}
-    assert "checkpointing" not in build_configs(compile_job(llama(1)).launch, numbers)
+    assert "checkpointing" not in configs_of(llama(1))

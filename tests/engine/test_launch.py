@@ -13,22 +13,12 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
-from tests.helpers import tensor_spec
-from workers.engine.compiled import compile_job
-from workers.engine.configs import PlanNumbers, build_configs
+from tests.helpers import configs_of, tensor_spec
 
 
 def launch(world_size: int, gpus_per_node: int = 8) -> dict:
     spec = tensor_spec(world_size=world_size, parallelism={"gpus_per_node": gpus_per_node})
-    numbers = PlanNumbers(
-        micro_batch_size=4,
-        accumulation_steps=2,
-        world_size=world_size,
-        learning_rate=3e-4,
-        warmup_steps=0,
-        total_optimizer_steps=10,
-    )
-    return build_configs(compile_job(spec).launch, numbers)["launch"]
+    return configs_of(spec, world_size=world_size, learning_rate=3e-4)["launch"]
 
 
 @pytest.mark.parametrize(("world", "nodes", "per_node"), [(1, 1, 1), (4, 1, 4), (16, 2, 8)])

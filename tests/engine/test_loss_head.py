@@ -10,11 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from service.schemas.spec import PlanSpec
-from tests.helpers import TINY_LLAMA, model_of, session_of
+from tests.helpers import TINY_LLAMA, configs_of, model_of, session_of
 from workers import engine
-from workers.engine.compiled import compile_job
-from workers.engine.configs import build_configs
-from workers.engine.configs.numbers import PlanNumbers
 from workers.engine.loss_head import (
     IGNORE_INDEX,
     LIGER_LOSS_ONLY,
@@ -130,22 +127,14 @@ def test_loss_kernel_needs_a_causal_lm(small_spec: dict[str, Any]) -> None:
 
 def test_configs_apply_the_loss_kernel_only() -> None:
     transformers = pytest.importorskip("transformers")
-    numbers = PlanNumbers(
-        micro_batch_size=4,
-        accumulation_steps=2,
-        world_size=1,
-        learning_rate=1e-4,
-        warmup_steps=0,
-        total_optimizer_steps=10,
-    )
-    configs = build_configs(compile_job(lm_spec("liger")).launch, numbers)
+    configs = configs_of(lm_spec("liger"))
     hf = configs["hf_trainer"]
     assert hf["use_liger_kernel"] is True and hf["liger_kernel_config"] == LIGER_LOSS_ONLY
     args = transformers.TrainingArguments(output_dir="/tmp/trainplan-liger", use_cpu=True, **hf)
     assert args.use_liger_kernel and args.liger_kernel_config["fused_linear_cross_entropy"]
     assert "_apply_liger_kernel_to_instance(model=model" in configs["pytorch"]
     compile(configs["pytorch"], "train.py", "exec")
-    plain = build_configs(compile_job(lm_spec()).launch, numbers)
+    plain = configs_of(lm_spec())
     assert "use_liger_kernel" not in plain["hf_trainer"] and "liger" not in plain["pytorch"]
 
 

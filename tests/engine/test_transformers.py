@@ -7,9 +7,8 @@ from typing import Any
 import pytest
 
 from service.schemas.spec import PlanSpec
-from tests.helpers import TINY_LLAMA, assert_exact, model_of, session_of
+from tests.helpers import TINY_LLAMA, assert_exact, configs_of, model_of, session_of
 from workers.engine.compiled import compile_job
-from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.devices import open_device, open_session
 from workers.engine.errors import SpecError
 from workers.engine.models.hf import PRESETS
@@ -250,13 +249,5 @@ def test_configs_load_the_model_with_the_traced_attention() -> None:
             "data": {"kind": "tokens", "seq_len": 128},
         }
     )
-    numbers = PlanNumbers(
-        micro_batch_size=1,
-        accumulation_steps=1,
-        world_size=1,
-        learning_rate=1e-4,
-        warmup_steps=0,
-        total_optimizer_steps=1,
-    )
-    configs = build_configs(compile_job(spec).launch, numbers)
+    configs = configs_of(spec)
     assert configs["from_pretrained"] == {"attn_implementation": "eager"}

@@ -401,7 +401,7 @@ def _plan_remote(
 
 
 def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """The plan's evaluation, token batching and cost, where it has them."""
+    """The plan's evaluation, token batching, experts and cost, where it has them."""
     rows = []
     evaluation = result.get("evaluation")
     if evaluation:
@@ -420,6 +420,17 @@ def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{batching['batching']}: {batching['samples_per_micro_batch']:g} samples and "
                 f"{batching['padding_fraction']:.0%} padding per micro-batch "
                 f"(batches count {batching['batch_unit']})",
+            )
+        )
+    moe = result.get("moe")
+    if moe:
+        rows.append(
+            (
+                "experts",
+                f"{moe['experts']} per layer x {moe['moe_layers']} layers, top "
+                f"{moe['experts_per_token']}; {moe['active_parameters']:,} of "
+                f"{result['model_summary'].get('parameters', 0):,} parameters active per "
+                f"token; {moe['implementation']} in {moe['expert_gemm_dtype']}",
             )
         )
     if result.get("traced_steps") is not None:

@@ -153,6 +153,36 @@ class EvaluationPlan(BaseModel):
     )
 
 
+class MixtureOfExperts(BaseModel):
+    """A mixture-of-experts model's experts, as the plan traced them."""
+
+    moe_layers: int
+    experts: int = Field(description="Experts per MoE layer.")
+    experts_per_token: int = Field(description="The router's top k.")
+    implementation: Literal["grouped_mm", "batched_mm"] = Field(
+        description="transformers' experts_implementation traced. grouped_mm: one grouped GEMM "
+        "over every (token, expert) pair; batched_mm: a copy of an expert's weights per pair."
+    )
+    expert_parameters: int = Field(
+        description="Parameters in the experts (all trained: gradients and optimizer state "
+        "hold every expert)."
+    )
+    active_parameters: int = Field(
+        description="Parameters a token's forward passes through: the model less the experts "
+        "it is not routed to."
+    )
+    expert_gemm_dtype: Literal["float32", "bfloat16"] = Field(
+        description="The dtype the experts' GEMMs run in: float32 whenever the weights are "
+        "(torch's grouped GEMM is not autocast-enabled; its fp32 path has no Tensor Cores)."
+    )
+    routing: Literal["dropless"] = Field(
+        default="dropless",
+        description="Every token reaches its top k experts (no capacity factor, no dropped "
+        "tokens). On one device the memory is the same for any routing: the grouped GEMM's "
+        "rows are tokens x experts_per_token however they split among the experts.",
+    )
+
+
 class TokenBatching(BaseModel):
     """How the token data's real lengths are batched (data.lengths, data.batching), at the
     plan's micro-batch."""
@@ -369,6 +399,9 @@ class PlanResult(BaseModel):
     )
     evaluation: EvaluationPlan | None = Field(
         default=None, description="training.evaluation: its micro-batch and its time."
+    )
+    moe: MixtureOfExperts | None = Field(
+        default=None, description="Mixture-of-experts models: their experts, as traced."
     )
     token_batching: TokenBatching | None = Field(
         default=None,

@@ -27,10 +27,14 @@ from pydantic import (
 from service.schemas.layers import LAYER_TYPES
 
 Scalar = int | float | bool | str | None
-KwargValue = Scalar | list[int] | list[float]
+KwargValue = Scalar | list[int] | list[float] | list[str]
 
 MAX_KWARGS = 32
 MAX_STR = 128
+MAX_LIST = 8
+# A transformers config names things per layer (`layer_types`, `mlp_only_layers`): as many
+# items as the deepest public model has layers (Llama-3.1-405B: 126).
+MAX_CONFIG_LIST = 256
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
 
 # Keyword arguments that would make a model factory fetch weights over the network.
@@ -52,7 +56,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-def _check_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+def _check_kwargs(kwargs: dict[str, Any], max_list: int = MAX_LIST) -> dict[str, Any]:
     if len(kwargs) > MAX_KWARGS:
         raise ValueError(f"at most {MAX_KWARGS} keyword arguments")
     for key, value in kwargs.items():
@@ -62,8 +66,10 @@ def _check_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key!r} is not accepted: trainplan never downloads weights")
         if isinstance(value, str) and len(value) > MAX_STR:
             raise ValueError(f"{key!r}: strings are at most {MAX_STR} characters")
-        if isinstance(value, list) and len(value) > 8:
-            raise ValueError(f"{key!r}: lists are at most 8 items")
+        if isinstance(value, list) and len(value) > max_list:
+            raise ValueError(f"{key!r}: lists are at most {max_list} items")
+        if isinstance(value, list) and any(isinstance(v, str) and len(v) > 64 for v in value):
+            raise ValueError(f"{key!r}: strings in a list are at most 64 characters")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{key!r}: numbers must be finite")
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1 << 20:
@@ -144,7 +150,9 @@ class TransformersModel(StrictModel):
         named = self.config.get("attn_implementation")
         return self.attn_implementation or (named if isinstance(named, str) else "sdpa")
 
-    _cfg = field_validator("config")(classmethod(lambda cls, v: _check_kwargs(v)))
+    _cfg = field_validator("config")(
+        classmethod(lambda cls, v: _check_kwargs(v, max_list=MAX_CONFIG_LIST))
+    )
 
     @model_validator(mode="after")
     def _preset_or_architecture(self) -> TransformersModel:

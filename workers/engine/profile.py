@@ -45,7 +45,7 @@ from workers.engine.errors import SpecError
 from workers.engine.evaluation import plan_evaluation
 from workers.engine.fit_search import first_fit
 from workers.engine.job import counting_steps
-from workers.engine.models import build_model
+from workers.engine.models import build_model, moe
 from workers.engine.plan_warnings import Facts, plan_warnings
 from workers.engine.roofline import UNCERTAINTY, StepCost
 from workers.engine.scale_out import fewest_gpus
@@ -330,6 +330,9 @@ def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanRes
     else:
         result = _feasible(job, device, measured)
     result.prediction = _prediction(twin, search.max_batch)
+    if built.moe is not None:
+        result.moe = moe.report(built.moe, job.training.precision)
+        result.warnings += moe.warnings(built.moe, job.training.precision)
     return result
 
 

@@ -7,7 +7,8 @@ achievable fraction of the peak differs: matmuls (cuBLAS), convolutions (cuDNN),
 else, which is memory-bound (normalisations, activations, pointwise, the optimizer's foreach
 kernels). The fractions are the calibrated constants of `EFFICIENCY`; the peaks are the card's.
 
-FLOPs: PyTorch's `torch.utils.flop_counter` formulas for matmuls and attention, with two mends:
+FLOPs: PyTorch's `torch.utils.flop_counter` formulas for matmuls and attention, with three mends:
+the MoE experts' grouped GEMM (`_grouped_mm`, which the counter does not know) is counted,
 convolutions are counted here (torch 2.14's `conv_backward_flop` counts the weight gradient of a
 grouped convolution without dividing by the groups: x C for a depthwise one), and the CPU flash
 attention kernel that a fake CPU trace runs is counted like CUDA's.
@@ -30,9 +31,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from workers.engine.catalogue import GPU_CATALOGUE, GpuModel
+from workers.engine.cuda_kernels import grouped_mm_flops
 
 _ATEN = torch.ops.aten
 CONV = {_ATEN.convolution, _ATEN._convolution, _ATEN.cudnn_convolution, _ATEN.convolution_backward}
+GROUPED_MM = _ATEN._grouped_mm  # MoE experts: not in torch 2.14's flop_registry
 CPU_FLASH = _ATEN._scaled_dot_product_flash_attention_for_cpu
 CPU_FLASH_BACKWARD = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward
 LOW = (torch.float16, torch.bfloat16)
@@ -141,6 +144,8 @@ def op_flops(func: Any, args: Any, kwargs: Any, out: Any) -> int:
     if packet in CONV:
         x, w, transposed = args[0], args[1], args[6] if len(args) > 6 else False
         return conv_flops(x.shape, w.shape, out.shape, bool(transposed))
+    if packet is GROUPED_MM:
+        return grouped_mm_flops(args[0].shape, args[1].shape, out.shape)
     if packet is CPU_FLASH:
         q, k, v = args[:3]
         return int(sdpa_flop_count(q.shape, k.shape, v.shape))
@@ -158,7 +163,7 @@ def op_class(func: Any) -> str:
     packet = func._overloadpacket
     if packet in CONV:
         return "conv"
-    if packet in flop_registry or packet in (CPU_FLASH, CPU_FLASH_BACKWARD):
+    if packet in flop_registry or packet in (GROUPED_MM, CPU_FLASH, CPU_FLASH_BACKWARD):
         return "matmul"
     return "memory"
 

@@ -30,6 +30,7 @@ from workers.engine.allocator import (
 )
 from workers.engine.autocast_policy import cuda_autocast_on_cpu
 from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, MIB, GpuModel, custom_gpu
+from workers.engine.cuda_kernels import cuda_kernel_rules
 from workers.engine.cudnn import nchw_transform_workspace
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
 from workers.engine.distributed import fake_world, traced_collectives
@@ -122,6 +123,8 @@ class SimulatedDevice(ProbeDevice):
                 stack.enter_context(traced_collectives(tracker))
             policy = stack.enter_context(autocast)
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            if not self.host:
+                stack.enter_context(cuda_kernel_rules())
             stack.enter_context(tracker)
             job = TrainingJob(
                 trace,

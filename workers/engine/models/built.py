@@ -1,6 +1,6 @@
 """What a model source builds: the module on the meta device, its family (which loss the step
-computes), the notes the plan passes on, and for models that compute their own loss the way
-they do it."""
+computes), the notes the plan passes on, for models that compute their own loss the way they do
+it, and for mixture-of-experts models their experts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from workers.engine.models.moe import MoeLayout
 
 
 @dataclass
@@ -19,3 +21,4 @@ class BuiltModel:
     # (model, inputs, targets) -> loss, for models that compute their own loss (transformers)
     forward_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     vocab_size: int | None = None
+    moe: MoeLayout | None = None  # its mixture-of-experts layers, if any

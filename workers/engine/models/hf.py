@@ -18,6 +18,8 @@ from torch import nn
 from service.schemas.spec import DataSpec, TransformersModel
 from workers.engine.errors import SpecError
 from workers.engine.models.built import BuiltModel
+from workers.engine.models.moe import TRACEABLE, MoeLayout
+from workers.engine.models.moe import describe as describe_moe
 
 _LLAMA_3 = {
     "hidden_size": 4096,
@@ -77,6 +79,44 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             "num_key_value_heads": 4,
             "vocab_size": 152064,
             "max_position_embeddings": 131072,
+            "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+        },
+    ),
+    # Mixture-of-experts (config.json of mistralai/Mixtral-8x7B-v0.1 and Qwen/Qwen3-30B-A3B)
+    "mixtral-8x7b": (
+        "MixtralForCausalLM",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "vocab_size": 32000,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "qwen3-30b-a3b": (
+        "Qwen3MoeForCausalLM",
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "moe_intermediate_size": 768,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "norm_topk_prob": True,
+            "vocab_size": 151936,
+            "max_position_embeddings": 40960,
             "rope_theta": 1000000.0,
             "rms_norm_eps": 1e-6,
             "tie_word_embeddings": False,
@@ -246,10 +286,28 @@ def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:
     except Exception as exc:
         raise _config_error(architecture, exc, config_values) from None
     module.config.use_cache = False
+    moe = _traceable_experts(module)
     family = "hf_sequence" if architecture.endswith("ForSequenceClassification") else "hf"
     return BuiltModel(
-        module, family, forward_loss=hf_forward_loss, vocab_size=getattr(config, "vocab_size", None)
+        module,
+        family,
+        forward_loss=hf_forward_loss,
+        vocab_size=getattr(config, "vocab_size", None),
+        moe=moe,
     )
+
+
+def _traceable_experts(module: nn.Module) -> MoeLayout | None:
+    """The model's experts, if it has any, in an implementation a trace can follow."""
+    layout = describe_moe(module)
+    if layout is not None and layout.implementation not in TRACEABLE:
+        raise SpecError(
+            ("model", "config", "experts_implementation"),
+            f"experts_implementation {layout.implementation!r} loops over the experts with "
+            f"shapes that depend on the routing, which a plan cannot trace; use "
+            f"{' or '.join(repr(t) for t in TRACEABLE)} (transformers' default: 'grouped_mm')",
+        )
+    return layout
 
 
 # Config keys that count or size something: 0 or less never builds a model (transformers

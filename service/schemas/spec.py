@@ -138,7 +138,8 @@ class TransformersModel(StrictModel):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         default=None,
         description="The attention kernel, as transformers names it (from_pretrained's "
-        "attn_implementation); null: config.attn_implementation if given, else sdpa. eager "
+        "attn_implementation); null: config.attn_implementation if given, else transformers' "
+        "default (sdpa where the architecture has it, else eager). eager "
         "materialises the scores (batch x heads x T x T) and keeps their softmax for backward; "
         "sdpa and flash_attention_2 keep O(T) statistics (the trace runs SDPA's flash kernel "
         "for both).",

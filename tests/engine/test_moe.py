@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from service.schemas.spec import PlanSpec
-from tests.helpers import assert_exact, model_of
+from tests.helpers import assert_exact, configs_of, model_of
 from workers import engine
 from workers.engine.cuda_kernels import cuda_kernel_rules, grouped_mm_flops
 from workers.engine.errors import SpecError
@@ -53,7 +53,6 @@ MOE = {
         "num_local_experts": 4,
         "head_dim": 16,
         "layer_types": ["sliding_attention", "full_attention"],
-        "attn_implementation": "eager",
     },
 }
 
@@ -181,3 +180,13 @@ def test_config_lists_of_names_are_accepted_and_bounded() -> None:
     assert spec.model.config["layer_types"] == layers  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="at most 256 items"):
         PlanSpec.model_validate(moe_spec("GptOssForCausalLM", layer_types=layers * 200))
+
+
+def test_an_architecture_without_sdpa_defaults_to_eager_as_transformers_does() -> None:
+    """gpt-oss's attention sinks have no SDPA path: transformers loads it with eager, and so
+    do the trace and the configs (an SDPA default was a 422)."""
+    spec = PlanSpec.model_validate(moe_spec("GptOssForCausalLM"))
+    assert model_of(spec).module.config._attn_implementation == "eager"
+    assert configs_of(spec)["from_pretrained"] == {"attn_implementation": "eager"}
+    mixtral = PlanSpec.model_validate(moe_spec("MixtralForCausalLM"))
+    assert configs_of(mixtral)["from_pretrained"] == {"attn_implementation": "sdpa"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.schemas.spec import DataSpec, EarlyStoppingSpec, ModelSpec, PeftSpec, TrainingSpec
+from workers.engine.models.hf import attention_of
 from workers.engine.optimizers import OptimizerChoice, choose
 from workers.engine.recipe import param_groups
 
@@ -67,7 +68,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         gradient_checkpointing=training.gradient_checkpointing,
         checkpoint_every=training.checkpointing.every,
         loss_kernel=training.loss_kernel,
-        attn_implementation=model.attention if model.source == "transformers" else None,
+        attn_implementation=attention_of(model) if model.source == "transformers" else None,
         channels_last=getattr(data, "layout", None) == "channels_last",
         epochs=training.epochs,
         choice=choose(training),

@@ -212,6 +212,16 @@ def model_class(architecture: str) -> Any:
     return cls
 
 
+def attention_of(model: TransformersModel) -> str:
+    """The attention kernel the model runs with: the spec's (or its config's), else
+    transformers' own default: sdpa where the architecture supports it, else eager (gpt-oss's
+    attention sinks have no SDPA path)."""
+    if model.attn_implementation or isinstance(model.config.get("attn_implementation"), str):
+        return model.attention
+    architecture, _ = resolve(model)
+    return "sdpa" if getattr(model_class(architecture), "_supports_sdpa", True) else "eager"
+
+
 def hf_forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The loss the model computes itself from labels, as the HF Trainer would."""
     key = "pixel_values" if x.is_floating_point() else "input_ids"
@@ -280,7 +290,7 @@ def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:
             )
     # flash_attention_2 needs the flash-attn package and a GPU; SDPA's flash kernel keeps the
     # same O(T) statistics (the output and a float32 logsumexp per row and head), so it stands in
-    config._attn_implementation = "eager" if model.attention == "eager" else "sdpa"
+    config._attn_implementation = "eager" if attention_of(model) == "eager" else "sdpa"
     try:
         module = cls(config)
     except Exception as exc:

@@ -153,6 +153,18 @@ class EvaluationPlan(BaseModel):
     )
 
 
+class DepthFolding(BaseModel):
+    """How the plan traced a stack of identical blocks (search.depth_folding)."""
+
+    layers: int = Field(description="Blocks in the model's stack.")
+    folded: bool = Field(
+        description="true: the stack's steps were synthesised from models with "
+        "traced_depths blocks; false: the whole model was traced (see reason)."
+    )
+    traced_depths: list[int] = Field(default_factory=list)
+    reason: str | None = Field(default=None, description="Why the stack did not fold.")
+
+
 class MixtureOfExperts(BaseModel):
     """A mixture-of-experts model's experts, as the plan traced them."""
 
@@ -399,6 +411,10 @@ class PlanResult(BaseModel):
     )
     evaluation: EvaluationPlan | None = Field(
         default=None, description="training.evaluation: its micro-batch and its time."
+    )
+    depth_folding: DepthFolding | None = Field(
+        default=None,
+        description="Models with a stack of identical blocks: whether the plan folded it.",
     )
     moe: MixtureOfExperts | None = Field(
         default=None, description="Mixture-of-experts models: their experts, as traced."

@@ -243,6 +243,19 @@ class CudaAutocastPolicy:
 
     def __init__(self) -> None:
         self.cache = _CastCache()
+        self._caches: dict[int, _CastCache] = {}
+
+    @contextmanager
+    def own_cache(self, owner: object) -> Iterator[None]:
+        """Several jobs under one policy (depth folding) each keep their own weight casts, as
+        each would in its own process: a cast one job made in backward lives until that job's
+        next autocast region ends, not another's."""
+        previous = self.cache
+        self.cache = self._caches.setdefault(id(owner), _CastCache())
+        try:
+            yield
+        finally:
+            self.cache = previous
 
     def kernel(self, op: torch._ops.OpOverload, policy: str) -> Any:
         schema_args = [a.name for a in op._schema.arguments]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.schemas.result import (
+    DepthFolding,
     DeviceInfo,
     FitSuggestion,
     LrPoint,
@@ -38,6 +39,7 @@ from workers.engine.compiled import CompiledJob
 from workers.engine.configs import PlanNumbers, build_configs
 from workers.engine.configs.hf_trainer import with_evaluation
 from workers.engine.data import sample_bytes
+from workers.engine.depth_fold import Folding
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_session, twin_of
 from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
@@ -291,6 +293,7 @@ class Measured:
     at_micro: TrialOutcome | None = None
     cost: StepCost | None = None
     host_bytes: int = 0
+    folding: Folding | None = None  # how the session traced a stack of blocks, if it folded
 
 
 def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanResult:
@@ -304,12 +307,10 @@ def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanRes
             session.predict_fits,
             seed=twin[0] if twin else None,
         )
-        traced = session.job
         measured = Measured(search, recorder.trials, built.notes)
-        if traced is not None:
-            measured.has_batchnorm = traced.has_batchnorm()
-            measured.counts = traced.parameter_count()
-            measured.host_bytes = traced.host_bytes
+        measured.has_batchnorm = session.has_batchnorm()
+        measured.counts = session.parameter_count()
+        measured.host_bytes = session.host_bytes()
         if search.max_batch > 0:
             measured.batches = batches = planner.choose_batches(
                 search.max_batch,
@@ -325,15 +326,27 @@ def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanRes
                 recorder.emit(to_trial(at_micro, phase="breakdown"))
             measured.at_micro = at_micro
             measured.cost = session.step_cost(batches.micro_batch_size)
+        measured.folding = session.folding  # after the last probe: a fold may fail late
     if measured.batches is None:
         result = _infeasible(job, device, measured)
     else:
         result = _feasible(job, device, measured)
     result.prediction = _prediction(twin, search.max_batch)
+    if measured.folding is not None:
+        result.depth_folding = _folding_out(measured.folding)
     if built.moe is not None:
         result.moe = moe.report(built.moe, job.training.precision)
         result.warnings += moe.warnings(built.moe, job.training.precision)
     return result
+
+
+def _folding_out(folding: Folding) -> DepthFolding:
+    return DepthFolding(
+        layers=folding.depth,
+        folded=folding.folded,
+        traced_depths=list(folding.traced_depths),
+        reason=folding.reason,
+    )
 
 
 def _check_defined(training: TrainingSpec, search: SearchResult, micro: int) -> None:

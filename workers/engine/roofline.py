@@ -89,6 +89,7 @@ class OpCost:
     flops: int
     nbytes: int
     ceiling: float  # FLOP/s the op's math reaches at best on the card (0: memory-bound op)
+    name: str = ""  # the aten op (what lines two traces' ops up: depth folding)
 
 
 @dataclass
@@ -224,5 +225,5 @@ class StepCostMode(TorchDispatchMode):
         )
         bucket = "optimizer" if self.phase() == "optimizer" else kind
         ceiling = self.roofline.ceiling(kind, dtype) if flops else 0.0
-        self.cost.ops.append(OpCost(bucket, kind, flops, nbytes, ceiling))
+        self.cost.ops.append(OpCost(bucket, kind, flops, nbytes, ceiling, func._opname))
         return out

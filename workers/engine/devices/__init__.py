@@ -8,12 +8,14 @@ from dataclasses import replace
 
 from workers.engine.catalogue import GIB, custom_gpu
 from workers.engine.compiled import CompiledJob
+from workers.engine.depth_fold import DepthPlan
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
 from workers.engine.devices.cpu import CpuDevice
 from workers.engine.devices.cuda import CudaDevice
 from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.errors import SpecError
 from workers.engine.models import BuiltModel, build_model
+from workers.engine.models.depth import uniform_depth, with_depth
 
 
 def open_device(job: CompiledJob) -> ProbeDevice:
@@ -58,4 +60,34 @@ def open_session(
     """A session of the job's training step on `device`: the trace's slice, the model built
     (unless given) and the byte limit its headroom leaves."""
     model = built or build_model(job.model, job.data, job.peft)
-    return device.session(job.trace, model, device.limit_bytes(job.trace.headroom))
+    limit = device.limit_bytes(job.trace.headroom)
+    plan = _depth_plan(device, job, model)
+    if plan is not None:
+        assert isinstance(device, SimulatedDevice)
+        return device.folded_session(job.trace, plan, limit)
+    return device.session(job.trace, model, limit)
+
+
+FOLD_FROM_DEPTH = 8  # learning a fold traces 2+3+4+5 blocks: worth it from 8 blocks up
+
+
+def _depth_plan(device: ProbeDevice, job: CompiledJob, built: BuiltModel) -> DepthPlan | None:
+    """Fold the model's depth when it is a transformers stack of identical blocks traced for
+    one simulated GPU (`search.depth_folding`)."""
+    model = job.model
+    if (
+        not job.search.depth_folding
+        or not isinstance(device, SimulatedDevice)
+        or device.host
+        or job.training.world_size != 1
+        or model.source != "transformers"
+    ):
+        return None
+    depth = uniform_depth(model, built.module)
+    if depth is None or depth < FOLD_FROM_DEPTH:
+        return None
+
+    def shallow(blocks: int) -> BuiltModel:
+        return build_model(with_depth(model, depth, blocks), job.data, job.peft)
+
+    return DepthPlan(depth, built, shallow)

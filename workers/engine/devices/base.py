@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workers.engine.depth_fold import Folding
 from workers.engine.errors import SpecError
 from workers.engine.failures import classify
 from workers.engine.job import TrainingJob
@@ -53,6 +54,7 @@ class ProbeSession(ABC):
         self.device = device
         self.limit_bytes = limit_bytes
         self.job: TrainingJob | None = None
+        self.folding: Folding | None = None  # a stack of blocks folded (or why not)
 
     def probe(self, batch: int) -> TrialOutcome:
         """One trial. A trace that fails for any reason but memory raises the engine's own
@@ -88,6 +90,18 @@ class ProbeSession(ABC):
         """The roofline cost of one iteration, where the device estimates speed instead of
         measuring it."""
         return None
+
+    # -- facts of the traced model -------------------------------------------------------
+    def parameter_count(self) -> tuple[int, int]:
+        """(parameters, trainable parameters) of the model as materialised."""
+        return self.job.parameter_count() if self.job is not None else (0, 0)
+
+    def has_batchnorm(self) -> bool:
+        return self.job.has_batchnorm() if self.job is not None else False
+
+    def host_bytes(self) -> int:
+        """What CPU offload or paged optimizer states keep in host memory."""
+        return self.job.host_bytes if self.job is not None else 0
 
     def _outcome(
         self,

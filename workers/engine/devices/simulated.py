@@ -11,9 +11,10 @@ needed: that exact figure is what lets the search land on the answer in a few tr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import replace
+from typing import Any
 
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -28,10 +29,21 @@ from workers.engine.allocator import (
     reserve_needed,
     round_size,
 )
-from workers.engine.autocast_policy import cuda_autocast_on_cpu
+from workers.engine.autocast_policy import CudaAutocastPolicy, cuda_autocast_on_cpu
 from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, MIB, GpuModel, custom_gpu
 from workers.engine.cuda_kernels import cuda_kernel_rules
 from workers.engine.cudnn import nchw_transform_workspace
+from workers.engine.depth_fold import (
+    BASE,
+    LEARN,
+    DepthPlan,
+    Fold,
+    Folding,
+    NotFoldable,
+    StepTrace,
+    fold_cost,
+    kinds_of,
+)
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
 from workers.engine.distributed import fake_world, traced_collectives
 from workers.engine.errors import SpecError
@@ -139,6 +151,42 @@ class SimulatedDevice(ProbeDevice):
             )
             yield _SimulatedSession(self, limit, job, tracker, costs)
 
+    @contextmanager
+    def folded_session(
+        self, trace: TraceJob, plan: DepthPlan, limit_bytes: int
+    ) -> Iterator[ProbeSession]:
+        """A session of a one-GPU job whose model is a stack of identical blocks: each probe
+        traces copies with a few blocks and synthesises the stack (`depth_fold`); where the
+        traces do not fold, it traces the whole model and says why."""
+        assert not self.host and trace.training.world_size == 1
+        workspace = nchw_transform_workspace(self.gpu.sm)
+        # Built before the fake mode: a model made under it holds fake meta tensors, which
+        # materialising cannot swap.
+        models = {k: plan.shallow(k) for k in range(BASE, BASE + LEARN + 1)} | {0: plan.full}
+        with ExitStack() as stack:
+            policy = stack.enter_context(cuda_autocast_on_cpu())
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            stack.enter_context(cuda_kernel_rules())
+
+            def make_job(built: BuiltModel) -> tuple[TrainingJob, MemoryTracker]:
+                tracker = MemoryTracker(fake_scalars=True, workspace=workspace)
+                with tracker:  # each job's tracker records its own tensors only
+                    job = TrainingJob(
+                        trace,
+                        built,
+                        "cpu",
+                        tracker,
+                        fake=True,
+                        autocast_policy=policy,
+                        grads_set_to_none=self.runtime.zero_grad_set_to_none,
+                        cuda_semantics=True,
+                    )
+                return job, tracker
+
+            yield _FoldedSession(
+                self, limit_bytes, self.fixed_costs(1), make_job, plan, models, policy
+            )
+
 
 class _SimulatedSession(ProbeSession):
     def __init__(
@@ -159,6 +207,7 @@ class _SimulatedSession(ProbeSession):
         self._costs: dict[int, StepCost] = {}  # the roofline of each batch costed so far
         self._cost_wanted: set[int] = set()  # batches whose next probe also costs the step
         self._model: tuple[tuple[int, ...], AffineSequence | None] | None = None
+        self.records_own_steps = False  # its tracker is active for the whole session
         # The allocator may reserve what the card offers less the context and NCCL's buffers.
         self.allocator_limit = limit - costs.outside_allocator
 
@@ -166,12 +215,13 @@ class _SimulatedSession(ProbeSession):
         assert self.job is not None
         tracker = self.tracker
         tracker.reset_peak()
-        if batch in self._cost_wanted:  # one trace for the memory and the step's roofline
-            with self._costing() as mode:
-                self.job.iteration(batch)
-            self._costs[batch] = mode.cost
-        else:  # costing every op slows a trace by a fifth: only where it will be asked for
-            self.job.iteration(batch)  # tracing time says nothing about the GPU's speed
+        with self._recording():
+            if batch in self._cost_wanted:  # one trace for the memory and the step's roofline
+                with self._costing() as mode:
+                    self.job.iteration(batch)
+                self._costs[batch] = mode.cost
+            else:  # costing every op slows a trace by a fifth: only where it will be asked for
+                self.job.iteration(batch)  # tracing time says nothing about the GPU's speed
         sequence = self._allocation_sequence()
         self._sequences[batch] = sequence
         if self.host:  # the cpu device's rule: live tensors against the budget
@@ -179,7 +229,9 @@ class _SimulatedSession(ProbeSession):
         persistent, events, lazy = sequence
         at_limit = replay(persistent, events, self.allocator_limit, self.config, lazy=lazy)
         need, _ = reserve_needed(persistent, events, self.config, lazy)
-        return self._replayed_outcome(batch, at_limit, need)
+        return self._replayed_outcome(
+            batch, at_limit, need, tracker.peak, tracker.breakdown_at_peak()
+        )
 
     def predict_fits(self, batch: int) -> bool | None:
         """Whether `batch` would fit, without tracing it: the allocation sequence of a step is
@@ -232,14 +284,21 @@ class _SimulatedSession(ProbeSession):
                 lazy.setdefault(index, []).append(nbytes)
         return persistent, events, lazy
 
-    def _replayed_outcome(self, batch: int, at_limit: CachingAllocator, need: int) -> TrialOutcome:
+    def _replayed_outcome(
+        self,
+        batch: int,
+        at_limit: CachingAllocator,
+        need: int,
+        live_peak: int,
+        breakdown: dict[str, int],
+    ) -> TrialOutcome:
         """Fits: the replay under the card's limit never failed a segment. The peak reported is
         the reserve the step needs under pressure (+ overhead), which is what grows with the
         batch; with room to spare the allocator caches more than that."""
         costs = self.costs
-        parts = dict.fromkeys(CATEGORIES, 0) | self.tracker.breakdown_at_peak()
+        parts = dict.fromkeys(CATEGORIES, 0) | breakdown
         cublas = sum(round_size(w) for w in costs.workspaces)
-        allocated = self.tracker.peak + cublas
+        allocated = live_peak + cublas
         fits = at_limit.oom is None
         reserved = max(need, allocated)
         if fits:
@@ -275,14 +334,180 @@ class _SimulatedSession(ProbeSession):
         part of a plan)."""
         if batch not in self._costs:
             assert self.job is not None
-            with self._costing() as mode:
+            with self._recording(), self._costing() as mode:
                 self.job.iteration(batch)
             self._costs[batch] = mode.cost
         return self._costs[batch]
 
-    def _costing(self) -> StepCostMode:
-        assert self.job is not None
+    def _recording(self) -> AbstractContextManager[Any]:
+        return self.tracker if self.records_own_steps else nullcontext()
+
+    def _costing(
+        self, job: TrainingJob | None = None, tracker: MemoryTracker | None = None
+    ) -> StepCostMode:
+        job, tracker = job or self.job, tracker or self.tracker
+        assert job is not None and tracker is not None
         device = self.device
         assert isinstance(device, SimulatedDevice)
-        roofline = Roofline(device.gpu, self.job.precision, device.runtime.matmul_tf32_default)
-        return StepCostMode(roofline, lambda: self.tracker.phase)
+        roofline = Roofline(device.gpu, job.precision, device.runtime.matmul_tf32_default)
+        return StepCostMode(roofline, lambda: tracker.phase)
+
+
+class _FoldedSession(_SimulatedSession):
+    """Probes a stack of `plan.depth` identical blocks from models with 2 to 5 of them.
+
+    The first probe traces 2, 3, 4 and 5 blocks and learns the fold (which must rebuild 5
+    blocks exactly); each later probe traces 2 and 3 blocks at its micro-batch, checks them
+    against the fold and synthesises the stack. The allocator then replays the synthesised
+    sequence as it would a traced one. Any failure of the fold makes the session trace the whole
+    model from then on (`folding` says why)."""
+
+    def __init__(
+        self,
+        device: SimulatedDevice,
+        limit: int,
+        costs: FixedCosts,
+        make_job: Callable[[BuiltModel], tuple[TrainingJob, MemoryTracker]],
+        plan: DepthPlan,
+        models: dict[int, BuiltModel],
+        policy: CudaAutocastPolicy,
+    ) -> None:
+        self.make_job = make_job
+        self.policy = policy  # shared by the jobs: each traces with its own weight-cast cache
+        self.plan = plan
+        self.models = models  # by blocks; 0: the whole model
+        self.jobs: dict[int, tuple[TrainingJob, MemoryTracker]] = {}
+        self.folds: dict[Any, Fold] = {}  # by the shape of the step (`kinds_of`)
+        self.whole: _SimulatedSession | None = None
+        self.folding = Folding(plan.depth, folded=True)
+        self.history: list[int] = []  # the batches of every step run so far, in order
+        job, tracker = self._job(BASE)
+        super().__init__(device, limit, job, tracker, costs)
+
+    # -- the session's interface ----------------------------------------------------------
+    def _probe(self, batch: int) -> TrialOutcome:
+        step = None if self.whole is not None else self._folded_step(batch)
+        self.history.append(batch)
+        if step is None:
+            assert self.whole is not None
+            outcome = self.whole._probe(batch)
+            self._sequences[batch] = self.whole._sequences[batch]
+            if batch in self.whole._costs:
+                self._costs[batch] = self.whole._costs[batch]
+            return outcome
+        sequence = sequence_of(step, self.costs.workspaces)
+        self._sequences[batch] = sequence
+        persistent, events, lazy = sequence
+        at_limit = replay(persistent, events, self.allocator_limit, self.config, lazy=lazy)
+        need, _ = reserve_needed(persistent, events, self.config, lazy)
+        return self._replayed_outcome(batch, at_limit, need, *step.peak())
+
+    def step_cost(self, batch: int) -> StepCost:
+        if batch not in self._costs:
+            if self.whole is None:
+                self._cost_wanted.add(batch)
+                self._folded_step(batch)
+            if self.whole is not None and batch not in self._costs:
+                self._costs[batch] = self.whole.step_cost(batch)
+            self.history.append(batch)
+        return self._costs[batch]
+
+    def parameter_count(self) -> tuple[int, int]:
+        if self.whole is not None:
+            return self.whole.parameter_count()
+        one, two = (self._job(k)[0].parameter_count() for k in (BASE, BASE + 1))
+        extra = self.plan.depth - BASE
+        return one[0] + extra * (two[0] - one[0]), one[1] + extra * (two[1] - one[1])
+
+    def host_bytes(self) -> int:
+        if self.whole is not None:
+            return self.whole.host_bytes()
+        one, two = (self._job(k)[0].host_bytes for k in (BASE, BASE + 1))
+        return one + (self.plan.depth - BASE) * (two - one)
+
+    # -- folding ---------------------------------------------------------------------------
+    def _job(self, blocks: int) -> tuple[TrainingJob, MemoryTracker]:
+        if blocks not in self.jobs:
+            self.jobs[blocks] = self.make_job(self.models[blocks])
+        return self.jobs[blocks]
+
+    def _trace(self, blocks: int, batch: int, cost: bool) -> tuple[StepTrace, StepCost | None]:
+        job, tracker = self._job(blocks)
+        tracker.reset_peak()
+        with tracker, self.policy.own_cache(job):
+            if not cost:
+                job.iteration(batch)
+                return StepTrace.of(tracker), None
+            with self._costing(job, tracker) as mode:
+                job.iteration(batch)
+        return StepTrace.of(tracker), mode.cost
+
+    def _folded_step(self, batch: int) -> StepTrace | None:
+        """The stack's step at `batch`, synthesised; None where the fold fails. A fold is
+        learned once per shape of step (batch 1 often runs a few ops fewer than the rest)."""
+        costing = batch in self._cost_wanted
+        traced = {k: self._trace(k, batch, costing) for k in (BASE, BASE + 1)}
+        steps = {k: step for k, (step, _) in traced.items()}
+        try:
+            fold = self.folds.get(kinds_of(steps[BASE]))
+            more = [] if fold is not None else [BASE + 2, BASE + 3]
+            if costing and fold is not None:
+                more = [BASE + 2]
+            for k in more:
+                traced[k] = self._trace(k, batch, costing and k == BASE + 2)
+                steps[k] = traced[k][0]
+            if fold is None:
+                fold = self.folds[kinds_of(steps[BASE])] = Fold.learn(steps)
+            else:
+                fold.resized(steps[BASE], steps[BASE + 1])
+            if costing:
+                costs = {k: cost for k, (_, cost) in traced.items() if cost is not None}
+                self._costs[batch] = fold_cost(costs, self.plan.depth)
+            stack = fold.synthesize(steps[BASE], self.plan.depth)
+        except NotFoldable as exc:
+            self._trace_whole(str(exc))
+            return None
+        self.folding = Folding(self.plan.depth, folded=True, traced_depths=tuple(sorted(self.jobs)))
+        return stack
+
+    def _trace_whole(self, reason: str) -> None:
+        self.folding = Folding(self.plan.depth, folded=False, reason=reason)
+        job, tracker = self.make_job(self.models[0])
+        device = self.device
+        assert isinstance(device, SimulatedDevice)
+        whole = _SimulatedSession(device, self.limit_bytes, job, tracker, self.costs)
+        whole.records_own_steps = True  # no session-long tracker here: it records each step
+        whole._cost_wanted = self._cost_wanted
+        # The whole model catches up on the steps a session without folding would have run
+        # (what one step leaves, the next one frees: its state must be the same).
+        for batch in self.history:
+            tracker.reset_peak()
+            with tracker:
+                job.iteration(batch)
+        self.whole = whole
+        self.job = job
+
+
+def sequence_of(step: StepTrace, workspaces: tuple[int, ...] | list[int]) -> Sequence:
+    """`_allocation_sequence` for a synthesised step: the same sequence the tracker's window
+    gives (event indices for keys), gradients and optimizer state created lazily where the
+    first allocation of their phase comes."""
+    events: list[tuple[int, int]] = []
+    created_at: dict[str, int] = {}
+    phases = {"backward": "gradients", "optimizer": "optimizer_state"}
+    for index, event in enumerate(step.events):
+        if event[0] == "a":
+            category = phases.get(event[3])
+            if category is not None and category not in created_at:
+                created_at[category] = len(events)
+            events.append((index, event[1]))
+        elif event[1] >= 0:  # a persistent entry freed mid-step stays reserved, as traced
+            events.append((event[1], -1))
+    persistent = list(workspaces)
+    lazy: dict[int, list[int]] = {}
+    for category, nbytes in step.persistent:
+        if category in phases.values():
+            lazy.setdefault(created_at.get(category, len(events)), []).append(nbytes)
+        else:
+            persistent.append(nbytes)
+    return persistent, events, lazy

@@ -59,7 +59,7 @@ class AllocatorOOM(RuntimeError):
         self.requested = requested
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Segment:
     size: int
     small: bool
@@ -68,7 +68,7 @@ class _Segment:
     live: int = 0  # of them, allocated
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block:
     size: int
     segment: _Segment
@@ -280,6 +280,7 @@ def replay(
     config: AllocatorConfig | None = None,
     passes: int = 2,
     lazy: dict[int, list[int]] | None = None,
+    stop_at_oom: bool = False,
 ) -> CachingAllocator:
     """Allocate the `persistent` sizes, then run the iteration's `events` `passes` times.
 
@@ -292,6 +293,7 @@ def replay(
     allocated under `key`. Blocks still live at the end of a pass are freed before the next
     (the next iteration replaces them). From the second pass on, the blocks the previous
     iteration cached are reused as on a real GPU; peaks and `oom` cover every pass.
+    `stop_at_oom`: return at the first failure (for a caller that only asks whether it fits).
     """
     allocator = CachingAllocator(limit, config)
     for nbytes in persistent:
@@ -304,6 +306,8 @@ def replay(
                 allocator.malloc(size)
             if nbytes >= 0:
                 live[key] = allocator.malloc(nbytes)
+                if stop_at_oom and allocator.oom is not None:
+                    return allocator
             else:
                 block = live.pop(key, None)
                 if block is not None:
@@ -335,7 +339,7 @@ def reserve_needed(
     best = free
     while hi - lo > resolution:
         mid = (lo + hi) // 2
-        attempt = replay(persistent, events, mid, config, lazy=lazy)
+        attempt = replay(persistent, events, mid, config, lazy=lazy, stop_at_oom=True)
         if attempt.oom is None:
             hi, best = mid, attempt
         else:

@@ -30,8 +30,12 @@ def spec(
     fold: bool,
     architecture: str = "LlamaForCausalLM",
     config: dict[str, Any] | None = None,
+    device_gib: float | None = None,
     **training: Any,
 ) -> PlanSpec:
+    device = {"kind": "simulated", "gpu": "T4"}
+    if device_gib is not None:
+        device["memory_gib"] = device_gib  # type: ignore[assignment]
     return PlanSpec.model_validate(
         {
             "model": {
@@ -41,7 +45,7 @@ def spec(
             },
             "data": {"kind": "tokens", "seq_len": 64, "num_samples": 1000},
             "training": {"precision": "bf16-mixed", "global_batch_size": 64} | training,
-            "device": {"kind": "simulated", "gpu": "T4"},
+            "device": device,
             "search": {"what_if": False, "depth_folding": fold},
         }
     )
@@ -87,8 +91,9 @@ def _numbers(tree: Any, prefix: str = "") -> dict[str, float]:
         ),
         ("LlamaForCausalLM", {}, {"precision": "fp32", "optimizer": "sgd"}),
         ("MixtralForCausalLM", MIXTRAL, {"precision": "bf16"}),
+        ("LlamaForCausalLM", {}, {"parallelism": {"strategy": "fsdp"}, "world_size": 4}),
     ],
-    ids=["bf16-mixed", "checkpointed-lora", "fp32-sgd", "moe-bf16"],
+    ids=["bf16-mixed", "checkpointed-lora", "fp32-sgd", "moe-bf16", "fsdp-4"],
 )
 def test_a_folded_plan_is_the_full_trace_plan(
     architecture: str, config: dict[str, Any], training: dict[str, Any]
@@ -98,7 +103,22 @@ def test_a_folded_plan_is_the_full_trace_plan(
     assert full.depth_folding is None
     assert folded.depth_folding is not None and folded.depth_folding.folded
     assert folded.depth_folding.layers == 8
-    assert folded.depth_folding.traced_depths == [2, 3, 4, 5]
+    # FSDP's prefetch makes the blocks beside the first and the last differ: base 3
+    sharded = training.get("world_size", 1) > 1
+    assert folded.depth_folding.traced_depths == ([3, 4, 5, 6] if sharded else [2, 3, 4, 5])
+    assert_same_plan(folded, full)
+
+
+def test_the_scale_out_sessions_share_one_fold_and_answer_as_full_traces() -> None:
+    """world_size 'auto' opens a session per world size: the first learns the fold, the
+    others check it on their own traces (2 depths) and use it."""
+    training = {"world_size": "auto", "parallelism": {"strategy": "fsdp"}}
+    wide = {"hidden_size": 512, "intermediate_size": 2048, "vocab_size": 100_000}  # 135M
+    full = engine.plan(spec(False, config=wide, device_gib=2, **training))
+    folded = engine.plan(spec(True, config=wide, device_gib=2, **training))
+    assert full.world_size > 1 and len(full.scale_out[0].checked) > 1
+    assert folded.depth_folding is not None and folded.depth_folding.folded
+    assert folded.traced_steps is not None and full.traced_steps is not None
     assert_same_plan(folded, full)
 
 

@@ -43,8 +43,11 @@ Origin = tuple[int, int, int]  # (unit, copy, offset); unit -1: the fixed part (
 Target = tuple[int, int, int, int]  # (space, unit, copy, offset): space 0 events, 1 persistent
 # The first and the last block of a stack border the embedding and the head (the first block's
 # backward meets the embedding's gradient): the repeated copies are the middle ones, so the
-# base trace has 2 blocks, the fold learns from 2, 3 and 4 and must rebuild 5.
+# base trace has 2 blocks, the fold learns from 2, 3 and 4 and must rebuild 5. Under FSDP a
+# block also prefetches its neighbour's parameters and reduce-scatters after it, so the blocks
+# next to the first and the last differ too: the base trace has 3 blocks.
 BASE = 2
+SHARDED_BASE = 3
 LEARN = 3
 
 
@@ -56,6 +59,8 @@ class DepthPlan:
     depth: int
     full: BuiltModel
     shallow: Callable[[int], BuiltModel]
+    base: int = BASE  # the fold's base trace (SHARDED_BASE for FSDP-style strategies)
+    key: str = ""  # the model as specified: sessions of the same model share folds
 
 
 @dataclass(frozen=True)
@@ -69,24 +74,24 @@ class Folding:
     reason: str | None = None
 
 
-def fold_cost(costs: dict[int, StepCost], depth: int) -> StepCost:
-    """The roofline of the stack from the rooflines of `BASE`, +1 and +2 blocks.
+def fold_cost(costs: dict[int, StepCost], base: int, depth: int) -> StepCost:
+    """The roofline of the stack from the rooflines of `base`, +1 and +2 blocks.
 
     An op with FLOPs costs max(compute, memory): a block must add the same such ops each time
     (as a multiset). An op without FLOPs costs its bytes over the bandwidth, linear in its
     bytes, so only each bucket's total bytes of them matter: a block must add the same total
     each time (the optimizer's foreach ops grow with every block's parameters rather than
-    adding ops). The stack's ops are the base's, depth - BASE copies of a block's ops with
+    adding ops). The stack's ops are the base's, depth - base copies of a block's ops with
     FLOPs, and per bucket one op of the bytes the blocks add (sums in another order: equal to
     a full trace's up to float rounding)."""
-    step = _block_delta(costs[BASE], costs[BASE + 1])
-    if step != _block_delta(costs[BASE + 1], costs[BASE + 2]):
+    step = _block_delta(costs[base], costs[base + 1])
+    if step != _block_delta(costs[base + 1], costs[base + 2]):
         raise NotFoldable("each added block does not add the same ops to the step's cost")
     ops, nbytes = step
-    extra = depth - BASE
-    base = costs[BASE]
+    extra = depth - base
+    first = costs[base]
     grown = [OpCost(bucket, "memory", 0, n * extra, 0.0, "folded") for bucket, n in nbytes if n]
-    return StepCost(base.bandwidth, list(base.ops) + list(ops.elements()) * extra + grown)
+    return StepCost(first.bandwidth, list(first.ops) + list(ops.elements()) * extra + grown)
 
 
 def _block_delta(

@@ -6,9 +6,10 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import replace
 
+from service.schemas.spec import SHARDED
 from workers.engine.catalogue import GIB, custom_gpu
 from workers.engine.compiled import CompiledJob
-from workers.engine.depth_fold import DepthPlan
+from workers.engine.depth_fold import BASE, SHARDED_BASE, DepthPlan
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
 from workers.engine.devices.cpu import CpuDevice
 from workers.engine.devices.cuda import CudaDevice
@@ -69,17 +70,19 @@ def open_session(
 
 
 FOLD_FROM_DEPTH = 8  # learning a fold traces 2+3+4+5 blocks: worth it from 8 blocks up
+# DDP's gradient buckets (25 MB) cut across blocks, so its steps do not repeat per block.
+FOLDED_STRATEGIES = {"none": BASE} | dict.fromkeys(SHARDED, SHARDED_BASE)
 
 
 def _depth_plan(device: ProbeDevice, job: CompiledJob, built: BuiltModel) -> DepthPlan | None:
-    """Fold the model's depth when it is a transformers stack of identical blocks traced for
-    one simulated GPU (`search.depth_folding`)."""
+    """Fold the model's depth when it is a transformers stack of identical blocks traced on
+    the simulated device (`search.depth_folding`)."""
     model = job.model
     if (
         not job.search.depth_folding
         or not isinstance(device, SimulatedDevice)
         or device.host
-        or job.training.world_size != 1
+        or job.training.strategy not in FOLDED_STRATEGIES
         or model.source != "transformers"
     ):
         return None
@@ -90,4 +93,5 @@ def _depth_plan(device: ProbeDevice, job: CompiledJob, built: BuiltModel) -> Dep
     def shallow(blocks: int) -> BuiltModel:
         return build_model(with_depth(model, depth, blocks), job.data, job.peft)
 
-    return DepthPlan(depth, built, shallow)
+    key = f"{model.model_dump_json()} {job.peft}"
+    return DepthPlan(depth, built, shallow, FOLDED_STRATEGIES[job.training.strategy], key)

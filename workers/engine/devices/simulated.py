@@ -34,7 +34,6 @@ from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, MIB, GpuModel, cust
 from workers.engine.cuda_kernels import cuda_kernel_rules
 from workers.engine.cudnn import nchw_transform_workspace
 from workers.engine.depth_fold import (
-    BASE,
     LEARN,
     DepthPlan,
     Fold,
@@ -76,6 +75,7 @@ class SimulatedDevice(ProbeDevice):
         self.allocator = allocator or AllocatorConfig()
         self.host = host
         self.context_bytes = context_bytes
+        self.folds: dict[Any, Any] = {}  # depth folds learned by this device's sessions
         self.overhead_bytes = self.fixed_costs(1).outside_allocator
         self.supports_bf16 = gpu.supports_bf16
         self.supports_tf32 = gpu.supports_tf32
@@ -155,22 +155,26 @@ class SimulatedDevice(ProbeDevice):
     def folded_session(
         self, trace: TraceJob, plan: DepthPlan, limit_bytes: int
     ) -> Iterator[ProbeSession]:
-        """A session of a one-GPU job whose model is a stack of identical blocks: each probe
-        traces copies with a few blocks and synthesises the stack (`depth_fold`); where the
-        traces do not fold, it traces the whole model and says why."""
-        assert not self.host and trace.training.world_size == 1
+        """A session of a job whose model is a stack of identical blocks: each probe traces
+        copies with a few blocks and synthesises the stack (`depth_fold`); where the traces
+        do not fold, it traces the whole model and says why. Sharded jobs fold per rank."""
+        assert not self.host
         workspace = nchw_transform_workspace(self.gpu.sm)
         # Built before the fake mode: a model made under it holds fake meta tensors, which
         # materialising cannot swap.
-        models = {k: plan.shallow(k) for k in range(BASE, BASE + LEARN + 1)} | {0: plan.full}
+        depths = range(plan.base, plan.base + LEARN + 1)
+        models = {k: plan.shallow(k) for k in depths} | {0: plan.full}
         with ExitStack() as stack:
+            world = stack.enter_context(fake_world(trace.training))  # outside the fake mode
             policy = stack.enter_context(cuda_autocast_on_cpu())
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             stack.enter_context(cuda_kernel_rules())
 
             def make_job(built: BuiltModel) -> tuple[TrainingJob, MemoryTracker]:
-                tracker = MemoryTracker(fake_scalars=True, workspace=workspace)
-                with tracker:  # each job's tracker records its own tensors only
+                tracker = MemoryTracker(
+                    fake_scalars=True, workspace=workspace, distributed=world is not None
+                )
+                with recording(tracker):  # each job's tracker records its own tensors only
                     job = TrainingJob(
                         trace,
                         built,
@@ -180,12 +184,20 @@ class SimulatedDevice(ProbeDevice):
                         autocast_policy=policy,
                         grads_set_to_none=self.runtime.zero_grad_set_to_none,
                         cuda_semantics=True,
+                        world=world,
                     )
                 return job, tracker
 
-            yield _FoldedSession(
-                self, limit_bytes, self.fixed_costs(1), make_job, plan, models, policy
-            )
+            costs = self.fixed_costs(trace.training.world_size)
+            yield _FoldedSession(self, limit_bytes, costs, make_job, plan, models, policy)
+
+
+@contextmanager
+def recording(tracker: MemoryTracker) -> Iterator[None]:
+    """The tracker active for one job's work (and, for one rank of a sharded job, seeing its
+    collectives' buffers), when several jobs share a session."""
+    with tracker, traced_collectives(tracker) if tracker.distributed else nullcontext():
+        yield
 
 
 class _SimulatedSession(ProbeSession):
@@ -340,7 +352,7 @@ class _SimulatedSession(ProbeSession):
         return self._costs[batch]
 
     def _recording(self) -> AbstractContextManager[Any]:
-        return self.tracker if self.records_own_steps else nullcontext()
+        return recording(self.tracker) if self.records_own_steps else nullcontext()
 
     def _costing(
         self, job: TrainingJob | None = None, tracker: MemoryTracker | None = None
@@ -377,11 +389,16 @@ class _FoldedSession(_SimulatedSession):
         self.plan = plan
         self.models = models  # by blocks; 0: the whole model
         self.jobs: dict[int, tuple[TrainingJob, MemoryTracker]] = {}
-        self.folds: dict[Any, Fold] = {}  # by the shape of the step (`kinds_of`)
+        # by model, base and the shape of the step (`kinds_of`): the device's, so a plan's
+        # sessions share them
+        self.folds: dict[Any, Fold] = device.folds
+        self.own_folds: list[Fold] = []  # checked or learned by this session
         self.whole: _SimulatedSession | None = None
         self.folding = Folding(plan.depth, folded=True)
         self.history: list[int] = []  # the batches of every step run so far, in order
-        job, tracker = self._job(BASE)
+        self.ran: dict[int, int] = {}  # by blocks: how much of the history that job has run
+        self.base = plan.base
+        job, tracker = self._job(self.base)
         super().__init__(device, limit, job, tracker, costs)
 
     # -- the session's interface ----------------------------------------------------------
@@ -415,15 +432,15 @@ class _FoldedSession(_SimulatedSession):
     def parameter_count(self) -> tuple[int, int]:
         if self.whole is not None:
             return self.whole.parameter_count()
-        one, two = (self._job(k)[0].parameter_count() for k in (BASE, BASE + 1))
-        extra = self.plan.depth - BASE
+        one, two = (self._job(k)[0].parameter_count() for k in (self.base, self.base + 1))
+        extra = self.plan.depth - self.base
         return one[0] + extra * (two[0] - one[0]), one[1] + extra * (two[1] - one[1])
 
     def host_bytes(self) -> int:
         if self.whole is not None:
             return self.whole.host_bytes()
-        one, two = (self._job(k)[0].host_bytes for k in (BASE, BASE + 1))
-        return one + (self.plan.depth - BASE) * (two - one)
+        one, two = (self._job(k)[0].host_bytes for k in (self.base, self.base + 1))
+        return one + (self.plan.depth - self.base) * (two - one)
 
     # -- folding ---------------------------------------------------------------------------
     def _job(self, blocks: int) -> tuple[TrainingJob, MemoryTracker]:
@@ -433,8 +450,15 @@ class _FoldedSession(_SimulatedSession):
 
     def _trace(self, blocks: int, batch: int, cost: bool) -> tuple[StepTrace, StepCost | None]:
         job, tracker = self._job(blocks)
+        ran = self.ran.setdefault(blocks, 0)
+        with recording(tracker), self.policy.own_cache(job):
+            # A job that sat out earlier probes first runs their steps: what a step leaves,
+            # the next one frees, so every depth must have the session's history.
+            for earlier in self.history[ran:]:
+                job.iteration(earlier)
+        self.ran[blocks] = len(self.history) + 1
         tracker.reset_peak()
-        with tracker, self.policy.own_cache(job):
+        with recording(tracker), self.policy.own_cache(job):
             if not cost:
                 job.iteration(batch)
                 return StepTrace.of(tracker), None
@@ -444,31 +468,48 @@ class _FoldedSession(_SimulatedSession):
 
     def _folded_step(self, batch: int) -> StepTrace | None:
         """The stack's step at `batch`, synthesised; None where the fold fails. A fold is
-        learned once per shape of step (batch 1 often runs a few ops fewer than the rest)."""
-        costing = batch in self._cost_wanted
-        traced = {k: self._trace(k, batch, costing) for k in (BASE, BASE + 1)}
+        learned once per shape of step (batch 1 often runs a few ops fewer than the rest) and
+        shared by the plan's other sessions of the same model (scale-out sizes, what-ifs on
+        other cards), each of which checks it on its own traces before using it."""
+        costing, base = batch in self._cost_wanted, self.base
+        traced = {k: self._trace(k, batch, costing) for k in (base, base + 1)}
         steps = {k: step for k, (step, _) in traced.items()}
         try:
-            fold = self.folds.get(kinds_of(steps[BASE]))
-            more = [] if fold is not None else [BASE + 2, BASE + 3]
-            if costing and fold is not None:
-                more = [BASE + 2]
+            key = (self.plan.key, base, kinds_of(steps[base]))
+            fold = self._checked(self.folds.get(key), steps)
+            more = [base + 2] if costing else []
+            if fold is None:
+                more = [base + 2, base + 3]
             for k in more:
-                traced[k] = self._trace(k, batch, costing and k == BASE + 2)
+                traced[k] = self._trace(k, batch, costing and k == base + 2)
                 steps[k] = traced[k][0]
             if fold is None:
-                fold = self.folds[kinds_of(steps[BASE])] = Fold.learn(steps)
-            else:
-                fold.resized(steps[BASE], steps[BASE + 1])
+                fold = self.folds[key] = Fold.learn(steps, base)
+                self.own_folds.append(fold)
             if costing:
                 costs = {k: cost for k, (_, cost) in traced.items() if cost is not None}
-                self._costs[batch] = fold_cost(costs, self.plan.depth)
-            stack = fold.synthesize(steps[BASE], self.plan.depth)
+                self._costs[batch] = fold_cost(costs, base, self.plan.depth)
+            stack = fold.synthesize(steps[base], self.plan.depth)
         except NotFoldable as exc:
             self._trace_whole(str(exc))
             return None
         self.folding = Folding(self.plan.depth, folded=True, traced_depths=tuple(sorted(self.jobs)))
         return stack
+
+    def _checked(self, fold: Fold | None, steps: dict[int, StepTrace]) -> Fold | None:
+        """The fold if it rebuilds this session's next depth; a fold another session learned
+        that does not is learned again here, one of this session's own is a failure."""
+        if fold is None:
+            return None
+        try:
+            fold.resized(steps[self.base], steps[self.base + 1])
+        except NotFoldable:
+            if any(mine is fold for mine in self.own_folds):
+                raise
+            return None
+        if not any(mine is fold for mine in self.own_folds):
+            self.own_folds.append(fold)
+        return fold
 
     def _trace_whole(self, reason: str) -> None:
         self.folding = Folding(self.plan.depth, folded=False, reason=reason)
@@ -482,7 +523,7 @@ class _FoldedSession(_SimulatedSession):
         # (what one step leaves, the next one frees: its state must be the same).
         for batch in self.history:
             tracker.reset_peak()
-            with tracker:
+            with recording(tracker):
                 job.iteration(batch)
         self.whole = whole
         self.job = job

@@ -37,6 +37,30 @@ _LLAMA_3 = {
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-3-8b": ("LlamaForCausalLM", _LLAMA_3),
     "llama-3.1-8b": ("LlamaForCausalLM", _LLAMA_3 | {"max_position_embeddings": 131072}),
+    # config.json of meta-llama/Llama-3.1-70B and Llama-3.1-405B (rope scaling left out: it
+    # changes no shape)
+    "llama-3.1-70b": (
+        "LlamaForCausalLM",
+        _LLAMA_3
+        | {
+            "hidden_size": 8192,
+            "intermediate_size": 28672,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "max_position_embeddings": 131072,
+        },
+    ),
+    "llama-3.1-405b": (
+        "LlamaForCausalLM",
+        _LLAMA_3
+        | {
+            "hidden_size": 16384,
+            "intermediate_size": 53248,
+            "num_hidden_layers": 126,
+            "num_attention_heads": 128,
+            "max_position_embeddings": 131072,
+        },
+    ),
     "llama-3.2-1b": (
         "LlamaForCausalLM",
         {

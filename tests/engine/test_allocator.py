@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -155,3 +157,27 @@ def test_reserve_needed_is_tight(sizes: list[int], rnd: object) -> None:
     assert free.peak_allocated <= need <= free.peak_reserved
     assert at_need.oom is None and at_need.peak_reserved <= need
     assert replay([], events, free.peak_allocated - 512).oom is not None
+
+
+def test_expandable_segments_under_pressure_grow_from_the_tail_left_after_a_release() -> None:
+    """Reserving pages past the limit first gives cached pages back, the free tail's among
+    them; growing from the tail as it was before (stale size, gone from the free pool) failed
+    with a ValueError on random sequences. Every replay now completes, and what is reserved
+    always holds what is allocated."""
+    rng = random.Random(7)
+    config = AllocatorConfig(expandable_segments=True)
+    for _ in range(150):
+        events: list[tuple[int, int]] = []
+        live: list[int] = []
+        for key in range(rng.randint(50, 600)):
+            if live and rng.random() < 0.45:
+                events.append((live.pop(rng.randrange(len(live))), -1))
+            else:
+                ceiling = rng.choice([4096, 2 << 20, 64 << 20])
+                events.append((key, rng.randint(1, ceiling)))
+                live.append(key)
+        persistent = [rng.randint(1, 8 << 20) for _ in range(rng.randint(0, 20))]
+        limit = rng.randint(16 << 20, 512 << 20)
+        allocator = replay(persistent, events, limit, config)
+        assert allocator.reserved >= allocator.allocated
+        assert allocator.peak_reserved >= allocator.peak_allocated

@@ -170,10 +170,14 @@ class CachingAllocator:
 
     def _grow_expandable(self, size: int, small: bool) -> Block:
         page = SMALL_BUFFER if small else LARGE_BUFFER
-        tail = self._expandable[small]
-        spare = tail.size if tail is not None and not tail.allocated else 0
-        grow = -(-(size - spare) // page) * page
+        tail, spare, grow = self._tail_growth(size, small, page)
         self._reserve(grow)
+        if self._tail_growth(size, small, page)[:2] != (tail, spare):
+            # Under pressure the reservation first gave back cached pages, the free tail's
+            # among them: grow from the tail as it is now.
+            self.reserved -= grow
+            tail, spare, grow = self._tail_growth(size, small, page)
+            self._reserve(grow)
         if tail is None:
             segment = self._new_segment(grow, small)
             self._segments.append(segment)
@@ -191,6 +195,12 @@ class CachingAllocator:
         tail.next = block
         self._expandable[small] = block
         return block
+
+    def _tail_growth(self, size: int, small: bool, page: int) -> tuple[Block | None, int, int]:
+        """The expandable segment's tail, its free bytes, and the pages to map for `size`."""
+        tail = self._expandable[small]
+        spare = tail.size if tail is not None and not tail.allocated else 0
+        return tail, spare, -(-(size - spare) // page) * page
 
     def _new_segment(self, size: int, small: bool) -> _Segment:
         self._serial += 1

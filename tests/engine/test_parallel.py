@@ -226,6 +226,15 @@ def test_lora_keeps_gradients_and_state_for_the_adapters_only() -> None:
     assert qlora.breakdown["parameters"] < lora.breakdown["parameters"]
 
 
+def test_a_qlora_probe_does_not_depend_on_what_the_process_planned_before() -> None:
+    """bitsandbytes caches its double quantization's code table for the process: the first
+    QLoRA trace in a worker counted it and the next ones did not (peaks differed by bytes)."""
+    spec = llama_spec(peft={"method": "qlora", "r": 8})
+    first, _ = probe(spec, batch=3)
+    second, _ = probe(spec, batch=3)
+    assert (second.peak_bytes, second.breakdown) == (first.peak_bytes, first.breakdown)
+
+
 # -- exact answers, fewest GPUs, time ------------------------------------------------------
 def test_sharded_plan_is_exact_per_rank() -> None:
     spec = llama_spec(memory_gib=1.5, parallelism={"strategy": "fsdp", "world_size": 4})

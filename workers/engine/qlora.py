@@ -73,6 +73,18 @@ def quantize_base(model: nn.Module, spec: PeftSpec) -> int:
 
 
 def quantize_materialised(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, NF4Linear):
-            module.quantize()
+    """Quantize every NF4Linear of a materialised model. bitsandbytes keeps the double
+    quantization's code table (256 floats) in a process-wide cache, made by the first
+    quantization: each job makes its own under its tracker, as a fresh process on the GPU
+    does, so a plan does not depend on the plans the worker ran before (a QLoRA peak differed
+    by bytes between the first plan in a process and the next), and no fake tensor outlives
+    its trace."""
+    import bitsandbytes.functional as bnbf  # the optional `peft` extra
+
+    bnbf.name2qmap.pop("dynamic", None)
+    try:
+        for module in model.modules():
+            if isinstance(module, NF4Linear):
+                module.quantize()
+    finally:
+        bnbf.name2qmap.pop("dynamic", None)

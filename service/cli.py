@@ -401,7 +401,8 @@ def _plan_remote(
 
 
 def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """The plan's evaluation, token batching, experts and cost, where it has them."""
+    """The plan's evaluation, token batching, experts, depth folding and cost, where it has
+    them."""
     rows = []
     evaluation = result.get("evaluation")
     if evaluation:
@@ -431,6 +432,17 @@ def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{moe['experts_per_token']}; {moe['active_parameters']:,} of "
                 f"{result['model_summary'].get('parameters', 0):,} parameters active per "
                 f"token; {moe['implementation']} in {moe['expert_gemm_dtype']}",
+            )
+        )
+    folding = result.get("depth_folding")
+    if folding:
+        depths = folding["traced_depths"]
+        rows.append(
+            (
+                "depth folding",
+                f"{folding['layers']} blocks from traces of {depths[0]}-{depths[-1]} blocks"
+                if folding["folded"]
+                else f"{folding['layers']} blocks traced whole: {folding['reason']}",
             )
         )
     if result.get("traced_steps") is not None:

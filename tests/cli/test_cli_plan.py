@@ -42,3 +42,23 @@ def test_the_table_shows_evaluation_batching_and_traces(tmp_path: Path) -> None:
     assert any("evaluation micro-batch" in line for line in lines)
     traced = re.search(r"traced steps\W+(\d+)", result.stdout)
     assert traced is not None and int(traced.group(1)) > 0
+
+
+def test_the_table_says_how_the_stack_was_traced(tmp_path: Path) -> None:
+    spec = {
+        "model": {
+            "source": "transformers",
+            "architecture": "LlamaForCausalLM",
+            "config": TINY_LLAMA | {"num_hidden_layers": 8},
+        },
+        "data": {"kind": "tokens", "seq_len": 64, "vocab_size": 1000, "num_samples": 1000},
+        "training": {"global_batch_size": 64},
+        "device": {"kind": "simulated", "memory_gib": 1},
+        "search": {"what_if": False},
+    }
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    result = CliRunner().invoke(app, ["plan", str(path), "--local"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "depth folding" in line)
+    assert "8 blocks from traces of 2-5 blocks" in row

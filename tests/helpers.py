@@ -29,6 +29,36 @@ from workers.engine.models import BuiltModel, build_model
 __all__ = ["TINY_LLAMA"]  # re-exported: tests import it from here
 
 
+# The experts' part of tiny configs of transformers' MoE architectures (the tests add the
+# hidden sizes and the router's top k).
+TINY_MOE: dict[str, dict[str, Any]] = {
+    "MixtralForCausalLM": {"num_local_experts": 4},
+    "Qwen3MoeForCausalLM": {"num_experts": 4, "moe_intermediate_size": 32},
+    "Qwen2MoeForCausalLM": {
+        "num_experts": 4,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+    },
+    "DeepseekV3ForCausalLM": {
+        "n_routed_experts": 4,
+        "moe_intermediate_size": 32,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+    },
+    "GptOssForCausalLM": {
+        "num_local_experts": 4,
+        "head_dim": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+}
+
+
 def free_port() -> int:
     """A TCP port free on loopback now, for a server a test starts."""
     with socket.socket() as s:

@@ -6,11 +6,21 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
 from service.cli import app
 from service.schemas.examples import TINY_LLAMA
+
+
+def plan_table(tmp_path: Path, spec: dict[str, Any]) -> str:
+    """`trainplan plan SPEC --local` on a wide terminal: its table."""
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    result = CliRunner().invoke(app, ["plan", str(path), "--local"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
 
 
 def test_the_table_shows_evaluation_batching_and_traces(tmp_path: Path) -> None:
@@ -32,15 +42,12 @@ def test_the_table_shows_evaluation_batching_and_traces(tmp_path: Path) -> None:
         "device": {"kind": "simulated", "memory_gib": 1},
         "search": {"what_if": False},
     }
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec))
-    result = CliRunner().invoke(app, ["plan", str(path), "--local"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
+    table = plan_table(tmp_path, spec)
+    lines = table.splitlines()
     batching = next(line for line in lines if "token batching" in line)
     assert "packed" in batching and "0% padding" in batching and "count rows" in batching
     assert any("evaluation micro-batch" in line for line in lines)
-    traced = re.search(r"traced steps\W+(\d+)", result.stdout)
+    traced = re.search(r"traced steps\W+(\d+)", table)
     assert traced is not None and int(traced.group(1)) > 0
 
 
@@ -56,9 +63,5 @@ def test_the_table_says_how_the_stack_was_traced(tmp_path: Path) -> None:
         "device": {"kind": "simulated", "memory_gib": 1},
         "search": {"what_if": False},
     }
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec))
-    result = CliRunner().invoke(app, ["plan", str(path), "--local"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    row = next(line for line in result.stdout.splitlines() if "depth folding" in line)
+    row = next(line for line in plan_table(tmp_path, spec).splitlines() if "depth folding" in line)
     assert "8 blocks from traces of 2-5 blocks" in row

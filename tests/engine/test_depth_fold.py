@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from service.schemas.spec import PlanSpec
-from tests.helpers import model_of, session_of
+from tests.helpers import TINY_MOE, model_of, session_of
 from workers import engine
 from workers.engine.depth_fold import Fold, NotFoldable, StepTrace
 from workers.engine.models.depth import uniform_depth, with_depth
@@ -147,23 +147,8 @@ def test_the_synthesised_step_is_the_traced_one_event_for_event() -> None:
 def test_blocks_that_differ_somewhere_in_the_stack_are_not_folded() -> None:
     """DeepSeek's first dense layer, gpt-oss's alternating attention: a trace of 2-5 blocks
     could miss layer 40, so the full model is checked and these are traced whole."""
-    deepseek = spec(
-        True,
-        "DeepseekV3ForCausalLM",
-        {
-            "n_routed_experts": 4,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32,
-            "n_group": 1,
-            "topk_group": 1,
-            "first_k_dense_replace": 1,
-            "q_lora_rank": 32,
-            "kv_lora_rank": 16,
-            "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 8,
-            "v_head_dim": 16,
-        },
-    )
+    experts = TINY_MOE["DeepseekV3ForCausalLM"] | {"num_experts_per_tok": 2}
+    deepseek = spec(True, "DeepseekV3ForCausalLM", experts)
     gpt_oss = spec(True, "GptOssForCausalLM", MIXTRAL | {"head_dim": 16})
     llama = spec(True)
     for case, depth in ((deepseek, None), (gpt_oss, None), (llama, 8)):
@@ -180,7 +165,7 @@ def test_a_fold_that_fails_late_hands_over_to_the_whole_model(
     training = {"gradient_checkpointing": True, "peft": {"method": "lora", "r": 8}}
     full = engine.plan(spec(False, **training))
 
-    def refuse(self: Fold, one: StepTrace, two: StepTrace) -> StepTrace:
+    def refuse(self: Fold, one: StepTrace, two: StepTrace) -> None:
         raise NotFoldable("refused by the test")
 
     monkeypatch.setattr(Fold, "resized", refuse)

@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from service.schemas.spec import PlanSpec
-from tests.helpers import assert_exact, configs_of, model_of
+from tests.helpers import TINY_MOE, assert_exact, configs_of, model_of
 from workers import engine
 from workers.engine.cuda_kernels import cuda_kernel_rules, grouped_mm_flops
 from workers.engine.errors import SpecError
@@ -29,32 +29,6 @@ BASE = {
     "max_position_embeddings": 256,
     "num_experts_per_tok": 2,
 }
-MOE = {
-    "MixtralForCausalLM": {"num_local_experts": 4},
-    "Qwen3MoeForCausalLM": {"num_experts": 4, "moe_intermediate_size": 32},
-    "Qwen2MoeForCausalLM": {
-        "num_experts": 4,
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 64,
-    },
-    "DeepseekV3ForCausalLM": {
-        "n_routed_experts": 4,
-        "moe_intermediate_size": 32,
-        "n_group": 1,
-        "topk_group": 1,
-        "first_k_dense_replace": 1,
-        "q_lora_rank": 32,
-        "kv_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 16,
-    },
-    "GptOssForCausalLM": {
-        "num_local_experts": 4,
-        "head_dim": 16,
-        "layer_types": ["sliding_attention", "full_attention"],
-    },
-}
 
 
 def moe_spec(architecture: str, precision: str = "bf16-mixed", **config: Any) -> dict[str, Any]:
@@ -62,7 +36,7 @@ def moe_spec(architecture: str, precision: str = "bf16-mixed", **config: Any) ->
         "model": {
             "source": "transformers",
             "architecture": architecture,
-            "config": BASE | MOE[architecture] | config,
+            "config": BASE | TINY_MOE[architecture] | config,
         },
         "data": {"kind": "tokens", "seq_len": 64, "num_samples": 1000},
         "training": {"precision": precision, "global_batch_size": 8},
@@ -71,7 +45,7 @@ def moe_spec(architecture: str, precision: str = "bf16-mixed", **config: Any) ->
     }
 
 
-@pytest.mark.parametrize("architecture", sorted(MOE))
+@pytest.mark.parametrize("architecture", sorted(TINY_MOE))
 def test_moe_architectures_plan_exactly_under_mixed_precision(architecture: str) -> None:
     """The grouped GEMM under bf16-mixed used to crash the trace (fp32 operands, which the
     meta function refuses and CUDA's fallback accepts)."""

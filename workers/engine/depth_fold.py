@@ -1,28 +1,31 @@
 """Depth folding: the allocation sequence of a step through N identical blocks, from traces of
-models with 1 to 4 of those blocks.
+models with a few of those blocks.
 
 A transformer is the same block repeated. Traced with k blocks, its step's allocations are the
 embedding's, k copies of the block's forward, the head's and the loss's, k copies of the block's
 backward, the optimizer's (a few foreach chunks, each with a per-block part): a fixed sequence
-with *units* inserted at fixed places, k copies each. So:
+with *units* inserted at fixed places, k copies each. The blocks beside the ends may differ from
+the middle ones, so the fold starts from a *base* trace of `BASE` blocks (`SHARDED_BASE` under
+FSDP-style sharding). `learn`:
 
-1. `learn` compares the traces with 1 and 2 blocks: every difference must be an insertion whose
-   content equals the copy beside it in the 1-block trace (a unit, and its base copy);
-2. it labels every event of the traces with 1, 2 and 3 blocks by its origin (the fixed part's
-   position, or a unit's copy and offset), checks each event's signature (bytes, category,
-   phase; a free's: what it frees) against its origin, and learns for each free which
+1. compares the traces with base and base + 1 blocks: every difference must be an insertion
+   whose content equals a copy beside it in the base trace (a unit, and its base copy);
+2. labels every event of the traces with base, +1 and +2 blocks by its origin (the fixed
+   part's position, or a unit's copy and offset), checks each event's signature (bytes,
+   category, phase; a free's: what it frees) against its origin, and learns for each free which
    allocation it frees, as a rule over copies: the same copy, a fixed copy from either end, the
    mirror copy (backward frees what the same block's forward saved), or a neighbour; where the
    rule leaves the range of copies (the first block's input is the embedding's output) a fixed
    allocation;
-3. the fold must then rebuild the trace with 4 blocks exactly (every allocation's bytes,
-   category and phase, every free's target): otherwise the model does not fold (heterogeneous
-   layers, ...) and the plan traces the whole model.
+3. must then rebuild the traces with base + 1 to base + 3 blocks exactly (every allocation's
+   bytes, category and phase, every free's target): otherwise the model does not fold
+   (heterogeneous layers, ...) and the plan traces the whole model.
 
 `synthesize(N)` writes the sequence for N blocks; the allocator replays it as it would a traced
 one, so peaks, breakdowns and OOMs come out byte for byte as from a full trace. At another
-micro-batch the rules still hold (the ops do not change with the batch, only their sizes): a
-trace with 1 block gives the sizes and one with 2 blocks is checked against the rules.
+micro-batch the rules still hold (the ops do not change with the batch, only their sizes): the
+base trace gives the sizes and the one with base + 1 blocks is checked against the rules
+(`resized`).
 """
 
 from __future__ import annotations
@@ -121,32 +124,19 @@ class StepTrace:
 
     @classmethod
     def of(cls, tracker: MemoryTracker) -> StepTrace:
-        """The tracker's window (the last step), with each allocation's category as it is now:
-        `persistent_requests` and `window_events`, with the frees of persistent entries."""
-        start = tracker._window_start
-        persistent: list[tuple[str, int]] = []
-        timed: list[tuple[int, int, int]] = []
-        where: dict[int, int] = {}  # record -> its persistent entry (negative) or event
-        for key, record in enumerate(tracker._records):
-            if not record.requested:
-                continue
-            if record.alloc_seq <= start:
-                where[key] = -1 - len(persistent)
-                persistent.append((record.resolved_category, record.requested))
-            else:
-                timed.append((record.alloc_seq, key, record.requested))
-            if record.free_seq >= 0:
-                timed.append((record.free_seq, key, -1))
-        timed.sort()
+        """The tracker's window (the last step), with each allocation's category as it is
+        now."""
+        kept, timeline = tracker.window()
+        where = {id(alloc): -1 - index for index, alloc in enumerate(kept)}
         events: list[Event] = []
-        for _, key, nbytes in timed:
-            if nbytes >= 0:
-                record = tracker._records[key]
-                where[key] = len(events)
-                events.append(("a", nbytes, record.resolved_category, record.phase))
+        for alloc, made in timeline:
+            if made:
+                where[id(alloc)] = len(events)
+                events.append(("a", alloc.requested, alloc.resolved_category, alloc.phase))
             else:
-                events.append(("f", where[key]))
-        return cls(tuple(persistent), tuple(events))
+                events.append(("f", where[id(alloc)]))
+        persistent = tuple((alloc.resolved_category, alloc.requested) for alloc in kept)
+        return cls(persistent, tuple(events))
 
     def freed(self, target: int) -> tuple[int, str]:
         """(requested, category) of what a free at `target` frees."""
@@ -184,9 +174,9 @@ class StepTrace:
 
 @dataclass(frozen=True)
 class Unit:
-    at: int  # where the 1-block trace gets the inserted copies
+    at: int  # where the base trace gets the inserted copies
     length: int
-    base: int  # where its own copy sits in the 1-block trace
+    base: int  # where its own copy sits in the base trace
     base_first: bool  # its copy comes before the inserted ones (copy 0) or after (copy k-1)
 
     def base_copy(self, copies: int) -> int:
@@ -266,7 +256,7 @@ def _insertions(first: list[Any], second: list[Any]) -> list[tuple[int, int, lis
 
 
 def _placed(first: list[Any], chunk: list[Any], at: int, floor: int) -> list[Unit] | None:
-    """Where an added copy repeats the 1-block trace. The matcher may place it anywhere along
+    """Where an added copy repeats the base trace. The matcher may place it anywhere along
     the copy it repeats (as a rotation of it): slide it left until it sits beside an equal
     copy. An insertion may also join two units that meet there (a foreach op allocates every
     block's outputs, then frees them all: "A A | F F" gains "A F"): split it where its head
@@ -311,7 +301,7 @@ def _origins(size: int, units: list[Unit], copies: int) -> list[Origin]:
 
 
 def _source(origin: Origin, units: list[Unit]) -> int:
-    """The event of the 1-block trace an origin copies."""
+    """The event of the base trace an origin copies."""
     unit, _, offset = origin
     return offset if unit < 0 else units[unit].base + offset
 
@@ -358,11 +348,6 @@ class Fold:
     rules: dict[int, Rule]  # by the free's position in the base trace (its source)
     kinds: tuple[tuple[Any, ...], ...]  # the base trace's events without their sizes
 
-    @property
-    def depths(self) -> tuple[int, ...]:
-        """The depths `learn` traces: three to learn from, one more to check."""
-        return tuple(range(self.base, self.base + LEARN + 1))
-
     @classmethod
     def learn(cls, traces: dict[int, StepTrace], base: int = BASE) -> Fold:
         """From traces with base .. base + 3 blocks; raises NotFoldable."""
@@ -389,14 +374,13 @@ class Fold:
                 raise NotFoldable(f"the fold does not rebuild the trace with {blocks} blocks")
         return fold
 
-    def resized(self, one: StepTrace, two: StepTrace) -> StepTrace:
+    def resized(self, one: StepTrace, two: StepTrace) -> None:
         """Check traces with `base` and `base + 1` blocks at another micro-batch against the
-        fold; returns the first (the sizes) or raises NotFoldable."""
+        fold; raises NotFoldable where they do not follow it."""
         if kinds_of(one) != self.kinds:
             raise NotFoldable("the step's ops differ at this micro-batch")
         if self.synthesize(one, self.base + 1) != two:
             raise NotFoldable("the fold does not rebuild the next depth at this micro-batch")
-        return one
 
     def synthesize(self, one: StepTrace, blocks: int) -> StepTrace:
         """The trace with `blocks` blocks (at least `base`), from the trace with `base`."""

@@ -253,34 +253,24 @@ class MemoryTracker(TorchDispatchMode):
         self._window_start = self._seq
         self._records = [a for a in self._records if a.free_seq < 0]
 
-    def persistent_requests(self) -> list[tuple[str, int]]:
-        """(category, size) of what was live when the window began (parameters, optimizer
-        state, kept gradients), in the order they were made."""
-        return [
-            (a.resolved_category, a.requested)
-            for a in self._records
-            if a.alloc_seq <= self._window_start and a.requested
-        ]
-
-    def first_event_in_phase(self, events: list[tuple[int, int]], phase: str) -> int:
-        """Index of the first allocation of `events` (from `window_events`) made in `phase`."""
-        for index, (key, nbytes) in enumerate(events):
-            if nbytes >= 0 and self._records[key].phase == phase:
-                return index
-        return len(events)
-
-    def window_events(self) -> list[tuple[int, int]]:
-        """The window's allocations and frees in order, as `allocator.replay` takes them:
-        `(key, bytes)` allocates, `(key, -1)` frees."""
-        timed: list[tuple[int, int, int]] = []
+    def window(self) -> tuple[list[Allocation], list[tuple[Allocation, bool]]]:
+        """The measurement window: what was live when it began (parameters, optimizer state,
+        kept gradients, what the previous step left), in the order it was made; then every
+        allocation (True) and free (False) in it, in order, the frees of what was live
+        included. Empty storages are left out."""
+        kept: list[Allocation] = []
+        timed: list[tuple[int, int, bool]] = []
         for key, alloc in enumerate(self._records):
-            if alloc.alloc_seq <= self._window_start or not alloc.requested:
+            if not alloc.requested:
                 continue
-            timed.append((alloc.alloc_seq, key, alloc.requested))
+            if alloc.alloc_seq <= self._window_start:
+                kept.append(alloc)
+            else:
+                timed.append((alloc.alloc_seq, key, True))
             if alloc.free_seq >= 0:
-                timed.append((alloc.free_seq, key, -1))
+                timed.append((alloc.free_seq, key, False))
         timed.sort()
-        return [(key, nbytes) for _, key, nbytes in timed]
+        return kept, [(self._records[key], made) for _, key, made in timed]
 
     def breakdown_at_peak(self) -> dict[str, int]:
         parts = dict.fromkeys(CATEGORIES, 0)

@@ -44,7 +44,7 @@ from workers.engine.depth_fold import (
     kinds_of,
 )
 from workers.engine.devices.base import ProbeDevice, ProbeSession, TrialOutcome
-from workers.engine.distributed import fake_world, traced_collectives
+from workers.engine.distributed import World, fake_world, traced_collectives
 from workers.engine.errors import SpecError
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
@@ -138,18 +138,29 @@ class SimulatedDevice(ProbeDevice):
             if not self.host:
                 stack.enter_context(cuda_kernel_rules())
             stack.enter_context(tracker)
-            job = TrainingJob(
-                trace,
-                built,
-                "cpu",
-                tracker,
-                fake=True,
-                autocast_policy=policy,
-                grads_set_to_none=self.runtime.zero_grad_set_to_none,
-                cuda_semantics=not self.host,
-                world=world,
-            )
+            job = self._fake_job(trace, built, tracker, policy, world)
             yield _SimulatedSession(self, limit, job, tracker, costs)
+
+    def _fake_job(
+        self,
+        trace: TraceJob,
+        built: BuiltModel,
+        tracker: MemoryTracker,
+        policy: CudaAutocastPolicy | None,
+        world: World | None,
+    ) -> TrainingJob:
+        """The training step on fake tensors, with this device's runtime and semantics."""
+        return TrainingJob(
+            trace,
+            built,
+            "cpu",
+            tracker,
+            fake=True,
+            autocast_policy=policy,
+            grads_set_to_none=self.runtime.zero_grad_set_to_none,
+            cuda_semantics=not self.host,
+            world=world,
+        )
 
     @contextmanager
     def folded_session(
@@ -175,18 +186,7 @@ class SimulatedDevice(ProbeDevice):
                     fake_scalars=True, workspace=workspace, distributed=world is not None
                 )
                 with recording(tracker):  # each job's tracker records its own tensors only
-                    job = TrainingJob(
-                        trace,
-                        built,
-                        "cpu",
-                        tracker,
-                        fake=True,
-                        autocast_policy=policy,
-                        grads_set_to_none=self.runtime.zero_grad_set_to_none,
-                        cuda_semantics=True,
-                        world=world,
-                    )
-                return job, tracker
+                    return self._fake_job(trace, built, tracker, policy, world), tracker
 
             costs = self.fixed_costs(trace.training.world_size)
             yield _FoldedSession(self, limit_bytes, costs, make_job, plan, models, policy)
@@ -234,16 +234,22 @@ class _SimulatedSession(ProbeSession):
                 self._costs[batch] = mode.cost
             else:  # costing every op slows a trace by a fifth: only where it will be asked for
                 self.job.iteration(batch)  # tracing time says nothing about the GPU's speed
-        sequence = self._allocation_sequence()
-        self._sequences[batch] = sequence
+        sequence = sequence_of(StepTrace.of(tracker), self.costs.workspaces)
         if self.host:  # the cpu device's rule: live tensors against the budget
+            self._sequences[batch] = sequence
             return self._outcome(batch, tracker.peak, tracker.breakdown_at_peak(), None)
+        return self._replayed(batch, sequence, tracker.peak, tracker.breakdown_at_peak())
+
+    def _replayed(
+        self, batch: int, sequence: Sequence, live_peak: int, breakdown: dict[str, int]
+    ) -> TrialOutcome:
+        """The trial of a step's allocation sequence: replayed under the card's limit, and
+        the reserve it needs under pressure."""
+        self._sequences[batch] = sequence
         persistent, events, lazy = sequence
         at_limit = replay(persistent, events, self.allocator_limit, self.config, lazy=lazy)
         need, _ = reserve_needed(persistent, events, self.config, lazy)
-        return self._replayed_outcome(
-            batch, at_limit, need, tracker.peak, tracker.breakdown_at_peak()
-        )
+        return self._replayed_outcome(batch, at_limit, need, live_peak, breakdown)
 
     def predict_fits(self, batch: int) -> bool | None:
         """Whether `batch` would fit, without tracing it: the allocation sequence of a step is
@@ -274,27 +280,6 @@ class _SimulatedSession(ProbeSession):
                 break
         self._model = (batches, found)
         return found
-
-    def _allocation_sequence(self) -> Sequence:
-        """What the allocator sees from the process start: workspaces and parameters first;
-        then iterations, the first of which creates the optimizer state at its step and (before
-        torch 2.0) the gradients in its backward, where a real run creates them."""
-        tracker = self.tracker
-        events = tracker.window_events()
-        # where each lazily created category appears: the first event of its phase
-        created_at = {
-            "gradients": tracker.first_event_in_phase(events, "backward"),
-            "optimizer_state": tracker.first_event_in_phase(events, "optimizer"),
-        }
-        persistent = list(self.costs.workspaces)
-        lazy: dict[int, list[int]] = {}
-        for category, nbytes in tracker.persistent_requests():
-            index = created_at.get(category)
-            if index is None:
-                persistent.append(nbytes)
-            else:
-                lazy.setdefault(index, []).append(nbytes)
-        return persistent, events, lazy
 
     def _replayed_outcome(
         self,
@@ -412,12 +397,7 @@ class _FoldedSession(_SimulatedSession):
             if batch in self.whole._costs:
                 self._costs[batch] = self.whole._costs[batch]
             return outcome
-        sequence = sequence_of(step, self.costs.workspaces)
-        self._sequences[batch] = sequence
-        persistent, events, lazy = sequence
-        at_limit = replay(persistent, events, self.allocator_limit, self.config, lazy=lazy)
-        need, _ = reserve_needed(persistent, events, self.config, lazy)
-        return self._replayed_outcome(batch, at_limit, need, *step.peak())
+        return self._replayed(batch, sequence_of(step, self.costs.workspaces), *step.peak())
 
     def step_cost(self, batch: int) -> StepCost:
         if batch not in self._costs:
@@ -433,14 +413,17 @@ class _FoldedSession(_SimulatedSession):
         if self.whole is not None:
             return self.whole.parameter_count()
         one, two = (self._job(k)[0].parameter_count() for k in (self.base, self.base + 1))
-        extra = self.plan.depth - self.base
-        return one[0] + extra * (two[0] - one[0]), one[1] + extra * (two[1] - one[1])
+        return self._deepened(one[0], two[0]), self._deepened(one[1], two[1])
 
     def host_bytes(self) -> int:
         if self.whole is not None:
             return self.whole.host_bytes()
         one, two = (self._job(k)[0].host_bytes for k in (self.base, self.base + 1))
-        return one + (self.plan.depth - self.base) * (two - one)
+        return self._deepened(one, two)
+
+    def _deepened(self, base: int, next_depth: int) -> int:
+        """A count that each block adds to equally, at the stack's depth."""
+        return base + (self.plan.depth - self.base) * (next_depth - base)
 
     # -- folding ---------------------------------------------------------------------------
     def _job(self, blocks: int) -> tuple[TrainingJob, MemoryTracker]:
@@ -530,9 +513,10 @@ class _FoldedSession(_SimulatedSession):
 
 
 def sequence_of(step: StepTrace, workspaces: tuple[int, ...] | list[int]) -> Sequence:
-    """`_allocation_sequence` for a synthesised step: the same sequence the tracker's window
-    gives (event indices for keys), gradients and optimizer state created lazily where the
-    first allocation of their phase comes."""
+    """What the allocator sees from the process start, for a traced or synthesised step:
+    workspaces and what was live first, then the step's events (keyed by their index); the
+    first iteration creates the optimizer state at its step and (before torch 2.0) the
+    gradients in its backward, where a real run creates them (`lazy`)."""
     events: list[tuple[int, int]] = []
     created_at: dict[str, int] = {}
     phases = {"backward": "gradients", "optimizer": "optimizer_state"}

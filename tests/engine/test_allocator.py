@@ -157,6 +157,29 @@ def test_reserve_needed_is_tight(sizes: list[int], rnd: object) -> None:
     assert free.peak_allocated <= need <= free.peak_reserved
     assert at_need.oom is None and at_need.peak_reserved <= need
     assert replay([], events, free.peak_allocated - 512).oom is not None
+    # a replay that fitted under some limit bounds the search from above, to the same width
+    fitted = replay([], events, free.peak_reserved)
+    bounded, at_bounded = reserve_needed([], events, fitted=fitted)
+    assert free.peak_allocated <= bounded <= fitted.peak_reserved
+    assert at_bounded.oom is None and replay([], events, bounded).oom is None
+
+
+def test_a_replay_fits_the_same_under_its_own_reserved_peak() -> None:
+    """What lets a fitted replay bound the need: below its peak no request came near the
+    limit, so the replay under exactly that peak makes the same choices."""
+    rng = random.Random(3)
+    for _ in range(40):
+        events, live = [], []
+        for key in range(rng.randint(20, 200)):
+            if live and rng.random() < 0.4:
+                events.append((live.pop(rng.randrange(len(live))), -1))
+            else:
+                events.append((key, rng.randint(1, 48 * MB)))
+                live.append(key)
+        loose = replay([], events, 1 << 40)
+        tight = replay([], events, loose.peak_reserved)
+        assert tight.oom is None and tight.releases == 0
+        assert tight.peak_reserved == loose.peak_reserved
 
 
 def test_expandable_segments_under_pressure_grow_from_the_tail_left_after_a_release() -> None:

@@ -248,7 +248,7 @@ class _SimulatedSession(ProbeSession):
         self._sequences[batch] = sequence
         persistent, events, lazy = sequence
         at_limit = replay(persistent, events, self.allocator_limit, self.config, lazy=lazy)
-        need, _ = reserve_needed(persistent, events, self.config, lazy)
+        need, _ = reserve_needed(persistent, events, self.config, lazy, fitted=at_limit)
         return self._replayed_outcome(batch, at_limit, need, live_peak, breakdown)
 
     def predict_fits(self, batch: int) -> bool | None:

@@ -401,8 +401,8 @@ def _plan_remote(
 
 
 def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """The plan's evaluation, token batching, experts, depth folding and cost, where it has
-    them."""
+    """The plan's evaluation, token batching, experts, activation offload, depth folding and
+    cost, where it has them."""
     rows = []
     evaluation = result.get("evaluation")
     if evaluation:
@@ -432,6 +432,16 @@ def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{moe['experts_per_token']}; {moe['active_parameters']:,} of "
                 f"{result['model_summary'].get('parameters', 0):,} parameters active per "
                 f"token; {moe['implementation']} in {moe['expert_gemm_dtype']}",
+            )
+        )
+    split = (result.get("throughput") or {}).get("split") or {}
+    if split.get("offload_bytes"):
+        rows.append(
+            (
+                "activation offload",
+                f"{_gib(result['memory']['host_offloaded'])} pinned on the host; "
+                f"{_gib(int(split['offload_bytes']))} over PCIe per step, "
+                f"{split['offload_s']:.3f} s of it",
             )
         )
     folding = result.get("depth_folding")

@@ -87,7 +87,8 @@ class MemoryBreakdown(BaseModel):
     host_offloaded: int = Field(
         default=0,
         description="Host memory per rank (FSDP CPU offload: sharded parameters, gradients, "
-        "optimizer state; a paged optimizer's states in unified memory); not part of `peak`.",
+        "optimizer state; a paged optimizer's states in unified memory; activation offload's "
+        "pinned copies at the end of forward); not part of `peak`.",
     )
 
 
@@ -106,6 +107,12 @@ class StepSplit(BaseModel):
         "the card's links); overlapped with compute, only the excess is added.",
     )
     communication_bytes: float = Field(default=0.0, description="Through each rank's link.")
+    offload_s: float = Field(
+        default=0.0,
+        description="Activation offload's copies to pinned host memory (forward) and back "
+        "(backward) over the card's host link (PCIe); on the compute stream, so added.",
+    )
+    offload_bytes: float = Field(default=0.0, description="Both ways, per step.")
 
 
 class Throughput(BaseModel):

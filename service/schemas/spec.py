@@ -531,6 +531,15 @@ class CheckpointingSpec(StrictModel):
         description="Checkpoint one block in this many (1: every block, 'full'); the others "
         "keep all their activations (torchtitan's selective_ac_option = 'k').",
     )
+    offload: bool = Field(
+        default=False,
+        description="Hold what each checkpointed block saves (its inputs) in pinned host memory "
+        "instead of on the GPU: transformers' activation_checkpointing_kwargs {offload: true}, "
+        "torch.autograd.graph.save_on_cpu(pin_memory=True) around every checkpoint. Frees about "
+        "layers x tokens x hidden x 2 bytes of GPU memory; the device-to-host copy in forward "
+        "and the copy back in backward run on the compute stream and add to the step. Needs "
+        "gradient_checkpointing.",
+    )
 
 
 class EvaluationSpec(StrictModel):
@@ -667,6 +676,16 @@ class TrainingSpec(StrictModel):
     @classmethod
     def _prefixes(cls, value: Any) -> Any:
         return _dotted_names(value, 256, "parameter-name prefix")
+
+    @field_validator("checkpointing")
+    @classmethod
+    def _offload_checkpoints(cls, value: CheckpointingSpec, info: ValidationInfo) -> Any:
+        if value.offload and not info.data.get("gradient_checkpointing"):
+            raise ValueError(
+                "offload holds the checkpointed blocks' saved inputs on the host: it needs "
+                "gradient_checkpointing true"
+            )
+        return value
 
     @field_validator("optimizer_impl")
     @classmethod

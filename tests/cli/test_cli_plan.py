@@ -65,3 +65,25 @@ def test_the_table_says_how_the_stack_was_traced(tmp_path: Path) -> None:
     }
     row = next(line for line in plan_table(tmp_path, spec).splitlines() if "depth folding" in line)
     assert "8 blocks from traces of 2-5 blocks" in row
+
+
+def test_the_table_shows_activation_offload(tmp_path: Path) -> None:
+    spec = {
+        "model": {
+            "source": "transformers",
+            "architecture": "LlamaForCausalLM",
+            "config": TINY_LLAMA,
+        },
+        "data": {"kind": "tokens", "seq_len": 64, "vocab_size": 1000, "num_samples": 1000},
+        "training": {
+            "global_batch_size": 64,
+            "gradient_checkpointing": True,
+            "checkpointing": {"offload": True},
+        },
+        "device": {"kind": "simulated", "memory_gib": 1},
+        "search": {"what_if": False},
+    }
+    row = next(
+        line for line in plan_table(tmp_path, spec).splitlines() if "activation offload" in line
+    )
+    assert "pinned on the host" in row and "over PCIe per step" in row

@@ -199,6 +199,35 @@ INTRA_NODE_GBS: dict[str, tuple[float, str]] = {
 INTER_NODE_GBS = 50.0
 
 
+# The card's link to the host, GB/s per direction (PCI-SIG rates as above; each datasheet's
+# PCIe generation): what activation offload copies through. SXM cards sit on PCIe too.
+HOST_LINK_GBS: dict[str, tuple[float, str]] = {
+    "T4": (PCIE3, "PCIe 3.0 x16 (T4 datasheet)"),
+    "V100-16GB": (PCIE3, "PCIe 3.0 x16 (V100 datasheet: 32 GB/s bidirectional)"),
+    "V100-32GB": (PCIE3, "PCIe 3.0 x16 (V100 datasheet: 32 GB/s bidirectional)"),
+    "A10": (PCIE4, "PCIe 4.0 x16 (A10 datasheet)"),
+    "RTX-3090": (PCIE4, "PCIe 4.0 x16"),
+    "A100-40GB": (PCIE4, "PCIe 4.0 x16 (A100 datasheet: 64 GB/s bidirectional)"),
+    "A100-80GB": (PCIE4, "PCIe 4.0 x16 (A100 datasheet: 64 GB/s bidirectional)"),
+    "L4": (PCIE4, "PCIe 4.0 x16 (L4 datasheet)"),
+    "RTX-4090": (PCIE4, "PCIe 4.0 x16"),
+    "L40S": (PCIE4, "PCIe 4.0 x16 (L40S datasheet)"),
+    "H100-PCIe": (PCIE5, "PCIe 5.0 x16 (H100 datasheet: 128 GB/s bidirectional)"),
+    "H100-80GB": (PCIE5, "PCIe 5.0 x16 (H100 datasheet: 128 GB/s bidirectional)"),
+    "H200": (PCIE5, "PCIe 5.0 x16 (H200 datasheet: 128 GB/s bidirectional)"),
+}
+# Pinned-memory copies reach about 80% of the link's rate (the same assumption as the input
+# copy's in the time model); stated, not calibrated: no published offload step times here.
+PINNED_COPY_EFFICIENCY = 0.8
+
+
+def host_link_bytes_s(gpu: GpuModel) -> float:
+    """Bytes/s one way between the card and pinned host memory; a capped or custom card uses
+    its base's link, else PCIe 4."""
+    base = gpu.name.split("@")[0]
+    return HOST_LINK_GBS.get(base, (PCIE4, ""))[0] * 1e9 * PINNED_COPY_EFFICIENCY
+
+
 def intra_node_gbs(gpu: GpuModel) -> float:
     """The card's link to its node peers; a capped or custom card uses its base's, else PCIe 4."""
     base = gpu.name.split("@")[0]

@@ -90,11 +90,19 @@ def fold_cost(costs: dict[int, StepCost], base: int, depth: int) -> StepCost:
     step = _block_delta(costs[base], costs[base + 1])
     if step != _block_delta(costs[base + 1], costs[base + 2]):
         raise NotFoldable("each added block does not add the same ops to the step's cost")
+    offloaded = [costs[base + i].offloaded for i in range(3)]
+    if offloaded[1] - offloaded[0] != offloaded[2] - offloaded[1]:
+        raise NotFoldable("each added block does not offload the same bytes")
     ops, nbytes = step
     extra = depth - base
     first = costs[base]
     grown = [OpCost(bucket, "memory", 0, n * extra, 0.0, "folded") for bucket, n in nbytes if n]
-    return StepCost(first.bandwidth, list(first.ops) + list(ops.elements()) * extra + grown)
+    return StepCost(
+        first.bandwidth,
+        list(first.ops) + list(ops.elements()) * extra + grown,
+        offloaded=offloaded[0] + (offloaded[1] - offloaded[0]) * extra,
+        host_bandwidth=first.host_bandwidth,
+    )
 
 
 def _block_delta(

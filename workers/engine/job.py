@@ -22,6 +22,7 @@ from workers.engine.data import sample_input, sample_target
 from workers.engine.distributed import World, local, replicate, shard
 from workers.engine.loss_head import install as install_loss_head
 from workers.engine.models import BuiltModel
+from workers.engine.offload import OffloadLedger, offload_hooks
 from workers.engine.optimizers import choose, make_optimizer, paged_states
 from workers.engine.peft import adapter_parameters
 from workers.engine.qlora import quantize_materialised
@@ -109,12 +110,14 @@ class TrainingJob:
         self.param_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.world = world
         self.host_bytes = 0  # what CPU offload or paged optimizer states keep in host memory
+        self.activation_offload = OffloadLedger()  # activation offload's host copies, step by step
         install_loss_head(training.loss_kernel, built)
         model = built.module
         self.forward_loss = built.forward_loss
         self.vocab_size = built.vocab_size or getattr(trace.data, "vocab_size", None)
         if training.gradient_checkpointing:
-            enable_checkpointing(model, training.checkpointing)
+            hooks = offload_hooks(fake, self.activation_offload)
+            enable_checkpointing(model, training.checkpointing, hooks)
         self.frozen = self._freeze(model)
         with tracker.in_phase("parameters"):
             if world is not None and world.shards:
@@ -289,6 +292,7 @@ class TrainingJob:
             self.evaluation_step(batch)
             return
         tracker = self.tracker
+        self.activation_offload.new_step()
         x, y = self.make_batch(batch)
         with tracker.in_phase("forward"), self.autocast():
             if self.forward_loss is not None:

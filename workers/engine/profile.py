@@ -455,6 +455,7 @@ def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> Plan
         optimizer_overrides=adjustment.kwargs if adjustment and adjustment.applies else {},
     )
     choice = job.optimizer
+    offloaded = measured.cost.offloaded if measured.cost is not None else 0
     return PlanResult(
         feasible=True,
         device=_device_info(device),
@@ -481,7 +482,7 @@ def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> Plan
         optimizer=choice.path,
         optimizer_impl=choice.impl,
         optimizer_adjustment=_adjustment_out(adjustment),
-        memory=_memory(at_micro, device.memory_bytes, measured.host_bytes),
+        memory=_memory(at_micro, device.memory_bytes, measured.host_bytes + offloaded),
         throughput=throughput,
         trials=measured.trials,
         search_bound_reached=search.bound_reached,
@@ -616,7 +617,8 @@ def estimate_throughput(
     memory_bound = seconds["memory"] * k
     optimizer = seconds["optimizer"]
     comm = traffic.seconds if traffic is not None else 0.0
-    step = compute + memory_bound + optimizer + exposed(comm, compute + memory_bound)
+    offload = seconds["offload"] * k  # on the compute stream: not overlapped
+    step = compute + memory_bound + optimizer + offload + exposed(comm, compute + memory_bound)
     input_bytes = sample_bytes(data) * batches.micro_batch_size
     estimate = _throughput(
         training.world_size,
@@ -632,6 +634,8 @@ def estimate_throughput(
             input_s=input_bytes * k / HOST_TO_DEVICE_BYTES_S,
             communication_s=comm,
             communication_bytes=traffic.bytes_per_rank if traffic is not None else 0.0,
+            offload_s=offload,
+            offload_bytes=2 * cost.offloaded * k,
         ),
     )
     rate = estimate.samples_per_second

@@ -30,8 +30,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from workers.engine.catalogue import GPU_CATALOGUE, GpuModel
+from workers.engine.catalogue import GPU_CATALOGUE, GpuModel, host_link_bytes_s
 from workers.engine.cuda_kernels import grouped_mm_flops
+from workers.engine.offload import OffloadLedger
 
 _ATEN = torch.ops.aten
 CONV = {_ATEN.convolution, _ATEN._convolution, _ATEN.cudnn_convolution, _ATEN.convolution_backward}
@@ -99,6 +100,10 @@ class StepCost:
 
     bandwidth: float  # bytes/s, datasheet
     ops: list[OpCost] = field(default_factory=list)
+    # Activation offload: bytes copied to pinned host memory in forward (and the same back in
+    # backward), over the card's host link; both copies run on the compute stream.
+    offloaded: int = 0
+    host_bandwidth: float = 0.0  # bytes/s one way
 
     @property
     def flops(self) -> int:
@@ -112,6 +117,7 @@ class StepCost:
             memory = op.nbytes / bandwidth
             compute = op.flops / (op.ceiling * eff[op.kind]) if op.flops and op.ceiling else 0.0
             out[op.bucket] += max(compute, memory)
+        out["offload"] = 2 * self.offloaded / self.host_bandwidth if self.offloaded else 0.0
         return out
 
     def total_s(self, efficiency: dict[str, float] | None = None) -> float:
@@ -177,6 +183,7 @@ class Roofline:
         self.precision = precision
         self.matmul_tf32 = matmul_tf32 or precision == "tf32"
         self.bandwidth = gpu.bandwidth_gbs * 1e9
+        self.host_bandwidth = host_link_bytes_s(gpu)
 
     def math_mode(self, kind: str, dtype: torch.dtype) -> str:
         if dtype in LOW:
@@ -206,11 +213,19 @@ class Roofline:
 class StepCostMode(TorchDispatchMode):
     """Costs every op of the traced step (it runs under FakeTensorMode: nothing executes)."""
 
-    def __init__(self, roofline: Roofline, phase: Callable[[], str]) -> None:
+    def __init__(
+        self, roofline: Roofline, phase: Callable[[], str], offload: OffloadLedger | None = None
+    ) -> None:
         super().__init__()
         self.roofline = roofline
         self.phase = phase
-        self.cost = StepCost(roofline.bandwidth)
+        self.offload = offload  # the job's activation offload, read when the step is done
+        self.cost = StepCost(roofline.bandwidth, host_bandwidth=roofline.host_bandwidth)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.offload is not None:
+            self.cost.offloaded = self.offload.to_host
+        super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))

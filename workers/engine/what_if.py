@@ -156,7 +156,10 @@ def bigger_gpu(capacity: int, precision: str) -> GpuModel | None:
 
 def with_training(job: CompiledJob, field: Change, value: str | bool) -> Scenario:
     # validated again: a changed field can make the spec's other choices inconsistent
-    training = TrainingSpec.model_validate(job.training.model_dump() | {field: value})
+    changed = job.training.model_dump() | {field: value}
+    if field == "gradient_checkpointing" and not value:  # nothing checkpointed to offload
+        changed["checkpointing"] = changed["checkpointing"] | {"offload": False}
+    training = TrainingSpec.model_validate(changed)
     return Scenario(field, value, job.with_training(training))
 
 

@@ -33,6 +33,14 @@ def hf_trainer_arguments(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]
     }
     if job.precision == "tf32":
         out["tf32"] = True
+    if job.gradient_checkpointing and (job.checkpoint_every > 1 or job.checkpoint_offload):
+        # transformers 5's Trainer: one layer in `every_n_layers`, saved inputs on the host
+        kwargs: dict[str, Any] = {"use_reentrant": False}
+        if job.checkpoint_every > 1:
+            kwargs["every_n_layers"] = job.checkpoint_every
+        if job.checkpoint_offload:
+            kwargs["offload"] = True
+        out["gradient_checkpointing_kwargs"] = kwargs
     if job.loss_kernel == "liger":
         out["use_liger_kernel"] = True
         out["liger_kernel_config"] = dict(LIGER_LOSS_ONLY)

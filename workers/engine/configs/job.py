@@ -35,6 +35,7 @@ class LaunchJob:
     reshards_after_forward: bool
     gradient_checkpointing: bool
     checkpoint_every: int  # one block in this many checkpointed
+    checkpoint_offload: bool  # the checkpoints' saved inputs in pinned host memory
     loss_kernel: str  # standard | liger
     attn_implementation: str | None  # transformers models: from_pretrained's kwarg
     channels_last: bool
@@ -67,6 +68,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         reshards_after_forward=training.reshards_after_forward,
         gradient_checkpointing=training.gradient_checkpointing,
         checkpoint_every=training.checkpointing.every,
+        checkpoint_offload=training.checkpointing.offload,
         loss_kernel=training.loss_kernel,
         attn_implementation=attention_of(model) if model.source == "transformers" else None,
         channels_last=getattr(data, "layout", None) == "channels_last",

@@ -347,7 +347,7 @@ class _SimulatedSession(ProbeSession):
         device = self.device
         assert isinstance(device, SimulatedDevice)
         roofline = Roofline(device.gpu, job.precision, device.runtime.matmul_tf32_default)
-        return StepCostMode(roofline, lambda: tracker.phase)
+        return StepCostMode(roofline, lambda: tracker.phase, job.activation_offload)
 
 
 class _FoldedSession(_SimulatedSession):

@@ -259,8 +259,9 @@ class SequenceLength(BaseModel):
 
 class FitSuggestion(BaseModel):
     """The changes that make an infeasible job fit, tried cumulatively from the cheapest (mixed
-    precision, the fused loss head, fused optimizer kernels, checkpointing, 8-bit state, LoRA
-    then QLoRA, bigger cards), and the plan they give."""
+    precision, the fused loss head, fused optimizer kernels, checkpointing, checkpoints
+    offloaded to the host, 8-bit state, LoRA then QLoRA, bigger cards), and the plan they
+    give."""
 
     changes: dict[str, str | bool] = Field(
         description="Spec fields (training.* or gpu) and the values that fit.",

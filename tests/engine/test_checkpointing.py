@@ -3,6 +3,7 @@ layers and for our block wrapper, and the loop renders the same choice."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -74,3 +75,19 @@ def test_the_loop_checkpoints_the_same_layers() -> None:
     option: dict[str, Any] = configs["checkpointing"]["torchtitan"]["activation_checkpoint"]
     assert option == {"mode": "selective", "selective_ac_option": "2"}
     assert "checkpointing" not in configs_of(llama(1))
+
+
+def test_the_trainer_checkpoints_the_same_layers(tmp_path: Any) -> None:
+    """transformers 5's Trainer takes `every_n_layers` and checkpoints layers 0, k, 2k ...,
+    the ones the plan traced."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    hf = configs_of(llama(2))["hf_trainer"]
+    assert hf["gradient_checkpointing_kwargs"] == {"use_reentrant": False, "every_n_layers": 2}
+    assert "gradient_checkpointing_kwargs" not in configs_of(llama(1))["hf_trainer"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", **hf
+        )
+    assert args.activation_checkpointing_kwargs["every_n_layers"] == 2

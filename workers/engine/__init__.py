@@ -51,7 +51,9 @@ __all__ = [
 # field in the result): plans made before are then not reused for new submits.
 # 19: training.loss_kernel (Liger's loss head), sequence-length search, fits_with, and no
 # causal mask in a transformers trace that a GPU would not build
-ENGINE_REVISION = 19
+# 20: MoE models (result.moe), depth folding, the reserve search's width (1/1024 of its
+# bound), activation offload (training.checkpointing.offload, the split's offload_s)
+ENGINE_REVISION = 20
 
 
 @dataclass(frozen=True)

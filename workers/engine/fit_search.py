@@ -2,7 +2,8 @@
 
 The ladder runs from what costs nothing to what costs the most: mixed precision (faster, not
 slower), Liger's fused loss head for a causal LM, Adam's fused kernels, gradient checkpointing
-(about a third more compute), 8-bit optimizer state, LoRA then QLoRA (a different training
+(about a third more compute), its saved inputs offloaded to the host (PCIe copies), 8-bit
+optimizer state, LoRA then QLoRA (a different training
 job), then bigger cards. Changes accumulate: each rung is planned on top of the ones before, and
 the first combination whose plan is feasible is kept; then each change it can do without is
 dropped, the costliest first (a bigger card may make the earlier changes unnecessary). The answer
@@ -114,6 +115,8 @@ def _ladder(job: CompiledJob, device: ProbeDevice) -> list[Rung]:
         rungs.append(
             Rung("gradient_checkpointing", True, _training("gradient_checkpointing", True))
         )
+    if not t.checkpointing.offload:
+        rungs.append(Rung("checkpointing.offload", True, _offloaded))
     if t.optimizer in ("adam", "adamw") and t.strategy not in SHARDED and bitsandbytes_available():
         rungs.append(Rung("optimizer", "adamw_8bit", _eight_bit))
     if job.model.source == "transformers" and (t.peft is None or t.peft.method == "lora"):
@@ -130,6 +133,15 @@ def _ladder(job: CompiledJob, device: ProbeDevice) -> list[Rung]:
             rungs.append(Rung("gpu", card.name, _on_card(card.name)))
             capacity = card.memory_bytes
     return rungs
+
+
+def _offloaded(job: CompiledJob) -> CompiledJob | None:
+    """The checkpoints' saved inputs on the host: only on top of checkpointing."""
+    t = job.training
+    if not t.gradient_checkpointing:
+        return None
+    policy = t.checkpointing.model_copy(update={"offload": True})
+    return job.with_training(t.model_copy(update={"checkpointing": policy}))
 
 
 def _eight_bit(job: CompiledJob) -> CompiledJob | None:

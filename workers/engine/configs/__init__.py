@@ -48,7 +48,7 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
         # what the plan traced: load the model with the same attention kernel
         out["from_pretrained"] = {"attn_implementation": job.attn_implementation}
     if job.gradient_checkpointing and job.checkpoint_every > 1:
-        # the Trainer's switch checkpoints every layer; the loop above and torchtitan can do this
+        # torchtitan's option; the Trainer's is gradient_checkpointing_kwargs.every_n_layers
         out["checkpointing"] = {
             "every": job.checkpoint_every,
             "torchtitan": {

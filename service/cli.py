@@ -401,8 +401,8 @@ def _plan_remote(
 
 
 def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """The plan's evaluation, token batching, experts, activation offload, depth folding and
-    cost, where it has them."""
+    """The plan's evaluation, token batching, experts, activation offload, context
+    parallelism, depth folding and cost, where it has them."""
     rows = []
     evaluation = result.get("evaluation")
     if evaluation:
@@ -442,6 +442,14 @@ def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{_gib(result['memory']['host_offloaded'])} pinned on the host; "
                 f"{_gib(int(split['offload_bytes']))} over PCIe per step, "
                 f"{split['offload_s']:.3f} s of it",
+            )
+        )
+    if split.get("context_parallel_bytes"):
+        rows.append(
+            (
+                "context parallelism",
+                f"ring over {_gib(int(split['context_parallel_bytes']))} per step per rank, "
+                f"{split['context_parallel_s']:.3f} s of it",
             )
         )
     folding = result.get("depth_folding")

@@ -113,6 +113,13 @@ class StepSplit(BaseModel):
         "(backward) over the card's host link (PCIe); on the compute stream, so added.",
     )
     offload_bytes: float = Field(default=0.0, description="Both ways, per step.")
+    context_parallel_s: float = Field(
+        default=0.0,
+        description="Context parallelism's ring: keys and values all-gathered over the cp "
+        "group's link in forward (and recompute), gathered again and their gradients "
+        "exchanged in backward; attention waits for them, so added.",
+    )
+    context_parallel_bytes: float = Field(default=0.0, description="Through each rank's link.")
 
 
 class Throughput(BaseModel):

@@ -421,6 +421,18 @@ class ParallelismSpec(StrictModel):
     bucket_cap_mb: float = Field(
         default=25, gt=0, le=4096, description="DDP's gradient bucket size (MiB)."
     )
+    context_parallel: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Ranks one sequence is split over (context parallelism, ring attention as "
+        "torch.distributed.tensor.experimental.context_parallel runs it, head-tail load "
+        "balanced): each rank holds seq_len / N tokens of every sample and all-gathers the "
+        "others' keys and values per layer. Composed with fsdp as torchtitan composes them: "
+        "parameters sharded over all world_size ranks, world_size / N data-parallel groups. "
+        "Needs strategy fsdp, a world_size that is a multiple of N, and seq_len a multiple "
+        "of 2N.",
+    )
 
     @field_validator("world_size")
     @classmethod
@@ -438,6 +450,13 @@ class ParallelismSpec(StrictModel):
             )
         if not self.reshard_after_forward and self.strategy not in ("fsdp", "hybrid_shard"):
             raise ValueError("reshard_after_forward applies to fsdp and hybrid_shard")
+        if self.context_parallel > 1 and self.strategy != "fsdp":
+            raise ValueError(
+                "context_parallel composes with strategy 'fsdp' (parameters sharded over the "
+                f"data and context ranks together, as torchtitan does), not {self.strategy!r}"
+            )
+        if self.context_parallel > 1 and self.world_size == "auto":
+            raise ValueError("context_parallel needs a fixed world_size, not 'auto'")
         return self
 
     def resolved(self, world_size: int) -> Strategy:
@@ -751,6 +770,12 @@ class TrainingSpec(StrictModel):
     def auto_world_size(self) -> bool:
         return self.parallelism.world_size == "auto"
 
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that see different samples: the world less context parallelism's groups (the
+        ranks of one group share each sample's sequence)."""
+        return self.world_size // self.parallelism.context_parallel
+
     @model_validator(mode="after")
     def _world_fits(self) -> TrainingSpec:
         if self.optimizer in BNB_OPTIMIZERS and self.strategy in SHARDED:
@@ -773,7 +798,12 @@ class TrainingSpec(StrictModel):
                 f"hybrid_shard needs whole nodes: world_size {self.world_size} is not a "
                 f"multiple of parallelism.gpus_per_node {per_node}"
             )
-        if self.global_batch_size < self.world_size:
+        cp = self.parallelism.context_parallel
+        if cp > 1 and self.world_size % cp:
+            raise ValueError(
+                f"parallelism.context_parallel {cp} must divide world_size {self.world_size}"
+            )
+        if self.global_batch_size < self.data_parallel_size:
             raise ValueError("global_batch_size must be at least world_size (one sample per rank)")
         return self
 

@@ -87,3 +87,25 @@ def test_the_table_shows_activation_offload(tmp_path: Path) -> None:
         line for line in plan_table(tmp_path, spec).splitlines() if "activation offload" in line
     )
     assert "pinned on the host" in row and "over PCIe per step" in row
+
+
+def test_the_table_shows_the_context_parallel_ring(tmp_path: Path) -> None:
+    spec = {
+        "model": {
+            "source": "transformers",
+            "architecture": "LlamaForCausalLM",
+            "config": TINY_LLAMA,
+        },
+        "data": {"kind": "tokens", "seq_len": 256, "vocab_size": 1000, "num_samples": 1000},
+        "training": {
+            "global_batch_size": 64,
+            "world_size": 2,
+            "parallelism": {"strategy": "fsdp", "context_parallel": 2},
+        },
+        "device": {"kind": "simulated", "memory_gib": 1},
+        "search": {"what_if": False},
+    }
+    row = next(
+        line for line in plan_table(tmp_path, spec).splitlines() if "context parallelism" in line
+    )
+    assert "ring over" in row and "per step per rank" in row

@@ -28,6 +28,7 @@ from service.schemas.spec import PlanSpec
 from workers.engine import recipe
 from workers.engine.catalogue import GPU_CATALOGUE
 from workers.engine.compiled import compile_job
+from workers.engine.context_parallel import check as check_context_parallel
 from workers.engine.devices import open_device
 from workers.engine.errors import SpecError, Unsupported
 from workers.engine.loss_head import is_causal_lm
@@ -102,6 +103,7 @@ def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
             "'simulated'); a real device probes one process",
         )
     check_target(job)
+    check_context_parallel(job)
     recipe.check(spec.training, spec.data.num_samples, facts or model_facts(spec))
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 from typing import Any
 
@@ -90,19 +90,24 @@ def fold_cost(costs: dict[int, StepCost], base: int, depth: int) -> StepCost:
     step = _block_delta(costs[base], costs[base + 1])
     if step != _block_delta(costs[base + 1], costs[base + 2]):
         raise NotFoldable("each added block does not add the same ops to the step's cost")
-    offloaded = [costs[base + i].offloaded for i in range(3)]
-    if offloaded[1] - offloaded[0] != offloaded[2] - offloaded[1]:
-        raise NotFoldable("each added block does not offload the same bytes")
     ops, nbytes = step
     extra = depth - base
     first = costs[base]
     grown = [OpCost(bucket, "memory", 0, n * extra, 0.0, "folded") for bucket, n in nbytes if n]
-    return StepCost(
-        first.bandwidth,
-        list(first.ops) + list(ops.elements()) * extra + grown,
-        offloaded=offloaded[0] + (offloaded[1] - offloaded[0]) * extra,
-        host_bandwidth=first.host_bandwidth,
+    return replace(
+        first,
+        ops=list(first.ops) + list(ops.elements()) * extra + grown,
+        offloaded=_linear([costs[base + i].offloaded for i in range(3)], extra, "offload"),
+        ring_bytes=_linear([costs[base + i].ring_bytes for i in range(3)], extra, "ring"),
     )
+
+
+def _linear(counts: list[int], extra: int, what: str) -> int:
+    """A count each block adds to equally (bytes offloaded, bytes through the ring), at the
+    stack's depth."""
+    if counts[1] - counts[0] != counts[2] - counts[1]:
+        raise NotFoldable(f"each added block does not add the same {what} bytes")
+    return counts[0] + (counts[1] - counts[0]) * extra
 
 
 def _block_delta(

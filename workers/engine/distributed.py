@@ -48,6 +48,8 @@ class World:
     world_size: int
     gpus_per_node: int
     mesh: Any = None
+    context_parallel: int = 1  # ranks one sequence is split over
+    cp_mesh: Any = None  # their mesh dimension (context_parallel.py)
 
     @property
     def shards(self) -> bool:
@@ -78,8 +80,15 @@ def fake_world(training: TrainingSpec) -> Iterator[World | None]:
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
     try:
-        world = World(strategy, size, training.parallelism.gpus_per_node)
-        if world.shards:
+        world = World(
+            strategy,
+            size,
+            training.parallelism.gpus_per_node,
+            context_parallel=training.parallelism.context_parallel,
+        )
+        if world.context_parallel > 1:
+            world.mesh, world.cp_mesh = _context_mesh(world)
+        elif world.shards:
             world.mesh = _mesh(world)
         yield world
     finally:
@@ -98,6 +107,13 @@ def _mesh(world: World) -> Any:
             "cpu", (world.world_size // shard, shard), mesh_dim_names=("replicate", "shard")
         )
     return init_device_mesh("cpu", (world.world_size,))
+
+
+def _context_mesh(world: World) -> tuple[Any, Any]:
+    """torchtitan's layout: a (dp_shard, cp) mesh; FSDP over both flattened, CP over cp."""
+    cp = world.context_parallel
+    mesh = init_device_mesh("cpu", (world.world_size // cp, cp), mesh_dim_names=("dp_shard", "cp"))
+    return mesh["dp_shard", "cp"]._flatten("dp_shard_cp"), mesh["cp"]
 
 
 @contextmanager

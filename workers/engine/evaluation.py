@@ -31,7 +31,7 @@ def plan_evaluation(
     spec = job.training.evaluation
     if spec is None:
         return None
-    per_rank = math.ceil(spec.num_samples / job.world_size)
+    per_rank = math.ceil(spec.num_samples / job.training.data_parallel_size)
     with open_session(device, job.for_evaluation()) as session:
         search = find_max_batch(
             make_probe(session),

@@ -18,6 +18,7 @@ from torch import nn
 
 from workers.engine.autocast_policy import CudaAutocastPolicy, autocast_region
 from workers.engine.checkpointing import enable_checkpointing
+from workers.engine.context_parallel import ring_attention
 from workers.engine.data import sample_input, sample_target
 from workers.engine.distributed import World, local, replicate, shard
 from workers.engine.loss_head import install as install_loss_head
@@ -260,8 +261,18 @@ class TrainingJob:
             return autocast_region(self.autocast_policy, self.autocast_dtype)
         return torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype)
 
+    def context(self) -> AbstractContextManager[Any]:
+        """Where a step's forward and backward run: through CP's ring when the sequence is
+        split over ranks."""
+        if self.world is None or self.world.context_parallel == 1:
+            return nullcontext()
+        return ring_attention(self.world.cp_mesh)
+
     def make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         data = self.trace.data
+        if self.world is not None and self.world.context_parallel > 1:  # this rank's tokens
+            local = data.seq_len // self.world.context_parallel  # type: ignore[union-attr]
+            data = data.model_copy(update={"seq_len": local})
         with self.tracker.in_phase("input"):
             x = sample_input(
                 data,
@@ -294,23 +305,24 @@ class TrainingJob:
         tracker = self.tracker
         self.activation_offload.new_step()
         x, y = self.make_batch(batch)
-        with tracker.in_phase("forward"), self.autocast():
-            if self.forward_loss is not None:
-                loss = self.forward_loss(self.model, x, y)
-            else:
-                loss = compute_loss(self.model(x), y, self.family)
-        if self.world is not None and self.world.shards:
-            # Parameters still gathered after forward (all of them without resharding: zero2)
-            # are FSDP's unsharded copies, whatever op made their storage.
-            gathered = (p for p in self.model.parameters() if local(p) is p)
-            tracker.mark(gathered, "gathered_parameters")
-        with tracker.in_phase("backward"):
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            elif self.precision == "fp16-mixed":  # fake: the scaler's memory without its .item()
-                (loss * 65536.0).backward()
-            else:
-                loss.backward()
+        with self.context():
+            with tracker.in_phase("forward"), self.autocast():
+                if self.forward_loss is not None:
+                    loss = self.forward_loss(self.model, x, y)
+                else:
+                    loss = compute_loss(self.model(x), y, self.family)
+            if self.world is not None and self.world.shards:
+                # Parameters still gathered after forward (all of them without resharding:
+                # zero2) are FSDP's unsharded copies, whatever op made their storage.
+                gathered = (p for p in self.model.parameters() if local(p) is p)
+                tracker.mark(gathered, "gathered_parameters")
+            with tracker.in_phase("backward"):
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                elif self.precision == "fp16-mixed":  # fake: the scaler's memory, no .item()
+                    (loss * 65536.0).backward()
+                else:
+                    loss.backward()
         del loss, x, y
         tracker.mark(self.gradients(), "gradients")
         if self.offloaded:  # reduce-scattered, then copied to the host for the CPU step
@@ -331,7 +343,7 @@ class TrainingJob:
         x, y = self.make_batch(batch)
         self.model.eval()
         try:
-            with torch.no_grad(), self.tracker.in_phase("forward"), self.autocast():
+            with self.context(), torch.no_grad(), self.tracker.in_phase("forward"), self.autocast():
                 if self.forward_loss is not None:
                     loss = self.forward_loss(self.model, x, y)
                 else:

@@ -63,7 +63,7 @@ def global_batch_adjusted(facts: Facts) -> PlanWarning | None:
     return PlanWarning(
         code="global_batch_adjusted",
         message=(
-            f"{b.micro_batch_size} x {b.accumulation_steps} x {training.world_size} "
+            f"{b.micro_batch_size} x {b.accumulation_steps} x {training.data_parallel_size} "
             f"= {b.effective_global_batch_size}, not the requested "
             f"{training.global_batch_size}; micro_batch='divisor' finds an exact split "
             f"when world_size divides the global batch."

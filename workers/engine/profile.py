@@ -315,7 +315,7 @@ def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanRes
             measured.batches = batches = planner.choose_batches(
                 search.max_batch,
                 job.training.global_batch_size,
-                job.training.world_size,
+                job.training.data_parallel_size,
                 job.search.micro_batch,
             )
             _check_defined(job.training, search, batches.micro_batch_size)
@@ -419,7 +419,7 @@ def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> Plan
     epochs = planner.epoch_arithmetic(
         data.num_samples,
         batches.micro_batch_size,
-        training.world_size,
+        training.data_parallel_size,
         batches.effective_global_batch_size,
         training.epochs,
     )
@@ -560,7 +560,7 @@ def _measured_throughput(
     if at_micro.step_time_s is None:
         return None
     step = at_micro.step_time_s * batches.accumulation_steps
-    return _throughput(training.world_size, batches, epochs, step, measured=True)
+    return _throughput(training.data_parallel_size, batches, epochs, step, measured=True)
 
 
 def _throughput(
@@ -618,10 +618,12 @@ def estimate_throughput(
     optimizer = seconds["optimizer"]
     comm = traffic.seconds if traffic is not None else 0.0
     offload = seconds["offload"] * k  # on the compute stream: not overlapped
-    step = compute + memory_bound + optimizer + offload + exposed(comm, compute + memory_bound)
+    ring = seconds["ring"] * k  # attention waits for the gathered keys and values
+    step = compute + memory_bound + optimizer + offload + ring
+    step += exposed(comm, compute + memory_bound)
     input_bytes = sample_bytes(data) * batches.micro_batch_size
     estimate = _throughput(
-        training.world_size,
+        training.data_parallel_size,
         batches,
         epochs,
         step,
@@ -636,6 +638,8 @@ def estimate_throughput(
             communication_bytes=traffic.bytes_per_rank if traffic is not None else 0.0,
             offload_s=offload,
             offload_bytes=2 * cost.offloaded * k,
+            context_parallel_s=ring,
+            context_parallel_bytes=cost.ring_bytes * k,
         ),
     )
     rate = estimate.samples_per_second

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from workers.engine.catalogue import GPU_CATALOGUE, GpuModel, host_link_bytes_s
 from workers.engine.cuda_kernels import grouped_mm_flops
 from workers.engine.offload import OffloadLedger
+from workers.engine.tracker import dtensor_type
 
 _ATEN = torch.ops.aten
 CONV = {_ATEN.convolution, _ATEN._convolution, _ATEN.cudnn_convolution, _ATEN.convolution_backward}
@@ -50,6 +51,7 @@ NO_TRAFFIC = {
     _ATEN.set_,
     _ATEN.resize_,
     _ATEN.lift_fresh,
+    torch.ops._c10d_functional.wait_tensor,  # a sync: the collective moved the bytes
 }
 
 # Achievable fraction of the card's ceiling per op class: matmul and conv against the measured
@@ -104,6 +106,10 @@ class StepCost:
     # backward), over the card's host link; both copies run on the compute stream.
     offloaded: int = 0
     host_bandwidth: float = 0.0  # bytes/s one way
+    # Context parallelism: bytes through this rank's link in the ring's collectives (keys and
+    # values gathered, their gradients exchanged); not overlapped with attention.
+    ring_bytes: int = 0
+    ring_bandwidth: float = 0.0  # bytes/s of the cp group's link
 
     @property
     def flops(self) -> int:
@@ -118,6 +124,7 @@ class StepCost:
             compute = op.flops / (op.ceiling * eff[op.kind]) if op.flops and op.ceiling else 0.0
             out[op.bucket] += max(compute, memory)
         out["offload"] = 2 * self.offloaded / self.host_bandwidth if self.offloaded else 0.0
+        out["ring"] = self.ring_bytes / self.ring_bandwidth if self.ring_bytes else 0.0
         return out
 
     def total_s(self, efficiency: dict[str, float] | None = None) -> float:
@@ -214,13 +221,31 @@ class StepCostMode(TorchDispatchMode):
     """Costs every op of the traced step (it runs under FakeTensorMode: nothing executes)."""
 
     def __init__(
-        self, roofline: Roofline, phase: Callable[[], str], offload: OffloadLedger | None = None
+        self,
+        roofline: Roofline,
+        phase: Callable[[], str],
+        offload: OffloadLedger | None = None,
+        distributed: bool = False,
+        ring: tuple[str, int, float] | None = None,
     ) -> None:
         super().__init__()
         self.roofline = roofline
         self.phase = phase
+        self.distributed = distributed  # one rank of a multi-GPU job: DTensors about
         self.offload = offload  # the job's activation offload, read when the step is done
-        self.cost = StepCost(roofline.bandwidth, host_bandwidth=roofline.host_bandwidth)
+        # context parallelism: (its group's name, its ranks, their link's bytes/s)
+        self.ring = ring
+        self.cost = StepCost(
+            roofline.bandwidth,
+            host_bandwidth=roofline.host_bandwidth,
+            ring_bandwidth=ring[2] if ring else 0.0,
+        )
+
+    def _on_ring(self, func: Any, args: Any) -> bool:
+        """A collective of context parallelism's group (its name is the last argument)."""
+        if self.ring is None or func.namespace != "_c10d_functional":
+            return False
+        return bool(args) and args[-1] == self.ring[0]
 
     def __exit__(self, *exc: Any) -> None:
         if self.offload is not None:
@@ -228,8 +253,16 @@ class StepCostMode(TorchDispatchMode):
         super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.distributed and any(issubclass(t, dtensor_type()) for t in types):
+            # DTensor runs first and comes back with the ops on this rank's local tensors
+            # (a sharded optimizer's step, context parallelism's ring): what the rank computes
+            return NotImplemented
         out = func(*args, **(kwargs or {}))
         if func.is_view or func._overloadpacket in NO_TRAFFIC:
+            return out
+        if self._on_ring(func, args):  # through the link, not through HBM's roofline
+            ranks = self.ring[1]  # type: ignore[index]
+            self.cost.ring_bytes += _nbytes(out) * (ranks - 1) // ranks
             return out
         kind = op_class(func)
         flops = op_flops(func, args, kwargs, out) if kind != "memory" else 0

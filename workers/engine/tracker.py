@@ -55,7 +55,7 @@ class MemoryBudgetExceeded(RuntimeError):
 
 
 @cache
-def _dtensor_type() -> type:
+def dtensor_type() -> type:
     from torch.distributed.tensor import DTensor  # 0.6 s to import: asked only once it matters
 
     return DTensor
@@ -136,7 +136,7 @@ class MemoryTracker(TorchDispatchMode):
         if self._paused:
             return func(*args, **(kwargs or {}))
         if self.distributed:
-            if any(issubclass(t, _dtensor_type()) for t in types):
+            if any(issubclass(t, dtensor_type()) for t in types):
                 # Let DTensor run first and come back with the local shards' ops: those are
                 # the bytes a rank holds.
                 return NotImplemented

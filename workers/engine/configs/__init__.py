@@ -58,8 +58,34 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
                 }
             },
         }
+    if job.context_parallel > 1:
+        out["context_parallel"] = context_parallel_settings(job)
     if job.peft is not None:
         out["peft"] = peft_settings(job)
     if job.early_stopping is not None:
         out["hf_callbacks"] = hf_callbacks(job)
     return out
+
+
+def context_parallel_settings(job: LaunchJob) -> dict[str, Any]:
+    """The layout the plan traced, as torchtitan's config and Accelerate's `ParallelismConfig`
+    (the HF Trainer's `parallelism_config`) spell it: FSDP over world / N x N ranks, the
+    sequence over N, keys and values all-gathered (the rotate method traced)."""
+    n, shard = job.context_parallel, job.world_size // job.context_parallel
+    return {
+        "torchtitan": {
+            "parallelism": {
+                "data_parallel_shard_degree": shard,
+                "context_parallel_degree": n,
+                "context_parallel_rotate_method": "allgather",
+            }
+        },
+        "accelerate": {
+            "parallelism_config": {
+                "dp_shard_size": shard,
+                "cp_size": n,
+                "cp_backend": "torch",
+                "cp_handler": {"cp_comm_strategy": "allgather"},
+            }
+        },
+    }

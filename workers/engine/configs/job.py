@@ -36,6 +36,7 @@ class LaunchJob:
     gradient_checkpointing: bool
     checkpoint_every: int  # one block in this many checkpointed
     checkpoint_offload: bool  # the checkpoints' saved inputs in pinned host memory
+    context_parallel: int  # ranks one sequence is split over
     loss_kernel: str  # standard | liger
     attn_implementation: str | None  # transformers models: from_pretrained's kwarg
     channels_last: bool
@@ -69,6 +70,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         gradient_checkpointing=training.gradient_checkpointing,
         checkpoint_every=training.checkpointing.every,
         checkpoint_offload=training.checkpointing.offload,
+        context_parallel=training.parallelism.context_parallel,
         loss_kernel=training.loss_kernel,
         attn_implementation=attention_of(model) if model.source == "transformers" else None,
         channels_last=getattr(data, "layout", None) == "channels_last",

@@ -31,6 +31,7 @@ from workers.engine.allocator import (
 )
 from workers.engine.autocast_policy import CudaAutocastPolicy, cuda_autocast_on_cpu
 from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, MIB, GpuModel, custom_gpu
+from workers.engine.communication import link_gbs
 from workers.engine.cuda_kernels import cuda_kernel_rules
 from workers.engine.cudnn import nchw_transform_workspace
 from workers.engine.depth_fold import (
@@ -347,7 +348,23 @@ class _SimulatedSession(ProbeSession):
         device = self.device
         assert isinstance(device, SimulatedDevice)
         roofline = Roofline(device.gpu, job.precision, device.runtime.matmul_tf32_default)
-        return StepCostMode(roofline, lambda: tracker.phase, job.activation_offload)
+        return StepCostMode(
+            roofline,
+            lambda: tracker.phase,
+            job.activation_offload,
+            tracker.distributed,
+            _ring(job, device.gpu),
+        )
+
+
+def _ring(job: TrainingJob, gpu: GpuModel) -> tuple[str, int, float] | None:
+    """Context parallelism's group as the roofline needs it: its name (what its collectives
+    carry), its ranks and their link (NVLink within a node, the network across)."""
+    world = job.world
+    if world is None or world.context_parallel == 1:
+        return None
+    link = link_gbs(gpu, world.context_parallel, world.gpus_per_node) * 1e9
+    return world.cp_mesh.get_group().group_name, world.context_parallel, link
 
 
 class _FoldedSession(_SimulatedSession):

@@ -267,14 +267,15 @@ class SequenceLength(BaseModel):
 class FitSuggestion(BaseModel):
     """The changes that make an infeasible job fit, tried cumulatively from the cheapest (mixed
     precision, the fused loss head, fused optimizer kernels, checkpointing, checkpoints
-    offloaded to the host, 8-bit state, LoRA then QLoRA, bigger cards), and the plan they
-    give."""
+    offloaded to the host, 8-bit state, LoRA then QLoRA, the sequence over 2 then 4 GPUs
+    (context parallelism), bigger cards), and the plan they give."""
 
-    changes: dict[str, str | bool] = Field(
+    changes: dict[str, str | bool | int] = Field(
         description="Spec fields (training.* or gpu) and the values that fit.",
         examples=[{"loss_kernel": "liger", "gradient_checkpointing": True}],
     )
     device: DeviceInfo
+    world_size: int = Field(default=1, description="GPUs of the plan that fits.")
     max_micro_batch_size: int
     micro_batch_size: int
     accumulation_steps: int

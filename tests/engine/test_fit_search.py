@@ -58,3 +58,45 @@ def test_changes_are_dropped_when_a_later_one_does_the_job() -> None:
 def test_no_search_without_what_if_or_when_the_plan_fits() -> None:
     assert engine.plan(long_lm(0.32, what_if=False)).fits_with is None
     assert engine.plan(long_lm(2.0, what_if=False)).fits_with is None
+
+
+def test_the_sequence_split_rung_adds_gpus_as_context_parallelism() -> None:
+    from workers.engine.compiled import compile_job
+    from workers.engine.fit_search import _split_sequence
+
+    job = compile_job(long_lm(0.29, what_if=False))
+    split = _split_sequence(2)(job)
+    assert split is not None
+    parallelism = split.training.parallelism
+    assert (split.training.world_size, parallelism.strategy, parallelism.context_parallel) == (
+        2,
+        "fsdp",
+        2,
+    )
+    wider = _split_sequence(4)(split)  # the next rung replaces the split, it does not stack
+    assert wider is not None and wider.training.world_size == 4
+    qlora = compile_job(long_lm(0.29, what_if=False, peft={"method": "qlora"}))
+    assert _split_sequence(2)(qlora) is None  # QLoRA is not sharded: the rung passes
+
+
+def test_the_ladder_reaches_context_parallelism_and_drops_what_it_does_not_need() -> None:
+    """The ladder's search on a plan function that fits only with the sequence split (the
+    real rungs, a stand-in for the planner's verdict): the answer is that one change, on
+    two GPUs, after every cheaper rung was tried."""
+    from tests.helpers import a_result
+    from workers.engine.compiled import compile_job
+    from workers.engine.devices import open_device
+    from workers.engine.fit_search import first_fit
+
+    job = compile_job(long_lm(0.29, what_if=False))
+    tried: list[str] = []
+
+    def plan(changed: Any, device: Any, label: str) -> Any:
+        tried.append(label)
+        split = changed.training.parallelism.context_parallel >= 2
+        return a_result(feasible=split, world_size=changed.training.world_size)
+
+    fit = first_fit(job, open_device(job), plan)
+    assert fit is not None
+    assert fit.changes == {"parallelism.context_parallel": 2} and fit.world_size == 2
+    assert any("loss_kernel=liger" in label for label in tried)  # cheaper rungs came first

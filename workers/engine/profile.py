@@ -261,8 +261,9 @@ def _fit_text(fit: FitSuggestion) -> str:
     changes = ", ".join(
         f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fit.changes.items()
     )
+    gpus = f"{fit.world_size} x {fit.device.name}" if fit.world_size > 1 else fit.device.name
     return (
-        f"fits with {changes}: max micro-batch {fit.max_micro_batch_size} on {fit.device.name}"
+        f"fits with {changes}: max micro-batch {fit.max_micro_batch_size} on {gpus}"
         f" (micro-batch {fit.micro_batch_size} x {fit.accumulation_steps} accumulation)"
     )
 

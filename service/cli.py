@@ -401,8 +401,8 @@ def _plan_remote(
 
 
 def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """The plan's evaluation, token batching, experts, activation offload, context
-    parallelism, depth folding and cost, where it has them."""
+    """The plan's evaluation, token batching, experts, checkpointing choice, activation
+    offload, context parallelism, depth folding and cost, where it has them."""
     rows = []
     evaluation = result.get("evaluation")
     if evaluation:
@@ -432,6 +432,16 @@ def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{moe['experts_per_token']}; {moe['active_parameters']:,} of "
                 f"{result['model_summary'].get('parameters', 0):,} parameters active per "
                 f"token; {moe['implementation']} in {moe['expert_gemm_dtype']}",
+            )
+        )
+    choice = result.get("checkpointing")
+    if choice:
+        tried = ", ".join(f"{c['policy']} {c['max_micro_batch_size']}" for c in choice["checked"])
+        rows.append(
+            (
+                "checkpointing",
+                f"{choice['policy']} (auto: least recompute reaching micro-batch "
+                f"{choice['needed']}; max micro-batch by policy: {tried})",
             )
         )
     split = (result.get("throughput") or {}).get("split") or {}

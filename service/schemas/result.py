@@ -152,6 +152,26 @@ class Trial(BaseModel):
     )
 
 
+class PolicyCheck(BaseModel):
+    """One checkpointing policy the plan tried (`training.checkpointing.auto`)."""
+
+    policy: str = Field(examples=["every 2"])
+    feasible: bool
+    max_micro_batch_size: int
+
+
+class CheckpointingChoice(BaseModel):
+    """The policy `training.checkpointing.auto` chose, and why: the least recompute whose max
+    micro-batch reaches `needed`."""
+
+    policy: str = Field(description="none, every k, full or full+offload.")
+    gradient_checkpointing: bool
+    every: int
+    offload: bool
+    needed: int = Field(description="The max micro-batch the choice had to reach.")
+    checked: list[PolicyCheck]
+
+
 class EvaluationPlan(BaseModel):
     """The evaluation's own micro-batch (forward only) and what it adds to time-to-train."""
 
@@ -419,6 +439,9 @@ class PlanResult(BaseModel):
         default=None,
         description="An infeasible plan (with search.what_if): the first combination of "
         "changes, cheapest first, whose plan is feasible; more GPUs are in scale_out.",
+    )
+    checkpointing: CheckpointingChoice | None = Field(
+        default=None, description="training.checkpointing.auto: the policy chosen and those tried."
     )
     traced_steps: int | None = Field(
         default=None,

@@ -559,6 +559,15 @@ class CheckpointingSpec(StrictModel):
         "and the copy back in backward run on the compute stream and add to the step. Needs "
         "gradient_checkpointing.",
     )
+    auto: bool = Field(
+        default=False,
+        description="Let the plan choose: of none, one block in 4, one in 2, every block, and "
+        "every block offloaded (least recompute first), the first whose max micro-batch "
+        "reaches the global batch per data-parallel rank with no accumulation; where none "
+        "does, the first that fits at all (accumulation reaches the batch; BatchNorm models "
+        "need 16). gradient_checkpointing, every and offload are then the plan's choice "
+        "(result.checkpointing).",
+    )
 
 
 class EvaluationSpec(StrictModel):
@@ -699,7 +708,7 @@ class TrainingSpec(StrictModel):
     @field_validator("checkpointing")
     @classmethod
     def _offload_checkpoints(cls, value: CheckpointingSpec, info: ValidationInfo) -> Any:
-        if value.offload and not info.data.get("gradient_checkpointing"):
+        if value.offload and not value.auto and not info.data.get("gradient_checkpointing"):
             raise ValueError(
                 "offload holds the checkpointed blocks' saved inputs on the host: it needs "
                 "gradient_checkpointing true"

@@ -109,3 +109,19 @@ def test_the_table_shows_the_context_parallel_ring(tmp_path: Path) -> None:
         line for line in plan_table(tmp_path, spec).splitlines() if "context parallelism" in line
     )
     assert "ring over" in row and "per step per rank" in row
+
+
+def test_the_table_shows_the_checkpointing_choice(tmp_path: Path) -> None:
+    spec = {
+        "model": {
+            "source": "transformers",
+            "architecture": "LlamaForCausalLM",
+            "config": TINY_LLAMA,
+        },
+        "data": {"kind": "tokens", "seq_len": 64, "vocab_size": 1000, "num_samples": 1000},
+        "training": {"global_batch_size": 8, "checkpointing": {"auto": True}},
+        "device": {"kind": "simulated", "memory_gib": 1},
+        "search": {"what_if": False},
+    }
+    row = next(line for line in plan_table(tmp_path, spec).splitlines() if "checkpointing" in line)
+    assert "least recompute reaching micro-batch 8" in row and "full+offload" in row

@@ -33,7 +33,7 @@ from service.schemas.result import (
     WorldSizeCheck,
 )
 from service.schemas.spec import SHARDED, DataSpec, TrainingSpec
-from workers.engine import planner, recipe, token_batching
+from workers.engine import checkpoint_policy, planner, recipe, token_batching
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.compiled import CompiledJob
 from workers.engine.configs import PlanNumbers, build_configs
@@ -135,7 +135,14 @@ def _run_plan(
         scale_out.append(answer)
         if answer.world_size is not None:
             job = job.with_world(answer.strategy, answer.world_size)
-    result = _plan(job, device, recorder)
+    if job.training.checkpointing.auto:
+        policy, result, choice = checkpoint_policy.choose(
+            job, lambda changed, label: _plan(changed, device, _Scenario(recorder, label))
+        )
+        job = policy.on(job)
+        result.checkpointing = choice
+    else:
+        result = _plan(job, device, recorder)
     if not result.feasible and not scale_out and isinstance(device, SimulatedDevice):
         strategy = job.training.strategy
         scale_out.append(
@@ -248,6 +255,19 @@ class _Labelled(_Recorder):
     def emit(self, trial: Trial) -> None:
         self.trials.append(trial)
         self.parent.emit(trial.model_copy(update={"phase": "what_if", "scenario": self.label}))
+
+
+class _Scenario(_Recorder):
+    """A candidate plan's recorder (a checkpointing policy tried): its own trials, each
+    reported to the caller's hooks in its phase, named by `label`."""
+
+    def __init__(self, parent: _Recorder, label: str) -> None:
+        super().__init__(ProfileHooks())
+        self.parent, self.label = parent, label
+
+    def emit(self, trial: Trial) -> None:
+        self.trials.append(trial)
+        self.parent.emit(trial.model_copy(update={"scenario": self.label}))
 
 
 def _first_fit(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> FitSuggestion | None:

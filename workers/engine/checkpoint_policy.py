@@ -1,0 +1,94 @@
+"""`training.checkpointing.auto`: the checkpointing policy with the least recompute that fits.
+
+Policies from the least recompute to the most memory saved: none, one block in 4, one in 2
+(torchtitan's selective_ac_option), every block, every block with its saved inputs offloaded
+(offload.py). Recompute is what a policy costs in time: accumulation reaches any global batch,
+so the policy only has to fit the micro-batch that needs no accumulation (the global batch per
+data-parallel rank); where no policy fits that, it has to fit at all (BatchNorm models: 16).
+The most saving policy is planned first: if even it does not reach the batch per rank, none
+does, and the search looks for the least recompute that fits at all. Each policy planned is a
+whole plan (its exact search), reported in `result.checkpointing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from service.schemas.result import CheckpointingChoice, PlanResult, PolicyCheck
+from service.schemas.spec import CheckpointingSpec
+from workers.engine.compiled import CompiledJob
+from workers.engine.models import build_model
+from workers.engine.plan_warnings import BATCHNORM_MIN
+from workers.engine.planner import per_rank_batch
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    checkpointing: bool
+    every: int = 1
+    offload: bool = False
+
+    def on(self, job: CompiledJob) -> CompiledJob:
+        t = job.training
+        policy = CheckpointingSpec(every=self.every, offload=self.offload, auto=True)
+        changed = t.model_copy(
+            update={"gradient_checkpointing": self.checkpointing, "checkpointing": policy}
+        )
+        return job.with_training(changed)
+
+
+POLICIES = (
+    Policy("none", False),
+    Policy("every 4", True, every=4),
+    Policy("every 2", True, every=2),
+    Policy("full", True),
+    Policy("full+offload", True, offload=True),
+)
+# (job, label) -> the job's plan, its probes reported under `label`
+PlanFn = Callable[[CompiledJob, str], PlanResult]
+
+
+def choose(job: CompiledJob, plan: PlanFn) -> tuple[Policy, PlanResult, CheckpointingChoice]:
+    """The chosen policy, the plan under it, and the choice as the result reports it."""
+    results: dict[Policy, PlanResult] = {}
+
+    def planned(policy: Policy) -> PlanResult:
+        if policy not in results:
+            results[policy] = plan(policy.on(job), f"checkpointing={policy.name}")
+        return results[policy]
+
+    per_rank = per_rank_batch(job.training.global_batch_size, job.training.data_parallel_size)
+    most = planned(POLICIES[-1])
+    needed = per_rank
+    if most.max_micro_batch_size < per_rank:  # no policy reaches it: fit at all
+        needed = min(per_rank, BATCHNORM_MIN) if _has_batchnorm(job) else 1
+    chosen = next(
+        (p for p in POLICIES if planned(p).max_micro_batch_size >= needed), POLICIES[-1]
+    )
+    checked = [
+        PolicyCheck(
+            policy=p.name,
+            feasible=results[p].feasible,
+            max_micro_batch_size=results[p].max_micro_batch_size,
+        )
+        for p in POLICIES
+        if p in results
+    ]
+    choice = CheckpointingChoice(
+        policy=chosen.name,
+        gradient_checkpointing=chosen.checkpointing,
+        every=chosen.every,
+        offload=chosen.offload,
+        needed=needed,
+        checked=checked,
+    )
+    return chosen, results[chosen], choice
+
+
+def _has_batchnorm(job: CompiledJob) -> bool:
+    module = build_model(job.model, job.data, job.peft).module
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

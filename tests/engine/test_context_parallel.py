@@ -153,3 +153,13 @@ def test_a_sharded_optimizer_step_costs_this_rank_s_shard() -> None:
     sharded = engine.plan(spec(1, world=4))
     ratio = alone.throughput.split.optimizer_s / sharded.throughput.split.optimizer_s
     assert ratio > 3  # 5.1 here (FSDP's own padding and casts aside); 1.4 when it costed all
+
+
+def test_the_roofline_costs_what_the_rank_runs_not_dtensor_s_propagation() -> None:
+    """DTensor learns an op's output metadata by running it at full shapes (the tracker is
+    paused there); the roofline skips it too. At the same tokens per rank, the ring's
+    chunked attention costs no more FLOPs than one rank's whole-sequence attention (it
+    costed a full-sequence call per attention on top before)."""
+    _, whole = step(1, batch=4)  # 4 x 256 tokens on each rank
+    _, split = step(2, batch=8)  # 8 x 128 tokens on each rank
+    assert split.flops <= whole.flops

@@ -227,10 +227,14 @@ class StepCostMode(TorchDispatchMode):
         offload: OffloadLedger | None = None,
         distributed: bool = False,
         ring: tuple[str, int, float] | None = None,
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
         super().__init__()
         self.roofline = roofline
         self.phase = phase
+        # DTensor's sharding propagation runs ops at full shapes to learn their outputs'
+        # metadata (the tracker is paused there): no GPU runs them
+        self.paused = paused
         self.distributed = distributed  # one rank of a multi-GPU job: DTensors about
         self.offload = offload  # the job's activation offload, read when the step is done
         # context parallelism: (its group's name, its ranks, their link's bytes/s)
@@ -253,6 +257,8 @@ class StepCostMode(TorchDispatchMode):
         super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.paused():
+            return func(*args, **(kwargs or {}))
         if self.distributed and any(issubclass(t, dtensor_type()) for t in types):
             # DTensor runs first and comes back with the ops on this rank's local tensors
             # (a sharded optimizer's step, context parallelism's ring): what the rank computes

@@ -124,6 +124,11 @@ class MemoryTracker(TorchDispatchMode):
         finally:
             self._paused = previous
 
+    @property
+    def is_paused(self) -> bool:
+        """Inside `paused()`: what runs now is not the step's (the roofline skips it too)."""
+        return self._paused
+
     def resized(self, storage: Any, nbytes: int, category: str | None = None) -> None:
         """`UntypedStorage.resize_`: FSDP frees a gathered parameter with `resize_(0)` and gathers
         it again into the same storage, which no op's output reveals."""

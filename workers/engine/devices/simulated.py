@@ -354,6 +354,7 @@ class _SimulatedSession(ProbeSession):
             job.activation_offload,
             tracker.distributed,
             _ring(job, device.gpu),
+            lambda: tracker.is_paused,
         )
 
 

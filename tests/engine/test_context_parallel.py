@@ -155,11 +155,22 @@ def test_a_sharded_optimizer_step_costs_this_rank_s_shard() -> None:
     assert ratio > 3  # 5.1 here (FSDP's own padding and casts aside); 1.4 when it costed all
 
 
-def test_the_roofline_costs_what_the_rank_runs_not_dtensor_s_propagation() -> None:
-    """DTensor learns an op's output metadata by running it at full shapes (the tracker is
-    paused there); the roofline skips it too. At the same tokens per rank, the ring's
-    chunked attention costs no more FLOPs than one rank's whole-sequence attention (it
-    costed a full-sequence call per attention on top before)."""
+def test_the_ring_computes_what_one_rank_computes_at_the_same_tokens() -> None:
+    """At the same tokens per rank, the load-balanced ring's chunks (some causal, some not)
+    add up to exactly the FLOPs of one rank's causal attention over whole sequences. Two
+    things make it so: the roofline skips DTensor's sharding propagation (it runs each op at
+    full shapes to learn its output's metadata; a whole-sequence attention per call was costed
+    on top before), and a causal kernel counts the share of the score matrix it computes
+    (PyTorch's flop counter counts all of it)."""
     _, whole = step(1, batch=4)  # 4 x 256 tokens on each rank
     _, split = step(2, batch=8)  # 8 x 128 tokens on each rank
-    assert split.flops <= whole.flops
+    assert split.flops == whole.flops
+
+
+def test_a_causal_kernel_counts_the_tiles_it_computes() -> None:
+    from workers.engine.roofline import causal_share
+
+    assert causal_share(4, 4) == 10 / 16  # query i sees keys 0..i
+    assert causal_share(2, 4) == 3 / 8  # fewer queries than keys: top-left aligned
+    assert causal_share(4, 2) == 7 / 8
+    assert causal_share(4096, 4096) == pytest.approx(0.5, abs=1e-3)

@@ -53,7 +53,9 @@ __all__ = [
 # 19: training.loss_kernel (Liger's loss head), sequence-length search, fits_with, and no
 # causal mask in a transformers trace that a GPU would not build
 # 20: MoE models (result.moe), depth folding, the reserve search's width (1/1024 of its
-# bound), activation offload (training.checkpointing.offload, the split's offload_s)
+# bound), activation offload (training.checkpointing.offload, the split's offload_s),
+# context parallelism, checkpointing auto, causal attention FLOPs at the share computed, and
+# sharded optimizer steps costed on the local shards
 ENGINE_REVISION = 20
 
 

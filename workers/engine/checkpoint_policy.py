@@ -66,9 +66,7 @@ def choose(job: CompiledJob, plan: PlanFn) -> tuple[Policy, PlanResult, Checkpoi
     needed = per_rank
     if most.max_micro_batch_size < per_rank:  # no policy reaches it: fit at all
         needed = min(per_rank, BATCHNORM_MIN) if _has_batchnorm(job) else 1
-    chosen = next(
-        (p for p in POLICIES if planned(p).max_micro_batch_size >= needed), POLICIES[-1]
-    )
+    chosen = next((p for p in POLICIES if planned(p).max_micro_batch_size >= needed), POLICIES[-1])
     checked = [
         PolicyCheck(
             policy=p.name,

@@ -40,6 +40,14 @@ CONV = {_ATEN.convolution, _ATEN._convolution, _ATEN.cudnn_convolution, _ATEN.co
 GROUPED_MM = _ATEN._grouped_mm  # MoE experts: not in torch 2.14's flop_registry
 CPU_FLASH = _ATEN._scaled_dot_product_flash_attention_for_cpu
 CPU_FLASH_BACKWARD = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward
+# flash kernels -> (where is_causal sits in their arguments, backward?): the CPU kernel is the
+# trace's stand-in for CUDA's; CUDA's runs under context parallelism's ring
+FLASH = {
+    CPU_FLASH: (4, False),
+    CPU_FLASH_BACKWARD: (7, True),
+    _ATEN._scaled_dot_product_flash_attention: (4, False),
+    _ATEN._scaled_dot_product_flash_attention_backward: (11, True),
+}
 LOW = (torch.float16, torch.bfloat16)
 # Ops that move no data: allocation, metadata, host reads.
 NO_TRAFFIC = {
@@ -160,12 +168,8 @@ def op_flops(func: Any, args: Any, kwargs: Any, out: Any) -> int:
         return conv_flops(x.shape, w.shape, out.shape, bool(transposed))
     if packet is GROUPED_MM:
         return grouped_mm_flops(args[0].shape, args[1].shape, out.shape)
-    if packet is CPU_FLASH:
-        q, k, v = args[:3]
-        return int(sdpa_flop_count(q.shape, k.shape, v.shape))
-    if packet is CPU_FLASH_BACKWARD:
-        grad_out, q, k, v = args[:4]
-        return int(sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape))
+    if packet in FLASH:
+        return attention_flops(packet, args, kwargs or {})
     counter = flop_registry.get(packet)
     if counter is None:
         return 0
@@ -173,11 +177,36 @@ def op_flops(func: Any, args: Any, kwargs: Any, out: Any) -> int:
     return int(counter(*shapes, **(kwargs or {}), out_val=out))
 
 
+def attention_flops(packet: Any, args: Any, kwargs: dict[str, Any]) -> int:
+    """A flash-attention kernel's FLOPs: PyTorch's count for the whole score matrix, times
+    the share a causal kernel computes. FlashAttention skips the tiles above the diagonal (its
+    causal speed-up, FlashAttention-2 section 3.1); PyTorch's flop counter does not, which
+    made a causal LM's attention twice its cost (and a context-parallel ring's chunks, some
+    not causal, look cheaper than one call over the sequence)."""
+    causal_at, backward = FLASH[packet]
+    if backward:
+        grad_out, q, k, v = args[:4]
+        flops = sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)
+    else:
+        q, k, v = args[:3]
+        flops = sdpa_flop_count(q.shape, k.shape, v.shape)
+    causal = args[causal_at] if len(args) > causal_at else kwargs.get("is_causal", False)
+    return int(flops * causal_share(q.shape[-2], k.shape[-2])) if causal else int(flops)
+
+
+def causal_share(s_q: int, s_k: int) -> float:
+    """The share of a (s_q, s_k) score matrix under PyTorch's causal mask (top-left aligned:
+    query i sees keys 0..i)."""
+    diagonal = min(s_q, s_k)
+    seen = diagonal * (diagonal + 1) // 2 + (s_q - diagonal) * s_k  # rows past it see all
+    return seen / (s_q * s_k)
+
+
 def op_class(func: Any) -> str:
     packet = func._overloadpacket
     if packet in CONV:
         return "conv"
-    if packet in flop_registry or packet in (GROUPED_MM, CPU_FLASH, CPU_FLASH_BACKWARD):
+    if packet in flop_registry or packet is GROUPED_MM or packet in FLASH:
         return "matmul"
     return "memory"
 

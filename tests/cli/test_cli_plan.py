@@ -67,61 +67,35 @@ def test_the_table_says_how_the_stack_was_traced(tmp_path: Path) -> None:
     assert "8 blocks from traces of 2-5 blocks" in row
 
 
-def test_the_table_shows_activation_offload(tmp_path: Path) -> None:
+def llama_row(tmp_path: Path, label: str, seq_len: int, **training: Any) -> str:
+    """The table row `label` of a tiny Llama's plan with `training`."""
     spec = {
         "model": {
             "source": "transformers",
             "architecture": "LlamaForCausalLM",
             "config": TINY_LLAMA,
         },
-        "data": {"kind": "tokens", "seq_len": 64, "vocab_size": 1000, "num_samples": 1000},
-        "training": {
-            "global_batch_size": 64,
-            "gradient_checkpointing": True,
-            "checkpointing": {"offload": True},
-        },
+        "data": {"kind": "tokens", "seq_len": seq_len, "vocab_size": 1000, "num_samples": 1000},
+        "training": {"global_batch_size": 64} | training,
         "device": {"kind": "simulated", "memory_gib": 1},
         "search": {"what_if": False},
     }
-    row = next(
-        line for line in plan_table(tmp_path, spec).splitlines() if "activation offload" in line
-    )
+    return next(line for line in plan_table(tmp_path, spec).splitlines() if label in line)
+
+
+def test_the_table_shows_activation_offload(tmp_path: Path) -> None:
+    offload = {"gradient_checkpointing": True, "checkpointing": {"offload": True}}
+    row = llama_row(tmp_path, "activation offload", 64, **offload)
     assert "pinned on the host" in row and "over PCIe per step" in row
 
 
 def test_the_table_shows_the_context_parallel_ring(tmp_path: Path) -> None:
-    spec = {
-        "model": {
-            "source": "transformers",
-            "architecture": "LlamaForCausalLM",
-            "config": TINY_LLAMA,
-        },
-        "data": {"kind": "tokens", "seq_len": 256, "vocab_size": 1000, "num_samples": 1000},
-        "training": {
-            "global_batch_size": 64,
-            "world_size": 2,
-            "parallelism": {"strategy": "fsdp", "context_parallel": 2},
-        },
-        "device": {"kind": "simulated", "memory_gib": 1},
-        "search": {"what_if": False},
-    }
-    row = next(
-        line for line in plan_table(tmp_path, spec).splitlines() if "context parallelism" in line
-    )
+    layout = {"world_size": 2, "parallelism": {"strategy": "fsdp", "context_parallel": 2}}
+    row = llama_row(tmp_path, "context parallelism", 256, **layout)
     assert "ring over" in row and "per step per rank" in row
 
 
 def test_the_table_shows_the_checkpointing_choice(tmp_path: Path) -> None:
-    spec = {
-        "model": {
-            "source": "transformers",
-            "architecture": "LlamaForCausalLM",
-            "config": TINY_LLAMA,
-        },
-        "data": {"kind": "tokens", "seq_len": 64, "vocab_size": 1000, "num_samples": 1000},
-        "training": {"global_batch_size": 8, "checkpointing": {"auto": True}},
-        "device": {"kind": "simulated", "memory_gib": 1},
-        "search": {"what_if": False},
-    }
-    row = next(line for line in plan_table(tmp_path, spec).splitlines() if "checkpointing" in line)
+    auto = {"global_batch_size": 8, "checkpointing": {"auto": True}}
+    row = llama_row(tmp_path, "checkpointing", 64, **auto)
     assert "least recompute reaching micro-batch 8" in row and "full+offload" in row

@@ -10,20 +10,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from service.schemas.examples import TINY_LLAMA
 from service.schemas.spec import PlanSpec
 from tests.helpers import configs_of, session_of
 from workers import engine
 from workers.engine.errors import SpecError
 
-CONFIG = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 512,
-    "max_position_embeddings": 4096,
-}
+CONFIG = TINY_LLAMA | {"vocab_size": 512, "max_position_embeddings": 4096}
 HEAD_DIM = CONFIG["hidden_size"] // CONFIG["num_attention_heads"]
 
 

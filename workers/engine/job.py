@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.schemas.spec import ImageData, TensorData, TokensData
 from workers.engine.autocast_policy import CudaAutocastPolicy, autocast_region
 from workers.engine.checkpointing import enable_checkpointing
 from workers.engine.context_parallel import ring_attention
@@ -268,11 +269,16 @@ class TrainingJob:
             return nullcontext()
         return ring_attention(self.world.cp_mesh)
 
-    def make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rank_data(self) -> ImageData | TokensData | TensorData:
+        """The data as this rank sees it: seq_len / N tokens of each sample under context
+        parallelism."""
         data = self.trace.data
-        if self.world is not None and self.world.context_parallel > 1:  # this rank's tokens
-            local = data.seq_len // self.world.context_parallel  # type: ignore[union-attr]
-            data = data.model_copy(update={"seq_len": local})
+        if self.world is None or self.world.context_parallel == 1 or data.kind != "tokens":
+            return data
+        return data.model_copy(update={"seq_len": data.seq_len // self.world.context_parallel})
+
+    def make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self._rank_data()
         with self.tracker.in_phase("input"):
             x = sample_input(
                 data,
@@ -306,23 +312,13 @@ class TrainingJob:
         self.activation_offload.new_step()
         x, y = self.make_batch(batch)
         with self.context():
-            with tracker.in_phase("forward"), self.autocast():
-                if self.forward_loss is not None:
-                    loss = self.forward_loss(self.model, x, y)
-                else:
-                    loss = compute_loss(self.model(x), y, self.family)
+            loss = self._loss(x, y)
             if self.world is not None and self.world.shards:
                 # Parameters still gathered after forward (all of them without resharding:
                 # zero2) are FSDP's unsharded copies, whatever op made their storage.
                 gathered = (p for p in self.model.parameters() if local(p) is p)
                 tracker.mark(gathered, "gathered_parameters")
-            with tracker.in_phase("backward"):
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                elif self.precision == "fp16-mixed":  # fake: the scaler's memory, no .item()
-                    (loss * 65536.0).backward()
-                else:
-                    loss.backward()
+            self._backward(loss)
         del loss, x, y
         tracker.mark(self.gradients(), "gradients")
         if self.offloaded:  # reduce-scattered, then copied to the host for the CPU step
@@ -343,14 +339,27 @@ class TrainingJob:
         x, y = self.make_batch(batch)
         self.model.eval()
         try:
-            with self.context(), torch.no_grad(), self.tracker.in_phase("forward"), self.autocast():
-                if self.forward_loss is not None:
-                    loss = self.forward_loss(self.model, x, y)
-                else:
-                    loss = compute_loss(self.model(x), y, self.family)
+            with self.context(), torch.no_grad():
+                loss = self._loss(x, y)
             del loss, x, y
         finally:
             self.model.train()
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The forward and the loss, under the precision's autocast."""
+        with self.tracker.in_phase("forward"), self.autocast():
+            if self.forward_loss is not None:
+                return self.forward_loss(self.model, x, y)
+            return compute_loss(self.model(x), y, self.family)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        with self.tracker.in_phase("backward"):
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            elif self.precision == "fp16-mixed":  # fake: the scaler's memory without its .item()
+                (loss * 65536.0).backward()
+            else:
+                loss.backward()
 
     def _fake_unscale(self) -> None:
         grads = [g for g in self.gradients() if g is not None]

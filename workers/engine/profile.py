@@ -137,7 +137,7 @@ def _run_plan(
             job = job.with_world(answer.strategy, answer.world_size)
     if job.training.checkpointing.auto:
         policy, result, choice = checkpoint_policy.choose(
-            job, lambda changed, label: _plan(changed, device, _Scenario(recorder, label))
+            job, lambda changed, label: _plan(changed, device, _Labelled(recorder, label, None))
         )
         job = policy.on(job)
         result.checkpointing = choice
@@ -246,28 +246,19 @@ def _longest_sequence(job: CompiledJob, device: ProbeDevice, recorder: _Recorder
 
 class _Labelled(_Recorder):
     """A sub-plan's recorder: its own trials, each reported to the caller's hooks as a probe
-    of the scenario `label`."""
+    of the scenario `label` (in `phase`; None: the trial's own, as for a checkpointing policy
+    tried, whose probes are the plan's search)."""
 
-    def __init__(self, parent: _Recorder, label: str) -> None:
+    def __init__(self, parent: _Recorder, label: str, phase: str | None = "what_if") -> None:
         super().__init__(ProfileHooks())
-        self.parent, self.label = parent, label
+        self.parent, self.label, self.phase = parent, label, phase
 
     def emit(self, trial: Trial) -> None:
         self.trials.append(trial)
-        self.parent.emit(trial.model_copy(update={"phase": "what_if", "scenario": self.label}))
-
-
-class _Scenario(_Recorder):
-    """A candidate plan's recorder (a checkpointing policy tried): its own trials, each
-    reported to the caller's hooks in its phase, named by `label`."""
-
-    def __init__(self, parent: _Recorder, label: str) -> None:
-        super().__init__(ProfileHooks())
-        self.parent, self.label = parent, label
-
-    def emit(self, trial: Trial) -> None:
-        self.trials.append(trial)
-        self.parent.emit(trial.model_copy(update={"scenario": self.label}))
+        update: dict[str, Any] = {"scenario": self.label}
+        if self.phase is not None:
+            update["phase"] = self.phase
+        self.parent.emit(trial.model_copy(update=update))
 
 
 def _first_fit(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> FitSuggestion | None:

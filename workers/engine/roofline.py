@@ -253,6 +253,7 @@ class StepCostMode(TorchDispatchMode):
         self,
         roofline: Roofline,
         phase: Callable[[], str],
+        *,
         offload: OffloadLedger | None = None,
         distributed: bool = False,
         ring: tuple[str, int, float] | None = None,

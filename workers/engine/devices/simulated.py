@@ -351,10 +351,10 @@ class _SimulatedSession(ProbeSession):
         return StepCostMode(
             roofline,
             lambda: tracker.phase,
-            job.activation_offload,
-            tracker.distributed,
-            _ring(job, device.gpu),
-            lambda: tracker.is_paused,
+            offload=job.activation_offload,
+            distributed=tracker.distributed,
+            ring=_ring(job, device.gpu),
+            paused=lambda: tracker.is_paused,
         )
 
 

@@ -5,6 +5,7 @@ FSDP over all ranks as torchtitan lays them out. Traced per rank like the other 
 from __future__ import annotations
 
 from collections import Counter
+from functools import cache
 from typing import Any
 
 import pytest
@@ -43,8 +44,10 @@ def spec(cp: int, world: int = 4, seq: int = 256, **changes: Any) -> PlanSpec:
     return PlanSpec.model_validate(raw)
 
 
+@cache
 def step(cp: int, batch: int = 8) -> tuple[Any, Any]:
-    """One probe's outcome and the step's roofline."""
+    """One probe's outcome and the step's roofline (traced once per module run: the tests
+    only read them)."""
     with session_of(spec(cp)) as session:
         session.want_cost(batch)
         outcome = session.probe(batch)

@@ -222,13 +222,15 @@ PINNED_COPY_EFFICIENCY = 0.8
 
 
 def host_link_bytes_s(gpu: GpuModel) -> float:
-    """Bytes/s one way between the card and pinned host memory; a capped or custom card uses
-    its base's link, else PCIe 4."""
-    base = gpu.name.split("@")[0]
-    return HOST_LINK_GBS.get(base, (PCIE4, ""))[0] * 1e9 * PINNED_COPY_EFFICIENCY
+    """Bytes/s one way between the card and pinned host memory."""
+    return _per_card(HOST_LINK_GBS, gpu) * 1e9 * PINNED_COPY_EFFICIENCY
 
 
 def intra_node_gbs(gpu: GpuModel) -> float:
-    """The card's link to its node peers; a capped or custom card uses its base's, else PCIe 4."""
-    base = gpu.name.split("@")[0]
-    return INTRA_NODE_GBS.get(base, (PCIE4, ""))[0]
+    """The card's link to its node peers."""
+    return _per_card(INTRA_NODE_GBS, gpu)
+
+
+def _per_card(table: dict[str, tuple[float, str]], gpu: GpuModel) -> float:
+    """A link rate of the card's table: a capped or custom card uses its base's, else PCIe 4."""
+    return table.get(gpu.name.split("@")[0], (PCIE4, ""))[0]

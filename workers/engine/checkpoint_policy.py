@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
-
 from service.schemas.result import CheckpointingChoice, PlanResult, PolicyCheck
 from service.schemas.spec import CheckpointingSpec
 from workers.engine.compiled import CompiledJob
+from workers.engine.job import has_batchnorm
 from workers.engine.models import build_model
 from workers.engine.plan_warnings import BATCHNORM_MIN
 from workers.engine.planner import per_rank_batch
@@ -65,7 +64,8 @@ def choose(job: CompiledJob, plan: PlanFn) -> tuple[Policy, PlanResult, Checkpoi
     most = planned(POLICIES[-1])
     needed = per_rank
     if most.max_micro_batch_size < per_rank:  # no policy reaches it: fit at all
-        needed = min(per_rank, BATCHNORM_MIN) if _has_batchnorm(job) else 1
+        built = build_model(job.model, job.data, job.peft).module
+        needed = min(per_rank, BATCHNORM_MIN) if has_batchnorm(built) else 1
     chosen = next((p for p in POLICIES if planned(p).max_micro_batch_size >= needed), POLICIES[-1])
     checked = [
         PolicyCheck(
@@ -85,8 +85,3 @@ def choose(job: CompiledJob, plan: PlanFn) -> tuple[Policy, PlanResult, Checkpoi
         checked=checked,
     )
     return chosen, results[chosen], choice
-
-
-def _has_batchnorm(job: CompiledJob) -> bool:
-    module = build_model(job.model, job.data, job.peft).module
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

@@ -95,7 +95,7 @@ def _try(
     if not changes:
         return None
     target = open_device(job) if "gpu" in changes else device
-    label = "fit:" + ",".join(f"{k}={_text(v)}" for k, v in changes.items())
+    label = "fit:" + changes_text(changes, ",")
     try:
         result = plan(job, target, label)
     except SpecError:  # a combination the engine refuses (say, a model peft cannot wrap)
@@ -114,8 +114,10 @@ def _try(
     )
 
 
-def _text(value: str | bool | int) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+def changes_text(changes: dict[str, str | bool | int], separator: str = ", ") -> str:
+    """`field=value` for each change, booleans as the spec writes them."""
+    text = (str(v).lower() if isinstance(v, bool) else str(v) for v in changes.values())
+    return separator.join(f"{k}={v}" for k, v in zip(changes, text, strict=True))
 
 
 def _training(field: Change, value: str | bool) -> Callable[[CompiledJob], CompiledJob]:
@@ -208,8 +210,6 @@ def _split_sequence(n: int) -> Callable[[CompiledJob], CompiledJob | None]:
 
     def apply(job: CompiledJob) -> CompiledJob | None:
         t = job.training
-        if t.peft is not None and t.peft.method == "qlora":  # not with a sharding strategy
-            return None
         world = t.world_size // t.parallelism.context_parallel * n
         parallelism = t.parallelism.model_dump() | {
             "strategy": "fsdp",
@@ -222,7 +222,7 @@ def _split_sequence(n: int) -> Callable[[CompiledJob], CompiledJob | None]:
             )
             changed = job.with_training(training)
             check_context_parallel(changed)
-        except (ValueError, SpecError):  # a layout the ring or the spec refuses
+        except (ValueError, SpecError):  # the spec refuses it (QLoRA is not sharded) or the ring
             return None
         return changed
 

@@ -48,6 +48,11 @@ def counting_steps() -> Iterator[list[int]]:
         _STEPS.reset(token)
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether the model normalises over the batch (it then needs a real batch of 16-32)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def compute_loss(out: Any, target: torch.Tensor, family: str) -> torch.Tensor:
     """The loss a user of this model family would train with; auxiliary heads add to it."""
     outputs = _tensors(out)
@@ -377,4 +382,4 @@ class TrainingJob:
         return total, sum(p.numel() for p in self.trainable)
 
     def has_batchnorm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        return has_batchnorm(self.model)

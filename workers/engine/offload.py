@@ -32,17 +32,11 @@ class OffloadLedger:
     """Bytes through the host link in one step, and the host memory they occupy."""
 
     on_host: int = 0  # pinned bytes held now
-    peak_on_host: int = 0
     to_host: int = 0  # copied device -> host this step
     to_device: int = 0  # copied host -> device this step
 
     def new_step(self) -> None:
         self.to_host = self.to_device = 0
-        self.peak_on_host = self.on_host
-
-    @property
-    def copied(self) -> int:
-        return self.to_host + self.to_device
 
 
 class _Packed:
@@ -59,7 +53,6 @@ class _Packed:
         self.ledger = ledger
         ledger.on_host += self.nbytes
         ledger.to_host += self.nbytes
-        ledger.peak_on_host = max(ledger.peak_on_host, ledger.on_host)
 
     def __del__(self) -> None:
         self.ledger.on_host -= self.nbytes

@@ -45,7 +45,7 @@ from workers.engine.devices.base import ProbeSession
 from workers.engine.devices.simulated import SimulatedDevice
 from workers.engine.errors import SpecError
 from workers.engine.evaluation import plan_evaluation
-from workers.engine.fit_search import first_fit
+from workers.engine.fit_search import changes_text, first_fit
 from workers.engine.job import counting_steps
 from workers.engine.models import build_model, moe
 from workers.engine.plan_warnings import Facts, plan_warnings
@@ -269,9 +269,7 @@ def _first_fit(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> Fi
 
 
 def _fit_text(fit: FitSuggestion) -> str:
-    changes = ", ".join(
-        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fit.changes.items()
-    )
+    changes = changes_text(fit.changes)
     gpus = f"{fit.world_size} x {fit.device.name}" if fit.world_size > 1 else fit.device.name
     return (
         f"fits with {changes}: max micro-batch {fit.max_micro_batch_size} on {gpus}"

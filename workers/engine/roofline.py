@@ -33,7 +33,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from workers.engine.catalogue import GPU_CATALOGUE, GpuModel, host_link_bytes_s
 from workers.engine.cuda_kernels import grouped_mm_flops
 from workers.engine.offload import OffloadLedger
-from workers.engine.tracker import dtensor_type
+from workers.engine.tracker import MemoryTracker
 
 _ATEN = torch.ops.aten
 CONV = {_ATEN.convolution, _ATEN._convolution, _ATEN.cudnn_convolution, _ATEN.convolution_backward}
@@ -255,17 +255,16 @@ class StepCostMode(TorchDispatchMode):
         phase: Callable[[], str],
         *,
         offload: OffloadLedger | None = None,
-        distributed: bool = False,
         ring: tuple[str, int, float] | None = None,
-        paused: Callable[[], bool] = lambda: False,
+        tracker: MemoryTracker | None = None,
     ) -> None:
         super().__init__()
         self.roofline = roofline
         self.phase = phase
-        # DTensor's sharding propagation runs ops at full shapes to learn their outputs'
-        # metadata (the tracker is paused there): no GPU runs them
-        self.paused = paused
-        self.distributed = distributed  # one rank of a multi-GPU job: DTensors about
+        # The step's tracker says what is not the step's work: DTensor's sharding propagation
+        # (ops at full shapes, to learn their outputs' metadata; the tracker is paused there)
+        # and ops on DTensors (DTensor runs them on this rank's local tensors)
+        self.tracker = tracker
         self.offload = offload  # the job's activation offload, read when the step is done
         # context parallelism: (its group's name, its ranks, their link's bytes/s)
         self.ring = ring
@@ -287,12 +286,11 @@ class StepCostMode(TorchDispatchMode):
         super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if self.paused():
+        tracker = self.tracker
+        if tracker is not None and tracker.is_paused:
             return func(*args, **(kwargs or {}))
-        if self.distributed and any(issubclass(t, dtensor_type()) for t in types):
-            # DTensor runs first and comes back with the ops on this rank's local tensors
-            # (a sharded optimizer's step, context parallelism's ring): what the rank computes
-            return NotImplemented
+        if tracker is not None and tracker.defers_to_dtensor(types):
+            return NotImplemented  # a sharded optimizer's step, context parallelism's ring
         out = func(*args, **(kwargs or {}))
         if func.is_view or func._overloadpacket in NO_TRAFFIC:
             return out

@@ -55,7 +55,7 @@ class MemoryBudgetExceeded(RuntimeError):
 
 
 @cache
-def dtensor_type() -> type:
+def _dtensor_type() -> type:
     from torch.distributed.tensor import DTensor  # 0.6 s to import: asked only once it matters
 
     return DTensor
@@ -129,6 +129,12 @@ class MemoryTracker(TorchDispatchMode):
         """Inside `paused()`: what runs now is not the step's (the roofline skips it too)."""
         return self._paused
 
+    def defers_to_dtensor(self, types: Any) -> bool:
+        """One rank of a sharded job lets DTensor run an op on DTensors first: it comes back
+        with the ops on the local shards, the bytes and the work a rank has (the roofline asks
+        the same)."""
+        return self.distributed and any(issubclass(t, _dtensor_type()) for t in types)
+
     def resized(self, storage: Any, nbytes: int, category: str | None = None) -> None:
         """`UntypedStorage.resize_`: FSDP frees a gathered parameter with `resize_(0)` and gathers
         it again into the same storage, which no op's output reveals."""
@@ -140,11 +146,9 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if self._paused:
             return func(*args, **(kwargs or {}))
+        if self.defers_to_dtensor(types):
+            return NotImplemented
         if self.distributed:
-            if any(issubclass(t, dtensor_type()) for t in types):
-                # Let DTensor run first and come back with the local shards' ops: those are
-                # the bytes a rank holds.
-                return NotImplemented
             if func is _WAIT_TENSOR and self.fake_scalars:
                 # A collective's result under a fake group is its input; fake `wait_tensor`
                 # would return a copy that a real wait never makes.

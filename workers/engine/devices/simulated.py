@@ -352,9 +352,8 @@ class _SimulatedSession(ProbeSession):
             roofline,
             lambda: tracker.phase,
             offload=job.activation_offload,
-            distributed=tracker.distributed,
             ring=_ring(job, device.gpu),
-            paused=lambda: tracker.is_paused,
+            tracker=tracker,
         )
 
 

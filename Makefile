@@ -48,8 +48,11 @@ lint: install
 typecheck: install
 	$(BIN)/mypy service workers
 
+# Both cores by default: one test file per worker process (pytest-xdist's loadfile), so the
+# traces a file shares between its tests stay shared. PYTEST_WORKERS=0 runs in this process.
+PYTEST_WORKERS ?= 2
 unit: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint typecheck unit
 

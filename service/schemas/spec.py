@@ -135,14 +135,21 @@ class TransformersModel(StrictModel):
     preset: str | None = Field(default=None, pattern=NAME_PATTERN, examples=["llama-3-8b"])
     architecture: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{1,64}$")
     config: dict[str, KwargValue] = Field(default_factory=dict)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
-        default=None,
-        description="The attention kernel, as transformers names it (from_pretrained's "
-        "attn_implementation); null: config.attn_implementation if given, else transformers' "
-        "default (sdpa where the architecture has it, else eager). eager "
-        "materialises the scores (batch x heads x T x T) and keeps their softmax for backward; "
-        "sdpa and flash_attention_2 keep O(T) statistics (the trace runs SDPA's flash kernel "
-        "for both).",
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = (
+        Field(
+            default=None,
+            description="The attention kernel, as transformers names it (from_pretrained's "
+            "attn_implementation); null: config.attn_implementation if given, else transformers' "
+            "default (sdpa where the architecture has it, else eager). eager "
+            "materialises the scores (batch x heads x T x T) and keeps their softmax for backward; "
+            "sdpa and flash_attention_2 keep O(T) statistics (the trace runs SDPA's flash kernel "
+            "for both), except that padded or packed rows (data.lengths shorter than the row) give "
+            "sdpa a (batch, 1, T, T) mask from transformers, which SDPA's memory-efficient kernel "
+            "keeps per layer in the query's dtype; flash_attention_2 runs such rows as varlen "
+            "sequences without one. flex_attention (PyTorch's compiled FlexAttention, as "
+            "transformers runs it) keeps the same O(T) output and logsumexp and takes padding and "
+            "packed documents as a block mask of (T/128)^2 entries, not a square one.",
+        )
     )
 
     @property
@@ -261,6 +268,20 @@ class TokenLengths(StrictModel):
             return self.percentiles["100"]
         assert self.histogram is not None
         return max(b.up_to for b in self.histogram if b.count > 0)
+
+    @property
+    def shortest(self) -> int:
+        """The shortest sample's length (a histogram's first filled bin starts where the bin
+        before it ends)."""
+        if self.percentiles is not None:
+            return min(self.percentiles.values())
+        assert self.histogram is not None
+        lower = 1
+        for b in self.histogram:
+            if b.count > 0:
+                return lower
+            lower = b.up_to
+        return lower
 
 
 class TokensData(_DataBase):
@@ -603,7 +624,7 @@ def _auto_world_size(data: dict[str, Any]) -> dict[str, Any]:
     return {**rest, "parallelism": {**parallelism, "world_size": "auto"}}
 
 
-LossKernel = Literal["standard", "liger"]
+LossKernel = Literal["standard", "liger", "cut_cross_entropy"]
 
 
 class TrainingSpec(StrictModel):
@@ -629,7 +650,10 @@ class TrainingSpec(StrictModel):
         "(the logits of every token in the autocast dtype, upcast to fp32 for the loss, and "
         "their gradient). liger: Liger-Kernel's fused linear cross-entropy (the HF Trainer's "
         "use_liger_kernel, loss head only): logits in chunks of about tokens x hidden elements, "
-        "gradients made in forward. Only for transformers *ForCausalLM models.",
+        "gradients made in forward. cut_cross_entropy: Apple's Cut Cross-Entropy (impl cce, "
+        "Axolotl's CutCrossEntropyPlugin): no logits in memory at all, a log-sum-exp per token "
+        "kept, the logits recomputed tile by tile in backward; its backward takes bf16/fp16 "
+        "weights only, so it needs precision bf16. Only for transformers *ForCausalLM models.",
     )
     global_batch_size: int = Field(
         default=256,
@@ -712,6 +736,18 @@ class TrainingSpec(StrictModel):
             raise ValueError(
                 "offload holds the checkpointed blocks' saved inputs on the host: it needs "
                 "gradient_checkpointing true"
+            )
+        return value
+
+    @field_validator("loss_kernel")
+    @classmethod
+    def _cce_in_bf16(cls, value: str, info: ValidationInfo) -> Any:
+        precision = info.data.get("precision")
+        if value == "cut_cross_entropy" and precision is not None and precision != "bf16":
+            raise ValueError(
+                "Cut Cross-Entropy's backward takes bf16 or fp16 hidden states and head weights "
+                f"only (cce_backward_kernel asserts it); precision {precision!r} keeps the head "
+                "in fp32: use precision 'bf16'"
             )
         return value
 

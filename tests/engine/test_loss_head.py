@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from service.schemas.spec import PlanSpec
 from tests.helpers import TINY_LLAMA, configs_of, model_of, session_of
 from workers import engine
+from workers.engine.cut_cross_entropy import CutCrossEntropy
 from workers.engine.loss_head import (
     IGNORE_INDEX,
     LIGER_LOSS_ONLY,
@@ -19,6 +20,7 @@ from workers.engine.loss_head import (
     chunk_size,
     install,
 )
+from workers.engine.roofline import op_flops
 
 VOCAB = 4000
 
@@ -150,3 +152,86 @@ def test_evaluation_makes_the_logits_the_fused_training_step_does_not() -> None:
     assert result.configs["hf_trainer"]["per_device_eval_batch_size"] == (
         result.evaluation.micro_batch_size
     )
+
+
+# -- Cut Cross-Entropy -------------------------------------------------------------------------
+
+
+def test_cut_cross_entropy_values_and_gradients_equal_cross_entropy() -> None:
+    """On real CPU tensors the stand-in's ops compute the kernel's values (bf16, as it needs)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16).bfloat16().requires_grad_()
+    weight = torch.randn(100, 16).bfloat16().requires_grad_()
+    target = torch.randint(0, 100, (37,))
+    target[::5] = IGNORE_INDEX
+    counted = int((target != IGNORE_INDEX).sum())
+    loss = CutCrossEntropy.apply(hidden, weight, target, counted)
+    (loss * 3).backward()
+    reference_in = (
+        hidden.detach().float().requires_grad_(),
+        weight.detach().float().requires_grad_(),
+    )
+    reference = F.cross_entropy(
+        reference_in[0] @ reference_in[1].t(), target, ignore_index=IGNORE_INDEX
+    )
+    (reference * 3).backward()
+    assert torch.allclose(loss.detach(), reference.detach(), rtol=1e-5)
+    assert torch.allclose(hidden.grad.float(), reference_in[0].grad, atol=2e-3, rtol=2e-2)
+    assert torch.allclose(weight.grad.float(), reference_in[1].grad, atol=2e-3, rtol=2e-2)
+
+
+def test_cut_cross_entropy_refuses_fp32_weights_as_the_kernel_does() -> None:
+    hidden = torch.randn(4, 8, requires_grad=True)
+    loss = CutCrossEntropy.apply(hidden, torch.randn(10, 8), torch.randint(0, 10, (4,)), 4)
+    with pytest.raises(AssertionError, match="bf16 or fp16"):
+        loss.backward()
+    with pytest.raises(ValueError, match="precision 'bf16'"):
+        lm_spec("cut_cross_entropy")  # bf16-mixed keeps fp32 master weights
+
+
+def test_cut_cross_entropy_keeps_less_than_liger_and_counts_its_flops() -> None:
+    """No logits at all, not even a chunk of them (Liger's chunks hold about tokens x hidden
+    elements); both end with the same two gradients, so neither peak is above Liger's."""
+    batch = 8
+    peaks, temporaries = {}, {}
+    for kernel in ("standard", "liger", "cut_cross_entropy"):
+        with session_of(lm_spec(kernel, precision="bf16")) as s:
+            outcome = s.probe(batch)
+        peaks[kernel], temporaries[kernel] = outcome.peak_bytes, outcome.breakdown["temporary"]
+    assert peaks["cut_cross_entropy"] <= peaks["liger"] < peaks["standard"]
+    assert temporaries["cut_cross_entropy"] <= temporaries["liger"]
+    tokens, vocab, width = batch * 127, VOCAB, TINY_LLAMA["hidden_size"]
+    rows = torch.empty(tokens, dtype=torch.int64)
+    e, c = torch.empty(batch * 128, width), torch.empty(vocab, width)
+    forward = op_flops(torch.ops.trainplan.cce_lse_forward.default, (e, c, rows, rows), {}, None)
+    assert forward == 2 * tokens * vocab * width
+    backward = op_flops(
+        torch.ops.trainplan.cce_backward.default, (e, e, c, rows, rows, rows, e, None), {}, None
+    )
+    assert backward == 2 * forward  # the logits again, and the hidden states' gradient only
+
+
+def test_cut_cross_entropy_causal_lm_loss_equals_transformers() -> None:
+    spec = lm_spec("cut_cross_entropy", precision="bf16")
+    built = model_of(spec)
+    module = built.module.to_empty(device="cpu").bfloat16()
+    torch.manual_seed(0)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randint(0, VOCAB, (3, 17))
+    standard = module(input_ids=x, labels=x).loss
+    install("cut_cross_entropy", built)
+    fused = module(input_ids=x, labels=x).loss
+    assert torch.allclose(fused.float(), standard.float(), rtol=1e-2)
+    fused.backward()
+    assert module.lm_head.weight.grad is not None
+
+
+def test_configs_apply_cut_cross_entropy() -> None:
+    configs = configs_of(lm_spec("cut_cross_entropy", precision="bf16"))
+    assert configs["cut_cross_entropy"]["cce_patch"] == {"impl": "cce", "reduction": "mean"}
+    assert "model = cce_patch(model, **{'impl': 'cce', 'reduction': 'mean'})" in configs["pytorch"]
+    compile(configs["pytorch"], "train.py", "exec")
+    axolotl = configs["axolotl"]
+    assert axolotl["cut_cross_entropy"] is True
+    assert axolotl["plugins"] == ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from service.schemas.examples import TINY_LLAMA
 from service.schemas.spec import PlanSpec, TokenLengths
+from tests.helpers import session_of
 from workers import engine
 from workers.engine.token_batching import distribution
 
@@ -157,3 +158,68 @@ def test_tokens_need_token_data(small_spec: dict[str, Any]) -> None:
     with pytest.raises(engine.SpecError) as caught:
         engine.check(PlanSpec.model_validate(raw))
     assert caught.value.loc == ("training", "batch_unit")
+
+
+# -- what the rows tell the attention (models.hf.row_layout) ---------------------------------
+SHORTER = {"percentiles": {"50": 200, "100": 1024}}
+
+
+def _activations(batching: str, lengths: dict[str, Any] | None, attention: str) -> int:
+    """Activation bytes of one traced step: 2 rows of 1024 tokens on a card they fit on."""
+    raw = token_spec(batching, lengths, seq_len=1024).model_dump(mode="json")
+    raw["model"]["attn_implementation"] = attention
+    raw["device"]["memory_gib"] = 64
+    with session_of(PlanSpec.model_validate(raw)) as session:
+        return session.probe(2).breakdown["activations"]
+
+
+@pytest.mark.parametrize("batching", ["pad_to_max", "packed"])
+def test_sdpa_keeps_a_square_mask_per_layer_for_padded_or_packed_rows(batching: str) -> None:
+    """transformers hands SDPA a (rows, 1, T, T) mask for padded rows and for packed positions;
+    SDPA converts it to the query's dtype per layer and keeps it for backward. flash_attention_2
+    runs the same rows as varlen sequences: no mask."""
+    sdpa = _activations(batching, SHORTER, "sdpa")
+    flash = _activations(batching, SHORTER, "flash_attention_2")
+    layers, rows, t = TINY_LLAMA["num_hidden_layers"], 2, 1024
+    per_layer = rows * t * t * 2  # bf16, the autocast dtype of the query
+    assert layers * per_layer <= sdpa - flash <= layers * per_layer + rows * t * t
+
+
+def test_whole_rows_give_sdpa_no_mask() -> None:
+    """Samples as long as the row (or no lengths): no padding, nothing packed, no mask."""
+    flash = _activations("pad_to_max", None, "flash_attention_2")
+    assert _activations("pad_to_max", None, "sdpa") == flash
+    full = {"percentiles": {"0": 1024, "100": 1024}}
+    assert _activations("pad_to_max", full, "sdpa") == flash
+
+
+def test_packed_sdpa_warns_and_refuses_the_ring() -> None:
+    raw = token_spec("packed", SHORTER, seq_len=1024).model_dump(mode="json")
+    planned = engine.plan(PlanSpec.model_validate(raw))
+    warning = next(w for w in planned.warnings if w.code == "sdpa_square_mask")
+    assert f"({planned.micro_batch_size}, 1, 1024, 1024)" in warning.message
+    raw["training"] |= {"parallelism": {"strategy": "fsdp", "world_size": 2, "context_parallel": 2}}
+    with pytest.raises(engine.SpecError) as caught:
+        engine.check(PlanSpec.model_validate(raw))
+    assert caught.value.loc == ("training", "parallelism", "context_parallel")
+    raw["model"]["attn_implementation"] = "flash_attention_2"
+    engine.check(PlanSpec.model_validate(raw))  # varlen rows go round the ring
+
+
+def test_flex_attention_takes_packed_rows_without_a_square_mask() -> None:
+    """FlexAttention keeps flash's O(T) statistics and takes the documents as a block mask."""
+    flash = _activations("packed", SHORTER, "flash_attention_2")
+    assert _activations("packed", SHORTER, "flex_attention") == flash
+
+
+def test_an_attention_the_architecture_lacks_is_refused_at_its_field() -> None:
+    raw = token_spec("pad_to_max", None, seq_len=128).model_dump(mode="json")
+    raw["model"] = {
+        "source": "transformers",
+        "preset": "gpt2",
+        "attn_implementation": "flex_attention",
+    }
+    with pytest.raises(engine.SpecError) as caught:
+        engine.check(PlanSpec.model_validate(raw))
+    assert caught.value.loc == ("model", "attn_implementation")
+    assert "GPT2LMHeadModel" in str(caught.value)

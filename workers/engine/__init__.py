@@ -56,7 +56,9 @@ __all__ = [
 # bound), activation offload (training.checkpointing.offload, the split's offload_s),
 # context parallelism, checkpointing auto, causal attention FLOPs at the share computed, and
 # sharded optimizer steps costed on the local shards
-ENGINE_REVISION = 20
+# 21: padded or packed rows give sdpa and eager transformers' square mask (sdpa_square_mask),
+# flex_attention, loss_kernel cut_cross_entropy, the trl_sft and axolotl renderings
+ENGINE_REVISION = 21
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from service.schemas.spec import (
     TrainingSpec,
 )
 from workers.engine.configs.job import LaunchJob, launch_job
+from workers.engine.models.hf import attention_of, row_layout
 from workers.engine.optimizers import OptimizerChoice, choose
 from workers.engine.trace import TraceJob
 
@@ -79,6 +80,12 @@ def compile_job(spec: PlanSpec) -> CompiledJob:
     return _compile(spec.model, spec.data, spec.training, spec.device, spec.search)
 
 
+def _rows(model: ModelSpec, data: DataSpec) -> str:
+    if model.source != "transformers":
+        return "whole"
+    return row_layout(attention_of(model), data)
+
+
 def _compile(
     model: ModelSpec,
     data: DataSpec,
@@ -93,6 +100,8 @@ def _compile(
         device=device,
         search=search,
         optimizer=choose(training),
-        trace=TraceJob(training=training, data=data, headroom=search.headroom),
+        trace=TraceJob(
+            training=training, data=data, headroom=search.headroom, rows=_rows(model, data)
+        ),
         launch=launch_job(model, data, training),
     )

@@ -63,6 +63,13 @@ def check(job: CompiledJob) -> None:
             f"ring attention runs SDPA's kernels; attn_implementation {attention!r} is not one "
             "(use sdpa or flash_attention_2)",
         )
+    if job.trace.rows != "whole":
+        raise SpecError(
+            FIELD,
+            f"ring attention runs causal attention without a mask, and {data.batching} rows "
+            "with sdpa give transformers one (padding or packed positions): use "
+            "attn_implementation flash_attention_2",
+        )
 
 
 def scaled_dot_product_attention(

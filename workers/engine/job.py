@@ -24,6 +24,7 @@ from workers.engine.data import sample_input, sample_target
 from workers.engine.distributed import World, local, replicate, shard
 from workers.engine.loss_head import install as install_loss_head
 from workers.engine.models import BuiltModel
+from workers.engine.models.hf import row_inputs
 from workers.engine.offload import OffloadLedger, offload_hooks
 from workers.engine.optimizers import choose, make_optimizer, paged_states
 from workers.engine.peft import adapter_parameters
@@ -354,8 +355,15 @@ class TrainingJob:
         """The forward and the loss, under the precision's autocast."""
         with self.tracker.in_phase("forward"), self.autocast():
             if self.forward_loss is not None:
-                return self.forward_loss(self.model, x, y)
+                return self.forward_loss(self.model, x, y, **self._row_inputs(x))
             return compute_loss(self.model(x), y, self.family)
+
+    def _row_inputs(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The collator's padding mask or packed positions, part of the batch (`row_inputs`)."""
+        if self.trace.rows == "whole":
+            return {}
+        with self.tracker.in_phase("input"):
+            return row_inputs(self.trace.rows, tokens)  # type: ignore[arg-type]
 
     def _backward(self, loss: torch.Tensor) -> None:
         with self.tracker.in_phase("backward"):

@@ -26,6 +26,8 @@ the same class runs on real devices; there its time is PyTorch's chunked matmuls
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from types import MethodType
 from typing import Any
 
@@ -33,10 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.engine.cut_cross_entropy import CutCrossEntropy
 from workers.engine.errors import SpecError
 from workers.engine.models.built import BuiltModel
 
 IGNORE_INDEX = -100  # transformers' and Liger's label for "no loss here"
+# Cut Cross-Entropy as the plan models it: `cut_cross_entropy.transformers.cce_patch(model,
+# **CCE_PATCH)`, its defaults (the fused loss in training and evaluation, filter_eps "auto").
+CCE_PATCH = {"impl": "cce", "reduction": "mean"}
 # Liger's kernels as the plan modelled them: the fused linear cross-entropy only (its RoPE, RMSNorm
 # and SwiGLU kernels, on by default, change the activations too and are left off). The keys are
 # the keyword arguments of liger_kernel's `apply_liger_kernel_to_<model>`.
@@ -152,26 +158,42 @@ def _accumulate_weight_grad(
     grad_weight += torch.mm(grad_logits.t(), rows).float()
 
 
-def liger_forward(self: Any, input_ids: torch.Tensor, labels: torch.Tensor, **_: Any) -> Any:
-    """Liger's `lce_forward` for a causal LM in training: the decoder's last hidden states and
-    the head's weight go to the fused kernel and no logits are made (`LigerForCausalLMLoss`:
-    labels padded with -100 and shifted by one, hidden states flattened with a view). Installed
-    as the model's `forward`, so wrappers (peft, FSDP's hooks) run around it as around the
-    library's patch."""
-    if not self.training:  # lce_forward fuses only in training; evaluation makes the logits
-        return type(self).forward(self, input_ids=input_ids, labels=labels)
-    hidden = self.base_model(input_ids=input_ids).last_hidden_state
+def fused_forward(
+    self: Any,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kernel: str,
+    **rows: torch.Tensor,
+) -> Any:
+    """A causal LM's forward with its head fused into the loss, as Liger's `lce_forward` and Cut
+    Cross-Entropy's `cce_forward` patch it: the decoder's last hidden states and the head's
+    weight go to the kernel and no logits are made (labels padded with -100 and shifted by one,
+    hidden states flattened with a view). Installed as the model's `forward`, so wrappers
+    (peft, FSDP's hooks) run around it as around the libraries' patches. Liger fuses only in
+    training (evaluation makes the logits); CCE in both (`train_only` off by default). `rows`:
+    the collator's padding mask or packed positions, passed on."""
+    if not self.training and kernel == "liger":
+        return type(self).forward(self, input_ids=input_ids, labels=labels, **rows)
+    hidden = self.base_model(input_ids=input_ids, **rows).last_hidden_state
     head = self.get_output_embeddings()
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()
     batch, seq = labels.shape
     width = hidden.shape[-1]
-    loss = LigerLinearCrossEntropy.apply(
+    loss = FUSED[kernel](
         hidden.view(-1, width), head.weight, shifted.view(-1), batch * max(seq - 1, 1)
     )
-    # a ModelOutput (a dict), as the library returns: DDP finds the loss in it to hook its sync
+    # a ModelOutput (a dict), as the libraries return: DDP finds the loss in it to hook its sync
     from transformers.modeling_outputs import CausalLMOutputWithPast  # the optional `nlp` extra
 
     return CausalLMOutputWithPast(loss=loss)
+
+
+# loss_kernel -> its autograd function (hidden, weight, targets, counted targets) -> mean loss
+FUSED: dict[str, Callable[..., torch.Tensor]] = {
+    "liger": LigerLinearCrossEntropy.apply,
+    "cut_cross_entropy": CutCrossEntropy.apply,
+}
 
 
 def _unwrap(model: nn.Module) -> Any:
@@ -199,4 +221,4 @@ def install(kernel: str, built: BuiltModel) -> None:
             "is not a transformers *ForCausalLM",
         )
     base = _unwrap(built.module)
-    base.forward = MethodType(liger_forward, base)
+    base.forward = MethodType(partial(fused_forward, kernel=kernel), base)

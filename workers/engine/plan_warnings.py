@@ -217,6 +217,28 @@ def sde_rule_out_of_range(facts: Facts) -> PlanWarning | None:
     )
 
 
+def sdpa_square_mask(facts: Facts) -> PlanWarning | None:
+    """Padded or packed rows with SDPA: the square mask the trace made (`models.hf.row_layout`)."""
+    job = facts.job
+    attention = job.launch.attn_implementation
+    if job.trace.rows == "whole" or attention != "sdpa" or job.data.kind != "tokens":
+        return None
+    micro, length = facts.batches.micro_batch_size, job.data.seq_len
+    width = 4 if job.training.precision in ("fp32", "tf32") else 2
+    per_layer = micro * length * length * width
+    return PlanWarning(
+        code="sdpa_square_mask",
+        message=(
+            f"{job.data.batching} rows with attn_implementation sdpa: transformers builds a "
+            f"({micro}, 1, {length}, {length}) attention mask ({job.trace.rows} rows), so SDPA "
+            f"runs its memory-efficient kernel with the mask in the query's dtype, a copy per "
+            f"layer ({per_layer / 2**20:.0f} MiB each, kept for backward unless the layer is "
+            f"checkpointed; this plan counts them). flash_attention_2 runs the rows as varlen "
+            f"sequences with no mask: more micro-batch for the same memory."
+        ),
+    )
+
+
 RULES: tuple[Rule, ...] = (
     batchnorm_small_micro_batch,
     global_batch_adjusted,
@@ -230,6 +252,7 @@ RULES: tuple[Rule, ...] = (
     paged_optimizer_state,
     framework_fallback,
     sde_rule_out_of_range,
+    sdpa_square_mask,
 )
 
 

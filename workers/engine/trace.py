@@ -15,3 +15,5 @@ class TraceJob:
     data: ImageData | TokensData | TensorData
     headroom: float  # the fraction of the device the search keeps free
     evaluating: bool = False  # a forward-only evaluation step instead of a training step
+    # what the collator's rows tell a transformers model beside the tokens (models.hf.row_layout)
+    rows: str = "whole"

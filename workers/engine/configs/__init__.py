@@ -1,12 +1,13 @@
 """Launch settings that carry a plan into the frameworks people train with, one module each.
 
 One source of truth, `PlanNumbers`, feeds all the renderings (a plain PyTorch loop, Lightning, the
-Hugging Face Trainer, DeepSpeed, Accelerate), so they cannot disagree with each other or with the
-plan: micro-batch x accumulation x world_size = the effective global batch, the scaled learning
-rate and its schedule (`configs.recipe`, the very functions the plan's rates come from), the
-optimizer and its implementation, per-group rates, early stopping. The compile step reads the
-spec once, into a `LaunchJob`; each rendering takes that and the numbers. Each is checked against
-the library's own code in `tests/engine/test_configs.py` and `tests/engine/test_recipe.py`.
+Hugging Face Trainer, DeepSpeed, Accelerate, TRL's SFTTrainer, Axolotl), so they cannot disagree
+with each other or with the plan: micro-batch x accumulation x world_size = the effective global
+batch, the scaled learning rate and its schedule (`configs.recipe`, the very functions the plan's
+rates come from), the optimizer and its implementation, per-group rates, early stopping. The
+compile step reads the spec once, into a `LaunchJob`; each rendering takes that and the numbers.
+Each is checked against the library's own code in `tests/engine/test_configs.py`,
+`tests/engine/test_fine_tuning.py` and `tests/engine/test_recipe.py`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from typing import Any
 
 from workers.engine.configs.accelerate import accelerate_config
 from workers.engine.configs.deepspeed import deepspeed_config, deepspeed_takes_recipe
+from workers.engine.configs.fine_tuning import fine_tuning_configs
 from workers.engine.configs.hf_trainer import hf_callbacks, hf_native_schedule, hf_trainer_arguments
 from workers.engine.configs.job import LaunchJob, launch_job
 from workers.engine.configs.launch import launch_specs
 from workers.engine.configs.lightning import lightning_settings
 from workers.engine.configs.numbers import PlanNumbers, peft_settings
 from workers.engine.configs.pytorch_loop import pytorch_loop
+from workers.engine.loss_head import CCE_PATCH
 from workers.engine.recipe_source import recipe_source
 
 __all__ = [
@@ -43,6 +46,7 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
         "deepspeed": deepspeed_config(job, numbers),
         "accelerate": accelerate_config(job, numbers),
         "launch": launch_specs(job, numbers),
+        **fine_tuning_configs(job, numbers),
     }
     if job.hf and job.attn_implementation is not None:
         # what the plan traced: load the model with the same attention kernel
@@ -60,6 +64,12 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
         }
     if job.context_parallel > 1:
         out["context_parallel"] = context_parallel_settings(job)
+    if job.loss_kernel == "cut_cross_entropy":
+        # no Trainer flag: patch the model before Trainer / SFTTrainer(model=...) takes it
+        out["cut_cross_entropy"] = {
+            "package": "cut-cross-entropy",
+            "cce_patch": dict(CCE_PATCH),
+        }
     if job.peft is not None:
         out["peft"] = peft_settings(job)
     if job.early_stopping is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.schemas.spec import DataSpec, EarlyStoppingSpec, ModelSpec, PeftSpec, TrainingSpec
-from workers.engine.models.hf import attention_of
+from workers.engine.models.hf import attention_of, resolve
 from workers.engine.optimizers import OptimizerChoice, choose
 from workers.engine.recipe import param_groups
 
@@ -17,6 +17,14 @@ FSDP_SHARDING = {
     "zero2": "SHARD_GRAD_OP",
     "hybrid_shard": "HYBRID_SHARD",
 }
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Token data as a collator makes rows of it."""
+
+    seq_len: int
+    batching: str  # pad_to_max | pad_to_longest | packed (data.batching)
 
 
 @dataclass(frozen=True)
@@ -37,8 +45,10 @@ class LaunchJob:
     checkpoint_every: int  # one block in this many checkpointed
     checkpoint_offload: bool  # the checkpoints' saved inputs in pinned host memory
     context_parallel: int  # ranks one sequence is split over
-    loss_kernel: str  # standard | liger
+    loss_kernel: str  # standard | liger | cut_cross_entropy
     attn_implementation: str | None  # transformers models: from_pretrained's kwarg
+    causal_lm: bool  # a transformers *ForCausalLM: what TRL's SFTTrainer and Axolotl train
+    tokens: TokenRows | None  # token data: the rows' length and how samples fill them
     channels_last: bool
     epochs: float
     choice: OptimizerChoice
@@ -73,6 +83,8 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         context_parallel=training.parallelism.context_parallel,
         loss_kernel=training.loss_kernel,
         attn_implementation=attention_of(model) if model.source == "transformers" else None,
+        causal_lm=model.source == "transformers" and resolve(model)[0].endswith("ForCausalLM"),
+        tokens=TokenRows(data.seq_len, data.batching) if data.kind == "tokens" else None,
         channels_last=getattr(data, "layout", None) == "channels_last",
         epochs=training.epochs,
         choice=choose(training),

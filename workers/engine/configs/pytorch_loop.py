@@ -14,7 +14,7 @@ from workers.engine.configs.numbers import (
     optimizer_kwargs,
     peft_settings,
 )
-from workers.engine.loss_head import LIGER_LOSS_ONLY
+from workers.engine.loss_head import CCE_PATCH, LIGER_LOSS_ONLY
 from workers.engine.recipe_source import recipe_source
 
 
@@ -35,6 +35,7 @@ def _template() -> jinja2.Template:
 
 def pytorch_loop(job: LaunchJob, numbers: PlanNumbers) -> str:
     """A complete training loop with accumulation (loss / k, step every k, and at an epoch's end).
+    A causal LM on token data collates its samples as planned (padded, or packed into rows).
     It expects `model`, `train_dataset` and, for non-Hugging Face models, `loss_fn`; with early
     stopping or a plateau schedule also `evaluate(model)`, returning the monitored metric."""
     ddp = numbers.world_size > 1
@@ -53,6 +54,8 @@ def pytorch_loop(job: LaunchJob, numbers: PlanNumbers) -> str:
         micro_step=_micro_step(job, ddp),
         better=_better(job),
         liger=LIGER_LOSS_ONLY,
+        cce=CCE_PATCH,
+        rows=job.tokens if job.causal_lm else None,
     )
 
 

@@ -18,7 +18,8 @@ class BuiltModel:
     module: nn.Module
     family: str = "classification"  # classification | segmentation | lm | regression | hf
     notes: list[str] = field(default_factory=list)
-    # (model, inputs, targets) -> loss, for models that compute their own loss (transformers)
-    forward_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # (model, inputs, targets, **row tensors) -> loss, for models that compute their own loss
+    # (transformers; the row tensors: a padding mask or packed positions, models.hf.row_inputs)
+    forward_loss: Callable[..., torch.Tensor] | None = None
     vocab_size: int | None = None
     moe: MoeLayout | None = None  # its mixture-of-experts layers, if any

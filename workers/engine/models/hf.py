@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -246,27 +246,69 @@ def attention_of(model: TransformersModel) -> str:
     return "sdpa" if getattr(model_class(architecture), "_supports_sdpa", True) else "eager"
 
 
-def hf_forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The loss the model computes itself from labels, as the HF Trainer would."""
+# What a real run's batches tell transformers about their rows, beyond the tokens: nothing (whole
+# sequences), a padding mask (padded rows: `attention_mask`), or where each packed document
+# starts (`position_ids` that restart). See `row_layout`.
+RowLayout = Literal["whole", "padded", "packed"]
+# the kernels transformers hands a (batch, 1, T, T) mask (flex_attention gets a block mask)
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def row_layout(attention: str, data: DataSpec) -> RowLayout:
+    """How the rows a collator makes reach the attention, where it changes the memory.
+
+    With `sdpa` (and `eager`), transformers builds a boolean (batch, 1, T, T) mask from a padding
+    mask with a zero in it (`masking_utils.sdpa_mask`: `_ignore_causal_mask_sdpa` skips it only
+    without padding) and from packed position ids (`find_packed_sequence_indices`); SDPA then
+    cannot take the flash kernel, and CUDA's memory-efficient kernel gets the mask converted to
+    the query's dtype per layer (`convert_boolean_attn_mask`, saved for backward): a square term
+    in the row length. `flash_attention_2` unpads the rows (varlen) and reads packed positions as
+    document boundaries, so nothing square is made: its rows count as whole."""
+    if attention not in MASKED_ATTENTION or data.kind != "tokens" or data.lengths is None:
+        return "whole"
+    if data.batching == "packed":
+        return "packed"
+    shortest = data.lengths.shortest
+    return "padded" if shortest < data.seq_len else "whole"
+
+
+def row_inputs(layout: RowLayout, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The collator's tensors beside `input_ids` for rows laid out so (on the tokens' device):
+    a padding mask of ones and zeros, or positions that restart at each packed document."""
+    if layout == "padded":
+        return {"attention_mask": torch.ones_like(tokens)}
+    if layout == "packed":
+        rows, length = tokens.shape
+        positions = torch.arange(length, device=tokens.device)
+        return {"position_ids": positions.expand(rows, length).contiguous()}
+    return {}
+
+
+def hf_forward_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, **rows: torch.Tensor
+) -> torch.Tensor:
+    """The loss the model computes itself from labels, as the HF Trainer would; `rows` are the
+    collator's other tensors (`row_inputs`)."""
     key = "pixel_values" if x.is_floating_point() else "input_ids"
-    with causal_mask_as_on_a_gpu():
-        return model(**{key: x, "labels": y}).loss
+    with causal_mask_as_on_a_gpu(packed="position_ids" in rows):
+        return model(**{key: x, "labels": y, **rows}).loss
 
 
 @contextmanager
-def causal_mask_as_on_a_gpu() -> Iterator[None]:
-    """A real training step builds no causal mask: with no padding and no cache, transformers
-    looks for packed sequences in the position ids (`find_packed_sequence_indices`), finds none
-    (`.all()` on the last index) and lets SDPA run with `is_causal=True`. On a fake tensor that
-    check cannot read values, so transformers assumes packing and materialises a
-    (batch, 1, T, T) mask with a copy per layer: a square term in the sequence (2 GiB a layer at
-    32k tokens) that the GPU never allocates. The trace's batches are whole sequences (the
-    position ids are transformers' own 0..T-1), so during the trace the answer is the real
-    run's: no packed sequences."""
+def causal_mask_as_on_a_gpu(*, packed: bool = False) -> Iterator[None]:
+    """A real training step on whole sequences builds no causal mask: with no padding and no
+    cache, transformers looks for packed sequences in the position ids
+    (`find_packed_sequence_indices`), finds none (`.all()` on the last index) and lets SDPA run
+    with `is_causal=True`. On a fake tensor that check cannot read values, so transformers
+    assumes packing and materialises a (batch, 1, T, T) mask with a copy per layer: a square
+    term in the sequence (2 GiB a layer at 32k tokens) that the GPU never allocates. For whole
+    rows the answer during the trace is the real run's: no packed sequences. Packed rows
+    (`packed`) do hold several documents, and there transformers' own answer stands: it finds
+    them, as on the GPU."""
     import transformers.masking_utils as masking  # the optional `nlp` extra
 
     find = getattr(masking, "find_packed_sequence_indices", None)
-    if find is None:  # another transformers: nothing to correct
+    if find is None or packed:  # another transformers, or packed rows: nothing to correct
         yield
         return
     masking.find_packed_sequence_indices = _no_packed_sequences
@@ -312,9 +354,12 @@ def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:
                 ("data", "seq_len"),
                 f"seq_len {data.seq_len} is longer than the model's {limit} positions",
             )
-    # flash_attention_2 needs the flash-attn package and a GPU; SDPA's flash kernel keeps the
-    # same O(T) statistics (the output and a float32 logsumexp per row and head), so it stands in
-    config._attn_implementation = "eager" if attention_of(model) == "eager" else "sdpa"
+    attention = attention_of(model)
+    _check_attention(cls, attention)
+    # flash_attention_2 needs the flash-attn package and a GPU, flex_attention torch.compile's
+    # Triton kernel; SDPA's flash kernel keeps the same O(T) statistics (the output and a
+    # float32 logsumexp per row and head), so it stands in for both
+    config._attn_implementation = "eager" if attention == "eager" else "sdpa"
     try:
         module = cls(config)
     except Exception as exc:
@@ -329,6 +374,24 @@ def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:
         vocab_size=getattr(config, "vocab_size", None),
         moe=moe,
     )
+
+
+# attn_implementation -> the class flag transformers checks before it loads a model with it
+ATTENTION_SUPPORT = {
+    "sdpa": "_supports_sdpa",
+    "flash_attention_2": "_supports_flash_attn",
+    "flex_attention": "_supports_flex_attn",
+}
+
+
+def _check_attention(cls: Any, attention: str) -> None:
+    flag = ATTENTION_SUPPORT.get(attention)
+    if flag is not None and not getattr(cls, flag, True):
+        raise SpecError(
+            ("model", "attn_implementation"),
+            f"{cls.__name__} does not support attn_implementation {attention!r} "
+            f"(transformers' {flag} is False)",
+        )
 
 
 def _traceable_experts(module: nn.Module) -> MoeLayout | None:

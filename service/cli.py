@@ -445,6 +445,14 @@ def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     split = (result.get("throughput") or {}).get("split") or {}
+    if split.get("recompute_s"):
+        rows.append(
+            (
+                "recompute",
+                f"{split['recompute_s']:.3f} s per step: checkpointed blocks make "
+                f"{_gib(int(split['recompute_bytes']))} of activations again in backward",
+            )
+        )
     if split.get("offload_bytes"):
         rows.append(
             (

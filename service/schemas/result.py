@@ -97,6 +97,18 @@ class StepSplit(BaseModel):
 
     compute_s: float = Field(description="Matmuls and convolutions (Tensor Cores / cuBLAS).")
     memory_bound_s: float = Field(description="Normalisations, activations, pointwise ops.")
+    recompute_s: float = Field(
+        default=0.0,
+        description="Gradient checkpointing: the checkpointed blocks' forwards run again in "
+        "backward (matmuls and pointwise ops alike; with checkpointing.selective 'op' only the "
+        "ops between the kept matmul and attention outputs). Not in compute_s or "
+        "memory_bound_s; added to the step.",
+    )
+    recompute_bytes: float = Field(
+        default=0.0,
+        description="Bytes of activations recomputed per step rather than kept (the memory "
+        "breakdown's activations are the ones kept).",
+    )
     optimizer_s: float = Field(description="The optimizer's kernels, once per step.")
     input_s: float = Field(
         description="Host-to-device copy of the batch; overlapped with compute, not added."

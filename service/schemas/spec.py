@@ -580,6 +580,15 @@ class CheckpointingSpec(StrictModel):
         "and the copy back in backward run on the compute stream and add to the step. Needs "
         "gradient_checkpointing.",
     )
+    selective: Literal["block", "op"] = Field(
+        default="block",
+        description="What a checkpointed block keeps. block: its input only, its whole forward "
+        "runs again in backward. op: also the outputs of its matmuls and attention, so backward "
+        "recomputes only the cheap ops between them (norms, activations, rotary embeddings, "
+        "residual adds): torch.utils.checkpoint's selective checkpointing "
+        "(create_selective_checkpoint_contexts), torchtitan's selective_ac_option 'op'. More "
+        "memory than block, far less recompute. Not with offload.",
+    )
     auto: bool = Field(
         default=False,
         description="Let the plan choose: of none, one block in 4, one in 2, every block, and "
@@ -737,6 +746,13 @@ class TrainingSpec(StrictModel):
                 "offload holds the checkpointed blocks' saved inputs on the host: it needs "
                 "gradient_checkpointing true"
             )
+        if value.selective == "op" and value.offload:
+            raise ValueError(
+                "selective 'op' keeps matmul outputs in the checkpoint's own cache, which "
+                "offload's hooks do not move: choose one of them"
+            )
+        if value.selective == "op" and value.auto:
+            raise ValueError("auto chooses among block policies: leave selective 'block'")
         return value
 
     @field_validator("loss_kernel")

@@ -69,6 +69,14 @@ def test_the_table_says_how_the_stack_was_traced(tmp_path: Path) -> None:
 
 def llama_row(tmp_path: Path, label: str, seq_len: int, **training: Any) -> str:
     """The table row `label` of a tiny Llama's plan with `training`."""
+    return row_of(llama_table(tmp_path, seq_len, **training), label)
+
+
+def row_of(table: str, label: str) -> str:
+    return next(line for line in table.splitlines() if label in line)
+
+
+def llama_table(tmp_path: Path, seq_len: int, **training: Any) -> str:
     spec = {
         "model": {
             "source": "transformers",
@@ -80,13 +88,16 @@ def llama_row(tmp_path: Path, label: str, seq_len: int, **training: Any) -> str:
         "device": {"kind": "simulated", "memory_gib": 1},
         "search": {"what_if": False},
     }
-    return next(line for line in plan_table(tmp_path, spec).splitlines() if label in line)
+    return plan_table(tmp_path, spec)
 
 
-def test_the_table_shows_activation_offload(tmp_path: Path) -> None:
+def test_the_table_shows_activation_offload_and_the_recompute(tmp_path: Path) -> None:
     offload = {"gradient_checkpointing": True, "checkpointing": {"offload": True}}
-    row = llama_row(tmp_path, "activation offload", 64, **offload)
+    table = llama_table(tmp_path, 64, **offload)
+    row = row_of(table, "activation offload")
     assert "pinned on the host" in row and "over PCIe per step" in row
+    row = row_of(table, "recompute")
+    assert "s per step: checkpointed blocks make" in row and "again in backward" in row
 
 
 def test_the_table_shows_the_context_parallel_ring(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ layers and for our block wrapper, and the loop renders the same choice."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -18,7 +19,7 @@ from workers.engine.compiled import compile_job
 from workers.engine.devices import open_device, open_session
 
 
-def llama(every: int | None) -> PlanSpec:
+def llama(every: int | None, selective: str = "block") -> PlanSpec:
     return PlanSpec.model_validate(
         {
             "model": {
@@ -30,7 +31,7 @@ def llama(every: int | None) -> PlanSpec:
             "training": {
                 "precision": "bf16-mixed",
                 "gradient_checkpointing": every is not None,
-                "checkpointing": {"every": every or 1},
+                "checkpointing": {"every": every or 1, "selective": selective},
                 "loss_kernel": "liger",
             },
             "device": {"kind": "simulated", "gpu": "H100-80GB"},
@@ -39,23 +40,51 @@ def llama(every: int | None) -> PlanSpec:
     )
 
 
-def traced(spec: PlanSpec) -> tuple[int, float]:
-    """(activations at the peak, the step's FLOPs) at micro-batch 4."""
+@functools.cache
+def traced_llama(every: int | None, selective: str = "block") -> tuple[int, float, float, int]:
+    """`traced` of `llama(every, selective)`, once per file run."""
+    return traced(llama(every, selective))
+
+
+def traced(spec: PlanSpec) -> tuple[int, float, float, int]:
+    """(activations at the peak, the step's FLOPs, its recompute seconds, the bytes recomputed)
+    at micro-batch 4."""
     job = compile_job(spec)
     with open_session(open_device(job), job) as session:
         outcome = session.probe(4)
         cost = session.step_cost(4)
     assert cost is not None
-    return outcome.breakdown.get("activations", 0), cost.flops
+    recompute = cost.seconds()["recompute"]
+    return outcome.breakdown.get("activations", 0), cost.flops, recompute, cost.recomputed
 
 
 def test_every_second_layer_sits_between_none_and_full() -> None:
-    none, half, full = traced(llama(None)), traced(llama(2)), traced(llama(1))
+    none, half, full = traced_llama(None), traced_llama(2), traced_llama(1)
     # memory: fewer blocks checkpointed keep more activations
     assert full[0] < half[0] < none[0]
     # time: half the layers recompute their forward
     assert none[1] < half[1] < full[1]
     assert half[1] - none[1] == pytest.approx((full[1] - none[1]) / 2, rel=0.05)
+
+
+def test_op_selective_keeps_the_matmuls_and_recomputes_none_of_them() -> None:
+    """Each checkpointed layer keeps its matmul and attention outputs: more memory than full
+    checkpointing, less than none; backward recomputes only the ops between them, none of which
+    does matmul work, so the step's FLOPs are those of no checkpointing."""
+    none, full, op = traced_llama(None), traced_llama(1), traced_llama(1, "op")
+    assert full[0] < op[0] < none[0]
+    assert op[1] == none[1] < full[1]
+    # the recompute, booked apart: none without checkpointing, least for the op policy
+    assert none[2] == none[3] == 0
+    assert 0 < op[2] < full[2] and 0 < op[3] < full[3]
+
+
+def test_op_selective_excludes_offload_and_auto() -> None:
+    raw = llama(1).model_dump(mode="json")
+    for extra in ({"offload": True}, {"auto": True}):
+        raw["training"]["checkpointing"] = {"selective": "op", **extra}
+        with pytest.raises(ValueError, match="selective"):
+            PlanSpec.model_validate(raw)
 
 
 def test_our_block_wrapper_checkpoints_one_block_in_k() -> None:

@@ -124,10 +124,13 @@ def test_no_fine_tuning_configs_beyond_causal_lms(small_spec: dict[str, Any]) ->
 
 
 def _run_loop(batching: str, samples: list[list[int]]) -> tuple[dict[str, Any], list[Any]]:
+    return _run_loop_code(configs_of(llm_spec(batching), **NUMBERS)["pytorch"], samples)
+
+
+def _run_loop_code(code: str, samples: list[list[int]]) -> tuple[dict[str, Any], list[Any]]:
     """Execute the plan's PyTorch loop (trainplan's own text) on the CPU; record each batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    code = configs_of(llm_spec(batching), **NUMBERS)["pytorch"]
     torch.manual_seed(0)
     config = LlamaConfig(**TINY_LLAMA, attn_implementation="sdpa")
     model = LlamaForCausalLM(config)
@@ -184,3 +187,22 @@ def test_the_loop_pads_as_planned(batching: str, widths: set[int] | None) -> Non
         else:  # padded to the batch's longest sample: one row has no padding
             assert int(mask.sum(dim=1).max()) == width
         assert torch.equal(kw["labels"] == -100, mask == 0)
+
+
+def test_the_loop_runs_op_selective_checkpointing_as_planned() -> None:
+    """The rendered policy keeps the matmul outputs: the layers' checkpoint function carries it,
+    and the loop trains with it."""
+    spec = llm_spec(
+        "pad_to_max", gradient_checkpointing=True, checkpointing={"selective": "op", "every": 2}
+    )
+    configs = configs_of(spec, **NUMBERS)
+    assert configs["checkpointing"]["torchtitan"]["activation_checkpoint"] == {
+        "mode": "selective",
+        "selective_ac_option": "op",
+    }
+    assert "aten.mm" in configs["checkpointing"]["keeps"]
+    scope, seen = _run_loop_code(configs["pytorch"], _samples())
+    layers = scope["_layers"]
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert "context_fn" in layers[0]._gradient_checkpointing_func.keywords
+    assert len(seen) == 6 and scope["step"] == 3

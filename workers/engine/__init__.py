@@ -57,7 +57,9 @@ __all__ = [
 # context parallelism, checkpointing auto, causal attention FLOPs at the share computed, and
 # sharded optimizer steps costed on the local shards
 # 21: padded or packed rows give sdpa and eager transformers' square mask (sdpa_square_mask),
-# flex_attention, loss_kernel cut_cross_entropy, the trl_sft and axolotl renderings
+# flex_attention, loss_kernel cut_cross_entropy, the trl_sft and axolotl renderings,
+# checkpointing.selective "op", split.recompute_s/_bytes, and weight casts dropped when a
+# checkpoint's recomputation leaves autocast
 ENGINE_REVISION = 21
 
 

@@ -248,8 +248,8 @@ class CudaAutocastPolicy:
     @contextmanager
     def own_cache(self, owner: object) -> Iterator[None]:
         """Several jobs under one policy (depth folding) each keep their own weight casts, as
-        each would in its own process: a cast one job made in backward lives until that job's
-        next autocast region ends, not another's."""
+        each would in its own process: an autocast region one job ends clears that job's casts,
+        not another's."""
         previous = self.cache
         self.cache = self._caches.setdefault(id(owner), _CastCache())
         try:
@@ -338,9 +338,30 @@ def cuda_autocast_on_cpu() -> Iterator[CudaAutocastPolicy]:
                     library.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
                 else:
                     library.impl(name, policy.kernel(op, rule), "AutocastCPU", with_keyset=True)
-            yield policy
+            with _clearing_on_exit(policy):
+                yield policy
         finally:
             library._destroy()
+
+
+@contextmanager
+def _clearing_on_exit(policy: CudaAutocastPolicy) -> Iterator[None]:
+    """`torch.autocast.__exit__` clears the cast cache when the outermost region ends
+    (`autocast_decrement_nesting() == 0`), whoever entered it: the training step's own region,
+    and a checkpoint's recomputation in backward, which re-enters autocast per block. The
+    stand-in's cache goes with it, so a block's recomputed weight casts are freed when its
+    recomputation ends, and the next forward casts the weights again, as on CUDA."""
+    clear = torch.clear_autocast_cache
+
+    def clear_both() -> None:
+        policy.cache.entries.clear()
+        clear()
+
+    torch.clear_autocast_cache = clear_both
+    try:
+        yield
+    finally:
+        torch.clear_autocast_cache = clear
 
 
 @contextmanager

@@ -10,36 +10,117 @@ run them):
 With `checkpointing.offload` each checkpoint runs under offload hooks (`offload.py`): what it
 saves (the block's inputs) waits for backward in pinned host memory.
 
-torchtitan's op-selective policy (`selective_ac_option = "op"`, through PyTorch's
-`create_selective_checkpoint_contexts`) is not offered yet: its recomputation must replay the
-forward's ops in the same order, and the trace's stand-in for CUDA's autocast caches weight
-casts differently in forward and in recomputation.
+- op-selective (`checkpointing.selective: "op"`, torchtitan's `selective_ac_option = "op"`): a
+  checkpointed block also keeps the outputs of its matmuls and attention kernels (PyTorch's
+  `create_selective_checkpoint_contexts` with a policy that says MUST_SAVE for them), and
+  backward recomputes only the cheap ops between them. In recomputation PyTorch hands the kept
+  outputs back instead of running those ops, so the trace's cost model sees only what really
+  runs again.
+
+Every checkpoint runs with a `context_fn` whose recomputation context sets `RECOMPUTING`: the
+roofline books those ops apart (`split.recompute_s`, and the bytes of activations recomputed
+rather than kept).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from service.schemas.spec import CheckpointingSpec
 from workers.engine.offload import offloading
 
 Hooks = Callable[[], saved_tensors_hooks]
 
+_ATEN = torch.ops.aten
+# What an op-selective checkpoint keeps: matmuls (LoRA's and the experts' included) and the
+# attention kernels, CUDA's and the trace's CPU stand-in for them.
+SAVED_BY_OP_POLICY = {
+    _ATEN.mm,
+    _ATEN.addmm,
+    _ATEN.bmm,
+    _ATEN.baddbmm,
+    _ATEN._grouped_mm,
+    _ATEN._scaled_dot_product_flash_attention,
+    _ATEN._scaled_dot_product_efficient_attention,
+    _ATEN._scaled_dot_product_cudnn_attention,
+    _ATEN._scaled_dot_product_flash_attention_for_cpu,
+}
+
+
+# The same, by name, as the configs render it.
+OP_POLICY_KEEPS = tuple(sorted(f"aten.{op.__name__}" for op in SAVED_BY_OP_POLICY))
+
+
+def _op_policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    if func._overloadpacket in SAVED_BY_OP_POLICY:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# Set while a checkpointed block recomputes its forward in backward: the cost model books those
+# ops as recomputation (the step pays them; the breakdown keeps what was saved apart).
+RECOMPUTING: ContextVar[bool] = ContextVar("recomputing", default=False)
+
+
+@contextmanager
+def _recomputing() -> Iterator[None]:
+    token = RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        RECOMPUTING.reset(token)
+
+
+@contextmanager
+def _both(first: Any, second: Any) -> Iterator[None]:
+    with first, second:
+        yield
+
+
+def block_context() -> tuple[Any, Any]:
+    """A checkpoint's `context_fn` (PyTorch enters the second context around recomputation):
+    keep the block's input only, and mark its recomputation."""
+    return nullcontext(), _recomputing()
+
+
+def op_selective_context() -> tuple[Any, Any]:
+    """A checkpoint's `context_fn` that keeps matmul and attention outputs (and marks the
+    recomputation of the rest)."""
+    forward, recompute = create_selective_checkpoint_contexts(_op_policy)
+    return forward, _both(recompute, _recomputing())
+
+
+def context_of(policy: CheckpointingSpec) -> Callable[[], tuple[Any, Any]]:
+    return op_selective_context if policy.selective == "op" else block_context
+
 
 class Checkpointed(nn.Module):
     """Recomputes its inner module's activations in backward instead of keeping them."""
 
-    def __init__(self, inner: nn.Module, offload: Hooks | None = None) -> None:
+    def __init__(
+        self,
+        inner: nn.Module,
+        offload: Hooks | None = None,
+        function: Callable[..., Any] | None = None,
+    ) -> None:
         super().__init__()
         self.inner = inner
-        self.checkpoint = checkpoint if offload is None else offloading(checkpoint, offload)
+        function = function or partial(checkpoint, context_fn=block_context)
+        self.checkpoint = function if offload is None else offloading(function, offload)
 
     def forward(self, *args: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -63,9 +144,11 @@ def enable_checkpointing(
         blocks = _checkpointed_layers(model)
         for index, block in enumerate(blocks):
             setattr(block, "gradient_checkpointing", index % policy.every == 0)  # noqa: B010
+            inner = block.__dict__["_gradient_checkpointing_func"]  # set by enable()
+            inner = partial(inner, context_fn=context_of(policy))
             if offload is not None:
-                inner = block.__dict__["_gradient_checkpointing_func"]  # set by enable()
-                block.__dict__["_gradient_checkpointing_func"] = offloading(inner, offload)
+                inner = offloading(inner, offload)
+            block.__dict__["_gradient_checkpointing_func"] = inner
         return sum(1 for index in range(len(blocks)) if index % policy.every == 0)
     return apply_checkpointing(model, policy, offload)
 
@@ -85,6 +168,8 @@ def apply_checkpointing(
     child that has children); for a flat Sequential of plain layers, segments of about sqrt(n)
     layers. Returns the number of checkpointed segments."""
     every = policy.every if policy is not None else 1
+    context = context_of(policy) if policy is not None else block_context
+    function = partial(checkpoint, context_fn=context)
     count = seen = 0
     for parent in list(model.modules()):
         if not isinstance(parent, nn.Sequential) or isinstance(parent, Checkpointed):
@@ -94,7 +179,7 @@ def apply_checkpointing(
             for name, child in children:
                 if len(list(child.children())) > 0 and any(True for _ in child.parameters()):
                     if seen % every == 0:
-                        setattr(parent, name, Checkpointed(child, offload))
+                        setattr(parent, name, Checkpointed(child, offload, function))
                         count += 1
                     seen += 1
     if count == 0 and seen == 0 and isinstance(model, nn.Sequential):
@@ -104,6 +189,7 @@ def apply_checkpointing(
         for index in range(len(layers) - 1, -1, -1):
             del model[index]
         for index, segment in enumerate(segments):
-            model.append(Checkpointed(segment, offload) if index % every == 0 else segment)
+            checkpointed = Checkpointed(segment, offload, function)
+            model.append(checkpointed if index % every == 0 else segment)
             count += index % every == 0
     return count

@@ -99,6 +99,7 @@ def fold_cost(costs: dict[int, StepCost], base: int, depth: int) -> StepCost:
         ops=list(first.ops) + list(ops.elements()) * extra + grown,
         offloaded=_linear([costs[base + i].offloaded for i in range(3)], extra, "offload"),
         ring_bytes=_linear([costs[base + i].ring_bytes for i in range(3)], extra, "ring"),
+        recomputed=_linear([costs[base + i].recomputed for i in range(3)], extra, "recomputed"),
     )
 
 

@@ -627,10 +627,11 @@ def estimate_throughput(
     memory_bound = seconds["memory"] * k
     optimizer = seconds["optimizer"]
     comm = traffic.seconds if traffic is not None else 0.0
+    recompute = seconds["recompute"] * k  # checkpointed blocks' forwards, again in backward
     offload = seconds["offload"] * k  # on the compute stream: not overlapped
     ring = seconds["ring"] * k  # attention waits for the gathered keys and values
-    step = compute + memory_bound + optimizer + offload + ring
-    step += exposed(comm, compute + memory_bound)
+    step = compute + memory_bound + recompute + optimizer + offload + ring
+    step += exposed(comm, compute + memory_bound + recompute)
     input_bytes = sample_bytes(data) * batches.micro_batch_size
     estimate = _throughput(
         training.data_parallel_size,
@@ -642,6 +643,8 @@ def estimate_throughput(
         split=StepSplit(
             compute_s=compute,
             memory_bound_s=memory_bound,
+            recompute_s=recompute,
+            recompute_bytes=cost.recomputed * k,
             optimizer_s=optimizer,
             input_s=input_bytes * k / HOST_TO_DEVICE_BYTES_S,
             communication_s=comm,

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from workers.engine.catalogue import GPU_CATALOGUE, GpuModel, host_link_bytes_s
+from workers.engine.checkpointing import RECOMPUTING
 from workers.engine.cuda_kernels import grouped_mm_flops
 from workers.engine.offload import OffloadLedger
 from workers.engine.tracker import MemoryTracker
@@ -118,6 +119,9 @@ class StepCost:
     # values gathered, their gradients exchanged); not overlapped with attention.
     ring_bytes: int = 0
     ring_bandwidth: float = 0.0  # bytes/s of the cp group's link
+    # Checkpointing: bytes of the activations checkpointed blocks make again in backward (the
+    # outputs of the ops they recompute), rather than keep from forward.
+    recomputed: int = 0
 
     @property
     def flops(self) -> int:
@@ -126,7 +130,7 @@ class StepCost:
     def seconds(self, efficiency: dict[str, float] | None = None) -> dict[str, float]:
         eff = efficiency or EFFICIENCY
         bandwidth = self.bandwidth * eff["memory"]
-        out = {"matmul": 0.0, "conv": 0.0, "memory": 0.0, "optimizer": 0.0}
+        out = {"matmul": 0.0, "conv": 0.0, "memory": 0.0, "optimizer": 0.0, "recompute": 0.0}
         for op in self.ops:
             memory = op.nbytes / bandwidth
             compute = op.flops / (op.ceiling * eff[op.kind]) if op.flops and op.ceiling else 0.0
@@ -306,6 +310,9 @@ class StepCostMode(TorchDispatchMode):
             torch.float32,
         )
         bucket = "optimizer" if self.phase() == "optimizer" else kind
+        if RECOMPUTING.get():  # a checkpointed block's forward, again in backward
+            bucket = "recompute"
+            self.cost.recomputed += _nbytes(out)
         ceiling = self.roofline.ceiling(kind, dtype) if flops else 0.0
         self.cost.ops.append(OpCost(bucket, kind, flops, nbytes, ceiling, func._opname))
         return out

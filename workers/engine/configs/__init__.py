@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.engine.checkpointing import OP_POLICY_KEEPS
 from workers.engine.configs.accelerate import accelerate_config
 from workers.engine.configs.deepspeed import deepspeed_config, deepspeed_takes_recipe
 from workers.engine.configs.fine_tuning import fine_tuning_configs
@@ -51,17 +52,10 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
     if job.hf and job.attn_implementation is not None:
         # what the plan traced: load the model with the same attention kernel
         out["from_pretrained"] = {"attn_implementation": job.attn_implementation}
-    if job.gradient_checkpointing and job.checkpoint_every > 1:
-        # torchtitan's option; the Trainer's is gradient_checkpointing_kwargs.every_n_layers
-        out["checkpointing"] = {
-            "every": job.checkpoint_every,
-            "torchtitan": {
-                "activation_checkpoint": {
-                    "mode": "selective",
-                    "selective_ac_option": str(job.checkpoint_every),
-                }
-            },
-        }
+    if job.gradient_checkpointing and (
+        job.checkpoint_every > 1 or job.checkpoint_selective == "op"
+    ):
+        out["checkpointing"] = checkpointing_settings(job)
     if job.context_parallel > 1:
         out["context_parallel"] = context_parallel_settings(job)
     if job.loss_kernel == "cut_cross_entropy":
@@ -74,6 +68,23 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
         out["peft"] = peft_settings(job)
     if job.early_stopping is not None:
         out["hf_callbacks"] = hf_callbacks(job)
+    return out
+
+
+def checkpointing_settings(job: LaunchJob) -> dict[str, Any]:
+    """torchtitan's activation-checkpoint options for the plan's policy (the Trainer's are
+    gradient_checkpointing_kwargs.every_n_layers; an op policy's `context_fn` is code, which the
+    PyTorch loop renders)."""
+    option = "op" if job.checkpoint_selective == "op" else str(job.checkpoint_every)
+    out: dict[str, Any] = {
+        "every": job.checkpoint_every,
+        "selective": job.checkpoint_selective,
+        "torchtitan": {
+            "activation_checkpoint": {"mode": "selective", "selective_ac_option": option}
+        },
+    }
+    if job.checkpoint_selective == "op":
+        out["keeps"] = list(OP_POLICY_KEEPS)
     return out
 
 

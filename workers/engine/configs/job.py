@@ -44,6 +44,7 @@ class LaunchJob:
     gradient_checkpointing: bool
     checkpoint_every: int  # one block in this many checkpointed
     checkpoint_offload: bool  # the checkpoints' saved inputs in pinned host memory
+    checkpoint_selective: str  # block | op: what a checkpointed block keeps
     context_parallel: int  # ranks one sequence is split over
     loss_kernel: str  # standard | liger | cut_cross_entropy
     attn_implementation: str | None  # transformers models: from_pretrained's kwarg
@@ -80,6 +81,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         gradient_checkpointing=training.gradient_checkpointing,
         checkpoint_every=training.checkpointing.every,
         checkpoint_offload=training.checkpointing.offload,
+        checkpoint_selective=training.checkpointing.selective,
         context_parallel=training.parallelism.context_parallel,
         loss_kernel=training.loss_kernel,
         attn_implementation=attention_of(model) if model.source == "transformers" else None,

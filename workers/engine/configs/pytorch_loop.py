@@ -7,6 +7,7 @@ from functools import cache
 
 import jinja2
 
+from workers.engine.checkpointing import OP_POLICY_KEEPS
 from workers.engine.configs.job import LaunchJob
 from workers.engine.configs.numbers import (
     AUTOCAST_DTYPE,
@@ -55,6 +56,7 @@ def pytorch_loop(job: LaunchJob, numbers: PlanNumbers) -> str:
         better=_better(job),
         liger=LIGER_LOSS_ONLY,
         cce=CCE_PATCH,
+        keeps=OP_POLICY_KEEPS,
         rows=job.tokens if job.causal_lm else None,
     )
 

@@ -170,16 +170,22 @@ class PolicyCheck(BaseModel):
     policy: str = Field(examples=["every 2"])
     feasible: bool
     max_micro_batch_size: int
+    recompute_s_per_sample: float | None = Field(
+        default=None,
+        description="Its plan's recomputation (throughput.split.recompute_s) per sample of "
+        "the global batch; null where the plan has no throughput.",
+    )
 
 
 class CheckpointingChoice(BaseModel):
     """The policy `training.checkpointing.auto` chose, and why: the least recompute whose max
     micro-batch reaches `needed`."""
 
-    policy: str = Field(description="none, every k, full or full+offload.")
+    policy: str = Field(description="none, op, every k, full or full+offload.")
     gradient_checkpointing: bool
     every: int
     offload: bool
+    selective: str = Field(default="block", description="checkpointing.selective: block or op.")
     needed: int = Field(description="The max micro-batch the choice had to reach.")
     checked: list[PolicyCheck]
 

@@ -591,12 +591,12 @@ class CheckpointingSpec(StrictModel):
     )
     auto: bool = Field(
         default=False,
-        description="Let the plan choose: of none, one block in 4, one in 2, every block, and "
-        "every block offloaded (least recompute first), the first whose max micro-batch "
-        "reaches the global batch per data-parallel rank with no accumulation; where none "
-        "does, the first that fits at all (accumulation reaches the batch; BatchNorm models "
-        "need 16). gradient_checkpointing, every and offload are then the plan's choice "
-        "(result.checkpointing).",
+        description="Let the plan choose: of none, op-selective, one block in 4, one in 2, "
+        "every block, and every block offloaded (least recompute first), the first whose max "
+        "micro-batch reaches the global batch per data-parallel rank with no accumulation; "
+        "where none does, the first that fits at all (accumulation reaches the batch; "
+        "BatchNorm models need 16). gradient_checkpointing, every, selective and offload are "
+        "then the plan's choice (result.checkpointing).",
     )
 
 
@@ -751,8 +751,6 @@ class TrainingSpec(StrictModel):
                 "selective 'op' keeps matmul outputs in the checkpoint's own cache, which "
                 "offload's hooks do not move: choose one of them"
             )
-        if value.selective == "op" and value.auto:
-            raise ValueError("auto chooses among block policies: leave selective 'block'")
         return value
 
     @field_validator("loss_kernel")

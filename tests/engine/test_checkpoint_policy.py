@@ -42,7 +42,7 @@ def test_auto_picks_the_least_recompute_that_reaches_the_batch_per_rank() -> Non
     assert choice is not None and choice.needed == 8  # the global batch on one GPU
     reached = {c.policy: c.max_micro_batch_size >= 8 for c in choice.checked}
     assert reached[choice.policy]
-    # every policy with less recompute than the choice was planned and falls short
+    # every block policy with less recompute than the choice was planned and falls short
     for policy in ORDER[: ORDER.index(choice.policy)]:
         assert reached[policy] is False
     assert choice.policy == "every 4" and (choice.every, choice.offload) == (4, False)
@@ -50,6 +50,11 @@ def test_auto_picks_the_least_recompute_that_reaches_the_batch_per_rank() -> Non
     by_hand = engine.plan(spec(0.5, 8, {"every": 4}))
     assert by_hand.max_micro_batch_size == result.max_micro_batch_size
     assert result.configs["hf_trainer"]["gradient_checkpointing_kwargs"]["every_n_layers"] == 4
+    # op-selective reaches the batch too, but recomputes more on this narrow model (its
+    # pointwise ops outweigh a quarter of its blocks): the plan says so and passed it over
+    assert reached["op"]
+    recompute = {c.policy: c.recompute_s_per_sample for c in choice.checked}
+    assert 0 < recompute["every 4"] < recompute["op"]
 
 
 def test_where_no_policy_reaches_the_batch_auto_takes_the_least_recompute_that_fits() -> None:

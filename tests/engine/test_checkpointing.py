@@ -79,12 +79,11 @@ def test_op_selective_keeps_the_matmuls_and_recomputes_none_of_them() -> None:
     assert 0 < op[2] < full[2] and 0 < op[3] < full[3]
 
 
-def test_op_selective_excludes_offload_and_auto() -> None:
+def test_op_selective_excludes_offload() -> None:
     raw = llama(1).model_dump(mode="json")
-    for extra in ({"offload": True}, {"auto": True}):
-        raw["training"]["checkpointing"] = {"selective": "op", **extra}
-        with pytest.raises(ValueError, match="selective"):
-            PlanSpec.model_validate(raw)
+    raw["training"]["checkpointing"] = {"selective": "op", "offload": True}
+    with pytest.raises(ValueError, match="selective"):
+        PlanSpec.model_validate(raw)
 
 
 def test_our_block_wrapper_checkpoints_one_block_in_k() -> None:

@@ -120,7 +120,7 @@ def test_a_plan_reports_the_host_copies_and_pays_for_them() -> None:
     link = host_link_bytes_s(GPU_CATALOGUE["T4"])
     assert split.offload_s == pytest.approx(2 * held * k / link)
     assert plain.throughput.split.offload_s == 0.0
-    rest = split.compute_s + split.memory_bound_s + split.optimizer_s
+    rest = split.compute_s + split.memory_bound_s + split.recompute_s + split.optimizer_s
     assert offload.throughput.step_time_s == pytest.approx(rest + split.offload_s)
 
 

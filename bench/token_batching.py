@@ -52,7 +52,7 @@ def spec(batching: str, attention: str = "sdpa") -> PlanSpec:
 def main() -> None:
     print(header())
     print(
-        f"{'batching':<15} {'attention':<18} {'unit':<8} {'micro':>6} {'accum':>6} "
+        f"{'batching':<15} {'attention':<18} {'unit':<8} {'max':>4} {'micro':>6} {'accum':>6} "
         f"{'samples/s':>10} {'padding':>8} {'mask MiB':>9} {'wall s':>7}"
     )
     rows = []
@@ -86,7 +86,8 @@ def _row(batching: str, attention: str) -> dict[str, object]:
         "wall_s": round(wall, 1),
     }
     print(
-        f"{batching:<15} {attention:<18} {t.batch_unit:<8} {result.micro_batch_size:>6} "
+        f"{batching:<15} {attention:<18} {t.batch_unit:<8} {result.max_micro_batch_size:>4} "
+        f"{result.micro_batch_size:>6} "
         f"{result.accumulation_steps:>6} {row['samples_per_second']:>10.2f} "
         f"{t.padding_fraction:>8.1%} {mask_mib:>9.0f} {wall:>7.1f}"
     )

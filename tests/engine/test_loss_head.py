@@ -80,15 +80,20 @@ def test_values_and_gradients_equal_cross_entropy(with_weight_grad: bool) -> Non
         assert fused[2] is None
 
 
-def test_causal_lm_loss_equals_transformers() -> None:
-    """The installed forward gives the model's own loss (labels shifted, last token ignored)."""
-    spec = lm_spec()
+def materialised(spec: PlanSpec, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The spec's model on the CPU in `dtype`, small random weights, and a batch of tokens."""
     built = model_of(spec)
-    module = built.module.to_empty(device="cpu").double()
+    module = built.module.to_empty(device="cpu").to(dtype)
     torch.manual_seed(0)
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    x = torch.randint(0, VOCAB, (3, 17))
+    return built, torch.randint(0, VOCAB, (3, 17))
+
+
+def test_causal_lm_loss_equals_transformers() -> None:
+    """The installed forward gives the model's own loss (labels shifted, last token ignored)."""
+    built, x = materialised(lm_spec(), torch.float64)
+    module = built.module
     standard = module(input_ids=x, labels=x).loss
     standard.backward()
     head_grad = module.lm_head.weight.grad.clone()
@@ -212,13 +217,8 @@ def test_cut_cross_entropy_keeps_less_than_liger_and_counts_its_flops() -> None:
 
 
 def test_cut_cross_entropy_causal_lm_loss_equals_transformers() -> None:
-    spec = lm_spec("cut_cross_entropy", precision="bf16")
-    built = model_of(spec)
-    module = built.module.to_empty(device="cpu").bfloat16()
-    torch.manual_seed(0)
-    for p in module.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    x = torch.randint(0, VOCAB, (3, 17))
+    built, x = materialised(lm_spec("cut_cross_entropy", precision="bf16"), torch.bfloat16)
+    module = built.module
     standard = module(input_ids=x, labels=x).loss
     install("cut_cross_entropy", built)
     fused = module(input_ids=x, labels=x).loss

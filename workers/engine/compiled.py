@@ -24,7 +24,7 @@ from service.schemas.spec import (
 from workers.engine.configs.job import LaunchJob, launch_job
 from workers.engine.models.hf import attention_of, row_layout
 from workers.engine.optimizers import OptimizerChoice, choose
-from workers.engine.trace import TraceJob
+from workers.engine.trace import RowLayout, TraceJob
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def compile_job(spec: PlanSpec) -> CompiledJob:
     return _compile(spec.model, spec.data, spec.training, spec.device, spec.search)
 
 
-def _rows(model: ModelSpec, data: DataSpec) -> str:
+def _rows(model: ModelSpec, data: DataSpec) -> RowLayout:
     if model.source != "transformers":
         return "whole"
     return row_layout(attention_of(model), data)

@@ -363,7 +363,7 @@ class TrainingJob:
         if self.trace.rows == "whole":
             return {}
         with self.tracker.in_phase("input"):
-            return row_inputs(self.trace.rows, tokens)  # type: ignore[arg-type]
+            return row_inputs(self.trace.rows, tokens)
 
     def _backward(self, loss: torch.Tensor) -> None:
         with self.tracker.in_phase("backward"):

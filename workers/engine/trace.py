@@ -5,8 +5,14 @@ a device's session takes it, the built model and a byte limit."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from service.schemas.spec import ImageData, TensorData, TokensData, TrainingSpec
+
+# What a real run's batches tell a transformers model about their rows, beyond the tokens:
+# nothing (whole sequences), a padding mask (`attention_mask`), or where each packed document
+# starts (`position_ids` that restart). See `models.hf.row_layout`.
+RowLayout = Literal["whole", "padded", "packed"]
 
 
 @dataclass(frozen=True)
@@ -15,5 +21,4 @@ class TraceJob:
     data: ImageData | TokensData | TensorData
     headroom: float  # the fraction of the device the search keeps free
     evaluating: bool = False  # a forward-only evaluation step instead of a training step
-    # what the collator's rows tell a transformers model beside the tokens (models.hf.row_layout)
-    rows: str = "whole"
+    rows: RowLayout = "whole"  # the collator's rows, as a transformers model sees them

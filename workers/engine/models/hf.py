@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from workers.engine.errors import SpecError
 from workers.engine.models.built import BuiltModel
 from workers.engine.models.moe import TRACEABLE, MoeLayout
 from workers.engine.models.moe import describe as describe_moe
+from workers.engine.trace import RowLayout
 
 _LLAMA_3 = {
     "hidden_size": 4096,
@@ -246,10 +247,6 @@ def attention_of(model: TransformersModel) -> str:
     return "sdpa" if getattr(model_class(architecture), "_supports_sdpa", True) else "eager"
 
 
-# What a real run's batches tell transformers about their rows, beyond the tokens: nothing (whole
-# sequences), a padding mask (padded rows: `attention_mask`), or where each packed document
-# starts (`position_ids` that restart). See `row_layout`.
-RowLayout = Literal["whole", "padded", "packed"]
 # the kernels transformers hands a (batch, 1, T, T) mask (flex_attention gets a block mask)
 MASKED_ATTENTION = ("sdpa", "eager")
 

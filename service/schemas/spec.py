@@ -48,6 +48,10 @@ FORBIDDEN_KWARGS = frozenset(
         "model_dir",
         "file_name",
         "cache_dir",
+        # timm.create_model's: a file loaded from disk, a config that points at weights
+        "checkpoint_path",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
     }
 )
 
@@ -130,6 +134,24 @@ class TorchvisionModel(StrictModel):
     _kw = field_validator("kwargs")(classmethod(lambda cls, v: _check_kwargs(v)))
 
 
+class TimmModel(StrictModel):
+    """A model of timm's zoo (`timm.create_model(name, pretrained=False, **kwargs)`), built from
+    its definition, never weights. `num_classes` and `in_chans` follow the data unless given."""
+
+    source: Literal["timm"]
+    name: str = Field(pattern=r"^[a-z0-9_]{1,80}$", examples=["convnext_tiny"])
+    kwargs: dict[str, KwargValue] = Field(default_factory=dict)
+    fused_attn: bool | None = Field(
+        default=None,
+        description="timm's fused attention (F.scaled_dot_product_attention in its attention "
+        "blocks; timm's `fused_attn` switch, TIMM_FUSED_ATTN). false: the explicit q @ k^T and "
+        "softmax kept for backward, as timm ran before 0.9 (its 2022 benchmarks); null: timm's "
+        "default (fused).",
+    )
+
+    _kw = field_validator("kwargs")(classmethod(lambda cls, v: _check_kwargs(v)))
+
+
 class TransformersModel(StrictModel):
     source: Literal["transformers"]
     preset: str | None = Field(default=None, pattern=NAME_PATTERN, examples=["llama-3-8b"])
@@ -178,7 +200,7 @@ class RegisteredModel(StrictModel):
 
 
 ModelSpec = Annotated[
-    LayersModel | TorchvisionModel | TransformersModel | RegisteredModel,
+    LayersModel | TorchvisionModel | TimmModel | TransformersModel | RegisteredModel,
     Field(discriminator="source"),
 ]
 

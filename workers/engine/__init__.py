@@ -59,7 +59,7 @@ __all__ = [
 # 21: padded or packed rows give sdpa and eager transformers' square mask (sdpa_square_mask),
 # flex_attention, loss_kernel cut_cross_entropy, the trl_sft and axolotl renderings,
 # checkpointing.selective "op", split.recompute_s/_bytes, and weight casts dropped when a
-# checkpoint's recomputation leaves autocast
+# checkpoint's recomputation leaves autocast; the timm model source
 ENGINE_REVISION = 21
 
 

@@ -64,6 +64,8 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
             "package": "cut-cross-entropy",
             "cce_patch": dict(CCE_PATCH),
         }
+    if job.timm is not None:
+        out["timm"] = job.timm
     if job.peft is not None:
         out["peft"] = peft_settings(job)
     if job.early_stopping is not None:

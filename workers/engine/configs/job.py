@@ -4,8 +4,16 @@ and the plan's numbers, never the whole spec."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from service.schemas.spec import DataSpec, EarlyStoppingSpec, ModelSpec, PeftSpec, TrainingSpec
+from service.schemas.spec import (
+    DataSpec,
+    EarlyStoppingSpec,
+    ModelSpec,
+    PeftSpec,
+    TimmModel,
+    TrainingSpec,
+)
 from workers.engine.models.hf import attention_of, resolve
 from workers.engine.optimizers import OptimizerChoice, choose
 from workers.engine.recipe import param_groups
@@ -17,6 +25,24 @@ FSDP_SHARDING = {
     "zero2": "SHARD_GRAD_OP",
     "hybrid_shard": "HYBRID_SHARD",
 }
+
+
+def timm_settings(model: TimmModel, data: DataSpec) -> dict[str, Any]:
+    """`timm.create_model(**create_model)`, as the plan built it: no weights, classes and
+    channels from the data; `img_size` for the models that take one (vision transformers size
+    their position embeddings by it; convolutional networks refuse the keyword); `fused_attn`
+    set on the attention blocks' attribute of that name where the spec chose it."""
+    create: dict[str, Any] = {"model_name": model.name, "pretrained": False}
+    create["num_classes"] = data.num_classes or 1000
+    if data.kind == "image":
+        create["in_chans"] = data.channels
+    create |= dict(model.kwargs)
+    out: dict[str, Any] = {"create_model": create}
+    if data.kind == "image":
+        out["img_size"] = [data.height, data.width]
+    if model.fused_attn is not None:
+        out["fused_attn"] = model.fused_attn
+    return out
 
 
 @dataclass(frozen=True)
@@ -50,6 +76,7 @@ class LaunchJob:
     attn_implementation: str | None  # transformers models: from_pretrained's kwarg
     causal_lm: bool  # a transformers *ForCausalLM: what TRL's SFTTrainer and Axolotl train
     tokens: TokenRows | None  # token data: the rows' length and how samples fill them
+    timm: dict[str, Any] | None  # a timm model: how to create it (configs.timm_settings)
     channels_last: bool
     epochs: float
     choice: OptimizerChoice
@@ -87,6 +114,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         attn_implementation=attention_of(model) if model.source == "transformers" else None,
         causal_lm=model.source == "transformers" and resolve(model)[0].endswith("ForCausalLM"),
         tokens=TokenRows(data.seq_len, data.batching) if data.kind == "tokens" else None,
+        timm=timm_settings(model, data) if model.source == "timm" else None,
         channels_last=getattr(data, "layout", None) == "channels_last",
         epochs=training.epochs,
         choice=choose(training),

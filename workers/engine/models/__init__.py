@@ -18,6 +18,7 @@ from workers.engine.models.built import BuiltModel
 from workers.engine.models.hf import build_transformers
 from workers.engine.models.layers import build_layers
 from workers.engine.models.registered import build_registered
+from workers.engine.models.timm_zoo import build_timm
 from workers.engine.models.vision import build_torchvision
 from workers.engine.peft import apply_peft
 
@@ -76,6 +77,8 @@ def _build(model: ModelSpec, data: DataSpec) -> BuiltModel:
         return build_layers(model, data)
     if model.source == "torchvision":
         return build_torchvision(model, data)
+    if model.source == "timm":
+        return build_timm(model, data)
     if model.source == "transformers":
         return build_transformers(model, data)
     if model.source == "registered":

@@ -5,6 +5,7 @@
 .venv/bin/python -m bench.fidelity --cuda     # on a GPU: real CUDA peaks and max batch
 .venv/bin/python -m bench.fidelity --published [--cases PATH] [--fit]
                                               # published real-GPU measurements (bench/published.py)
+.venv/bin/python -m bench.fidelity --timm [--every K]   # timm's RTX 3090 calibration rows
 
 Per model and batch, the bytes of tensors at the peak of one steady-state iteration (device
 overhead excluded):
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from bench import published
+from bench import published, timm_cases
 from bench.machine import header
 from service.schemas.examples import GRAY_CNN_MODEL as GRAY_CNN
 from service.schemas.examples import MLP_MODEL as MLP
@@ -307,6 +308,75 @@ def cuda_rows(memory_gib: float) -> list[dict[str, Any]]:
     return rows
 
 
+def timm_fidelity(folder: Path, every: int, out: Path) -> None:
+    """Every (K-th) calibration row planned with its recipe: brackets and throughput, per family
+    and overall (bench/timm_cases.py)."""
+    cases, skipped = timm_cases.cases(folder, every)
+    print(f"{len(cases)} cases; {len(skipped)} rows name a model today's timm lacks", flush=True)
+    rows, failed = [], []
+    for case in cases:
+        try:
+            row = published.run_case(case)
+        except Exception as exc:  # a model this stack cannot plan: counted, not fatal
+            failed.append({"id": case["id"], "error": f"{type(exc).__name__}: {exc}"[:300]})
+            print(f"{case['id']}: failed ({failed[-1]['error'][:120]})", flush=True)
+            continue
+        row["family"] = case["family"]
+        rows.append(row)
+        print(f"{case['id']}: {row['verdict_h0']} {row['wall_s']:.1f} s", flush=True)
+    print(published.report(rows))
+    summary = timm_summary(rows)
+    for line in summary["lines"]:
+        print(line)
+    payload = {
+        "header": header(),
+        "every": every,
+        "skipped": skipped,
+        "failed": failed,
+        "summary": {k: v for k, v in summary.items() if k != "lines"},
+        "rows": published.serialisable(rows),
+    }
+    out.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def timm_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Brackets held / over / under and the throughput ratio's spread, overall and by family."""
+
+    def figures(group: list[dict[str, Any]]) -> dict[str, Any]:
+        ratios = sorted(published.predicted_sps(r) / r["measured_sps"] for r in group)
+        verdicts = [r["verdict_h0"] for r in group]
+        return {
+            "cases": len(group),
+            "held": verdicts.count("ok"),
+            "over": verdicts.count("OVER"),
+            "under": verdicts.count("under"),
+            "over_at_default_headroom": sum(r["verdict_h5"] == "OVER" for r in group),
+            "ratio_median": statistics.median(ratios),
+            "ratio_p10": ratios[len(ratios) // 10],
+            "ratio_p90": ratios[min(len(ratios) - 1, (9 * len(ratios)) // 10)],
+            "within_1_25": sum(1 / 1.25 <= x <= 1.25 for x in ratios) / len(ratios),
+        }
+
+    if not rows:
+        return {"lines": ["no case planned"]}
+    overall = figures(rows)
+    families: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        families.setdefault(r["family"], []).append(r)
+    by_family = {name: figures(group) for name, group in sorted(families.items())}
+    lines = [
+        f"{'family':<16} {'cases':>5} {'held':>5} {'over':>5} {'under':>5} {'ratio p50':>9} "
+        f"{'p10':>6} {'p90':>6} {'in x1.25':>8}"
+    ]
+    for name, f in [*by_family.items(), ("ALL", overall)]:
+        lines.append(
+            f"{name:<16} {f['cases']:>5} {f['held']:>5} {f['over']:>5} {f['under']:>5} "
+            f"{f['ratio_median']:>9.2f} {f['ratio_p10']:>6.2f} {f['ratio_p90']:>6.2f} "
+            f"{f['within_1_25']:>8.0%}"
+        )
+    return {"overall": overall, "families": by_family, "lines": lines}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama", action="store_true", help="issue 4's llama figures")
@@ -316,9 +386,15 @@ def main() -> None:
     parser.add_argument("--published", action="store_true", help="published real-GPU cases")
     parser.add_argument("--cases", type=Path, default=published.DEFAULT_CASES)
     parser.add_argument("--fit", action="store_true", help="refit the roofline efficiencies")
+    parser.add_argument("--timm", action="store_true", help="timm's RTX 3090 calibration rows")
+    parser.add_argument("--every", type=int, default=1, help="with --timm: every K-th row")
+    parser.add_argument("--timm-dir", type=Path, default=timm_cases.DEFAULT_DIR)
     args = parser.parse_args()
     print(header(), flush=True)
     results = Path(__file__).parent / "results"
+    if args.timm:
+        timm_fidelity(args.timm_dir, args.every, results / "fidelity_timm.json")
+        return
     if args.published:
         rows = []
         for case in published.load_cases(args.cases):

@@ -91,3 +91,27 @@ def test_bad_timm_models_name_their_field(model: dict[str, Any], where: str) -> 
     with pytest.raises(engine.SpecError) as caught:
         engine.check(spec)
     assert caught.value.loc == ("model", where)
+
+
+def test_timm_benchmark_rows_become_cases_with_their_recipe() -> None:
+    """bench.fidelity --timm: a row's bracket follows timm's batch decay (512, 384, 256, 192,
+    ...): the batch that ran, and the step before it that ran out of memory."""
+    from bench import timm_cases
+
+    assert timm_cases.bracket(512) == {"fits": 512, "fails": None}
+    assert timm_cases.bracket(192) == {"fits": 192, "fails": 256}
+    assert timm_cases.bracket(48) == {"fits": 48, "fails": 64}
+    assert timm_cases.family("tf_efficientnet_b0") == "efficientnet"
+    assert timm_cases.family("vit_base_patch16_224") == "vit"
+    row = {
+        "model": "resnet18",
+        "train_samples_per_sec": "2500.5",
+        "train_batch_size": "384",
+        "train_img_size": "160",
+        "param_count": "11.69",
+    }
+    case = timm_cases._case("f.csv", row, "nhwc", ("1.12", "11.3"))
+    spec = PlanSpec.model_validate(case["spec"])
+    assert spec.model.source == "timm" and spec.model.fused_attn is False
+    assert spec.data.layout == "channels_last" and spec.data.height == 160
+    assert case["measured"]["max_batch"] == {"fits": 384, "fails": 512}

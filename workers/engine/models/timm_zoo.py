@@ -1,5 +1,6 @@
-"""The `timm` source: any name of `timm.list_models()`, built from its definition (never
-weights: `pretrained=False`, and the spec refuses the keywords that load files).
+"""The `timm` source: any name of `timm.list_models()` (or one timm renamed into a pretrained tag),
+built from its definition (never weights: `pretrained=False`, and the spec refuses the keywords
+that load files).
 
 timm's models are image classifiers: `num_classes` and `in_chans` follow the data unless the spec
 gives them, and the image size is passed where the model takes one (vision transformers size
@@ -22,17 +23,19 @@ from workers.engine.models.built import BuiltModel
 
 
 @cache
-def names() -> frozenset[str]:
+def known(name: str) -> bool:
+    """A name of `timm.list_models()`, or one timm has renamed into a pretrained tag since
+    (`ssl_resnet18` -> `resnet18.fb_ssl_yfcc100m_ft_in1k`: the same architecture)."""
     import timm  # the optional `vision` extra
 
-    return frozenset(timm.list_models())
+    return bool(timm.is_model(name))
 
 
 def build_timm(model_spec: TimmModel, data: DataSpec) -> BuiltModel:
     import timm  # the optional `vision` extra
 
     name = model_spec.name
-    if name not in names():
+    if not known(name):
         raise SpecError(("model", "name"), f"timm has no model {name!r}")
     if data.kind not in ("image", "tensor"):
         raise SpecError(("data", "kind"), f"{name} takes images; data.kind is {data.kind!r}")

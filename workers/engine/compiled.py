@@ -22,7 +22,7 @@ from service.schemas.spec import (
     TrainingSpec,
 )
 from workers.engine.configs.job import LaunchJob, launch_job
-from workers.engine.models.hf import attention_of, row_layout
+from workers.engine.models.hf import row_layout
 from workers.engine.optimizers import OptimizerChoice, choose
 from workers.engine.trace import RowLayout, TraceJob
 
@@ -80,12 +80,6 @@ def compile_job(spec: PlanSpec) -> CompiledJob:
     return _compile(spec.model, spec.data, spec.training, spec.device, spec.search)
 
 
-def _rows(model: ModelSpec, data: DataSpec) -> RowLayout:
-    if model.source != "transformers":
-        return "whole"
-    return row_layout(attention_of(model), data)
-
-
 def _compile(
     model: ModelSpec,
     data: DataSpec,
@@ -93,6 +87,9 @@ def _compile(
     device: DeviceSpec,
     search: SearchSpec,
 ) -> CompiledJob:
+    launch = launch_job(model, data, training)
+    attention = launch.attn_implementation  # transformers models only
+    rows: RowLayout = "whole" if attention is None else row_layout(attention, data)
     return CompiledJob(
         model=model,
         data=data,
@@ -100,8 +97,6 @@ def _compile(
         device=device,
         search=search,
         optimizer=choose(training),
-        trace=TraceJob(
-            training=training, data=data, headroom=search.headroom, rows=_rows(model, data)
-        ),
-        launch=launch_job(model, data, training),
+        trace=TraceJob(training=training, data=data, headroom=search.headroom, rows=rows),
+        launch=launch,
     )

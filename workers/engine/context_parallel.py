@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from workers.engine.compiled import CompiledJob
 from workers.engine.errors import SpecError, Unsupported
-from workers.engine.models.hf import attention_of
 
 FIELD = ("training", "parallelism", "context_parallel")
 RING_ATTENTION = {"sdpa", "flash_attention_2"}  # what CP's SDPA handler can take
@@ -42,8 +41,6 @@ def check(job: CompiledJob) -> None:
     n = job.training.parallelism.context_parallel
     if n == 1:
         return
-    from workers.engine.what_if import causal_lm  # what_if imports the job, which imports us
-
     data = job.data
     if data.kind != "tokens":
         raise SpecError(FIELD, "context parallelism splits a token sequence: data.kind 'tokens'")
@@ -53,10 +50,9 @@ def check(job: CompiledJob) -> None:
             f"seq_len {data.seq_len} must be a multiple of 2 x {n}: the load balancer gives "
             "each rank two of 2N equal chunks",
         )
-    model = job.model
-    if model.source != "transformers" or not causal_lm(job):
+    if not job.launch.causal_lm:
         raise SpecError(FIELD, "context parallelism is planned for transformers *ForCausalLM")
-    attention = attention_of(model)
+    attention = job.launch.attn_implementation
     if attention not in RING_ATTENTION:
         raise SpecError(
             FIELD,

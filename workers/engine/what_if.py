@@ -27,7 +27,6 @@ from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_
 from workers.engine.devices.base import ProbeSession
 from workers.engine.errors import SpecError
 from workers.engine.models import build_model
-from workers.engine.models.hf import resolve as resolve_architecture
 from workers.engine.optimizers import bitsandbytes_available
 from workers.engine.search import find_max_batch
 
@@ -112,15 +111,8 @@ def _scale_neighbours(job: CompiledJob) -> list[Scenario]:
 
 
 def causal_lm(job: CompiledJob) -> bool:
-    """A transformers *ForCausalLM, told from the spec (the build checks it again)."""
-    model = job.model
-    if model.source != "transformers":
-        return False
-    try:
-        architecture, _ = resolve_architecture(model)
-    except SpecError:
-        return False
-    return architecture.endswith("ForCausalLM")
+    """A transformers *ForCausalLM, told from the spec (the compile step's answer)."""
+    return job.launch.causal_lm
 
 
 def _with_peft(job: CompiledJob, peft: PeftSpec) -> Scenario:

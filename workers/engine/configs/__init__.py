@@ -39,15 +39,16 @@ __all__ = [
 
 def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
     """Every rendering of a feasible plan, keyed as `result.configs` carries them."""
+    trainer = hf_trainer_arguments(job, numbers)  # also what TRL and Axolotl build on
     out: dict[str, Any] = {
         "recipe": recipe_source(numbers.lr_schedule, numbers.learning_rate, job.param_groups),
         "pytorch": pytorch_loop(job, numbers),
         "lightning": lightning_settings(job, numbers),
-        "hf_trainer": hf_trainer_arguments(job, numbers),
+        "hf_trainer": trainer,
         "deepspeed": deepspeed_config(job, numbers),
         "accelerate": accelerate_config(job, numbers),
         "launch": launch_specs(job, numbers),
-        **fine_tuning_configs(job, numbers),
+        **fine_tuning_configs(job, numbers, trainer),
     }
     if job.hf and job.attn_implementation is not None:
         # what the plan traced: load the model with the same attention kernel

@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 from workers.engine.configs.deepspeed import deepspeed_config
-from workers.engine.configs.hf_trainer import hf_trainer_arguments
 from workers.engine.configs.job import LaunchJob
 from workers.engine.configs.numbers import PlanNumbers
 
@@ -58,24 +57,27 @@ AXOLOTL_CUT_CROSS_ENTROPY = {
 }
 
 
-def fine_tuning_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
+def fine_tuning_configs(
+    job: LaunchJob, numbers: PlanNumbers, trainer: dict[str, Any]
+) -> dict[str, Any]:
     """`trl_sft` and `axolotl` for a transformers causal LM on token data, where each runs the
-    plan's rows."""
+    plan's rows; `trainer`: the HF Trainer's arguments for the plan (`hf_trainer_arguments`),
+    which both build on."""
     if not job.causal_lm or job.tokens is None:
         return {}
-    out: dict[str, Any] = {"axolotl": axolotl_config(job, numbers)}
-    trl = trl_sft_config(job, numbers)
+    out: dict[str, Any] = {"axolotl": axolotl_config(job, numbers, trainer)}
+    trl = trl_sft_config(job, trainer)
     if trl is not None:
         out["trl_sft"] = trl
     return out
 
 
-def trl_sft_config(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any] | None:
+def trl_sft_config(job: LaunchJob, trainer: dict[str, Any]) -> dict[str, Any] | None:
     """Keyword arguments of `trl.SFTConfig` (add `output_dir`); None for packed rows with sdpa or
     eager (see the module's docstring)."""
     rows = job.tokens
     assert rows is not None
-    out = hf_trainer_arguments(job, numbers) | {"max_length": rows.seq_len}
+    out = trainer | {"max_length": rows.seq_len}
     if rows.batching == "packed":
         if job.attn_implementation not in VARLEN_ATTENTION:
             return None
@@ -85,11 +87,10 @@ def trl_sft_config(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any] | Non
     return out | {"packing": False, "padding_free": False, "pad_to_multiple_of": pad_to}
 
 
-def axolotl_config(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
+def axolotl_config(job: LaunchJob, numbers: PlanNumbers, trainer: dict[str, Any]) -> dict[str, Any]:
     """Axolotl's YAML keys for the plan (add `base_model`, `datasets`, `output_dir`)."""
     rows = job.tokens
     assert rows is not None
-    trainer = hf_trainer_arguments(job, numbers)
     out: dict[str, Any] = {
         "sequence_len": rows.seq_len,
         "sample_packing": rows.batching == "packed",

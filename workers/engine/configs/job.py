@@ -14,7 +14,7 @@ from service.schemas.spec import (
     TimmModel,
     TrainingSpec,
 )
-from workers.engine.models.hf import attention_of, resolve
+from workers.engine.models.hf import attention_of, is_causal_lm_spec
 from workers.engine.optimizers import OptimizerChoice, choose
 from workers.engine.recipe import param_groups
 
@@ -112,7 +112,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         context_parallel=training.parallelism.context_parallel,
         loss_kernel=training.loss_kernel,
         attn_implementation=attention_of(model) if model.source == "transformers" else None,
-        causal_lm=model.source == "transformers" and resolve(model)[0].endswith("ForCausalLM"),
+        causal_lm=model.source == "transformers" and is_causal_lm_spec(model),
         tokens=TokenRows(data.seq_len, data.batching) if data.kind == "tokens" else None,
         timm=timm_settings(model, data) if model.source == "timm" else None,
         channels_last=getattr(data, "layout", None) == "channels_last",

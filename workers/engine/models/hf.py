@@ -216,6 +216,16 @@ def resolve(model: TransformersModel) -> tuple[str, dict[str, Any]]:
     return model.architecture, dict(model.config)
 
 
+def is_causal_lm_spec(model: TransformersModel) -> bool:
+    """A transformers *ForCausalLM, told from the spec (the build checks it again; a preset it
+    does not know is the build's 422, not this answer's)."""
+    try:
+        architecture, _ = resolve(model)
+    except SpecError:
+        return False
+    return architecture.endswith("ForCausalLM")
+
+
 def model_class(architecture: str) -> Any:
     import transformers  # the optional `nlp` extra
 

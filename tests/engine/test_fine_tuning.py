@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from service.schemas.spec import PlanSpec
+from workers.engine.configs import configs_with_evaluation
 from tests.helpers import TINY_LLAMA, configs_of
 
 SHORT = {"percentiles": {"0": 5, "50": 20, "100": 64}}
@@ -63,6 +64,27 @@ def test_trl_sft_config_is_valid_and_batches_as_planned(
     assert config.learning_rate == args["learning_rate"] and config.bf16
     # the Trainer's own arguments are the hf_trainer rendering's
     assert {k: v for k, v in args.items() if k in configs["hf_trainer"]} == configs["hf_trainer"]
+
+
+@pytest.mark.parametrize("every_steps", [None, 50])
+def test_every_rendering_that_evaluates_gets_the_plan_s_evaluation(
+    tmp_path: Any, every_steps: int | None
+) -> None:
+    """The evaluation micro-batch is found after the renderings: each that evaluates takes it."""
+    trl = pytest.importorskip("trl")
+    configs = configs_of(llm_spec("pad_to_max"), **NUMBERS)
+    evaluated = configs_with_evaluation(configs, 7, every_steps)
+    config = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, **evaluated["trl_sft"])
+    assert config.per_device_eval_batch_size == 7
+    assert evaluated["hf_trainer"]["per_device_eval_batch_size"] == 7
+    axolotl = evaluated["axolotl"]
+    assert axolotl["eval_batch_size"] == 7
+    if every_steps is None:
+        assert config.eval_strategy == "epoch" and axolotl["evals_per_epoch"] == 1
+    else:
+        assert config.eval_strategy == "steps" and config.eval_steps == every_steps
+        assert axolotl["eval_steps"] == every_steps
+    assert "per_device_eval_batch_size" not in configs["trl_sft"]  # the input is not changed
 
 
 def test_packed_rows_get_no_trl_config_without_flash_attention() -> None:

@@ -36,8 +36,7 @@ from service.schemas.spec import SHARDED, DataSpec, TrainingSpec
 from workers.engine import checkpoint_policy, planner, recipe, token_batching
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.compiled import CompiledJob
-from workers.engine.configs import PlanNumbers, build_configs
-from workers.engine.configs.hf_trainer import with_evaluation
+from workers.engine.configs import PlanNumbers, build_configs, configs_with_evaluation
 from workers.engine.data import sample_bytes
 from workers.engine.depth_fold import Folding
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_session, twin_of
@@ -211,9 +210,9 @@ def _add_evaluation(
             )
         )
     spec = job.training.evaluation
-    if evaluation is not None and evaluation.micro_batch_size and "hf_trainer" in result.configs:
-        result.configs["hf_trainer"] = with_evaluation(
-            result.configs["hf_trainer"],
+    if evaluation is not None and evaluation.micro_batch_size:
+        result.configs = configs_with_evaluation(
+            result.configs,
             evaluation.micro_batch_size,
             spec.every_steps if spec is not None else None,
         )

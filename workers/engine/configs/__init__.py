@@ -17,8 +17,13 @@ from typing import Any
 from workers.engine.checkpointing import OP_POLICY_KEEPS
 from workers.engine.configs.accelerate import accelerate_config
 from workers.engine.configs.deepspeed import deepspeed_config, deepspeed_takes_recipe
-from workers.engine.configs.fine_tuning import fine_tuning_configs
-from workers.engine.configs.hf_trainer import hf_callbacks, hf_native_schedule, hf_trainer_arguments
+from workers.engine.configs.fine_tuning import axolotl_with_evaluation, fine_tuning_configs
+from workers.engine.configs.hf_trainer import (
+    hf_callbacks,
+    hf_native_schedule,
+    hf_trainer_arguments,
+    with_evaluation,
+)
 from workers.engine.configs.job import LaunchJob, launch_job
 from workers.engine.configs.launch import launch_specs
 from workers.engine.configs.lightning import lightning_settings
@@ -31,10 +36,26 @@ __all__ = [
     "LaunchJob",
     "PlanNumbers",
     "build_configs",
+    "configs_with_evaluation",
     "deepspeed_takes_recipe",
     "hf_native_schedule",
     "launch_job",
 ]
+
+
+def configs_with_evaluation(
+    configs: dict[str, Any], micro: int, every_steps: int | None
+) -> dict[str, Any]:
+    """The renderings that evaluate (the HF Trainer and TRL's SFTConfig, which is the Trainer's
+    arguments and more, and Axolotl) with the plan's evaluation micro-batch and cadence: the
+    evaluation's micro-batch is found after the renderings are built."""
+    out = dict(configs)
+    for key in ("hf_trainer", "trl_sft"):
+        if key in out:
+            out[key] = with_evaluation(out[key], micro, every_steps)
+    if "axolotl" in out:
+        out["axolotl"] = axolotl_with_evaluation(out["axolotl"], micro, every_steps)
+    return out
 
 
 def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:

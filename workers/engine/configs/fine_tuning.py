@@ -121,6 +121,18 @@ def axolotl_config(job: LaunchJob, numbers: PlanNumbers, trainer: dict[str, Any]
     return out | _layout(job, numbers)
 
 
+def axolotl_with_evaluation(
+    config: dict[str, Any], micro: int, every_steps: int | None
+) -> dict[str, Any]:
+    """Axolotl's keys for the plan's evaluation: its micro-batch (`eval_batch_size`, which
+    Axolotl passes as the Trainer's `per_device_eval_batch_size`) and its cadence (`eval_steps`,
+    else `evals_per_epoch: 1`)."""
+    out = config | {"eval_batch_size": micro}
+    if every_steps is None:
+        return out | {"evals_per_epoch": 1}
+    return out | {"eval_steps": every_steps}
+
+
 def _precision(precision: str) -> dict[str, Any]:
     """bf16/fp16 are Axolotl's mixed precision (AMP); `bfloat16` loads the weights in bf16."""
     return {

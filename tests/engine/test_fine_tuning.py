@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from service.schemas.spec import PlanSpec
-from workers.engine.configs import configs_with_evaluation
 from tests.helpers import TINY_LLAMA, configs_of
+from workers.engine.configs import configs_with_evaluation
 
 SHORT = {"percentiles": {"0": 5, "50": 20, "100": 64}}
 

@@ -132,6 +132,13 @@ class StepSplit(BaseModel):
         "exchanged in backward; attention waits for them, so added.",
     )
     context_parallel_bytes: float = Field(default=0.0, description="Through each rank's link.")
+    tensor_parallel_s: float = Field(
+        default=0.0,
+        description="Tensor parallelism's all-reduces over the tp group's link: after each "
+        "rowwise layer in forward (and recompute) and after each colwise layer's input "
+        "gradient in backward; the next layer waits for them, so added.",
+    )
+    tensor_parallel_bytes: float = Field(default=0.0, description="Through each rank's link.")
 
 
 class Throughput(BaseModel):

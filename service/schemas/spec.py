@@ -477,6 +477,21 @@ class ParallelismSpec(StrictModel):
         "of 2N.",
     )
 
+    tensor_parallel: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Ranks each transformer block's linear layers are split over (tensor "
+        "parallelism, DTensor's parallelize_module with the colwise/rowwise plan transformers "
+        "ships for the architecture: q/k/v and the MLP's up projections by output features, "
+        "the attention's output and the MLP's down projection by input features, an "
+        "all-reduce after each). Composed with fsdp on one mesh as torchtitan composes them "
+        "(dp_shard x cp x tp): FSDP shards each TP shard over world_size / N ranks. The "
+        "embeddings and the output head are sharded by FSDP only. Needs strategy fsdp, a fixed "
+        "world_size that is a multiple of N x context_parallel, and attention and key/value "
+        "heads that N divides.",
+    )
+
     @field_validator("world_size")
     @classmethod
     def _world(cls, value: Any) -> Any:
@@ -500,6 +515,13 @@ class ParallelismSpec(StrictModel):
             )
         if self.context_parallel > 1 and self.world_size == "auto":
             raise ValueError("context_parallel needs a fixed world_size, not 'auto'")
+        if self.tensor_parallel > 1 and self.strategy != "fsdp":
+            raise ValueError(
+                "tensor_parallel composes with strategy 'fsdp' (each tensor-parallel shard "
+                f"sharded over the data ranks, as torchtitan does), not {self.strategy!r}"
+            )
+        if self.tensor_parallel > 1 and self.world_size == "auto":
+            raise ValueError("tensor_parallel needs a fixed world_size, not 'auto'")
         return self
 
     def resolved(self, world_size: int) -> Strategy:
@@ -853,9 +875,14 @@ class TrainingSpec(StrictModel):
 
     @property
     def data_parallel_size(self) -> int:
-        """Ranks that see different samples: the world less context parallelism's groups (the
-        ranks of one group share each sample's sequence)."""
-        return self.world_size // self.parallelism.context_parallel
+        """Ranks that see different samples: the world less context and tensor parallelism's
+        groups (the ranks of one group share each sample: its sequence, or its layers)."""
+        return self.world_size // self.model_parallel_size
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that work on the same samples: context x tensor parallelism."""
+        return self.parallelism.context_parallel * self.parallelism.tensor_parallel
 
     @model_validator(mode="after")
     def _world_fits(self) -> TrainingSpec:
@@ -879,10 +906,15 @@ class TrainingSpec(StrictModel):
                 f"hybrid_shard needs whole nodes: world_size {self.world_size} is not a "
                 f"multiple of parallelism.gpus_per_node {per_node}"
             )
-        cp = self.parallelism.context_parallel
+        cp, tp = self.parallelism.context_parallel, self.parallelism.tensor_parallel
         if cp > 1 and self.world_size % cp:
             raise ValueError(
                 f"parallelism.context_parallel {cp} must divide world_size {self.world_size}"
+            )
+        if tp > 1 and self.world_size % (cp * tp):
+            raise ValueError(
+                f"parallelism.tensor_parallel {tp} x context_parallel {cp} must divide "
+                f"world_size {self.world_size}"
             )
         if self.global_batch_size < self.data_parallel_size:
             raise ValueError("global_batch_size must be at least world_size (one sample per rank)")

@@ -56,10 +56,26 @@ def step_traffic(
     precision: str,
     accumulation: int,
     reshards_after_forward: bool = True,
+    tensor_parallel: int = 1,
 ) -> StepTraffic | None:
-    """Bytes and seconds of communication per optimizer step; None for one process."""
+    """Bytes and seconds of data-parallel communication per optimizer step; None for one
+    process. Under tensor parallelism FSDP shards each rank's 1/tp of the parameters over the
+    world_size / tp ranks that hold the same slice (strided by tp: across nodes as soon as the
+    world is)."""
     if strategy == "none" or world_size <= 1:
         return None
+    if tensor_parallel > 1:
+        return _tensor_parallel_fsdp(
+            gpu,
+            world_size,
+            gpus_per_node,
+            trainable,
+            parameters,
+            precision,
+            accumulation,
+            reshards_after_forward,
+            tensor_parallel,
+        )
     grad_bytes = trainable * (2 if precision == "bf16" else 4)
     gathered_bytes = parameters * LOW_BYTES.get(precision, 4)
     n = world_size
@@ -89,3 +105,29 @@ def _timed(total: float, gbs: float) -> StepTraffic:
 def exposed(communication_s: float, compute_s: float) -> float:
     """The part of the communication that compute does not hide."""
     return max(0.0, communication_s - compute_s)
+
+
+def _tensor_parallel_fsdp(
+    gpu: GpuModel,
+    world_size: int,
+    gpus_per_node: int,
+    trainable: int,
+    parameters: int,
+    precision: str,
+    accumulation: int,
+    reshards_after_forward: bool,
+    tp: int,
+) -> StepTraffic | None:
+    """fsdp over the data ranks of a (dp, tp) mesh: each moves its 1/tp slice (the embeddings
+    and head, which TP does not split, are counted split too: a slight undercount)."""
+    n = world_size // tp
+    if n <= 1:
+        return None
+    grad_bytes = trainable * (2 if precision == "bf16" else 4) / tp
+    gathered_bytes = parameters * LOW_BYTES.get(precision, 4) / tp
+    gathers = 2 if reshards_after_forward else 1
+    per_micro = ring(n, "all_gather") * gathered_bytes * gathers
+    per_micro += ring(n, "reduce_scatter") * grad_bytes
+    gbs = link_gbs(gpu, world_size, gpus_per_node)  # the dp ranks are tp apart
+    total = per_micro * accumulation
+    return StepTraffic(total, total / (gbs * 1e9), gbs)

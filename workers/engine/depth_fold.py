@@ -98,7 +98,12 @@ def fold_cost(costs: dict[int, StepCost], base: int, depth: int) -> StepCost:
         first,
         ops=list(first.ops) + list(ops.elements()) * extra + grown,
         offloaded=_linear([costs[base + i].offloaded for i in range(3)], extra, "offload"),
-        ring_bytes=_linear([costs[base + i].ring_bytes for i in range(3)], extra, "ring"),
+        link_bytes={
+            bucket: _linear(
+                [costs[base + i].link_bytes.get(bucket, 0) for i in range(3)], extra, bucket
+            )
+            for bucket in first.link_bytes
+        },
         recomputed=_linear([costs[base + i].recomputed for i in range(3)], extra, "recomputed"),
     )
 

@@ -30,11 +30,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from service.schemas.spec import SHARDED, TrainingSpec
+from workers.engine.tensor_parallel import parallelize_blocks
 from workers.engine.tracker import MemoryTracker
 
 REPLICATING = frozenset({"ddp", "zero1"})
@@ -50,6 +52,8 @@ class World:
     mesh: Any = None
     context_parallel: int = 1  # ranks one sequence is split over
     cp_mesh: Any = None  # their mesh dimension (context_parallel.py)
+    tensor_parallel: int = 1  # ranks each block's linear layers are split over
+    tp_mesh: Any = None  # their mesh dimension (tensor_parallel.py)
 
     @property
     def shards(self) -> bool:
@@ -85,9 +89,10 @@ def fake_world(training: TrainingSpec) -> Iterator[World | None]:
             size,
             training.parallelism.gpus_per_node,
             context_parallel=training.parallelism.context_parallel,
+            tensor_parallel=training.parallelism.tensor_parallel,
         )
-        if world.context_parallel > 1:
-            world.mesh, world.cp_mesh = _context_mesh(world)
+        if world.context_parallel > 1 or world.tensor_parallel > 1:
+            world.mesh, world.cp_mesh, world.tp_mesh = _layout_mesh(world)
         elif world.shards:
             world.mesh = _mesh(world)
         yield world
@@ -109,11 +114,17 @@ def _mesh(world: World) -> Any:
     return init_device_mesh("cpu", (world.world_size,))
 
 
-def _context_mesh(world: World) -> tuple[Any, Any]:
-    """torchtitan's layout: a (dp_shard, cp) mesh; FSDP over both flattened, CP over cp."""
-    cp = world.context_parallel
-    mesh = init_device_mesh("cpu", (world.world_size // cp, cp), mesh_dim_names=("dp_shard", "cp"))
-    return mesh["dp_shard", "cp"]._flatten("dp_shard_cp"), mesh["cp"]
+def _layout_mesh(world: World) -> tuple[Any, Any, Any]:
+    """torchtitan's layout: a (dp_shard, cp, tp) mesh (dimensions of one left out), FSDP over
+    dp_shard and cp flattened, CP over cp, TP over tp (adjacent ranks: inside a node first).
+    Returns the FSDP, CP and TP meshes (None for a dimension of one)."""
+    cp, tp = world.context_parallel, world.tensor_parallel
+    dims = [("dp_shard", world.world_size // (cp * tp)), ("cp", cp), ("tp", tp)]
+    dims = [(name, size) for name, size in dims if size > 1 or name == "dp_shard"]
+    names = tuple(name for name, _ in dims)
+    mesh = init_device_mesh("cpu", tuple(size for _, size in dims), mesh_dim_names=names)
+    fsdp = mesh["dp_shard", "cp"]._flatten("dp_shard_cp") if cp > 1 else mesh["dp_shard"]
+    return fsdp, mesh["cp"] if cp > 1 else None, mesh["tp"] if tp > 1 else None
 
 
 @contextmanager
@@ -124,6 +135,7 @@ def traced_collectives(tracker: MemoryTracker) -> Iterator[None]:
 
     resize = torch.UntypedStorage.resize_
     propagate = ShardingPropagator._propagate_tensor_meta_non_cached
+    coordinates = DeviceMesh._compute_coordinate_on_dim
 
     def tracked_resize(storage: Any, size: int) -> Any:
         out = resize(storage, size)
@@ -134,14 +146,22 @@ def traced_collectives(tracker: MemoryTracker) -> Iterator[None]:
         with tracker.paused():
             return propagate(self, op_schema)
 
+    def real_coordinates(mesh: DeviceMesh) -> Any:
+        # FSDP joins its mesh and a TP-sharded parameter's under the fake mode: the new mesh's
+        # coordinates of this rank are read from real rank ids, as outside it
+        with tracker.paused(), unset_fake_temporarily():
+            return coordinates(mesh)
+
     # setattr: these are patches of torch's own classes for the trace's duration
     setattr(torch.UntypedStorage, "resize_", tracked_resize)  # noqa: B010
     setattr(ShardingPropagator, "_propagate_tensor_meta_non_cached", untracked_propagate)  # noqa: B010
+    setattr(DeviceMesh, "_compute_coordinate_on_dim", real_coordinates)  # noqa: B010
     try:
         yield
     finally:
         setattr(torch.UntypedStorage, "resize_", resize)  # noqa: B010
         setattr(ShardingPropagator, "_propagate_tensor_meta_non_cached", propagate)  # noqa: B010
+        setattr(DeviceMesh, "_compute_coordinate_on_dim", coordinates)  # noqa: B010
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -168,6 +188,8 @@ def shard(model: nn.Module, world: World, training: TrainingSpec, low: torch.dty
     policy = MixedPrecisionPolicy()
     if low is not None:  # gathered in low precision, gradients reduced in fp32 (FSDP2's advice)
         policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+    if world.tensor_parallel > 1:
+        parallelize_blocks(blocks(model), model.config, training, world.tp_mesh)
     seen: set[int] = set()
     for block in blocks(model):
         if id(block) in seen or block is model:

@@ -605,6 +605,7 @@ def _traffic(
         precision=training.precision,
         accumulation=accumulation,
         reshards_after_forward=training.reshards_after_forward,
+        tensor_parallel=training.parallelism.tensor_parallel,
     )
 
 
@@ -629,7 +630,8 @@ def estimate_throughput(
     recompute = seconds["recompute"] * k  # checkpointed blocks' forwards, again in backward
     offload = seconds["offload"] * k  # on the compute stream: not overlapped
     ring = seconds["ring"] * k  # attention waits for the gathered keys and values
-    step = compute + memory_bound + recompute + optimizer + offload + ring
+    tensor_parallel = seconds["tensor_parallel"] * k  # the next layer waits for the all-reduce
+    step = compute + memory_bound + recompute + optimizer + offload + ring + tensor_parallel
     step += exposed(comm, compute + memory_bound + recompute)
     input_bytes = sample_bytes(data) * batches.micro_batch_size
     estimate = _throughput(
@@ -652,6 +654,8 @@ def estimate_throughput(
             offload_bytes=2 * cost.offloaded * k,
             context_parallel_s=ring,
             context_parallel_bytes=cost.ring_bytes * k,
+            tensor_parallel_s=tensor_parallel,
+            tensor_parallel_bytes=cost.tensor_parallel_bytes * k,
         ),
     )
     rate = estimate.samples_per_second

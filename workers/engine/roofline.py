@@ -115,10 +115,12 @@ class StepCost:
     # backward), over the card's host link; both copies run on the compute stream.
     offloaded: int = 0
     host_bandwidth: float = 0.0  # bytes/s one way
-    # Context parallelism: bytes through this rank's link in the ring's collectives (keys and
-    # values gathered, their gradients exchanged); not overlapped with attention.
-    ring_bytes: int = 0
-    ring_bandwidth: float = 0.0  # bytes/s of the cp group's link
+    # Bytes through this rank's link in the collectives of a model-parallel group, by the
+    # group's bucket: "ring" (context parallelism: keys and values gathered, their gradients
+    # exchanged; not overlapped with attention) and "tensor_parallel" (the all-reduces after
+    # split layers; on the critical path). Data-parallel traffic is `communication.py`'s.
+    link_bytes: dict[str, int] = field(default_factory=dict)
+    link_bandwidth: dict[str, float] = field(default_factory=dict)  # bytes/s, by bucket
     # Checkpointing: bytes of the activations checkpointed blocks make again in backward (the
     # outputs of the ops they recompute), rather than keep from forward.
     recomputed: int = 0
@@ -126,6 +128,14 @@ class StepCost:
     @property
     def flops(self) -> int:
         return sum(op.flops for op in self.ops)
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.link_bytes.get("ring", 0)
+
+    @property
+    def tensor_parallel_bytes(self) -> int:
+        return self.link_bytes.get("tensor_parallel", 0)
 
     def seconds(self, efficiency: dict[str, float] | None = None) -> dict[str, float]:
         eff = efficiency or EFFICIENCY
@@ -136,11 +146,46 @@ class StepCost:
             compute = op.flops / (op.ceiling * eff[op.kind]) if op.flops and op.ceiling else 0.0
             out[op.bucket] += max(compute, memory)
         out["offload"] = 2 * self.offloaded / self.host_bandwidth if self.offloaded else 0.0
-        out["ring"] = self.ring_bytes / self.ring_bandwidth if self.ring_bytes else 0.0
+        for bucket in LINK_BUCKETS:
+            sent = self.link_bytes.get(bucket, 0)
+            out[bucket] = sent / self.link_bandwidth[bucket] if sent else 0.0
         return out
 
     def total_s(self, efficiency: dict[str, float] | None = None) -> float:
         return sum(self.seconds(efficiency).values())
+
+
+LINK_BUCKETS = ("ring", "tensor_parallel")
+
+
+@dataclass(frozen=True)
+class LinkGroup:
+    """A model-parallel process group whose collectives the step's cost counts as link time."""
+
+    name: str  # the process group's name: the last argument of its functional collectives
+    bucket: str  # one of LINK_BUCKETS
+    ranks: int
+    bandwidth: float  # bytes/s of the group's slowest link
+
+
+# Ring algorithms (NCCL's for large messages): bytes each rank sends per byte of the output
+RING_SHARE: dict[str, Callable[[int], float]] = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather_into_tensor": lambda n: (n - 1) / n,
+    "reduce_scatter_tensor": lambda n: float(n - 1),  # the output is 1/n of the input
+    "all_to_all_single": lambda n: (n - 1) / n,
+}
+
+
+def link_bytes(opname: str, out: Any, group: LinkGroup) -> int:
+    """Bytes a rank sends through its link in one collective of `group`. Context
+    parallelism's ring keeps its own count ((n-1)/n of each output: gathered keys and values and
+    the gradients exchanged for them)."""
+    n = group.ranks
+    if group.bucket == "ring":
+        return _nbytes(out) * (n - 1) // n
+    share = RING_SHARE.get(opname.removesuffix("_"), lambda n: (n - 1) / n)
+    return int(_nbytes(out) * share(n))
 
 
 def _nbytes(value: Any) -> int:
@@ -259,7 +304,7 @@ class StepCostMode(TorchDispatchMode):
         phase: Callable[[], str],
         *,
         offload: OffloadLedger | None = None,
-        ring: tuple[str, int, float] | None = None,
+        groups: tuple[LinkGroup, ...] = (),
         tracker: MemoryTracker | None = None,
     ) -> None:
         super().__init__()
@@ -270,19 +315,20 @@ class StepCostMode(TorchDispatchMode):
         # and ops on DTensors (DTensor runs them on this rank's local tensors)
         self.tracker = tracker
         self.offload = offload  # the job's activation offload, read when the step is done
-        # context parallelism: (its group's name, its ranks, their link's bytes/s)
-        self.ring = ring
+        # context and tensor parallelism's groups, by name
+        self.groups = {group.name: group for group in groups}
         self.cost = StepCost(
             roofline.bandwidth,
             host_bandwidth=roofline.host_bandwidth,
-            ring_bandwidth=ring[2] if ring else 0.0,
+            link_bandwidth={group.bucket: group.bandwidth for group in groups},
         )
 
-    def _on_ring(self, func: Any, args: Any) -> bool:
-        """A collective of context parallelism's group (its name is the last argument)."""
-        if self.ring is None or func.namespace != "_c10d_functional":
-            return False
-        return bool(args) and args[-1] == self.ring[0]
+    def _group_of(self, func: Any, args: Any) -> LinkGroup | None:
+        """The model-parallel group a collective runs on (its name is the last argument)."""
+        if not self.groups or func.namespace != "_c10d_functional" or not args:
+            return None
+        last = args[-1]
+        return self.groups.get(last) if isinstance(last, str) else None
 
     def __exit__(self, *exc: Any) -> None:
         if self.offload is not None:
@@ -298,9 +344,11 @@ class StepCostMode(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func.is_view or func._overloadpacket in NO_TRAFFIC:
             return out
-        if self._on_ring(func, args):  # through the link, not through HBM's roofline
-            ranks = self.ring[1]  # type: ignore[index]
-            self.cost.ring_bytes += _nbytes(out) * (ranks - 1) // ranks
+        group = self._group_of(func, args)
+        if group is not None:  # through the link, not through HBM's roofline
+            sent = link_bytes(func._opname, out, group)
+            links = self.cost.link_bytes
+            links[group.bucket] = links.get(group.bucket, 0) + sent
             return out
         kind = op_class(func)
         flops = op_flops(func, args, kwargs, out) if kind != "memory" else 0

@@ -47,11 +47,16 @@ def fewest_gpus(
     strategy: str,
     on_probe: Callable[[int, TrialOutcome], None] | None = None,
 ) -> ScaleOutAnswer:
-    """The smallest world size (within the global batch: a sample per rank) where `strategy`
-    fits a micro-batch of one on `device` (of two where training is undefined at one)."""
+    """The smallest world size (within the global batch: a sample per data-parallel rank, in
+    whole context- and tensor-parallel groups) where `strategy` fits a micro-batch of one on
+    `device` (of two where training is undefined at one)."""
     gpus = job.training.parallelism.gpus_per_node
-    sizes = world_sizes(gpus, min(MAX_WORLD, job.training.global_batch_size))
+    group = job.training.model_parallel_size  # context x tensor parallel ranks: whole groups
+    sizes = world_sizes(gpus, min(MAX_WORLD, job.training.global_batch_size * group))
+    sizes = [size for size in sizes if size % group == 0]
     checked: dict[int, TrialOutcome] = {}
+    if not sizes:
+        return ScaleOutAnswer(strategy, None, checked)
 
     def probe(size: int) -> TrialOutcome:
         if size not in checked:

@@ -78,8 +78,10 @@ def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
         job.checkpoint_every > 1 or job.checkpoint_selective == "op"
     ):
         out["checkpointing"] = checkpointing_settings(job)
-    if job.context_parallel > 1:
-        out["context_parallel"] = context_parallel_settings(job)
+    if job.context_parallel > 1 or job.tensor_parallel > 1:
+        out["parallelism"] = layout_settings(job)
+    if job.context_parallel > 1:  # the name this rendering had before tensor parallelism
+        out["context_parallel"] = out["parallelism"]
     if job.loss_kernel == "cut_cross_entropy":
         # no Trainer flag: patch the model before Trainer / SFTTrainer(model=...) takes it
         out["cut_cross_entropy"] = {
@@ -112,25 +114,29 @@ def checkpointing_settings(job: LaunchJob) -> dict[str, Any]:
     return out
 
 
-def context_parallel_settings(job: LaunchJob) -> dict[str, Any]:
+def layout_settings(job: LaunchJob) -> dict[str, Any]:
     """The layout the plan traced, as torchtitan's config and Accelerate's `ParallelismConfig`
-    (the HF Trainer's `parallelism_config`) spell it: FSDP over world / N x N ranks, the
-    sequence over N, keys and values all-gathered (the rotate method traced)."""
-    n, shard = job.context_parallel, job.world_size // job.context_parallel
+    (the HF Trainer's `parallelism_config`) spell it: FSDP over world / (cp x tp) ranks, the
+    sequence over cp (keys and values all-gathered: the rotate method traced), each block's
+    linear layers over tp. torchtitan's Llama plan also splits the embeddings and the output
+    head by TP and runs sequence parallelism (norms on a 1/tp of the tokens): both hold less
+    than the plan traced, so the plan's per-rank peak is an upper bound there; loss parallelism
+    is off as traced (whole logits)."""
+    cp, tp = job.context_parallel, job.tensor_parallel
+    shard = job.world_size // (cp * tp)
+    titan: dict[str, Any] = {"data_parallel_shard_degree": shard}
+    accelerate: dict[str, Any] = {"dp_shard_size": shard}
+    if cp > 1:
+        titan |= {"context_parallel_degree": cp, "context_parallel_rotate_method": "allgather"}
+        accelerate |= {
+            "cp_size": cp,
+            "cp_backend": "torch",
+            "cp_handler": {"cp_comm_strategy": "allgather"},
+        }
+    if tp > 1:
+        titan |= {"tensor_parallel_degree": tp, "disable_loss_parallel": True}
+        accelerate |= {"tp_size": tp}
     return {
-        "torchtitan": {
-            "parallelism": {
-                "data_parallel_shard_degree": shard,
-                "context_parallel_degree": n,
-                "context_parallel_rotate_method": "allgather",
-            }
-        },
-        "accelerate": {
-            "parallelism_config": {
-                "dp_shard_size": shard,
-                "cp_size": n,
-                "cp_backend": "torch",
-                "cp_handler": {"cp_comm_strategy": "allgather"},
-            }
-        },
+        "torchtitan": {"parallelism": titan},
+        "accelerate": {"parallelism_config": accelerate},
     }

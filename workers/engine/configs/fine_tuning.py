@@ -161,8 +161,8 @@ def _lora(job: LaunchJob) -> dict[str, Any]:
 
 def _layout(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
     """FSDP 2 (fsdp_version 2, as the plan traces `fully_shard`), or DeepSpeed's ZeRO-1 config;
-    the sequence split over `context_parallel_size` ranks; hybrid sharding as Axolotl's
-    dp_shard / dp_replicate sizes."""
+    the sequence split over `context_parallel_size` ranks, the blocks over
+    `tensor_parallel_size`; hybrid sharding as Axolotl's dp_shard / dp_replicate sizes."""
     out: dict[str, Any] = {}
     if job.strategy == "zero1":
         out["deepspeed"] = deepspeed_config(job, numbers)
@@ -179,4 +179,7 @@ def _layout(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
             out["dp_replicate_size"] = numbers.world_size // per_node
     if job.context_parallel > 1:
         out["context_parallel_size"] = job.context_parallel
+    if job.tensor_parallel > 1:
+        out["tensor_parallel_size"] = job.tensor_parallel
+        out["dp_shard_size"] = numbers.world_size // (job.context_parallel * job.tensor_parallel)
     return out

@@ -72,6 +72,7 @@ class LaunchJob:
     checkpoint_offload: bool  # the checkpoints' saved inputs in pinned host memory
     checkpoint_selective: str  # block | op: what a checkpointed block keeps
     context_parallel: int  # ranks one sequence is split over
+    tensor_parallel: int  # ranks each block's linear layers are split over
     loss_kernel: str  # standard | liger | cut_cross_entropy
     attn_implementation: str | None  # transformers models: from_pretrained's kwarg
     causal_lm: bool  # a transformers *ForCausalLM: what TRL's SFTTrainer and Axolotl train
@@ -110,6 +111,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         checkpoint_offload=training.checkpointing.offload,
         checkpoint_selective=training.checkpointing.selective,
         context_parallel=training.parallelism.context_parallel,
+        tensor_parallel=training.parallelism.tensor_parallel,
         loss_kernel=training.loss_kernel,
         attn_implementation=attention_of(model) if model.source == "transformers" else None,
         causal_lm=model.source == "transformers" and is_causal_lm_spec(model),

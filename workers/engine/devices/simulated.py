@@ -49,7 +49,7 @@ from workers.engine.distributed import World, fake_world, traced_collectives
 from workers.engine.errors import SpecError
 from workers.engine.job import TrainingJob
 from workers.engine.models import BuiltModel
-from workers.engine.roofline import Roofline, StepCost, StepCostMode
+from workers.engine.roofline import LinkGroup, Roofline, StepCost, StepCostMode
 from workers.engine.runtime import FixedCosts, Runtime, fixed_costs, parse_version
 from workers.engine.trace import TraceJob
 from workers.engine.tracker import CATEGORIES, MemoryTracker
@@ -352,19 +352,29 @@ class _SimulatedSession(ProbeSession):
             roofline,
             lambda: tracker.phase,
             offload=job.activation_offload,
-            ring=_ring(job, device.gpu),
+            groups=_link_groups(job, device.gpu),
             tracker=tracker,
         )
 
 
-def _ring(job: TrainingJob, gpu: GpuModel) -> tuple[str, int, float] | None:
-    """Context parallelism's group as the roofline needs it: its name (what its collectives
-    carry), its ranks and their link (NVLink within a node, the network across)."""
+def _link_groups(job: TrainingJob, gpu: GpuModel) -> tuple[LinkGroup, ...]:
+    """Context and tensor parallelism's groups as the roofline needs them: each one's name
+    (what its collectives carry), its ranks and their link (NVLink within a node, the network
+    across)."""
     world = job.world
-    if world is None or world.context_parallel == 1:
-        return None
-    link = link_gbs(gpu, world.context_parallel, world.gpus_per_node) * 1e9
-    return world.cp_mesh.get_group().group_name, world.context_parallel, link
+    if world is None:
+        return ()
+    out = []
+    cp, tp = world.context_parallel, world.tensor_parallel
+    # (bucket, ranks, the consecutive ranks the group spans: tp innermost, cp strided by it)
+    for bucket, ranks, span, mesh in (
+        ("ring", cp, cp * tp, world.cp_mesh),
+        ("tensor_parallel", tp, tp, world.tp_mesh),
+    ):
+        if ranks > 1:
+            link = link_gbs(gpu, span, world.gpus_per_node) * 1e9
+            out.append(LinkGroup(mesh.get_group().group_name, bucket, ranks, link))
+    return tuple(out)
 
 
 class _FoldedSession(_SimulatedSession):

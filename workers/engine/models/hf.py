@@ -329,9 +329,46 @@ def _no_packed_sequences(position_ids: torch.Tensor) -> None:
     return None
 
 
+def hf_config(model: TransformersModel, data: DataSpec) -> Any:
+    """The model's transformers config as the build makes it (cheap: no module is built)."""
+    architecture, config_values = resolve(model)
+    return _config(model, data, architecture, model_class(architecture), config_values)
+
+
 def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:
     architecture, config_values = resolve(model)
     cls = model_class(architecture)
+    config = _config(model, data, architecture, cls, config_values)
+    attention = attention_of(model)
+    _check_attention(cls, attention)
+    # flash_attention_2 needs the flash-attn package and a GPU, flex_attention torch.compile's
+    # Triton kernel; SDPA's flash kernel keeps the same O(T) statistics (the output and a
+    # float32 logsumexp per row and head), so it stands in for both
+    config._attn_implementation = "eager" if attention == "eager" else "sdpa"
+    try:
+        module = cls(config)
+    except Exception as exc:
+        raise _config_error(architecture, exc, config_values) from None
+    module.config.use_cache = False
+    moe = _traceable_experts(module)
+    family = "hf_sequence" if architecture.endswith("ForSequenceClassification") else "hf"
+    return BuiltModel(
+        module,
+        family,
+        forward_loss=hf_forward_loss,
+        vocab_size=getattr(config, "vocab_size", None),
+        moe=moe,
+    )
+
+
+def _config(
+    model: TransformersModel,
+    data: DataSpec,
+    architecture: str,
+    cls: Any,
+    config_values: dict[str, Any],
+) -> Any:
+    """The architecture's config from the spec's values, each refusal a 422 at its key."""
     is_vision = architecture.endswith(VISION_SUFFIXES)
     if is_vision and data.kind != "image":
         raise SpecError(("data", "kind"), f"{architecture} takes images: use data.kind 'image'")
@@ -361,26 +398,7 @@ def build_transformers(model: TransformersModel, data: DataSpec) -> BuiltModel:
                 ("data", "seq_len"),
                 f"seq_len {data.seq_len} is longer than the model's {limit} positions",
             )
-    attention = attention_of(model)
-    _check_attention(cls, attention)
-    # flash_attention_2 needs the flash-attn package and a GPU, flex_attention torch.compile's
-    # Triton kernel; SDPA's flash kernel keeps the same O(T) statistics (the output and a
-    # float32 logsumexp per row and head), so it stands in for both
-    config._attn_implementation = "eager" if attention == "eager" else "sdpa"
-    try:
-        module = cls(config)
-    except Exception as exc:
-        raise _config_error(architecture, exc, config_values) from None
-    module.config.use_cache = False
-    moe = _traceable_experts(module)
-    family = "hf_sequence" if architecture.endswith("ForSequenceClassification") else "hf"
-    return BuiltModel(
-        module,
-        family,
-        forward_loss=hf_forward_loss,
-        vocab_size=getattr(config, "vocab_size", None),
-        moe=moe,
-    )
+    return config
 
 
 # attn_implementation -> the class flag transformers checks before it loads a model with it

@@ -1,0 +1,156 @@
+"""Tensor parallelism: each transformer block's linear layers split over N ranks.
+
+`parallelism.tensor_parallel: N` traces what torchtitan and transformers' own `tp_plan` run: a
+(dp_shard, [cp,] tp) device mesh, DTensor's `parallelize_module` on every decoder layer with the
+plan transformers ships for the architecture (`config.base_model_tp_plan`), then FSDP over the
+data ranks on top. "colwise" (`ColwiseParallel`) splits a linear layer's output features: q, k, v
+and the MLP's gate and up projections, so each rank holds heads / N attention heads and
+intermediate / N MLP features; "rowwise" (`RowwiseParallel`) splits the input features of the
+attention's output and the MLP's down projection, whose partial sums are all-reduced. Forward
+all-reduces after each rowwise layer and backward after each colwise layer's input gradient:
+four all-reduces of (micro-batch x tokens x hidden) per block and step, more with checkpointed
+recompute, on the critical path (no async TP). The traced collectives are the ones costed.
+
+What this first layout leaves out, each stated where it matters:
+- sequence parallelism (norms and residuals split on the sequence): the residual stream and the
+  norms' activations are whole on every rank, as with transformers' plan;
+- the embeddings and the output head are not split by TP (transformers' plan splits the head's
+  weight by vocabulary and gathers its output: the logits are whole either way); FSDP shards
+  them over the data ranks;
+- entries other than colwise/rowwise (packed projections, experts' own styles) and
+  LoRA-wrapped layers: refused at the field. An MoE model whose plan splits only the
+  attention (Mixtral's) keeps its experts whole on every TP rank, as transformers' plan does:
+  expert parallelism is another layout.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from service.schemas.spec import TrainingSpec, TransformersModel
+from workers.engine.errors import SpecError
+
+if TYPE_CHECKING:  # the compile step imports the models, whose sharding imports this module
+    from workers.engine.compiled import CompiledJob
+
+FIELD = ("training", "parallelism", "tensor_parallel")
+STYLES = ("colwise", "rowwise")
+# Parameters every TP rank keeps whole (Qwen3's per-head q/k norms): left to FSDP, as traced
+# (their gradients' all-reduce over tp, a few KiB per layer, is not costed)
+WHOLE = ("replicated_with_grad_allreduce",)
+LAYERS = re.compile(r"^(?:model\.)?layers\.\*\.(.+)$")  # transformers' per-block plan entries
+
+
+def block_plan(config: Any) -> dict[str, str]:
+    """transformers' tensor-parallel plan for one decoder block, names relative to the block;
+    the plan's entries outside the blocks (embeddings, norms, head) are left to FSDP."""
+    plan = getattr(config, "base_model_tp_plan", None) or {}
+    return {m.group(1): style for key, style in plan.items() if (m := LAYERS.match(key))}
+
+
+def check(job: CompiledJob) -> None:
+    """422s at `training.parallelism.tensor_parallel` for a layout the trace cannot split (the
+    model's config built, not the model)."""
+    if job.training.parallelism.tensor_parallel == 1:
+        return
+    from workers.engine.models.hf import hf_config  # (see the imports)
+
+    if not isinstance(job.model, TransformersModel):
+        raise SpecError(FIELD, "tensor parallelism is planned for transformers models")
+    check_config(hf_config(job.model, job.data), job.training)
+
+
+def check_config(config: Any, training: TrainingSpec) -> dict[str, str]:
+    """The block plan for `config`, or the 422 saying why the layout cannot be traced."""
+    n = training.parallelism.tensor_parallel
+    plan = block_plan(config)
+    name = type(config).__name__
+    if not plan:
+        raise SpecError(FIELD, f"transformers ships no tensor-parallel plan for {name}")
+    plan = {path: style for path, style in plan.items() if style not in WHOLE}
+    odd = sorted({style for style in plan.values() if style not in STYLES})
+    if odd:
+        raise SpecError(
+            FIELD,
+            f"{name}'s tensor-parallel plan uses {', '.join(odd)} (experts or packed "
+            "projections): only colwise/rowwise linear layers are traced",
+        )
+    if training.peft is not None:
+        raise SpecError(FIELD, "tensor parallelism with LoRA adapters is not planned")
+    for what in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, what, None)
+        if heads is not None and heads % n:
+            raise SpecError(FIELD, f"{n} ranks do not divide the model's {what} ({heads})")
+    return plan
+
+
+def parallelize_blocks(
+    blocks: list[nn.Module], config: Any, training: TrainingSpec, mesh: Any
+) -> None:
+    """Every decoder block split over the tp mesh dimension, before FSDP shards them."""
+    plan = check_config(config, training)
+    for block in blocks:
+        parallelize(block, plan, mesh)
+
+
+def parallelize(block: nn.Module, plan: dict[str, str], mesh: Any) -> None:
+    """`parallelize_module` one block on the tp mesh dimension with transformers' plan."""
+    # DTensor's tensor-parallel styles: only tensor-parallel plans import them
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    names = {name for name, _ in block.named_modules()}
+    layers: dict[str, Any] = {
+        path: styles[style]() for path, style in plan.items() if path in names
+    }
+    if not layers:
+        raise ValueError("no layer of the block matches the tensor-parallel plan")
+    parallelize_module(block, mesh, layers)
+    for parent in _shared_inputs(plan, names):
+        _replicate_first_input(block.get_submodule(parent), mesh)
+
+
+def _shared_inputs(plan: dict[str, str], names: set[str]) -> list[str]:
+    """The modules that feed several colwise layers one input (attention: q, k, v; the MLP:
+    gate and up)."""
+    parents: dict[str, int] = {}
+    for path, style in plan.items():
+        parent = path.rpartition(".")[0]
+        if style == "colwise" and parent and path in names:
+            parents[parent] = parents.get(parent, 0) + 1
+    return [parent for parent, colwise in parents.items() if colwise > 1]
+
+
+def _replicate_first_input(module: nn.Module, mesh: Any) -> None:
+    """torchtitan's input preparation (`PrepareModuleInput` to a replicated DTensor): the
+    module's input enters as one replicated DTensor, so the input gradients of its colwise
+    layers add up as one partial sum and backward all-reduces it once per module rather than
+    once per layer. The input comes positionally (the MLP) or by name (transformers' attention
+    is called with `hidden_states=`)."""
+    import inspect
+
+    from torch.distributed.tensor import DTensor, Replicate
+
+    name = next(iter(inspect.signature(module.forward).parameters))
+
+    def replicated(value: Any) -> Any:
+        if isinstance(value, DTensor) or not isinstance(value, torch.Tensor):
+            return value
+        return DTensor.from_local(value, mesh, (Replicate(),), run_check=False)
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args:
+            return (replicated(args[0]), *args[1:]), kwargs
+        if name in kwargs:
+            return args, kwargs | {name: replicated(kwargs[name])}
+        return None
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)

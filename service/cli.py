@@ -444,6 +444,20 @@ def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{choice['needed']}; max micro-batch by policy: {tried})",
             )
         )
+    layout = result.get("layout")
+    if layout:
+        tried = ", ".join(
+            f"tp{c['tensor_parallel']} cp{c['context_parallel']} "
+            + (f"{c['total_time_s'] / 3600:.2f} h" if c["feasible"] else "does not fit")
+            for c in layout["checked"]
+        )
+        rows.append(
+            (
+                "layout",
+                f"tp{layout['tensor_parallel']} cp{layout['context_parallel']} x fsdp "
+                f"{layout['data_parallel']} (auto: shortest time to train of {tried})",
+            )
+        )
     split = (result.get("throughput") or {}).get("split") or {}
     if split.get("recompute_s"):
         rows.append(
@@ -468,6 +482,14 @@ def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 "context parallelism",
                 f"ring over {_gib(int(split['context_parallel_bytes']))} per step per rank, "
                 f"{split['context_parallel_s']:.3f} s of it",
+            )
+        )
+    if split.get("tensor_parallel_bytes"):
+        rows.append(
+            (
+                "tensor parallelism",
+                f"all-reduces move {_gib(int(split['tensor_parallel_bytes']))} per step per "
+                f"rank, {split['tensor_parallel_s']:.3f} s of it",
             )
         )
     folding = result.get("depth_folding")

@@ -197,6 +197,40 @@ class CheckpointingChoice(BaseModel):
     checked: list[PolicyCheck]
 
 
+class LayoutCheck(BaseModel):
+    """One layout `parallelism.layout: auto` planned (its exact search)."""
+
+    tensor_parallel: int
+    context_parallel: int
+    data_parallel: int = Field(description="world_size / (tensor_parallel x context_parallel).")
+    feasible: bool
+    max_micro_batch_size: int
+    micro_batch_size: int
+    accumulation_steps: int
+    peak_bytes: int = Field(description="Per rank, at the layout's micro-batch.")
+    samples_per_second: float | None = None
+    step_time_s: float | None = None
+    total_time_s: float | None = Field(default=None, description="Time to train: the ranking.")
+    tensor_parallel_s: float = 0.0
+    context_parallel_s: float = 0.0
+    communication_s: float = Field(default=0.0, description="FSDP's collectives per step.")
+
+
+class LayoutChoice(BaseModel):
+    """The layout `parallelism.layout: auto` chose: the shortest time to train of the layouts
+    planned, ranked in `checked` (feasible first, then by time)."""
+
+    tensor_parallel: int
+    context_parallel: int
+    data_parallel: int
+    checked: list[LayoutCheck]
+    skipped: list[str] = Field(
+        default_factory=list,
+        description="Layouts not planned and why: each either cannot be traced (heads, the "
+        "sequence, the attention) or cannot be faster than one planned (see the README).",
+    )
+
+
 class EvaluationPlan(BaseModel):
     """The evaluation's own micro-batch (forward only) and what it adds to time-to-train."""
 
@@ -467,6 +501,9 @@ class PlanResult(BaseModel):
     )
     checkpointing: CheckpointingChoice | None = Field(
         default=None, description="training.checkpointing.auto: the policy chosen and those tried."
+    )
+    layout: LayoutChoice | None = Field(
+        default=None, description="parallelism.layout 'auto': the layout chosen and those planned."
     )
     traced_steps: int | None = Field(
         default=None,

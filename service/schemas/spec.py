@@ -492,6 +492,14 @@ class ParallelismSpec(StrictModel):
         "heads that N divides.",
     )
 
+    layout: Literal["fixed", "auto"] = Field(
+        default="fixed",
+        description="'auto': search the tensor- and context-parallel degrees for the fixed "
+        "world_size (FSDP over the rest) and plan the layout with the shortest time to train; "
+        "every layout planned is reported in result.layout. Needs strategy fsdp (or unset), "
+        "context_parallel and tensor_parallel left at 1.",
+    )
+
     @field_validator("world_size")
     @classmethod
     def _world(cls, value: Any) -> Any:
@@ -508,6 +516,17 @@ class ParallelismSpec(StrictModel):
             )
         if not self.reshard_after_forward and self.strategy not in ("fsdp", "hybrid_shard"):
             raise ValueError("reshard_after_forward applies to fsdp and hybrid_shard")
+        if self.layout == "auto":
+            if self.strategy not in (None, "fsdp"):
+                raise ValueError(
+                    f"layout 'auto' composes with strategy fsdp, not {self.strategy!r}"
+                )
+            if self.world_size == "auto":
+                raise ValueError("layout 'auto' needs a fixed world_size, not 'auto'")
+            if self.context_parallel > 1 or self.tensor_parallel > 1:
+                raise ValueError(
+                    "layout 'auto' searches context_parallel and tensor_parallel: leave both at 1"
+                )
         if self.context_parallel > 1 and self.strategy != "fsdp":
             raise ValueError(
                 "context_parallel composes with strategy 'fsdp' (parameters sharded over the "
@@ -528,6 +547,8 @@ class ParallelismSpec(StrictModel):
         """The strategy a plan traces: an unset one is DDP as soon as there are two ranks."""
         if self.strategy is not None:
             return self.strategy
+        if self.layout == "auto" and world_size > 1:
+            return "fsdp"
         return "ddp" if world_size > 1 else "none"
 
 

@@ -106,6 +106,18 @@ def test_the_table_shows_the_context_parallel_ring(tmp_path: Path) -> None:
     assert "ring over" in row and "per step per rank" in row
 
 
+def test_the_table_shows_the_tensor_parallel_all_reduces(tmp_path: Path) -> None:
+    layout = {"world_size": 2, "parallelism": {"strategy": "fsdp", "tensor_parallel": 2}}
+    row = llama_row(tmp_path, "tensor parallelism", 64, **layout)
+    assert "all-reduces move" in row and "per step per rank" in row
+
+
+def test_the_table_shows_the_layout_choice(tmp_path: Path) -> None:
+    layout = {"world_size": 2, "parallelism": {"layout": "auto"}}
+    row = llama_row(tmp_path, "layout", 64, **layout)
+    assert "auto: shortest time to train of tp1 cp1" in row and "tp2 cp1" in row
+
+
 def test_the_table_shows_the_checkpointing_choice(tmp_path: Path) -> None:
     auto = {"global_batch_size": 8, "checkpointing": {"auto": True}}
     row = llama_row(tmp_path, "checkpointing", 64, **auto)

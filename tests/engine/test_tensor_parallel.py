@@ -192,3 +192,91 @@ def _model_parameters() -> list[Any]:
 
     plain = spec(1)
     return list(build_model(plain.model, plain.data, None).module.parameters())
+
+
+# -- parallelism.layout: "auto" ------------------------------------------------------------
+LONG = CONFIG | {"max_position_embeddings": 4096}
+
+
+def auto_spec(global_batch: int, **parallelism: Any) -> PlanSpec:
+    return spec(
+        1,
+        world=4,
+        model__config=LONG,
+        data__seq_len=4096,
+        device__memory_gib=1.25,
+        training__gradient_checkpointing=True,
+        training__global_batch_size=global_batch,
+        training__parallelism={"layout": "auto", **parallelism},
+    )
+
+
+def fixed(global_batch: int, tp: int, cp: int) -> PlanSpec:
+    """The same job with the layout named."""
+    raw = auto_spec(global_batch).model_dump(mode="json")
+    raw["training"]["parallelism"] |= {
+        "layout": "fixed",
+        "strategy": "fsdp",
+        "tensor_parallel": tp,
+        "context_parallel": cp,
+    }
+    return PlanSpec.model_validate(raw)
+
+
+@cache
+def auto_plan(global_batch: int) -> Any:
+    return engine.plan(auto_spec(global_batch))
+
+
+def test_auto_layout_plans_each_tensor_parallel_degree_and_keeps_the_fastest() -> None:
+    result = auto_plan(16)
+    layout = result.layout
+    assert layout is not None and result.feasible
+    planned = {(c.tensor_parallel, c.context_parallel) for c in layout.checked}
+    assert {(1, 1), (2, 1)} <= planned  # tp 4 does not divide 2 key/value heads: skipped
+    assert any("tp4 cp1" in reason and "num_key_value_heads" in reason for reason in layout.skipped)
+    feasible = [c for c in layout.checked if c.feasible]
+    fastest = min(feasible, key=lambda c: c.total_time_s or float("inf"))
+    assert (layout.tensor_parallel, layout.context_parallel) == (
+        fastest.tensor_parallel,
+        fastest.context_parallel,
+    )
+    assert layout.checked[0] == fastest  # ranked
+    # the plan returned is the chosen layout's own plan
+    alone = engine.plan(fixed(16, layout.tensor_parallel, layout.context_parallel))
+    assert result.max_micro_batch_size == alone.max_micro_batch_size
+    assert result.throughput is not None and alone.throughput is not None
+    assert result.throughput.total_time_s == pytest.approx(alone.throughput.total_time_s)
+
+
+def test_context_parallelism_is_searched_only_while_accumulation_is_needed() -> None:
+    """At 16 sequences per step every layout at cp 1 runs its batch in one micro-step: larger
+    cp is skipped, by the bound (same work per GPU, the ring's traffic added); at 64 the
+    layouts at cp 1 accumulate, so cp 2 is planned."""
+    small, large = auto_plan(16).layout, auto_plan(64).layout
+    assert small is not None and large is not None
+    assert all(c.context_parallel == 1 for c in small.checked)
+    assert any("cannot be faster" in reason for reason in small.skipped)
+    assert any(c.context_parallel == 2 for c in large.checked)
+    # the bound on an instance: cp 2 planned anyway is no faster where cp 1 needs one step
+    one_step = next(c for c in small.checked if (c.tensor_parallel, c.context_parallel) == (1, 1))
+    assert one_step.accumulation_steps == 1
+    ring = engine.plan(fixed(16, 1, 2))
+    assert ring.throughput is not None and one_step.total_time_s is not None
+    assert ring.throughput.total_time_s >= one_step.total_time_s
+
+
+@pytest.mark.parametrize(
+    ("parallelism", "words"),
+    [
+        ({"strategy": "ddp"}, "fsdp"),
+        ({"tensor_parallel": 2}, "leave both at 1"),
+        ({"world_size": "auto"}, "fixed world_size"),
+    ],
+)
+def test_auto_layout_needs_what_it_searches_left_open(
+    parallelism: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ValidationError) as error:
+        auto_spec(16, **parallelism)
+    assert words in str(error.value)

@@ -61,7 +61,9 @@ __all__ = [
 # flex_attention, loss_kernel cut_cross_entropy, the trl_sft and axolotl renderings,
 # checkpointing.selective "op", split.recompute_s/_bytes, and weight casts dropped when a
 # checkpoint's recomputation leaves autocast; the timm model source
-ENGINE_REVISION = 21
+# 22: parallelism.tensor_parallel (traced per rank), split.tensor_parallel_s/_bytes, FSDP's
+# traffic under TP; evaluation settings in the trl_sft and axolotl renderings
+ENGINE_REVISION = 22
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from service.schemas.result import (
     WorldSizeCheck,
 )
 from service.schemas.spec import SHARDED, DataSpec, TrainingSpec
-from workers.engine import checkpoint_policy, planner, recipe, token_batching
+from workers.engine import checkpoint_policy, layout_search, planner, recipe, token_batching
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.compiled import CompiledJob
 from workers.engine.configs import PlanNumbers, build_configs, configs_with_evaluation
@@ -134,14 +134,17 @@ def _run_plan(
         scale_out.append(answer)
         if answer.world_size is not None:
             job = job.with_world(answer.strategy, answer.world_size)
-    if job.training.checkpointing.auto:
-        policy, result, choice = checkpoint_policy.choose(
-            job, lambda changed, label: _plan(changed, device, _Labelled(recorder, label, None))
+    if job.training.parallelism.layout == "auto":
+        layout, result, layouts = layout_search.choose(
+            job,
+            lambda changed, label: _plan_policy(changed, device, _Labelled(recorder, label, None))[
+                1
+            ],
         )
-        job = policy.on(job)
-        result.checkpointing = choice
+        job = _plan_policy(layout.on(job), device, recorder, planned=result)[0]
+        result.layout = layouts
     else:
-        result = _plan(job, device, recorder)
+        job, result = _plan_policy(job, device, recorder)
     if not result.feasible and not scale_out and isinstance(device, SimulatedDevice):
         strategy = job.training.strategy
         scale_out.append(
@@ -166,6 +169,34 @@ def _run_plan(
             result.memory.optimizer_state / result.memory.capacity,
         )
     return result
+
+
+def _plan_policy(
+    job: CompiledJob,
+    device: ProbeDevice,
+    recorder: _Recorder,
+    planned: PlanResult | None = None,
+) -> tuple[CompiledJob, PlanResult]:
+    """The job's plan, under the checkpointing policy `checkpointing.auto` chooses where it
+    asks for one, and the job as planned; `planned`: that plan, made already (the job is
+    then only resolved again, which traces nothing: the policy's choice is in the plan)."""
+    if not job.training.checkpointing.auto:
+        return job, planned or _plan(job, device, recorder)
+    if planned is not None and planned.checkpointing is not None:
+        chosen = planned.checkpointing
+        policy = checkpoint_policy.Policy(
+            chosen.policy,
+            chosen.gradient_checkpointing,
+            every=chosen.every,
+            offload=chosen.offload,
+            selective="op" if chosen.selective == "op" else "block",
+        )
+        return policy.on(job), planned
+    policy, result, choice = checkpoint_policy.choose(
+        job, lambda changed, label: _plan(changed, device, _Labelled(recorder, label, None))
+    )
+    result.checkpointing = choice
+    return policy.on(job), result
 
 
 def _scale_out(

@@ -492,11 +492,20 @@ class ParallelismSpec(StrictModel):
         "heads that N divides.",
     )
 
+    sequence_parallel: bool = Field(
+        default=False,
+        description="With tensor_parallel: torchtitan's sequence parallelism. Between the "
+        "split layers the residual stream and the norms hold 1/N of the tokens on each rank; "
+        "the attention and the MLP all-gather their input and their last layer "
+        "reduce-scatters its output (the same bytes as the all-reduces they replace). Needs "
+        "seq_len a multiple of N; not with context_parallel.",
+    )
     layout: Literal["fixed", "auto"] = Field(
         default="fixed",
         description="'auto': search the tensor- and context-parallel degrees for the fixed "
-        "world_size (FSDP over the rest) and plan the layout with the shortest time to train; "
-        "every layout planned is reported in result.layout. Needs strategy fsdp (or unset), "
+        "world_size (FSDP over the rest; sequence parallelism with tensor parallelism on "
+        "token data) and plan the layout with the shortest time to train; every layout "
+        "planned is reported in result.layout. Needs strategy fsdp (or unset), "
         "context_parallel and tensor_parallel left at 1.",
     )
 
@@ -539,6 +548,10 @@ class ParallelismSpec(StrictModel):
                 "tensor_parallel composes with strategy 'fsdp' (each tensor-parallel shard "
                 f"sharded over the data ranks, as torchtitan does), not {self.strategy!r}"
             )
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("sequence_parallel splits the sequence over tensor_parallel ranks")
+        if self.sequence_parallel and self.context_parallel > 1:
+            raise ValueError("sequence_parallel with context_parallel is not traced")
         if self.tensor_parallel > 1 and self.world_size == "auto":
             raise ValueError("tensor_parallel needs a fixed world_size, not 'auto'")
         return self

@@ -134,6 +134,28 @@ def test_per_rank_peak_matches_pytorch_s_fsdp_mem_tracker(tp: int) -> None:
         assert 0 <= tracker.peak - theirs <= 0.002 * theirs
 
 
+def sequence_parallel_step(batch: int = 8) -> tuple[Any, Any]:
+    layout = {"strategy": "fsdp", "tensor_parallel": 2, "sequence_parallel": True}
+    with session_of(spec(2, training__parallelism=layout)) as session:
+        session.want_cost(batch)
+        outcome = session.probe(batch)
+        return outcome, session.step_cost(batch)
+
+
+def test_sequence_parallelism_splits_the_norms_for_the_same_bytes() -> None:
+    """Each all-reduce becomes an all-gather before the attention and the MLP and a
+    reduce-scatter after them, (N-1)/N each: the same bytes, plus one all-gather of the
+    stream where it leaves the stack and its gradient's where it enters, and the all-reduce
+    of each norm's weight gradient (its tokens are split: its gradient is a partial sum); the
+    norms and the residual stream keep 1/N of the tokens."""
+    batch, n = 8, 2
+    (plain, plain_cost), (split, split_cost) = step(2, batch), sequence_parallel_step(batch)
+    unit = batch * SEQ * HIDDEN * 2 * 2 * (n - 1) // n  # one all-reduce's bytes
+    norms = CONFIG["num_hidden_layers"] * 2 * HIDDEN * 2 * 2 * (n - 1) // n  # bf16 gradients
+    assert split_cost.tensor_parallel_bytes == plain_cost.tensor_parallel_bytes + unit + norms
+    assert split.breakdown["activations"] < plain.breakdown["activations"]
+
+
 @pytest.mark.parametrize(
     ("changes", "words"),
     [
@@ -161,6 +183,17 @@ def test_what_the_plan_cannot_split_is_refused_at_the_field(
         ({"strategy": "fsdp", "tensor_parallel": 4}, 6, "divide"),
         ({"strategy": "fsdp", "tensor_parallel": 2, "context_parallel": 2}, 6, "divide"),
         ({"strategy": "fsdp", "tensor_parallel": 2, "world_size": "auto"}, None, "auto"),
+        ({"strategy": "fsdp", "sequence_parallel": True}, 2, "over tensor_parallel ranks"),
+        (
+            {
+                "strategy": "fsdp",
+                "tensor_parallel": 2,
+                "context_parallel": 2,
+                "sequence_parallel": True,
+            },
+            4,
+            "not traced",
+        ),
     ],
 )
 def test_layouts_that_do_not_compose_are_422s(
@@ -280,3 +313,11 @@ def test_auto_layout_needs_what_it_searches_left_open(
     with pytest.raises(ValidationError) as error:
         auto_spec(16, **parallelism)
     assert words in str(error.value)
+
+
+def test_sequence_parallelism_needs_a_sequence_the_degree_divides() -> None:
+    layout = {"strategy": "fsdp", "tensor_parallel": 2, "sequence_parallel": True}
+    with pytest.raises(SpecError) as error:
+        engine.check(spec(2, data__seq_len=SEQ + 1, training__parallelism=layout))
+    assert error.value.loc == ("training", "parallelism", "sequence_parallel")
+    assert "multiple of tensor_parallel 2" in error.value.message

@@ -36,6 +36,7 @@ from workers.engine.models import build_model
 from workers.engine.profile import ProfileHooks, run_plan
 from workers.engine.sequence_search import check_target
 from workers.engine.tensor_parallel import check as check_tensor_parallel
+from workers.engine.tensor_parallel import check_sequence_parallel
 
 __all__ = [
     "ModelFacts",
@@ -114,6 +115,7 @@ def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
     check_target(job)
     check_context_parallel(job)
     check_tensor_parallel(job)
+    check_sequence_parallel(job)
     recipe.check(spec.training, spec.data.num_samples, facts or model_facts(spec))
 
 

@@ -18,6 +18,12 @@ dp x cp = world / tp either way), the ring adds its traffic, and a bigger micro-
 FSDP gathers per micro-step, of which there is one already. So a skipped layout is never faster
 than a planned one, and `skipped` says which and why.
 
+Sequence parallelism goes with every tensor-parallel layout on token data whose seq_len the
+degree divides (and no context parallelism): it moves the same bytes as the all-reduces it
+replaces (an all-gather and a reduce-scatter each), and each rank keeps and normalises 1/N of
+the tokens between the split layers, so under the time model it is never slower and never
+holds more; layouts without it are not planned.
+
 Ranking: feasible first, then time to train (`throughput.total_time_s`), then fewer
 model-parallel ranks (fewer collectives on the critical path for the same time).
 """
@@ -48,13 +54,18 @@ class Layout:
         return f"tp{self.tp} cp{self.cp}"
 
     def on(self, job: CompiledJob) -> CompiledJob:
-        """The job laid out this way (a fixed layout: its plan searches nothing more)."""
+        """The job laid out this way (a fixed layout: its plan searches nothing more), with
+        sequence parallelism wherever TP runs alone on token data (see the module's
+        docstring)."""
         t = job.training
+        seq_len = getattr(job.data, "seq_len", None)
+        sequence = self.tp > 1 and self.cp == 1 and seq_len is not None and seq_len % self.tp == 0
         parallelism = t.parallelism.model_copy(
             update={
                 "strategy": "fsdp",
                 "tensor_parallel": self.tp,
                 "context_parallel": self.cp,
+                "sequence_parallel": sequence,
                 "layout": "fixed",
             }
         )

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the compile step imports the models, whose sharding imports
     from workers.engine.compiled import CompiledJob
 
 FIELD = ("training", "parallelism", "tensor_parallel")
+SP_FIELD = ("training", "parallelism", "sequence_parallel")
 STYLES = ("colwise", "rowwise")
 # Parameters every TP rank keeps whole (Qwen3's per-head q/k norms): left to FSDP, as traced
 # (their gradients' all-reduce over tp, a few KiB per layer, is not costed)
@@ -88,34 +89,101 @@ def check_config(config: Any, training: TrainingSpec) -> dict[str, str]:
     return plan
 
 
+def check_sequence_parallel(job: CompiledJob) -> None:
+    """422s at `training.parallelism.sequence_parallel` for what it cannot split."""
+    parallelism = job.training.parallelism
+    if not parallelism.sequence_parallel:
+        return
+    n = parallelism.tensor_parallel
+    seq_len = getattr(job.data, "seq_len", None)
+    if seq_len is None:
+        raise SpecError(
+            SP_FIELD, "sequence parallelism splits a token sequence: data.kind 'tokens'"
+        )
+    if seq_len % n:
+        raise SpecError(SP_FIELD, f"seq_len {seq_len} must be a multiple of tensor_parallel {n}")
+
+
 def parallelize_blocks(
     blocks: list[nn.Module], config: Any, training: TrainingSpec, mesh: Any
 ) -> None:
-    """Every decoder block split over the tp mesh dimension, before FSDP shards them."""
+    """Every decoder block split over the tp mesh dimension, before FSDP shards them; with
+    sequence parallelism the stack's residual stream is split on the sequence from the first
+    block's input to the last block's output."""
     plan = check_config(config, training)
+    sequence = training.parallelism.sequence_parallel
     for block in blocks:
-        parallelize(block, plan, mesh)
+        parallelize(block, plan, mesh, sequence)
+    if sequence and blocks:
+        _split_stack(blocks[0], blocks[-1], mesh)
 
 
-def parallelize(block: nn.Module, plan: dict[str, str], mesh: Any) -> None:
-    """`parallelize_module` one block on the tp mesh dimension with transformers' plan."""
+def parallelize(block: nn.Module, plan: dict[str, str], mesh: Any, sequence: bool) -> None:
+    """`parallelize_module` one block on the tp mesh dimension with transformers' plan;
+    `sequence`: torchtitan's sequence parallelism (norms on 1/N of the tokens, the rowwise
+    layers reduce-scatter to it)."""
     # DTensor's tensor-parallel styles: only tensor-parallel plans import them
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
+        SequenceParallel,
         parallelize_module,
     )
 
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    def rowwise() -> Any:
+        if sequence:  # the output stays a DTensor split on the sequence
+            return RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+        return RowwiseParallel()
+
+    styles = {"colwise": ColwiseParallel, "rowwise": rowwise}
     names = {name for name, _ in block.named_modules()}
     layers: dict[str, Any] = {
         path: styles[style]() for path, style in plan.items() if path in names
     }
     if not layers:
         raise ValueError("no layer of the block matches the tensor-parallel plan")
+    if sequence:
+        layers |= {name: SequenceParallel() for name in _norms(block, plan)}
     parallelize_module(block, mesh, layers)
     for parent in _shared_inputs(plan, names):
         _replicate_first_input(block.get_submodule(parent), mesh)
+
+
+def _norms(block: nn.Module, plan: dict[str, str]) -> list[str]:
+    """The block's own norms (its children outside the split modules): what sequence
+    parallelism runs on 1/N of the tokens."""
+    split = {path.partition(".")[0] for path in plan}
+    return [
+        name
+        for name, child in block.named_children()
+        if name not in split and "norm" in type(child).__name__.lower()
+    ]
+
+
+def _split_stack(first: nn.Module, last: nn.Module, mesh: Any) -> None:
+    """The residual stream enters the first block split on the sequence (each rank keeps its
+    1/N of the tokens) and leaves the last one gathered, as a plain tensor for the final norm
+    and the head (torchtitan splits the embedding's output and the head's input instead: the
+    same collectives, one block apart)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def split(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        def scattered(x: torch.Tensor) -> Any:
+            whole = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+            return whole.redistribute(mesh, (Shard(1),))
+
+        if args:
+            return (scattered(args[0]), *args[1:]), kwargs
+        return args, kwargs | {"hidden_states": scattered(kwargs["hidden_states"])}
+
+    def gather(_module: nn.Module, _args: Any, out: Any) -> Any:
+        first = out[0] if isinstance(out, tuple) else out
+        whole = first.redistribute(mesh, (Replicate(),)).to_local()
+        return (whole, *out[1:]) if isinstance(out, tuple) else whole
+
+    first.register_forward_pre_hook(split, with_kwargs=True)
+    last.register_forward_hook(gather)
 
 
 def _shared_inputs(plan: dict[str, str], names: set[str]) -> list[str]:
@@ -142,7 +210,9 @@ def _replicate_first_input(module: nn.Module, mesh: Any) -> None:
     name = next(iter(inspect.signature(module.forward).parameters))
 
     def replicated(value: Any) -> Any:
-        if isinstance(value, DTensor) or not isinstance(value, torch.Tensor):
+        if isinstance(value, DTensor):  # sequence parallelism: all-gathered here
+            return value.redistribute(mesh, (Replicate(),))
+        if not isinstance(value, torch.Tensor):
             return value
         return DTensor.from_local(value, mesh, (Replicate(),), run_check=False)
 

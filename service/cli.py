@@ -444,7 +444,7 @@ def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{choice['needed']}; max micro-batch by policy: {tried})",
             )
         )
-    layout = result.get("layout")
+    layout = result.get("layouts")
     if layout:
         tried = ", ".join(
             f"tp{c['tensor_parallel']} cp{c['context_parallel']} "

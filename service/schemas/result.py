@@ -502,8 +502,9 @@ class PlanResult(BaseModel):
     checkpointing: CheckpointingChoice | None = Field(
         default=None, description="training.checkpointing.auto: the policy chosen and those tried."
     )
-    layout: LayoutChoice | None = Field(
-        default=None, description="parallelism.layout 'auto': the layout chosen and those planned."
+    layouts: LayoutChoice | None = Field(
+        default=None,
+        description="parallelism.layout 'auto': the layout chosen and those planned, ranked.",
     )
     traced_steps: int | None = Field(
         default=None,

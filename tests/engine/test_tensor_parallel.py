@@ -263,7 +263,7 @@ def auto_plan(global_batch: int) -> Any:
 
 def test_auto_layout_plans_each_tensor_parallel_degree_and_keeps_the_fastest() -> None:
     result = auto_plan(16)
-    layout = result.layout
+    layout = result.layouts
     assert layout is not None and result.feasible
     planned = {(c.tensor_parallel, c.context_parallel) for c in layout.checked}
     assert {(1, 1), (2, 1)} <= planned  # tp 4 does not divide 2 key/value heads: skipped
@@ -286,7 +286,7 @@ def test_context_parallelism_is_searched_only_while_accumulation_is_needed() -> 
     """At 16 sequences per step every layout at cp 1 runs its batch in one micro-step: larger
     cp is skipped, by the bound (same work per GPU, the ring's traffic added); at 64 the
     layouts at cp 1 accumulate, so cp 2 is planned."""
-    small, large = auto_plan(16).layout, auto_plan(64).layout
+    small, large = auto_plan(16).layouts, auto_plan(64).layouts
     assert small is not None and large is not None
     assert all(c.context_parallel == 1 for c in small.checked)
     assert any("cannot be faster" in reason for reason in small.skipped)

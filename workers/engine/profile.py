@@ -142,7 +142,7 @@ def _run_plan(
             ],
         )
         job = _plan_policy(layout.on(job), device, recorder, planned=result)[0]
-        result.layout = layouts
+        result.layouts = layouts
     else:
         job, result = _plan_policy(job, device, recorder)
     if not result.feasible and not scale_out and isinstance(device, SimulatedDevice):

@@ -5,6 +5,7 @@ the data ranks on top, as torchtitan composes them. Traced per rank like the oth
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 
 from service.schemas.examples import TINY_LLAMA
 from service.schemas.spec import PlanSpec
-from tests.helpers import configs_of, session_of
+from tests.helpers import configs_of, run_on_gloo, session_of
 from workers import engine
 from workers.engine.errors import SpecError
 
@@ -282,21 +283,31 @@ def test_auto_layout_plans_each_tensor_parallel_degree_and_keeps_the_fastest() -
     assert result.throughput.total_time_s == pytest.approx(alone.throughput.total_time_s)
 
 
-def test_context_parallelism_is_searched_only_while_accumulation_is_needed() -> None:
-    """At 16 sequences per step every layout at cp 1 runs its batch in one micro-step: larger
-    cp is skipped, by the bound (same work per GPU, the ring's traffic added); at 64 the
-    layouts at cp 1 accumulate, so cp 2 is planned."""
-    small, large = auto_plan(16).layouts, auto_plan(64).layouts
-    assert small is not None and large is not None
-    assert all(c.context_parallel == 1 for c in small.checked)
-    assert any("cannot be faster" in reason for reason in small.skipped)
-    assert any(c.context_parallel == 2 for c in large.checked)
-    # the bound on an instance: cp 2 planned anyway is no faster where cp 1 needs one step
-    one_step = next(c for c in small.checked if (c.tensor_parallel, c.context_parallel) == (1, 1))
-    assert one_step.accumulation_steps == 1
-    ring = engine.plan(fixed(16, 1, 2))
-    assert ring.throughput is not None and one_step.total_time_s is not None
-    assert ring.throughput.total_time_s >= one_step.total_time_s
+def test_context_parallelism_is_searched_only_where_it_could_be_faster() -> None:
+    """Every layout at cp 1 fits here and cp 2 could not take fewer micro-steps (its max
+    micro-batch is at most 2 m + 1 for twice the samples per rank): skipped by the bound. The
+    bound on an instance: cp 2, planned anyway, is no faster."""
+    layouts = auto_plan(16).layouts
+    assert layouts is not None
+    assert all(c.context_parallel == 1 for c in layouts.checked)
+    assert any("cannot be faster" in reason for reason in layouts.skipped)
+    planned = next(c for c in layouts.checked if (c.tensor_parallel, c.context_parallel) == (1, 1))
+    doubled = engine.plan(fixed(16, 1, 2))
+    assert doubled.max_micro_batch_size <= 2 * planned.max_micro_batch_size + 1
+    assert doubled.throughput is not None and planned.total_time_s is not None
+    assert doubled.throughput.total_time_s >= planned.total_time_s
+
+
+def test_a_layout_that_does_not_fit_gets_its_context_split() -> None:
+    """At 64k tokens one rank cannot hold a sample at tp 1; the search splits the sequence."""
+    raw = auto_spec(16).model_dump(mode="json")
+    raw["model"]["config"]["max_position_embeddings"] = 65536
+    raw["data"]["seq_len"] = 65536
+    layouts = engine.plan(PlanSpec.model_validate(raw)).layouts
+    assert layouts is not None
+    by_layout = {(c.tensor_parallel, c.context_parallel): c for c in layouts.checked}
+    assert not by_layout[(1, 1)].feasible
+    assert (1, 2) in by_layout
 
 
 @pytest.mark.parametrize(
@@ -321,3 +332,49 @@ def test_sequence_parallelism_needs_a_sequence_the_degree_divides() -> None:
         engine.check(spec(2, data__seq_len=SEQ + 1, training__parallelism=layout))
     assert error.value.loc == ("training", "parallelism", "sequence_parallel")
     assert "multiple of tensor_parallel 2" in error.value.message
+
+
+# -- the generated PyTorch loop, run for real ----------------------------------------------
+LOOP_PRELUDE = f"""
+import os, torch, transformers
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+torch.manual_seed(0)
+model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{CONFIG!r}))
+train_dataset = [{{"input_ids": list(range(1, 1 + 16 + i % 16))}} for i in range(16)]
+STEPS = []
+register_optimizer_step_pre_hook(lambda *a: STEPS.append(1))
+"""
+LOOP_EPILOGUE = """
+if int(os.environ["RANK"]) == 0:
+    q = layers[0].self_attn.q_proj.weight
+    print("STEPS", len(STEPS), "PLACEMENTS", q.placements)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_rendered_loop_runs_fsdp_by_tensor_parallel_on_gloo(
+    sequence_parallel: bool, tmp_path: Path
+) -> None:
+    """The generated loop on 4 CPU ranks, dp 2 x tp 2 (FSDP over the data ranks), ends at the
+    plan's optimizer steps with each q projection sharded on both mesh dimensions."""
+    from workers.engine.compiled import compile_job
+    from workers.engine.configs import PlanNumbers, build_configs
+
+    layout = {"strategy": "fsdp", "tensor_parallel": 2, "sequence_parallel": sequence_parallel}
+    job = compile_job(spec(2, world=4, data__seq_len=32, training__parallelism=layout)).launch
+    numbers = PlanNumbers(
+        micro_batch_size=2,
+        accumulation_steps=2,
+        world_size=4,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        total_optimizer_steps=3,
+        model_parallel=2,
+    )
+    code = build_configs(job, numbers)["pytorch"]
+    assert "x 2 data-parallel rank(s) = global batch 8" in code
+    run = run_on_gloo(LOOP_PRELUDE + code + LOOP_EPILOGUE, tmp_path, ranks=4)
+    line = next(x for x in run.stdout.splitlines() if x.startswith("STEPS"))
+    assert line.split()[1] == "3"
+    assert "_StridedShard" in line or "Shard(dim=0), Shard(dim=0)" in line

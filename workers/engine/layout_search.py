@@ -8,15 +8,20 @@ LM on token data whose rows the ring can run (whole rows, sdpa or flash attentio
 seq_len 2N divides. Each candidate is refused or planned by the same checks and the same exact
 plan as a spec that names it.
 
-The bound. Every tensor-parallel degree is planned at context parallelism 1. For one tensor-
-parallel degree, context parallelism doubles only while the layout with half of it needs
-accumulation (or does not fit at all): once a layout runs its per-rank batch in one micro-step,
-a larger context-parallel degree cannot be faster under the plan's time model. Each GPU does
-the same work (the same tokens per GPU; the ring's chunks add up to one rank's causal attention,
-tested in tests/engine/test_context_parallel.py), FSDP moves the same bytes (its shard group is
-dp x cp = world / tp either way), the ring adds its traffic, and a bigger micro-batch only saves
-FSDP gathers per micro-step, of which there is one already. So a skipped layout is never faster
-than a planned one, and `skipped` says which and why.
+The bound. Every tensor-parallel degree is planned at context parallelism 1; for one
+tensor-parallel degree, context parallelism doubles only while the doubled layout could take
+fewer micro-steps per optimizer step than the one planned. Nothing else can make it faster under
+the plan's time model: each GPU does the same work per sample (the same tokens per GPU; the
+ring's chunks add up to one rank's causal attention, tested in
+tests/engine/test_context_parallel.py), FSDP gathers the same 1/tp of the parameters over the
+same dp x cp = world / tp ranks once per micro-step, and the ring adds its traffic. Doubling cp
+halves each rank's share of every sample and doubles its samples per step; the parameters and
+optimizer state per rank do not change (sharded over the whole world either way), so its max
+micro-batch is at most 2 m + 1 where m is the planned layout's, and it takes at least
+ceil(2 b / (2 m + 1)) micro-steps for the planned layout's b samples per rank. Where that is
+not fewer than the planned layout's micro-steps, the doubled layout (and every larger one, by
+the same argument from it) cannot be faster, and `skipped` says so. A layout that does not fit
+at all always gets its doubled context tried.
 
 Sequence parallelism goes with every tensor-parallel layout on token data whose seq_len the
 degree divides (and no context parallelism): it moves the same bytes as the all-reduces it
@@ -30,6 +35,7 @@ model-parallel ranks (fewer collectives on the critical path for the same time).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +43,7 @@ from service.schemas.result import LayoutCheck, LayoutChoice, PlanResult
 from workers.engine.compiled import CompiledJob
 from workers.engine.context_parallel import check as check_context_parallel
 from workers.engine.errors import SpecError
+from workers.engine.planner import per_rank_batch
 from workers.engine.tensor_parallel import check as check_tensor_parallel
 
 MAX_CONTEXT_PARALLEL = 8
@@ -81,11 +88,13 @@ def choose(job: CompiledJob, plan: PlanFn) -> tuple[Layout, PlanResult, LayoutCh
         while True:
             layout = Layout(tp, cp)
             results[layout] = plan(layout.on(job), f"layout={layout.name}")
-            if _one_micro_step(results[layout]):
+            fewest = _fewest_micro_steps_doubled(results[layout], job, layout)
+            if fewest is not None:
                 if _traceable(Layout(tp, cp * 2), job, []):
                     skipped.append(
-                        f"tp{tp} cp{cp * 2} and above: tp{tp} cp{cp} runs its batch in one "
-                        "micro-step, so more context parallelism cannot be faster"
+                        f"tp{tp} cp{cp * 2} and above: at least {fewest} micro-steps a step, "
+                        f"no fewer than tp{tp} cp{cp}'s {results[layout].accumulation_steps}, "
+                        "so more context parallelism cannot be faster"
                     )
                 break
             cp *= 2
@@ -134,8 +143,15 @@ def _traceable(layout: Layout, job: CompiledJob, skipped: list[str]) -> bool:
     return True
 
 
-def _one_micro_step(result: PlanResult) -> bool:
-    return result.feasible and result.accumulation_steps == 1
+def _fewest_micro_steps_doubled(result: PlanResult, job: CompiledJob, layout: Layout) -> int | None:
+    """The fewest micro-steps a step the layout with twice the context parallelism could take,
+    where that is no fewer than this layout's (the module's bound); None where it might be."""
+    group = layout.tp * layout.cp * 2
+    if not result.feasible or job.training.world_size % group:
+        return None  # try it (or find it cannot be laid out)
+    per_rank = per_rank_batch(job.training.global_batch_size, job.training.world_size // group)
+    fewest = math.ceil(per_rank / (2 * result.max_micro_batch_size + 1))
+    return fewest if fewest >= result.accumulation_steps else None
 
 
 def _rank(layout: Layout, result: PlanResult) -> tuple[bool, float, int]:

@@ -493,6 +493,7 @@ def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> Plan
         total_optimizer_steps=epochs.total_optimizer_steps,
         schedule=schedule,
         optimizer_overrides=adjustment.kwargs if adjustment and adjustment.applies else {},
+        model_parallel=training.model_parallel_size,
     )
     choice = job.optimizer
     offloaded = measured.cost.offloaded if measured.cost is not None else 0

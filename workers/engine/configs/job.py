@@ -13,8 +13,9 @@ from service.schemas.spec import (
     PeftSpec,
     TimmModel,
     TrainingSpec,
+    TransformersModel,
 )
-from workers.engine.models.hf import attention_of, is_causal_lm_spec
+from workers.engine.models.hf import attention_of, hf_config, is_causal_lm_spec
 from workers.engine.optimizers import OptimizerChoice, choose
 from workers.engine.recipe import param_groups
 
@@ -73,6 +74,8 @@ class LaunchJob:
     checkpoint_selective: str  # block | op: what a checkpointed block keeps
     context_parallel: int  # ranks one sequence is split over
     tensor_parallel: int  # ranks each block's linear layers are split over
+    sequence_parallel: bool  # with tensor_parallel: norms and the stream split on the sequence
+    tp_plan: dict[str, str]  # transformers' block plan (path -> colwise | rowwise); {} without TP
     loss_kernel: str  # standard | liger | cut_cross_entropy
     attn_implementation: str | None  # transformers models: from_pretrained's kwarg
     causal_lm: bool  # a transformers *ForCausalLM: what TRL's SFTTrainer and Axolotl train
@@ -112,6 +115,8 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         checkpoint_selective=training.checkpointing.selective,
         context_parallel=training.parallelism.context_parallel,
         tensor_parallel=training.parallelism.tensor_parallel,
+        sequence_parallel=training.parallelism.sequence_parallel,
+        tp_plan=_tp_plan(model, data, training),
         loss_kernel=training.loss_kernel,
         attn_implementation=attention_of(model) if model.source == "transformers" else None,
         causal_lm=model.source == "transformers" and is_causal_lm_spec(model),
@@ -125,3 +130,13 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         param_groups=param_groups(training),
         has_param_groups=bool(training.param_groups),
     )
+
+
+def _tp_plan(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> dict[str, str]:
+    """The block plan the trace applies, for the loop to apply the same (a cheap config build)."""
+    if training.parallelism.tensor_parallel == 1 or not isinstance(model, TransformersModel):
+        return {}
+    from workers.engine.tensor_parallel import STYLES, block_plan
+
+    plan = block_plan(hf_config(model, data))
+    return {path: style for path, style in plan.items() if style in STYLES}

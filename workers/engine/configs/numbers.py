@@ -26,10 +26,15 @@ class PlanNumbers:
     schedule: Schedule | None = None  # None: warm-up, then constant
     # the optimizer's hyper-parameters for the scaled batch (Malladi et al.'s betas and eps)
     optimizer_overrides: dict[str, Any] = field(default_factory=dict)
+    model_parallel: int = 1  # ranks that share each sample (context x tensor parallelism)
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.model_parallel
 
     @property
     def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.accumulation_steps * self.world_size
+        return self.micro_batch_size * self.accumulation_steps * self.data_parallel
 
     @property
     def lr_schedule(self) -> Schedule:

@@ -500,6 +500,13 @@ class ParallelismSpec(StrictModel):
         "reduce-scatters its output (the same bytes as the all-reduces they replace). Needs "
         "seq_len a multiple of N; not with context_parallel.",
     )
+    loss_parallel: bool = Field(
+        default=False,
+        description="With tensor_parallel and the model's own loss (loss_kernel 'standard'): "
+        "torchtitan's loss parallelism, the output head split by vocabulary and the "
+        "cross-entropy computed on each rank's share of the logits. Off: the head stays "
+        "whole on every TP rank (sharded by FSDP only), which holds and computes more.",
+    )
     layout: Literal["fixed", "auto"] = Field(
         default="fixed",
         description="'auto': search the tensor- and context-parallel degrees for the fixed "
@@ -548,6 +555,8 @@ class ParallelismSpec(StrictModel):
                 "tensor_parallel composes with strategy 'fsdp' (each tensor-parallel shard "
                 f"sharded over the data ranks, as torchtitan does), not {self.strategy!r}"
             )
+        if self.loss_parallel and self.tensor_parallel == 1:
+            raise ValueError("loss_parallel splits the head over tensor_parallel ranks")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("sequence_parallel splits the sequence over tensor_parallel ranks")
         if self.sequence_parallel and self.context_parallel > 1:

@@ -140,13 +140,22 @@ def test_bad_input_is_a_422_naming_the_field(
     assert client.get("/v1/plans").json()["items"] == []
 
 
-def test_a_real_device_cannot_trace_a_strategy(client: TestClient) -> None:
+@pytest.mark.parametrize(
+    ("parallelism", "field"),
+    [
+        ({"strategy": "fsdp", "world_size": 2}, "strategy"),
+        ({"layout": "auto", "world_size": 2}, "layout"),
+    ],
+)
+def test_a_real_device_cannot_trace_a_strategy_or_a_layout(
+    client: TestClient, parallelism: dict[str, Any], field: str
+) -> None:
     body = llama_spec().model_dump(mode="json")
     body["device"] = {"kind": "cpu"}
-    body["training"]["parallelism"] = {"strategy": "fsdp", "world_size": 2}
+    body["training"]["parallelism"] = parallelism
     response = client.post("/v1/plans", json=body)
     assert response.status_code == 422
-    assert response.json()["errors"][0]["field"] == "training.parallelism.strategy"
+    assert response.json()["errors"][0]["field"] == f"training.parallelism.{field}"
 
 
 # -- traced memory per rank ----------------------------------------------------------------

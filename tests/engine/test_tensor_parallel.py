@@ -47,8 +47,11 @@ def spec(tp: int, world: int = 2, **changes: Any) -> PlanSpec:
 
 @cache
 def step(tp: int, batch: int = 8, checkpointing: bool = False) -> tuple[Any, Any]:
-    """One probe's outcome and the step's roofline, world size 2 (traced once per run)."""
-    with session_of(spec(tp, training__gradient_checkpointing=checkpointing)) as session:
+    """One probe's outcome and the step's roofline, world size 2 (traced once per run); Liger's
+    fused loss keeps the head whole, so only the blocks are split (the head: see
+    test_loss_parallelism_splits_the_head_and_its_logits)."""
+    changes = {"training__gradient_checkpointing": checkpointing, "training__loss_kernel": "liger"}
+    with session_of(spec(tp, **changes)) as session:
         session.want_cost(batch)
         outcome = session.probe(batch)
         return outcome, session.step_cost(batch)
@@ -137,7 +140,8 @@ def test_per_rank_peak_matches_pytorch_s_fsdp_mem_tracker(tp: int) -> None:
 
 def sequence_parallel_step(batch: int = 8) -> tuple[Any, Any]:
     layout = {"strategy": "fsdp", "tensor_parallel": 2, "sequence_parallel": True}
-    with session_of(spec(2, training__parallelism=layout)) as session:
+    job = spec(2, training__parallelism=layout, training__loss_kernel="liger")
+    with session_of(job) as session:
         session.want_cost(batch)
         outcome = session.probe(batch)
         return outcome, session.step_cost(batch)
@@ -219,6 +223,13 @@ def test_configs_spell_the_layout_for_torchtitan_accelerate_and_axolotl() -> Non
         4,
     )
     assert "context_parallel" not in configs and accelerate is not None
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    chosen = dict(configs["lightning"]["trainer"]["strategy"])
+    assert chosen.pop("class").endswith(".ModelParallelStrategy")
+    chosen.pop("configure_model")
+    strategy = ModelParallelStrategy(**chosen)  # Lightning's own class takes the sizes
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (4, 2)
 
 
 def _model_parameters() -> list[Any]:
@@ -324,6 +335,38 @@ def test_auto_layout_needs_what_it_searches_left_open(
     with pytest.raises(ValidationError) as error:
         auto_spec(16, **parallelism)
     assert words in str(error.value)
+
+
+def test_loss_parallelism_splits_the_head_and_its_logits() -> None:
+    """loss_parallel with the model's own loss: the head is split by vocabulary and the
+    cross-entropy runs on each rank's share of the logits: every rank computes half the step's
+    FLOPs and holds half the head; a fused loss kernel takes the head's weight whole, so with
+    Liger's the head stays whole on each rank (sharded by FSDP only)."""
+    layout = {
+        "strategy": "fsdp",
+        "tensor_parallel": 2,
+        "sequence_parallel": True,
+        "loss_parallel": True,
+    }
+
+    def traced(tp: int, loss: str) -> tuple[Any, Any]:
+        parallelism = layout if tp > 1 else {"strategy": "fsdp"}
+        job = spec(tp, training__loss_kernel=loss, training__parallelism=parallelism)
+        with session_of(job) as session:
+            session.want_cost(8)
+            return session.probe(8), session.step_cost(8)
+
+    (_, whole), (split, split_cost), (fused, fused_cost) = (
+        traced(1, "standard"),
+        traced(2, "standard"),
+        traced(2, "liger"),
+    )
+    assert split_cost.flops == pytest.approx(whole.flops / 2, rel=0.01)
+    assert fused_cost.flops > split_cost.flops
+    head = CONFIG["vocab_size"] * HIDDEN * 4  # fp32, FSDP over one data rank
+    assert fused.breakdown["parameters"] - split.breakdown["parameters"] == pytest.approx(
+        head / 2, abs=1024
+    )
 
 
 def test_sequence_parallelism_needs_a_sequence_the_degree_divides() -> None:

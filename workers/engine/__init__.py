@@ -106,17 +106,31 @@ def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
     job = compile_job(spec)
     if spec.device.kind == "simulated":  # a real device is the worker's to open
         open_device(job)
-    elif spec.training.parallelism.strategy not in (None, "none"):
-        raise SpecError(
-            ("training", "parallelism", "strategy"),
-            "multi-GPU strategies are traced on the simulated device (device.kind "
-            "'simulated'); a real device probes one process",
-        )
+    else:
+        _check_one_process(spec)
     check_target(job)
     check_context_parallel(job)
     check_tensor_parallel(job)
     check_sequence_parallel(job)
     recipe.check(spec.training, spec.data.num_samples, facts or model_facts(spec))
+
+
+def _check_one_process(spec: PlanSpec) -> None:
+    """A real device probes one process: a strategy or a layout is a 422 at its field."""
+    parallelism = spec.training.parallelism
+    asked = {
+        "strategy": parallelism.strategy not in (None, "none"),
+        "layout": parallelism.layout != "fixed",
+        "tensor_parallel": parallelism.tensor_parallel > 1,
+        "context_parallel": parallelism.context_parallel > 1,
+    }
+    for field, set_ in asked.items():
+        if set_:
+            raise SpecError(
+                ("training", "parallelism", field),
+                "multi-GPU strategies and layouts are traced on the simulated device "
+                "(device.kind 'simulated'); a real device probes one process",
+            )
 
 
 def plan(spec: PlanSpec, on_trial: Callable[[Trial], None] | None = None) -> PlanResult:

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from service.schemas.spec import SHARDED, TrainingSpec
-from workers.engine.tensor_parallel import parallelize_blocks
+from workers.engine.tensor_parallel import parallelize_blocks, split_head, splits_the_head
 from workers.engine.tracker import MemoryTracker
 
 REPLICATING = frozenset({"ddp", "zero1"})
@@ -54,6 +54,7 @@ class World:
     cp_mesh: Any = None  # their mesh dimension (context_parallel.py)
     tensor_parallel: int = 1  # ranks each block's linear layers are split over
     tp_mesh: Any = None  # their mesh dimension (tensor_parallel.py)
+    loss_parallel: bool = False  # the head's logits split by vocabulary over tp
 
     @property
     def shards(self) -> bool:
@@ -190,6 +191,9 @@ def shard(model: nn.Module, world: World, training: TrainingSpec, low: torch.dty
         policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
     if world.tensor_parallel > 1:
         parallelize_blocks(blocks(model), model.config, training, world.tp_mesh)
+        if splits_the_head(model, training):
+            split_head(model, world.tp_mesh)
+            world.loss_parallel = True
     seen: set[int] = set()
     for block in blocks(model):
         if id(block) in seen or block is model:

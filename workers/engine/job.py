@@ -8,7 +8,7 @@ in backward and freed by `zero_grad(set_to_none=True)`), at any micro-batch size
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
 
@@ -268,12 +268,19 @@ class TrainingJob:
             return autocast_region(self.autocast_policy, self.autocast_dtype)
         return torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype)
 
-    def context(self) -> AbstractContextManager[Any]:
+    @contextmanager
+    def context(self) -> Iterator[None]:
         """Where a step's forward and backward run: through CP's ring when the sequence is
-        split over ranks."""
-        if self.world is None or self.world.context_parallel == 1:
-            return nullcontext()
-        return ring_attention(self.world.cp_mesh)
+        split over ranks, under loss parallelism when TP splits the head's logits."""
+        world = self.world
+        with ExitStack() as stack:
+            if world is not None and world.loss_parallel:
+                from torch.distributed.tensor.parallel import loss_parallel  # TP plans only
+
+                stack.enter_context(loss_parallel())
+            if world is not None and world.context_parallel > 1:
+                stack.enter_context(ring_attention(world.cp_mesh))
+            yield
 
     def _rank_data(self) -> ImageData | TokensData | TensorData:
         """The data as this rank sees it: seq_len / N tokens of each sample under context

@@ -63,6 +63,14 @@ def _strategy(job: LaunchJob) -> Any:
         return "ddp" if job.strategy == "ddp" else "auto"
     if job.strategy == "zero1":
         return "deepspeed_stage_1"
+    if job.tensor_parallel > 1:  # the user's LightningModule.configure_model applies the plan
+        return {
+            "class": "lightning.pytorch.strategies.ModelParallelStrategy",
+            "data_parallel_size": job.world_size // (job.tensor_parallel * job.context_parallel),
+            "tensor_parallel_size": job.tensor_parallel,
+            "configure_model": "configs.pytorch's tensor-parallel plan, then fully_shard "
+            "over the device mesh's data_parallel dimension",
+        }
     return {
         "class": "lightning.pytorch.strategies.FSDPStrategy",
         "sharding_strategy": job.sharding,

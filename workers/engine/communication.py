@@ -64,21 +64,18 @@ def step_traffic(
     world is)."""
     if strategy == "none" or world_size <= 1:
         return None
-    if tensor_parallel > 1:
-        return _tensor_parallel_fsdp(
-            gpu,
-            world_size,
-            gpus_per_node,
-            trainable,
-            parameters,
-            precision,
-            accumulation,
-            reshards_after_forward,
-            tensor_parallel,
-        )
     grad_bytes = trainable * (2 if precision == "bf16" else 4)
     gathered_bytes = parameters * LOW_BYTES.get(precision, 4)
     n = world_size
+    if tensor_parallel > 1:  # fsdp over the data ranks, each moving its 1/tp slice
+        dp = n // tensor_parallel
+        per_micro = _fsdp_micro(
+            dp,
+            gathered_bytes / tensor_parallel,
+            grad_bytes / tensor_parallel,
+            reshards_after_forward,
+        )
+        return _timed(per_micro * accumulation, link_gbs(gpu, n, gpus_per_node))
     if strategy == "ddp":
         total = ring(n, "all_reduce") * grad_bytes
         return _timed(total, link_gbs(gpu, n, gpus_per_node))
@@ -86,9 +83,7 @@ def step_traffic(
         total = ring(n, "all_reduce") * grad_bytes + ring(n, "all_gather") * trainable * 4
         return _timed(total, link_gbs(gpu, n, gpus_per_node))
     shard = min(gpus_per_node, n) if strategy == "hybrid_shard" else n
-    gathers = 2 if reshards_after_forward else 1
-    per_micro = ring(shard, "all_gather") * gathered_bytes * gathers
-    per_micro += ring(shard, "reduce_scatter") * grad_bytes
+    per_micro = _fsdp_micro(shard, gathered_bytes, grad_bytes, reshards_after_forward)
     seconds = per_micro * accumulation / (link_gbs(gpu, shard, gpus_per_node) * 1e9)
     total = per_micro * accumulation
     if strategy == "hybrid_shard" and n > shard:
@@ -107,27 +102,13 @@ def exposed(communication_s: float, compute_s: float) -> float:
     return max(0.0, communication_s - compute_s)
 
 
-def _tensor_parallel_fsdp(
-    gpu: GpuModel,
-    world_size: int,
-    gpus_per_node: int,
-    trainable: int,
-    parameters: int,
-    precision: str,
-    accumulation: int,
-    reshards_after_forward: bool,
-    tp: int,
-) -> StepTraffic | None:
-    """fsdp over the data ranks of a (dp, tp) mesh: each moves its 1/tp slice (the embeddings
-    and head, which TP does not split, are counted split too: a slight undercount)."""
-    n = world_size // tp
-    if n <= 1:
-        return None
-    grad_bytes = trainable * (2 if precision == "bf16" else 4) / tp
-    gathered_bytes = parameters * LOW_BYTES.get(precision, 4) / tp
-    gathers = 2 if reshards_after_forward else 1
-    per_micro = ring(n, "all_gather") * gathered_bytes * gathers
-    per_micro += ring(n, "reduce_scatter") * grad_bytes
-    gbs = link_gbs(gpu, world_size, gpus_per_node)  # the dp ranks are tp apart
-    total = per_micro * accumulation
-    return StepTraffic(total, total / (gbs * 1e9), gbs)
+def _fsdp_micro(shard: int, gathered_bytes: float, grad_bytes: float, reshards: bool) -> float:
+    """FSDP's bytes per micro-step through a rank's link: the parameters all-gathered in
+    forward and again in backward (once where they stay gathered), the gradients
+    reduce-scattered. The embeddings and head under TP are counted split too (a slight
+    undercount: TP leaves them whole)."""
+    gathers = 2 if reshards else 1
+    return (
+        ring(shard, "all_gather") * gathered_bytes * gathers
+        + ring(shard, "reduce_scatter") * grad_bytes
+    )

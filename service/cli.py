@@ -98,7 +98,7 @@ def worker_cmd(
     migrate: Annotated[bool, typer.Option(help="Upgrade the store first.")] = False,
 ) -> None:
     """A standalone worker for a shared store (many GPU nodes on one PostgreSQL)."""
-    from workers.loop import PlanWorker  # torch
+    from workers.loop import PlanWorker, flush_webhooks, start_webhook_sender  # torch
 
     settings = get_settings()
     if migrate:
@@ -112,7 +112,11 @@ def worker_cmd(
         f"worker {worker.worker_id} on {settings.database_url.split('@')[-1]}, "
         f"devices: {', '.join(worker.kinds)}"
     )
+    if settings.webhook_secret is not None:  # completion webhooks go out from the workers
+        start_webhook_sender(settings, factory, stop)
     done = worker.run(stop, max_plans=max_plans)
+    if settings.webhook_secret is not None:  # what became due last, before this process ends
+        flush_webhooks(settings, factory)
     err.print(f"worker stopped after {done} plan(s)")
 
 

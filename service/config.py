@@ -68,6 +68,24 @@ class Settings(BaseSettings):
     api_tokens: list[str] = Field(
         default_factory=list, description="Bearer tokens (auth_mode=token)."
     )
+    webhook_secret: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Signs completion webhooks (each tenant's secret is derived from it); "
+        "unset: a submit with callback_url is refused.",
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Call back private, loopback and link-local addresses too (SSRF: off).",
+    )
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    webhook_max_age_seconds: float = Field(
+        default=86_400.0, gt=0, description="Retry a delivery until its plan ended this long ago."
+    )
+    webhook_backoff_seconds: float = Field(
+        default=5.0, gt=0, description="First retry's delay; doubled per attempt, up to 10 min."
+    )
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     # What one spec may cost (service/api/limits.py): over a limit is a 422 at submit.
     max_layers: int = Field(

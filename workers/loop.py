@@ -32,6 +32,7 @@ from service.store.db import session_scope
 from workers import engine
 from workers.metrics import PLAN_SECONDS, PLANS_FINISHED, TRIALS
 from workers.runner import start_child
+from workers.webhooks import WebhookSender
 
 log = structlog.get_logger("trainplan.worker")
 T = TypeVar("T")
@@ -321,6 +322,8 @@ def start_threads(
     """The embedded worker: `worker_concurrency` plan workers on threads of this process,
     working until `stop` is set."""
     threads = []
+    if settings.webhook_secret is not None:
+        threads.append(start_webhook_sender(settings, factory, stop))
     for _ in range(settings.worker_concurrency):
         worker = PlanWorker(settings, factory)
         thread = threading.Thread(
@@ -329,3 +332,22 @@ def start_threads(
         thread.start()
         threads.append(thread)
     return threads
+
+
+def start_webhook_sender(
+    settings: Settings, factory: sessionmaker[Session], stop: threading.Event
+) -> threading.Thread:
+    """The completion webhooks' sender, on its own thread until `stop` is set."""
+    sender = WebhookSender(settings, factory)
+    thread = threading.Thread(target=sender.run, args=(stop,), daemon=True, name="webhooks")
+    thread.start()
+    return thread
+
+
+def flush_webhooks(settings: Settings, factory: sessionmaker[Session]) -> None:
+    """One pass over the due deliveries (a worker that stops after its last plan sends that
+    plan's webhooks before it exits; any that fail stay in the store for the next sender)."""
+    try:
+        WebhookSender(settings, factory).send_due()
+    except Exception as exc:
+        log.warning("webhooks.flush_failed", error=str(exc)[:300])

@@ -71,3 +71,28 @@ class PlanSummary(BaseModel):
 class PlanPage(BaseModel):
     items: list[PlanSummary]
     next_cursor: str | None = None
+
+
+class DeliveryOut(BaseModel):
+    """One completion webhook of a plan, as the store has it."""
+
+    id: str
+    url: str
+    state: str = Field(description="waiting (the plan runs), retrying, delivered or failed.")
+    attempts: int
+    last_status: int | None = Field(default=None, description="The receiver's last HTTP status.")
+    last_error: str | None = None
+    next_attempt_at: UtcDatetime | None = None
+    delivered_at: UtcDatetime | None = None
+    created_at: UtcDatetime
+
+
+class WebhookSecret(BaseModel):
+    """How this tenant's completion webhooks are signed."""
+
+    secret: str
+    header: str = "Trainplan-Signature"
+    scheme: str = Field(
+        default="t=<unix seconds>,v1=<hex HMAC-SHA256(secret, '<t>.' + body)>",
+        description="Reject a t more than 300 s from now (replays).",
+    )

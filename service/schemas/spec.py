@@ -1080,6 +1080,16 @@ class PlanSpec(StrictModel):
     )
     search: SearchSpec = Field(default_factory=SearchSpec)
     refresh: bool = Field(default=False, description="Plan again even if this spec has a plan.")
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="An http(s) URL the service POSTs the plan's summary to when it ends "
+        "(succeeded, failed or cancelled), signed with the tenant's secret "
+        "(Trainplan-Signature: t=<unix>,v1=HMAC-SHA256(secret, '<t>.<body>')), retried with "
+        "backoff. Not part of the spec's identity: a submit of a planned spec reuses the plan "
+        "and still gets its callback. Private and link-local targets are refused unless the "
+        "operator allows them.",
+    )
 
     @model_validator(mode="after")
     def _compatible(self) -> PlanSpec:
@@ -1097,7 +1107,7 @@ class PlanSpec(StrictModel):
         return self
 
     def canonical(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"refresh"})
+        return self.model_dump(mode="json", exclude={"refresh", "callback_url"})
 
     def canonical_json(self) -> str:
         return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))

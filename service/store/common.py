@@ -17,7 +17,7 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def aware(value: datetime | None) -> datetime | None:
     """SQLite hands datetimes back naive; they were written in UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)

@@ -141,3 +141,27 @@ class AuditEvent(Base):
     key_id: Mapped[str | None] = mapped_column(String(36))
     action: Mapped[str] = mapped_column(String(16))
     plan_id: Mapped[str | None] = mapped_column(String(36), index=True)
+
+
+class Delivery(Base):
+    """A completion webhook of one plan: subscribed at submit (`callback_url`), sent by a
+    worker once the plan has ended, retried with backoff until delivered or too old. The state
+    lives here, so neither an API nor a worker restart loses one (at least once)."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"), index=True)
+    tenant: Mapped[str] = mapped_column(String(100))
+    url: Mapped[str] = mapped_column(Text)
+    # waiting (the plan runs) | retrying | delivered | failed (gave up)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]  # a sender holds it until then
+    last_status: Mapped[int | None] = mapped_column(Integer)  # the receiver's HTTP status
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_deliveries_state_next", "state", "next_attempt_at"),)

@@ -55,6 +55,8 @@ class Server:
             TRAINPLAN_AUTH_MODE="keys",
             TRAINPLAN_POLL_SECONDS="0.2",
             TRAINPLAN_FEED_POLL_SECONDS="0.1",
+            TRAINPLAN_WEBHOOK_SECRET="dashboard-test-webhook-secret",
+            TRAINPLAN_WEBHOOK_ALLOW_PRIVATE="true",
         )
         self.log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
@@ -426,6 +428,19 @@ def test_a_queued_plan_is_cancelled_from_its_page(context: BrowserContext, serve
     page.click("#cancel")
     expect(page.locator("#status")).to_have_text("cancelled")
     expect(page.locator("#cancel")).to_be_hidden()
+
+
+def test_a_plan_shows_its_completion_webhooks(context: BrowserContext, server: Server) -> None:
+    page = context.new_page()
+    _sign_in(page, server, key=server.key("hook-tenant"))
+    hook = "http://127.0.0.1:9/trainplan-hook"
+    plan_id = _submit_api(page, _spec(epochs=98) | {"callback_url": hook})
+    page.goto(f"/plans/{plan_id}")
+    row = page.locator("#deliveries tbody tr")
+    expect(row).to_have_count(1)
+    expect(row.locator("td").first).to_have_text(hook)
+    expect(row.locator(".badge")).to_have_text("waiting")  # no worker here sends it
+    _shot(page, "plan-webhooks")
 
 
 def test_a_failed_plan_shows_its_problem(context: BrowserContext, server: Server) -> None:

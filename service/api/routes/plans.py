@@ -23,6 +23,7 @@ from service.config import Settings
 from service.core.deps import JsonBody, SessionDep, SettingsDep
 from service.core.principal import Principal
 from service.core.problems import ProblemException, field_error, validation_problem
+from service.core.webhooks import RefusedTarget, check_target
 from service.feed.events import KEEPALIVE, Cursor, events
 from service.feed.hub import PlanFeed
 from service.feed.plan_views import PlanBody, not_found, plan_body, plan_out, render
@@ -35,7 +36,7 @@ from service.schemas.examples import (
 )
 from service.schemas.plan import PlanOut, PlanPage, PlanStatus, PlanSummary
 from service.schemas.spec import PlanSpec
-from service.store import plans
+from service.store import deliveries, plans
 from service.store.models import Plan
 from workers import engine
 
@@ -123,12 +124,33 @@ def submit_plan(
     grant = rate.take(principal.key_id) if principal.key_id else None
     if grant is not None and not grant.allowed:
         raise too_many(grant)
+    if spec.callback_url is not None:
+        _check_callback(spec.callback_url, settings)
     answer = _submit(response, principal, session, settings, checks, spec, idempotency_key)
     sent = answer if isinstance(answer, Response) else response  # where the headers go
-    audit.record(principal, "submit", sent.headers["Location"].rsplit("/", 1)[-1])
+    plan_id = sent.headers["Location"].rsplit("/", 1)[-1]
+    if spec.callback_url is not None:
+        deliveries.subscribe(
+            session, plan_id=plan_id, tenant=principal.tenant, url=spec.callback_url
+        )
+    audit.record(principal, "submit", plan_id)
     if grant is not None:
         sent.headers.update(grant.headers())
     return answer
+
+
+def _check_callback(url: str, settings: Settings) -> None:
+    """A 422 at `callback_url` for a target the service will not call (or with webhooks off)."""
+    if settings.webhook_secret is None:
+        message = "webhooks are off on this server (the operator sets TRAINPLAN_WEBHOOK_SECRET)"
+    else:
+        try:
+            check_target(url, allow_private=settings.webhook_allow_private)
+            return
+        except RefusedTarget as exc:
+            message = str(exc)
+    error = field_error(("callback_url",), message, "refused_target")
+    raise ProblemException.from_body(validation_problem([error]))
 
 
 def _submit(

@@ -1,6 +1,7 @@
 /* One plan: summary, peak memory against batch size (every trial; the card's capacity and the
    headroom limit as lines; the answer and answer + 1 marked), the memory breakdown stacked, the
-   what-ifs against the plan, warnings, configs, the spec. A queued or running plan follows its
+   what-ifs against the plan, warnings, configs, its completion webhooks, the spec. A queued or
+   running plan follows its
    event stream trial by trial and can be cancelled. Charts keep fixed boxes: nothing moves while
    trials stream in. */
 "use strict";
@@ -277,6 +278,18 @@
       ...codeBlock("spec", text, `spec-${p.id.slice(0, 8)}.json`, "application/json")));
   }
 
+  async function deliveries() {
+    let list = [];
+    try { list = (await api(`/v1/plans/${planId}/deliveries`)).data; } catch { list = []; }
+    $("#deliveries-section").hidden = !list.length;
+    $("#deliveries tbody").replaceChildren(...list.map((d) => el("tr", { "data-delivery": d.id },
+      el("td", {}, el("code", {}, d.url)),
+      el("td", {}, el("span", { class: `badge ${d.state === "delivered" ? "succeeded" : d.state === "failed" ? "failed" : "queued"}` }, d.state)),
+      el("td", { class: "num" }, int(d.attempts)),
+      el("td", {}, d.last_status ? `HTTP ${d.last_status}` : d.last_error || "—"),
+      el("td", {}, d.delivered_at ? when(d.delivered_at) : d.next_attempt_at ? `next ${when(d.next_attempt_at)}` : "—"))));
+  }
+
   // -- the plan as a whole, and following it -------------------------------------------------
   function header(p) {
     const status = $("#status");
@@ -312,6 +325,7 @@
       setTrials(p.trials || []);
     }
     spec(p);
+    deliveries();
     if (!FINAL.has(p.status)) follow();
   }
 

@@ -86,6 +86,18 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="First retry's delay; doubled per attempt, up to 10 min."
     )
     webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    admission_wait_seconds: float = Field(
+        default=8.0,
+        ge=0,
+        le=25,
+        description="How long an admission hook waits for a plan (Kubernetes gives webhooks "
+        "10 s by default, 30 s at most).",
+    )
+    admission_on_timeout: Literal["allow", "deny"] = Field(
+        default="allow",
+        description="A plan not finished in time: admit the workload unchanged (with a "
+        "warning) or deny it; the plan goes on and answers the next request.",
+    )
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     # What one spec may cost (service/api/limits.py): over a limit is a 422 at submit.
     max_layers: int = Field(

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.model_checks import ModelChecks
 from service.api.reads import PlanReads
-from service.api.routes import plans, system, webhooks
+from service.api.routes import integrations, plans, system, webhooks
 from service.auth.audit import AuditLog
 from service.auth.deps import KeyRing
 from service.auth.quotas import SubmitRate
@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
     app.include_router(plans.router)
     app.include_router(system.router)
     app.include_router(webhooks.router)
+    app.include_router(integrations.router)
     app.include_router(docs.router)
     app.include_router(session.router)
     app.include_router(pages.router)

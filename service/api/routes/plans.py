@@ -126,7 +126,7 @@ def submit_plan(
         raise too_many(grant)
     if spec.callback_url is not None:
         _check_callback(spec.callback_url, settings)
-    answer = _submit(response, principal, session, settings, checks, spec, idempotency_key)
+    answer = submit_spec(response, principal, session, settings, checks, spec, idempotency_key)
     sent = answer if isinstance(answer, Response) else response  # where the headers go
     plan_id = sent.headers["Location"].rsplit("/", 1)[-1]
     if spec.callback_url is not None:
@@ -153,7 +153,7 @@ def _check_callback(url: str, settings: Settings) -> None:
     raise ProblemException.from_body(validation_problem([error]))
 
 
-def _submit(
+def submit_spec(
     response: Response,
     principal: Principal,
     session: Session,

@@ -6,7 +6,8 @@ on the same job. For each layout: the exact max micro-batch per data rank, the p
 tokens/s per GPU, the step's matmul and memory-bound seconds, the TP collectives' share of the
 step, FSDP's seconds, traced steps and the plan's wall time on this machine.
 
-.venv/bin/python -m bench.tensor_parallel [--cases 8b,70b] [--tp 1,2,4,8] [--no-auto]
+.venv/bin/python -m bench.tensor_parallel [--cases 8b,70b,405b] [--tp 1,2,4,8] [--no-auto]
+(`--tp ""`: the auto layout alone; results go to bench/results/tensor_parallel[_CASES].json)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ SEQ = 4096
 CASES = {  # name -> (preset, world size, global batch in sequences)
     "8b": ("llama-3.1-8b", 8, 64),
     "70b": ("llama-3.1-70b", 64, 512),
+    "405b": ("llama-3.1-405b", 512, 2048),
 }
 
 
@@ -67,7 +69,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for case in args.cases.split(","):
         preset, world, global_batch = CASES[case]
-        layouts = [(tp, sp) for tp in (int(n) for n in args.tp.split(",")) for sp in (False, True)]
+        degrees = [int(n) for n in args.tp.split(",") if n]  # --tp "": the auto layout only
+        layouts = [(tp, sp) for tp in degrees for sp in (False, True)]
         layouts = [(tp, sp) for tp, sp in layouts if tp > 1 or not sp]
         runs: list[tuple[str, PlanSpec]] = [
             (
@@ -98,7 +101,8 @@ def main() -> None:
                 f"{row['traced_steps']:>6} {wall:>7.1f}",
                 flush=True,
             )
-    out = Path(__file__).parent / "results" / "tensor_parallel.json"
+    suffix = "" if args.cases == "8b,70b" else "_" + args.cases.replace(",", "_")
+    out = Path(__file__).parent / "results" / f"tensor_parallel{suffix}.json"
     out.write_text(json.dumps({"header": header(), "rows": rows}, indent=2) + "\n")
 
 

@@ -330,3 +330,14 @@ def run_on_gloo(script: str, tmp_path: Path, ranks: int = 2) -> subprocess.Compl
             break
     assert run.returncode == 0, run.stderr[-3000:]
     return run
+
+
+def with_changes(raw: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """`raw` with each `a__b__c=value` set at raw["a"]["b"]["c"] (in place; returned)."""
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return raw

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from service.schemas.examples import TINY_LLAMA
 from service.schemas.spec import PlanSpec
-from tests.helpers import configs_of, session_of
+from tests.helpers import configs_of, session_of, with_changes
 from workers import engine
 from workers.engine.errors import SpecError
 
@@ -35,13 +35,7 @@ def spec(cp: int, world: int = 4, seq: int = 256, **changes: Any) -> PlanSpec:
         "device": {"kind": "simulated", "gpu": "T4", "memory_gib": 1},
         "search": {"what_if": False},
     }
-    for path, value in changes.items():
-        *parents, leaf = path.split("__")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return PlanSpec.model_validate(raw)
+    return PlanSpec.model_validate(with_changes(raw, **changes))
 
 
 @cache

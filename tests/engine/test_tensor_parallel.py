@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from service.schemas.examples import TINY_LLAMA
 from service.schemas.spec import PlanSpec
-from tests.helpers import configs_of, run_on_gloo, session_of
+from tests.helpers import configs_of, run_on_gloo, session_of, with_changes
 from workers import engine
 from workers.engine.errors import SpecError
 
@@ -36,13 +36,7 @@ def spec(tp: int, world: int = 2, **changes: Any) -> PlanSpec:
         "device": {"kind": "simulated", "gpu": "H100-80GB", "memory_gib": 2},
         "search": {"what_if": False},
     }
-    for path, value in changes.items():
-        *parents, leaf = path.split("__")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return PlanSpec.model_validate(raw)
+    return PlanSpec.model_validate(with_changes(raw, **changes))
 
 
 @cache
@@ -159,6 +153,29 @@ def test_sequence_parallelism_splits_the_norms_for_the_same_bytes() -> None:
     norms = CONFIG["num_hidden_layers"] * 2 * HIDDEN * 2 * 2 * (n - 1) // n  # bf16 gradients
     assert split_cost.tensor_parallel_bytes == plain_cost.tensor_parallel_bytes + unit + norms
     assert split.breakdown["activations"] < plain.breakdown["activations"]
+
+
+def test_each_plan_in_a_process_costs_its_own_collectives() -> None:
+    """DTensor caches sharding by specs whose meshes compare equal across fake worlds: without
+    clearing it, a plan after another (the layout search runs several) ran its all-reduces on
+    the earlier plan's group and the roofline costed none of them."""
+    deep = CONFIG | {"num_hidden_layers": 12}
+    layouts = (
+        {"strategy": "fsdp", "tensor_parallel": 2, "context_parallel": 2},
+        {"strategy": "fsdp", "tensor_parallel": 2},
+    )
+    for layout in layouts:
+        plan = engine.plan(
+            spec(
+                2,
+                world=4,
+                model__config=deep,
+                training__parallelism=layout,
+                training__loss_kernel="liger",
+            )
+        )
+        assert plan.throughput is not None and plan.throughput.split is not None
+        assert plan.throughput.split.tensor_parallel_bytes > 0, layout
 
 
 @pytest.mark.parametrize(

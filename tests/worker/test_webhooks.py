@@ -80,17 +80,26 @@ def _delivery(factory: Any, delivery_id: str) -> Delivery:
         return found
 
 
+def _subscribed(
+    db_url: str, spec: dict[str, Any], url: str, cancel: bool = False
+) -> tuple[Any, str, str]:
+    """A fresh store with one queued plan (cancelled at once, if asked) whose end is to be
+    delivered to `url`: (its session factory, the plan's id, the delivery's id)."""
+    upgrade(db_url)
+    factory = _factory(db_url)
+    plan_id = enqueue(factory, spec)
+    with factory() as s:
+        delivery_id = deliveries.subscribe(s, plan_id=plan_id, tenant="default", url=url).id
+        if cancel:
+            plans.request_cancel(s, plan_id=plan_id)
+    return factory, plan_id, delivery_id
+
+
 def test_a_finished_plan_is_delivered_signed_after_a_restart_and_a_receiver_failure(
     db_url: str, small_spec: dict[str, Any], receiver: Receiver
 ) -> None:
     settings = _settings(db_url)
-    upgrade(db_url)
-    factory = _factory(db_url)
-    plan_id = enqueue(factory, small_spec)
-    with factory() as s:
-        delivery_id = deliveries.subscribe(
-            s, plan_id=plan_id, tenant="default", url=receiver.url
-        ).id
+    factory, plan_id, delivery_id = _subscribed(db_url, small_spec, receiver.url)
     # nothing is due while the plan waits
     assert WebhookSender(settings, factory).send_due() == 0
     assert PlanWorker(settings, factory, "w-hooks").run_once() == 1
@@ -129,14 +138,7 @@ def test_a_cancelled_plan_is_delivered_and_a_redirect_is_not_followed(
     db_url: str, small_spec: dict[str, Any], receiver: Receiver
 ) -> None:
     settings = _settings(db_url)
-    upgrade(db_url)
-    factory = _factory(db_url)
-    plan_id = enqueue(factory, small_spec)
-    with factory() as s:
-        delivery_id = deliveries.subscribe(
-            s, plan_id=plan_id, tenant="default", url=receiver.url
-        ).id
-        plans.request_cancel(s, plan_id=plan_id)
+    factory, _, delivery_id = _subscribed(db_url, small_spec, receiver.url, cancel=True)
     receiver.answers = [(302, {"Location": "http://169.254.169.254/latest/meta-data"})]
     sender = WebhookSender(settings, factory)
     assert sender.send_due() == 1
@@ -151,13 +153,8 @@ def test_a_cancelled_plan_is_delivered_and_a_redirect_is_not_followed(
 def test_a_delivery_gives_up_past_the_age_limit_and_refuses_a_private_target(
     db_url: str, small_spec: dict[str, Any]
 ) -> None:
-    upgrade(db_url)
-    factory = _factory(db_url)
-    plan_id = enqueue(factory, small_spec)
-    with factory() as s:
-        target = "http://127.0.0.1:9/hook"
-        delivery_id = deliveries.subscribe(s, plan_id=plan_id, tenant="default", url=target).id
-        plans.request_cancel(s, plan_id=plan_id)
+    target = "http://127.0.0.1:9/hook"
+    factory, _, delivery_id = _subscribed(db_url, small_spec, target, cancel=True)
     # private targets refused at send time too; the plan ended longer ago than allowed
     sender = WebhookSender(
         _settings(db_url, webhook_allow_private=False, webhook_max_age_seconds=1e-6), factory

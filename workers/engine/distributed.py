@@ -83,6 +83,7 @@ def fake_world(training: TrainingSpec) -> Iterator[World | None]:
     size = training.world_size
     if dist.is_initialized():
         dist.destroy_process_group()
+    _forget_earlier_meshes()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
     try:
         world = World(
@@ -99,6 +100,19 @@ def fake_world(training: TrainingSpec) -> Iterator[World | None]:
         yield world
     finally:
         dist.destroy_process_group()
+
+
+def _forget_earlier_meshes() -> None:
+    """Clear DTensor's sharding-propagation and redistribution caches. They are keyed by specs
+    whose device meshes compare equal by shape and names, not by process group, so an op of this
+    session would get an output spec holding an earlier session's mesh, and its collectives
+    would run on that session's (destroyed) group: the roofline, which counts a group's traffic
+    by its name, then missed them (a second TP plan in one process costed no all-reduces)."""
+    from torch.distributed.tensor._redistribute import _gen_transform_infos
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    _gen_transform_infos.cache_clear()
 
 
 def _mesh(world: World) -> Any:

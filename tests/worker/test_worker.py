@@ -105,15 +105,19 @@ def test_a_busy_worker_keeps_its_heartbeat(db_url: str, plugins: str) -> None:
     worker = PlanWorker(settings, factory, "w-busy")
     thread = threading.Thread(target=worker.run, args=(threading.Event(), 1))
     thread.start()
-    deadline = time.monotonic() + 20
-    while _plan(factory, plan_id).status != "running" and time.monotonic() < deadline:
-        time.sleep(0.05)
 
     def beat() -> Any:
         with factory() as s:
-            (row,) = [w for w in registry.list_workers(s) if w.id == "w-busy"]
-            return row.heartbeat_at, row.current_plan_id
+            rows = [w for w in registry.list_workers(s) if w.id == "w-busy"]
+            return (rows[0].heartbeat_at, rows[0].current_plan_id) if rows else (None, None)
 
+    # the claim marks the plan running a moment before the worker's row names it (seen on
+    # PostgreSQL under load): wait for both
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (
+        _plan(factory, plan_id).status != "running" or beat()[1] != plan_id
+    ):
+        time.sleep(0.05)
     first, current = beat()
     time.sleep(2.0)  # four heartbeat periods
     later, still = beat()

@@ -87,6 +87,10 @@ def materialised(spec: PlanSpec, dtype: torch.dtype) -> tuple[Any, Any]:
     torch.manual_seed(0)
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.05)
+    # `to_empty` leaves buffers (RoPE's inv_freq) as whatever memory held: NaN now and then
+    for b in module.buffers():
+        if b.is_floating_point():
+            b.zero_()
     return built, torch.randint(0, VOCAB, (3, 17))
 
 

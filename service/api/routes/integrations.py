@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,7 +11,8 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from service.api.model_checks import ModelChecks, ModelChecksDep
-from service.api.routes.plans import submit_spec
+from service.api.reads import ReadsDep
+from service.api.routes.plans import submit_spec, submitted_plan_id
 from service.auth.deps import SubmitterDep
 from service.config import Settings
 from service.core.deps import SessionDep, SettingsDep
@@ -22,7 +22,6 @@ from service.integrations import kubernetes
 from service.schemas.plan import FINAL
 from service.schemas.spec import PlanSpec
 from service.store import plans
-from service.store.models import Plan
 
 router = APIRouter(prefix="/v1/integrations", tags=["integrations"])
 
@@ -37,28 +36,43 @@ async def kubernetes_mutate(
     session: SessionDep,
     settings: SettingsDep,
     checks: ModelChecksDep,
+    reads: ReadsDep,
 ) -> JSONResponse:
     """A workload annotated `trainplan.dev/spec` gets its plan's micro-batch, accumulation and
     learning rate in its containers' environment; an infeasible or failed plan denies it; one
     that is not done within `TRAINPLAN_ADMISSION_WAIT_SECONDS` is admitted unchanged with a
-    warning (or denied: `TRAINPLAN_ADMISSION_ON_TIMEOUT=deny`) and answers the next request."""
+    warning (or denied: `TRAINPLAN_ADMISSION_ON_TIMEOUT=deny`) and answers the next request.
+    The wait is the long poll's: on the process's change feed, not a query loop of its own."""
     raw = await request.body()
     try:
         review = kubernetes.parse(raw)
     except kubernetes.MalformedReview as exc:
         verdict = kubernetes.Verdict(False, code=400, message=str(exc))
         return JSONResponse(kubernetes.answer(kubernetes.uid_of(raw), verdict))
-    verdict = await run_in_threadpool(_admit, review, principal, session, settings, checks)
+    submitted = await run_in_threadpool(_submit, review, principal, session, settings, checks)
+    if isinstance(submitted, kubernetes.Verdict):
+        return JSONResponse(kubernetes.answer(review.uid, submitted))
+    spec, plan_id = submitted
+    try:
+        async with reads.feed.watch(plan_id) as followed:
+            await followed.wait_until(
+                lambda s: s is None or s.final, settings.admission_wait_seconds
+            )
+    except ProblemException:  # the store is away: as if the plan were not done in time
+        pass
+    verdict = await run_in_threadpool(_verdict, review, spec, plan_id, session, settings)
     return JSONResponse(kubernetes.answer(review.uid, verdict))
 
 
-def _admit(
+def _submit(
     review: kubernetes.Review,
     principal: Principal,
     session: Session,
     settings: Settings,
     checks: ModelChecks,
-) -> kubernetes.Verdict:
+) -> kubernetes.Verdict | tuple[PlanSpec, str]:
+    """The annotated spec submitted as `POST /v1/plans` submits it (the spec and its plan's
+    id), or the verdict where there is nothing to plan or the spec is refused."""
     text = review.annotations.get(kubernetes.SPEC_ANNOTATION)
     if text is None:
         return kubernetes.Verdict(True)  # not ours: admitted as it is
@@ -79,29 +93,20 @@ def _admit(
             "detail"
         )
         return kubernetes.Verdict(False, code=int(body.get("status", 422)), message=str(detail))
-    sent = answer if isinstance(answer, Response) else response  # where Location went
-    plan_id = sent.headers["Location"].rsplit("/", 1)[-1]
-    plan = _wait(session, plan_id, settings.admission_wait_seconds)
+    return spec, submitted_plan_id(answer, response)
+
+
+def _verdict(
+    review: kubernetes.Review, spec: PlanSpec, plan_id: str, session: Session, settings: Settings
+) -> kubernetes.Verdict:
+    """The answer for the plan as the store has it now."""
+    session.expire_all()
+    plan = plans.get_plan(session, plan_id=plan_id)
     if plan is None or plan.status not in FINAL:
         message = f"trainplan: plan {plan_id} is not done yet; apply again to get its settings"
         if settings.admission_on_timeout == "deny":
             return kubernetes.Verdict(False, code=503, message=message)
         return kubernetes.Verdict(True, warnings=[message])
-    return _verdict(review, plan, spec)
-
-
-def _wait(session: Session, plan_id: str, seconds: float) -> Plan | None:
-    """The plan once it is final, or as it is when the time is up."""
-    deadline = time.monotonic() + seconds
-    while True:
-        session.expire_all()
-        plan = plans.get_plan(session, plan_id=plan_id)
-        if plan is None or plan.status in FINAL or time.monotonic() >= deadline:
-            return plan
-        time.sleep(0.1)
-
-
-def _verdict(review: kubernetes.Review, plan: Plan, spec: PlanSpec) -> kubernetes.Verdict:
     result: dict[str, Any] | None = plan.result
     if result is None:
         error = plan.error or {}

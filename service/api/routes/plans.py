@@ -128,7 +128,7 @@ def submit_plan(
         _check_callback(spec.callback_url, settings)
     answer = submit_spec(response, principal, session, settings, checks, spec, idempotency_key)
     sent = answer if isinstance(answer, Response) else response  # where the headers go
-    plan_id = sent.headers["Location"].rsplit("/", 1)[-1]
+    plan_id = submitted_plan_id(answer, response)
     if spec.callback_url is not None:
         deliveries.subscribe(
             session, plan_id=plan_id, tenant=principal.tenant, url=spec.callback_url
@@ -210,6 +210,13 @@ def submit_spec(
         return _existing(plan, session)
     response.headers["Location"] = f"/v1/plans/{plan.id}"
     return plan_out(plan)
+
+
+def submitted_plan_id(answer: PlanOut | Response, response: Response) -> str:
+    """The id of the plan `submit_spec` queued or found: its Location, on the stored plan's
+    response or on the one `submit_spec` was handed."""
+    sent = answer if isinstance(answer, Response) else response
+    return sent.headers["Location"].rsplit("/", 1)[-1]
 
 
 def _tenant_key(tenant: str, idempotency_key: str) -> str:

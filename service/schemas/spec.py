@@ -512,7 +512,7 @@ class ParallelismSpec(StrictModel):
         description="'auto': search the tensor- and context-parallel degrees for the fixed "
         "world_size (FSDP over the rest; sequence parallelism with tensor parallelism on "
         "token data) and plan the layout with the shortest time to train; every layout "
-        "planned is reported in result.layout. Needs strategy fsdp (or unset), "
+        "planned is reported in result.layouts. Needs strategy fsdp (or unset), "
         "context_parallel and tensor_parallel left at 1.",
     )
 

@@ -47,8 +47,9 @@ from workers.engine.planner import per_rank_batch
 from workers.engine.tensor_parallel import check as check_tensor_parallel
 
 MAX_CONTEXT_PARALLEL = 8
-# (job, label) -> the job's plan, its probes reported under `label`
-PlanFn = Callable[[CompiledJob, str], PlanResult]
+# (job, label) -> the job as planned (policies it chose resolved) and its plan, its probes
+# reported under `label`
+PlanFn = Callable[[CompiledJob, str], tuple[CompiledJob, PlanResult]]
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,16 @@ class Layout:
         return job.with_training(t.model_copy(update={"parallelism": parallelism}))
 
 
-def choose(job: CompiledJob, plan: PlanFn) -> tuple[Layout, PlanResult, LayoutChoice]:
-    """The chosen layout, the plan under it, and the choice as the result reports it."""
+def choose(job: CompiledJob, plan: PlanFn) -> tuple[CompiledJob, PlanResult, LayoutChoice]:
+    """The job under the chosen layout, its plan, and the choice as the result reports it."""
     results: dict[Layout, PlanResult] = {}
+    jobs: dict[Layout, CompiledJob] = {}
     skipped: list[str] = []
     for tp in _tensor_parallel_degrees(job, skipped):
         cp = 1
         while True:
             layout = Layout(tp, cp)
-            results[layout] = plan(layout.on(job), f"layout={layout.name}")
+            jobs[layout], results[layout] = plan(layout.on(job), f"layout={layout.name}")
             fewest = _fewest_micro_steps_doubled(results[layout], job, layout)
             if fewest is not None:
                 if _traceable(Layout(tp, cp * 2), job, []):
@@ -110,7 +112,7 @@ def choose(job: CompiledJob, plan: PlanFn) -> tuple[Layout, PlanResult, LayoutCh
         checked=[_check(layout, results[layout], world) for layout in ranked],
         skipped=skipped,
     )
-    return best, results[best], choice
+    return jobs[best], results[best], choice
 
 
 def _tensor_parallel_degrees(job: CompiledJob, skipped: list[str]) -> list[int]:

@@ -135,13 +135,10 @@ def _run_plan(
         if answer.world_size is not None:
             job = job.with_world(answer.strategy, answer.world_size)
     if job.training.parallelism.layout == "auto":
-        layout, result, layouts = layout_search.choose(
+        job, result, layouts = layout_search.choose(
             job,
-            lambda changed, label: _plan_policy(changed, device, _Labelled(recorder, label, None))[
-                1
-            ],
+            lambda changed, label: _plan_policy(changed, device, _Labelled(recorder, label, None)),
         )
-        job = _plan_policy(layout.on(job), device, recorder, planned=result)[0]
         result.layouts = layouts
     else:
         job, result = _plan_policy(job, device, recorder)
@@ -172,26 +169,12 @@ def _run_plan(
 
 
 def _plan_policy(
-    job: CompiledJob,
-    device: ProbeDevice,
-    recorder: _Recorder,
-    planned: PlanResult | None = None,
+    job: CompiledJob, device: ProbeDevice, recorder: _Recorder
 ) -> tuple[CompiledJob, PlanResult]:
     """The job's plan, under the checkpointing policy `checkpointing.auto` chooses where it
-    asks for one, and the job as planned; `planned`: that plan, made already (the job is
-    then only resolved again, which traces nothing: the policy's choice is in the plan)."""
+    asks for one, and the job as planned."""
     if not job.training.checkpointing.auto:
-        return job, planned or _plan(job, device, recorder)
-    if planned is not None and planned.checkpointing is not None:
-        chosen = planned.checkpointing
-        policy = checkpoint_policy.Policy(
-            chosen.policy,
-            chosen.gradient_checkpointing,
-            every=chosen.every,
-            offload=chosen.offload,
-            selective="op" if chosen.selective == "op" else "block",
-        )
-        return policy.on(job), planned
+        return job, _plan(job, device, recorder)
     policy, result, choice = checkpoint_policy.choose(
         job, lambda changed, label: _plan(changed, device, _Labelled(recorder, label, None))
     )

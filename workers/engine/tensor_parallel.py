@@ -11,9 +11,10 @@ all-reduces after each rowwise layer and backward after each colwise layer's inp
 four all-reduces of (micro-batch x tokens x hidden) per block and step, more with checkpointed
 recompute, on the critical path (no async TP). The traced collectives are the ones costed.
 
-What this first layout leaves out, each stated where it matters:
-- sequence parallelism (norms and residuals split on the sequence): the residual stream and the
-  norms' activations are whole on every rank, as with transformers' plan;
+`sequence_parallel` adds torchtitan's sequence parallelism: the block's norms and the residual
+stream between blocks on 1/N of the tokens, an all-gather before the attention and the MLP and a
+reduce-scatter after them in place of each all-reduce. What the layout leaves out, each stated
+where it matters:
 - the embeddings are not split by TP, nor the output head unless `loss_parallel` asks
   (torchtitan's loss parallelism: the head split by vocabulary, the cross-entropy on each rank's
   share of the logits); FSDP shards them over the data ranks;
@@ -26,6 +27,7 @@ What this first layout leaves out, each stated where it matters:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -198,21 +200,16 @@ def _split_stack(first: nn.Module, last: nn.Module, mesh: Any) -> None:
     same collectives, one block apart)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    def split(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        def scattered(x: torch.Tensor) -> Any:
-            whole = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
-            return whole.redistribute(mesh, (Shard(1),))
-
-        if args:
-            return (scattered(args[0]), *args[1:]), kwargs
-        return args, kwargs | {"hidden_states": scattered(kwargs["hidden_states"])}
+    def scattered(x: torch.Tensor) -> Any:
+        whole = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+        return whole.redistribute(mesh, (Shard(1),))
 
     def gather(_module: nn.Module, _args: Any, out: Any) -> Any:
         first = out[0] if isinstance(out, tuple) else out
         whole = first.redistribute(mesh, (Replicate(),)).to_local()
         return (whole, *out[1:]) if isinstance(out, tuple) else whole
 
-    first.register_forward_pre_hook(split, with_kwargs=True)
+    _on_first_input(first, scattered)
     last.register_forward_hook(gather)
 
 
@@ -231,13 +228,8 @@ def _replicate_first_input(module: nn.Module, mesh: Any) -> None:
     """torchtitan's input preparation (`PrepareModuleInput` to a replicated DTensor): the
     module's input enters as one replicated DTensor, so the input gradients of its colwise
     layers add up as one partial sum and backward all-reduces it once per module rather than
-    once per layer. The input comes positionally (the MLP) or by name (transformers' attention
-    is called with `hidden_states=`)."""
-    import inspect
-
+    once per layer."""
     from torch.distributed.tensor import DTensor, Replicate
-
-    name = next(iter(inspect.signature(module.forward).parameters))
 
     def replicated(value: Any) -> Any:
         if isinstance(value, DTensor):  # sequence parallelism: all-gathered here
@@ -246,11 +238,22 @@ def _replicate_first_input(module: nn.Module, mesh: Any) -> None:
             return value
         return DTensor.from_local(value, mesh, (Replicate(),), run_check=False)
 
+    _on_first_input(module, replicated)
+
+
+def _on_first_input(module: nn.Module, transform: Callable[[Any], Any]) -> None:
+    """`transform` the module's first input before its forward, whether it comes positionally
+    (the MLP) or by name (transformers calls attention and decoder layers with
+    `hidden_states=`)."""
+    import inspect
+
+    name = next(iter(inspect.signature(module.forward).parameters))
+
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if args:
-            return (replicated(args[0]), *args[1:]), kwargs
+            return (transform(args[0]), *args[1:]), kwargs
         if name in kwargs:
-            return args, kwargs | {name: replicated(kwargs[name])}
+            return args, kwargs | {name: transform(kwargs[name])}
         return None
 
     module.register_forward_pre_hook(hook, with_kwargs=True)

@@ -4,13 +4,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# SkyPilot's client, for the admission-policy tests only: it pins click and uvicorn below what
+# the service runs, so it lives in a venv of its own (uv makes it in seconds from the lock).
+SKY_VENV ?= .venv-sky
 SERVE_EXTRAS := vision,postgres,nlp,peft
 DEV_EXTRAS := dev,$(SERVE_EXTRAS)
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header
 
 .PHONY: install install-serve serve test lint typecheck unit bench clean compose-check lock spec-doc
 
-install: $(VENV)/.installed-dev
+install: $(VENV)/.installed-dev $(SKY_VENV)/.installed
 install-serve: $(VENV)/.installed-serve
 
 $(BIN)/python:
@@ -28,12 +31,18 @@ $(VENV)/.installed-dev: requirements/dev.txt pyproject.toml setup.py | $(BIN)/py
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@ $(VENV)/.installed-serve
 
+$(SKY_VENV)/.installed: requirements/skypilot.txt | $(VENV)/.installed-dev
+	$(BIN)/uv venv --quiet --clear --python $(PYTHON) $(SKY_VENV)
+	VIRTUAL_ENV=$(SKY_VENV) $(BIN)/uv pip install --quiet -r requirements/skypilot.txt
+	touch $@
+
 # Re-resolve pyproject.toml's ranges into exact pins (x86_64 Linux, Python 3.11, as CI and the
 # image run); commit the result.
 lock: | $(BIN)/python
 	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv
 	$(BIN)/uv pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(SERVE_EXTRAS)),--extra $(e)) $(LOCK_TARGET) -o requirements/serve.txt
 	$(BIN)/uv pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(DEV_EXTRAS)),--extra $(e)) $(LOCK_TARGET) -o requirements/dev.txt
+	$(BIN)/uv pip compile requirements/skypilot.in $(LOCK_TARGET) -o requirements/skypilot.txt
 
 comma := ,
 

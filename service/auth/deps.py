@@ -2,13 +2,18 @@
 `require(scope)` guards a route. `TRAINPLAN_AUTH_MODE`: `none` (loopback: one tenant, every
 scope), `token` (the legacy shared tokens: the same), `keys` (API keys per tenant).
 
-The credential is the `Authorization: Bearer` header or, for the dashboard, its HttpOnly session
-cookie (which `EventSource` sends, where it cannot set a header). A request that rides on the
-cookie and changes something must also echo the CSRF cookie in `X-CSRF-Token` (double submit):
-another site's form can make the browser send the cookie, but cannot read the CSRF one."""
+The credential is the `Authorization: Bearer` header; or HTTP Basic with the key as the
+password, for clients that can only put a credential in a URL (SkyPilot's RestfulAdminPolicy
+sends no header of its own: `https://x:<key>@host/...` makes `requests` send Basic); or, for the
+dashboard, its HttpOnly session cookie (which `EventSource` sends, where it cannot set a
+header). A request that rides on the cookie and changes something must also echo the CSRF
+cookie in `X-CSRF-Token` (double submit): another site's form can make the browser send the
+cookie, but cannot read the CSRF one."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 import threading
 import time
@@ -98,6 +103,18 @@ async def principal_of(request: Request, settings: Settings, token: str) -> Prin
     return principal
 
 
+def basic_password(request: Request) -> str:
+    """The password of an `Authorization: Basic` header ("" for none or a malformed one)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2].strip()
+
+
 def csrf_ok(request: Request, sent: str | None = None) -> bool:
     """The CSRF cookie echoed: in `X-CSRF-Token`, or as `sent` (a form's field)."""
     expected = request.cookies.get(CSRF_COOKIE, "")
@@ -113,6 +130,7 @@ async def authenticate(
     if settings.auth_mode == "none":
         return EVERYONE
     token = credentials.credentials.strip() if credentials is not None else ""
+    token = token or basic_password(request)
     via_cookie = not token
     if via_cookie:
         token = request.cookies.get(SESSION_COOKIE, "")

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from service.integrations.hooks import node_layout, plan_env
 
 SPEC_ANNOTATION = "trainplan.dev/spec"
 PLAN_ANNOTATION = "trainplan.dev/plan-id"
@@ -99,12 +100,7 @@ def patch_for(
     review: Review, plan_id: str, result: dict[str, Any], gpus_per_node: int
 ) -> list[dict[str, Any]]:
     """JSONPatch operations that give the workload the plan's numbers."""
-    env = {
-        "MICRO_BATCH_SIZE": str(result["micro_batch_size"]),
-        "GRAD_ACCUM_STEPS": str(result["accumulation_steps"]),
-        "LEARNING_RATE": repr(float(result["learning_rate"])),
-        "TRAINPLAN_PLAN_ID": plan_id,
-    }
+    env = plan_env(plan_id, result)
     ops = _annotation(review.obj, PLAN_ANNOTATION, plan_id)
     spec = review.obj.get("spec") or {}
     if review.kind == "TrainJob":
@@ -113,8 +109,7 @@ def patch_for(
             ops.append({"op": "add", "path": "/spec/trainer", "value": {}})
             trainer = {}
         ops += _env_ops("/spec/trainer", trainer, env)
-        world = int(result.get("world_size") or 1)
-        nodes = math.ceil(world / min(gpus_per_node, world))
+        nodes, _ = node_layout(result, gpus_per_node)
         ops.append({"op": "add", "path": "/spec/trainer/numNodes", "value": nodes})
         return ops
     for path, containers in _container_lists(review.kind, spec):

@@ -61,14 +61,15 @@ def configs_with_evaluation(
 def build_configs(job: LaunchJob, numbers: PlanNumbers) -> dict[str, Any]:
     """Every rendering of a feasible plan, keyed as `result.configs` carries them."""
     trainer = hf_trainer_arguments(job, numbers)  # also what TRL and Axolotl build on
+    loop = pytorch_loop(job, numbers)
     out: dict[str, Any] = {
         "recipe": recipe_source(numbers.lr_schedule, numbers.learning_rate, job.param_groups),
-        "pytorch": pytorch_loop(job, numbers),
+        "pytorch": loop,
         "lightning": lightning_settings(job, numbers),
         "hf_trainer": trainer,
         "deepspeed": deepspeed_config(job, numbers),
         "accelerate": accelerate_config(job, numbers),
-        "launch": launch_specs(job, numbers),
+        "launch": launch_specs(job, numbers, loop),
         **fine_tuning_configs(job, numbers, trainer),
     }
     if job.hf and job.attn_implementation is not None:

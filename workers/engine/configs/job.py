@@ -65,6 +65,7 @@ class LaunchJob:
     strategy: str  # resolved: none, ddp, zero1, zero2, zero3, fsdp, hybrid_shard
     world_size: int
     gpus_per_node: int
+    gpu: str | None  # the simulated card's catalogue name (None: a real device, or memory only)
     cpu_offload: bool
     sharding: str | None  # FSDP's strategy name; None where the strategy does not shard
     reshards_after_forward: bool
@@ -94,7 +95,9 @@ class LaunchJob:
         return self.sharding is not None
 
 
-def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> LaunchJob:
+def launch_job(
+    model: ModelSpec, data: DataSpec, training: TrainingSpec, gpu: str | None = None
+) -> LaunchJob:
     strategy = training.strategy
     sharding = FSDP_SHARDING.get(strategy)
     if strategy == "fsdp" and not training.parallelism.reshard_after_forward:
@@ -106,6 +109,7 @@ def launch_job(model: ModelSpec, data: DataSpec, training: TrainingSpec) -> Laun
         strategy=strategy,
         world_size=training.world_size,
         gpus_per_node=training.parallelism.gpus_per_node,
+        gpu=gpu,
         cpu_offload=training.parallelism.cpu_offload,
         sharding=sharding,
         reshards_after_forward=training.reshards_after_forward,

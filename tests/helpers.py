@@ -9,8 +9,8 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -341,3 +341,32 @@ def with_changes(raw: dict[str, Any], **changes: Any) -> dict[str, Any]:
             node = node[key]
         node[leaf] = value
     return raw
+
+
+@contextmanager
+def served(settings: Any) -> Iterator[str]:
+    """The app for `settings` served by uvicorn in a thread on a free loopback port, for
+    clients that are real processes (SkyPilot's policy client, curl from a Slurm hook);
+    yields "127.0.0.1:port"."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from service.api.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

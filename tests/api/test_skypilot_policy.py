@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 import yaml
 from fastapi.testclient import TestClient
 
@@ -23,7 +20,7 @@ from service.api.app import create_app
 from service.config import Settings
 from service.integrations.hooks import outcome_of
 from service.store.db import make_engine, make_session_factory
-from tests.helpers import free_port
+from tests.helpers import served
 from workers.loop import PlanWorker
 
 ROUTE = "/v1/integrations/skypilot/policy"
@@ -201,21 +198,8 @@ def live_api(db_url: str) -> Iterator[tuple[str, Settings]]:
         auth_mode="token",
         api_tokens=["sky-secret"],
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"127.0.0.1:{port}", settings
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(settings) as host:
+        yield host, settings
 
 
 def sky_client(url: str, task: dict[str, Any]) -> dict[str, Any]:

@@ -143,6 +143,27 @@ async def kubernetes_mutate(request: Request, hook: HookDep) -> JSONResponse:
     "/skypilot/policy",
     summary="SkyPilot admin policy (RestfulAdminPolicy: a user request in, the mutated one out)",
     response_class=JSONResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "string",
+                        "description": "SkyPilot's UserRequest.encode(): the JSON text of "
+                        "{task, skypilot_config, request_name, ...}, the first two YAML texts",
+                    }
+                }
+            },
+        }
+    },
+    responses={
+        200: {"description": "The mutated request: a JSON string of the task's and config's YAML"},
+        400: {
+            "description": "Rejected: SkyPilot shows the text as the reason",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+    },
 )
 async def skypilot_policy(request: Request, hook: HookDep) -> Response:
     """A task whose `envs` carry `TRAINPLAN_SPEC` gets the plan's accelerators per node,
@@ -174,18 +195,34 @@ async def skypilot_policy(request: Request, hook: HookDep) -> Response:
     "/slurm/submit",
     summary="Slurm job_submit.lua: a plan spec in, key=value lines out",
     response_class=PlainTextResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PlanSpec"}}},
+        }
+    },
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        422: {
+            "description": "A spec the hook cannot plan: decision=reject and the field",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+    },
 )
 async def slurm_submit(request: Request, hook: HookDep) -> PlainTextResponse:
     """The body is the spec a batch script's `#TRAINPLAN` line carries (JSON). The answer is
     `key=value` lines for deploy/slurm/job_submit.lua: `decision` accept | reject | pending,
-    and for accept the job's nodes, GPUs per node and the plan's environment."""
+    and for accept the job's nodes, GPUs per node and the plan's environment; a spec that
+    cannot be planned is a 422 (or the API's own status) with decision=reject."""
     raw = await request.body()
     try:
         text = raw.decode()
     except UnicodeDecodeError:
-        return PlainTextResponse(slurm.refused("trainplan: the spec is not UTF-8 text"))
+        refused = slurm.refused("trainplan: the spec is not UTF-8 text")
+        return PlainTextResponse(refused, status_code=422)
     planned = await hook.plan(text, "#TRAINPLAN")
-    if isinstance(planned, Refusal):
-        return PlainTextResponse(slurm.refused(f"trainplan: {planned.message}"))
+    if isinstance(planned, Refusal):  # the hook reads the lines whatever the status
+        refused = slurm.refused(f"trainplan: {planned.message}")
+        return PlainTextResponse(refused, status_code=planned.code)
     spec, outcome = planned
     return PlainTextResponse(slurm.lines(outcome, spec.training.parallelism.gpus_per_node))

@@ -19,6 +19,7 @@ router = APIRouter(tags=["webhooks"])
     "/v1/plans/{plan_id}/deliveries",
     response_model=list[DeliveryOut],
     summary="A plan's completion webhooks and their attempts",
+    responses={404: {"description": "No such plan (problem details)"}},
 )
 def plan_deliveries(plan_id: str, principal: ReaderDep, session: SessionDep) -> list[DeliveryOut]:
     if plans.get_plan(session, plan_id=plan_id, tenant=principal.tenant_filter) is None:
@@ -34,6 +35,9 @@ def plan_deliveries(plan_id: str, principal: ReaderDep, session: SessionDep) -> 
     "/v1/webhooks/secret",
     response_model=WebhookSecret,
     summary="This tenant's webhook signing secret",
+    responses={
+        404: {"description": "Webhooks are off: no TRAINPLAN_WEBHOOK_SECRET (problem details)"}
+    },
 )
 def webhook_secret(principal: ReaderDep, settings: SettingsDep) -> WebhookSecret:
     if settings.webhook_secret is None:

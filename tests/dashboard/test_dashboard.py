@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.schemas.examples import SMALL_GRAYSCALE_CNN
+from service.schemas.examples import SMALL_GRAYSCALE_CNN, TINY_LLAMA
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright  # noqa: E402
@@ -520,6 +520,50 @@ def test_a_plan_for_the_fewest_gpus_shows_each_strategy(
         assert row.locator("span.bytes").count() == len(strategy["checked"])
     expect(page.locator("#whatif li")).to_contain_text("No what-if was asked for")
     _shot(page, "plan-scale-out", full_page=True)
+
+
+def test_an_auto_layout_plan_shows_each_layout_and_its_step(
+    context: BrowserContext, server: Server
+) -> None:
+    page = context.new_page()
+    _sign_in(page, server, key=server.key("layout-tenant"))
+    config = TINY_LLAMA | {"vocab_size": 512, "num_hidden_layers": 2}
+    spec = {
+        "model": {"source": "transformers", "architecture": "LlamaForCausalLM", "config": config},
+        "data": {"kind": "tokens", "seq_len": 128, "num_samples": 1000},
+        "training": {
+            "precision": "bf16-mixed",
+            "global_batch_size": 64,
+            "world_size": 2,
+            "parallelism": {"layout": "auto"},
+        },
+        "device": {"kind": "simulated", "gpu": "H100-80GB", "memory_gib": 2},
+        "search": {"what_if": False},
+    }
+    plan_id = _submit_api(page, spec)
+    server.run_worker(plans=1).wait(timeout=300)
+    page.goto(f"/plans/{plan_id}")
+    expect(page.locator("#status")).to_have_text("succeeded")
+    layouts = page.request.get(f"/v1/plans/{plan_id}").json()["result"]["layouts"]
+    rows = page.locator("#layouts tbody tr")
+    expect(rows).to_have_count(len(layouts["checked"]))
+    first = layouts["checked"][0]  # ranked: the chosen one first
+    expect(rows.first.locator("th")).to_have_text(
+        f"tp{first['tensor_parallel']} · cp{first['context_parallel']} · "
+        f"dp{first['data_parallel']} ✓"
+    )
+    expect(page.locator("#layouts tbody tr[data-chosen]")).to_have_count(1)
+    expect(page.locator("#layouts-skipped li")).to_have_count(len(layouts["skipped"]))
+    # the chart's stacked parts add up to each layout's step time
+    feasible = [c for c in layouts["checked"] if c["feasible"]]
+    totals = page.evaluate(
+        "trainplanCharts.layouts.data.labels.map((_, i) => "
+        "trainplanCharts.layouts.data.datasets.reduce((s, d) => s + d.data[i], 0))"
+    )
+    assert totals == pytest.approx([c["step_time_s"] for c in feasible])
+    tp_part = page.evaluate("trainplanCharts.layouts.data.datasets[1].data")
+    assert tp_part == pytest.approx([c["tensor_parallel_s"] for c in feasible])
+    _shot(page, "plan-layouts", full_page=True)
 
 
 def test_the_gpu_catalogue_sorts_from_the_keyboard(context: BrowserContext, server: Server) -> None:

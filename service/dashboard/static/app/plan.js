@@ -229,6 +229,42 @@
       `${lr.upper_bound ? " (an upper bound: early stopping may end it sooner)" : ""}; sampled at the marked steps, straight between them.`;
   }
 
+  // A layout's step: the tensor-parallel, ring and FSDP collectives' time, compute the rest.
+  function layoutLabel(l) { return `tp${l.tensor_parallel} · cp${l.context_parallel} · dp${l.data_parallel}`; }
+  function hours(s) { return s == null ? "—" : s >= 3600 ? `${num(s / 3600)} h` : `${num(s)} s`; }
+
+  function layouts(result) {
+    const choice = result.layouts;
+    $("#layouts-section").hidden = !choice;
+    if (!choice) return;
+    const rows = choice.checked;
+    const chosen = (l) => l.tensor_parallel === choice.tensor_parallel && l.context_parallel === choice.context_parallel;
+    $("#layouts-note").textContent = `(chosen: ${layoutLabel(choice)}; ranked by time to train)`;
+    const feasible = rows.filter((l) => l.feasible && l.step_time_s != null);
+    const part = (l, key) => Math.min(l[key] || 0, l.step_time_s);
+    const parts = [
+      ["compute and the rest", COLORS.answer, (l) => Math.max(0, l.step_time_s - part(l, "tensor_parallel_s") - part(l, "context_parallel_s") - part(l, "communication_s"))],
+      ["tensor-parallel collectives", "#bc4c00", (l) => part(l, "tensor_parallel_s")],
+      ["context-parallel ring", "#8250df", (l) => part(l, "context_parallel_s")],
+      ["FSDP collectives", "#8c959f", (l) => part(l, "communication_s")],
+    ];
+    charts.layouts?.destroy();
+    charts.layouts = new Chart($("#layouts-chart"), {
+      type: "bar",
+      data: { labels: feasible.map(layoutLabel),
+        datasets: parts.map(([label, color, value]) => ({ label, data: feasible.map(value), backgroundColor: color })) },
+      options: { indexAxis: "y", maintainAspectRatio: false,
+        scales: { x: { stacked: true, beginAtZero: true, title: { display: true, text: "seconds per optimizer step" } }, y: { stacked: true } } },
+    });
+    $("#layouts tbody").replaceChildren(...rows.map((l) => el("tr", { "data-chosen": chosen(l) ? "true" : null },
+      el("th", { scope: "row" }, layoutLabel(l), chosen(l) ? " ✓" : ""),
+      el("td", { class: "num" }, l.feasible ? `${int(l.micro_batch_size)} × ${int(l.accumulation_steps)}` : "does not fit"),
+      el("td", { class: "num" }, bytes(l.peak_bytes)),
+      el("td", { class: "num" }, l.step_time_s == null ? "—" : num(l.step_time_s)),
+      el("td", { class: "num" }, hours(l.total_time_s)))));
+    $("#layouts-skipped").replaceChildren(...(choice.skipped || []).map((s) => el("li", {}, `skipped: ${s}`)));
+  }
+
   function scaleOut(result) {
     const rows = result.scale_out || [];
     $("#scale-section").hidden = !rows.length;
@@ -317,6 +353,7 @@
       breakdown(p.result.memory);
       whatIf(p.result);
       schedule(p.result);
+      layouts(p.result);
       scaleOut(p.result);
       prediction(p.result);
       warnings(p.result);

@@ -132,6 +132,25 @@ def test_per_rank_peak_matches_pytorch_s_fsdp_mem_tracker(tp: int) -> None:
         assert 0 <= tracker.peak - theirs <= 0.002 * theirs
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_optimizer_on_local_shards_allocates_as_over_dtensors(
+    tp: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fake job's optimizer steps on each rank's local shards (DTensor's dispatch is what a
+    plan spent its set-up on): every allocation of the step, its size and its order, is the
+    same as the optimizer over the DTensor parameters, FSDP alone and dp 2 x tp 2."""
+
+    def sequences() -> list[Any]:
+        with session_of(spec(tp, world=4)) as session:
+            for batch in (2, 4):
+                session.probe(batch)
+            return [session._sequences[b] for b in (2, 4)]
+
+    on_shards = sequences()
+    monkeypatch.setattr("workers.engine.job._local_shards", lambda params: [])
+    assert sequences() == on_shards
+
+
 def sequence_parallel_step(batch: int = 8) -> tuple[Any, Any]:
     layout = {"strategy": "fsdp", "tensor_parallel": 2, "sequence_parallel": True}
     job = spec(2, training__parallelism=layout, training__loss_kernel="liger")

@@ -7,7 +7,7 @@ in backward and freed by `zero_grad(set_to_none=True)`), at any micro-batch size
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
@@ -148,9 +148,10 @@ class TrainingJob:
         if cuda_semantics is None:
             cuda_semantics = fake or device.startswith("cuda")
         self.optimizer_choice = choose(training, gpu=cuda_semantics)
+        self.shard_pairs = _local_shards(self.trainable) if fake else []
         self.optimizer = make_optimizer(
             self.optimizer_choice,
-            self.trainable,
+            [piece for _, piece in self.shard_pairs] or self.trainable,
             training.base_lr,
             partitioned=world is not None and world.strategy == "zero1",
         )
@@ -230,8 +231,8 @@ class TrainingJob:
         with self.tracker.in_phase("optimizer"):
             for p in self.trainable:
                 p.grad = torch.zeros_like(p)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
+            self._step()
+            self._zero_grad(self.grads_set_to_none)
         self.tracker.mark(self.optimizer_state_tensors(), "optimizer_state")
         self.tracker.mark(self.gradients(), "gradients")
         if self.fake:
@@ -343,8 +344,8 @@ class TrainingJob:
             else:
                 if self.precision == "fp16-mixed":
                     self._fake_unscale()
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
+                self._step()
+            self._zero_grad(self.grads_set_to_none)
 
     def evaluation_step(self, batch: int) -> None:
         """What `Trainer.evaluate` runs between steps: `model.eval()`, no gradients, the loss
@@ -387,9 +388,24 @@ class TrainingJob:
         inv_scale = torch.full((1,), 1.0 / 65536.0, device=self.device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
 
+    def _step(self) -> None:
+        """The optimizer's step; on sharded parameters of a fake job, on each rank's local
+        shards (`_local_shards`), handed their gradients' local shards first."""
+        for param, piece in self.shard_pairs:
+            piece.grad = None if param.grad is None else local(param.grad)
+        self.optimizer.step()
+
+    def _zero_grad(self, set_to_none: bool) -> None:
+        """`optimizer.zero_grad`: a sharded parameter's gradient goes with its shard's, in the
+        parameters' order, as the optimizer over DTensors frees them."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        if set_to_none:
+            for param, _ in self.shard_pairs:
+                param.grad = None
+
     def release(self) -> None:
         """Drop what a failed iteration may have left behind (gradients, the autograd graph)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad(True)
 
     # -- facts -----------------------------------------------------------------------------
     def parameter_count(self) -> tuple[int, int]:
@@ -398,3 +414,16 @@ class TrainingJob:
 
     def has_batchnorm(self) -> bool:
         return has_batchnorm(self.model)
+
+
+def _local_shards(params: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, its local shard) for sharded (DTensor) parameters, for a fake job's optimizer
+    to step on the shards. Every op of the step is pointwise on the shards (DTensor runs the
+    same foreach ops on the local tensors), so the allocations are the same, byte for byte and
+    in order (tested); what it saves is DTensor's dispatch: its sharding propagation, keyed by
+    the whole parameter list, misses for every new job (each depth of a fold, each world size)
+    and took most of a job's set-up. Empty for unsharded parameters."""
+    pairs = [(p, local(p)) for p in params]
+    if all(piece is p for p, piece in pairs):
+        return []
+    return pairs

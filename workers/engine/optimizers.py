@@ -11,14 +11,13 @@ The tracer runs each of them for real on fake tensors, so these costs are measur
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from service.schemas.spec import BNB_OPTIMIZERS, TrainingSpec
@@ -105,7 +104,10 @@ def choose(training: TrainingSpec, gpu: bool = True) -> OptimizerChoice:
 
 
 def make_optimizer(
-    choice: OptimizerChoice, params: list[nn.Parameter], lr: float, partitioned: bool = False
+    choice: OptimizerChoice,
+    params: Sequence[torch.Tensor],
+    lr: float,
+    partitioned: bool = False,
 ) -> torch.optim.Optimizer:
     """`partitioned`: ZeRO-1, each rank keeps the state of its partition of the parameters
     (`ZeroRedundancyOptimizer`)."""

@@ -47,7 +47,8 @@ def main() -> None:
             data = run(tree, args.case)
             walls[name].append(data["wall_s"])
             plans[name] = data["plan"]
-            print(f"{name} round {index}: {data['wall_s']:.1f} s, {data['plan']['traced_steps']} traced")
+            traced = data["plan"]["traced_steps"]
+            print(f"{name} round {index}: {data['wall_s']:.1f} s, {traced} traced")
     before, after = (statistics.median(walls[n]) for n in trees)
     trials = [
         [(t["batch_size"], t["fits"], t["peak_bytes"]) for t in plans[n]["trials"]] for n in trees

@@ -64,7 +64,9 @@ __all__ = [
 # checkpoint's recomputation leaves autocast; the timm model source
 # 22: parallelism.tensor_parallel (traced per rank), split.tensor_parallel_s/_bytes, FSDP's
 # traffic under TP; evaluation settings in the trl_sft and axolotl renderings
-ENGINE_REVISION = 22
+# 23: metadata ops (prim.device) cost no time and the efficiencies are refitted (every
+# plan's throughput moves); launch specs for SkyPilot, Kubeflow's TrainJob and Ray Train
+ENGINE_REVISION = 23
 
 
 @dataclass(frozen=True)

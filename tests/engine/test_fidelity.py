@@ -157,6 +157,21 @@ def test_grouped_convolutions_are_counted_right() -> None:
     assert dense == _conv_backward_flops(FlopCounterMode, depthwise=False)
 
 
+def test_a_tensor_s_metadata_moves_no_bytes() -> None:
+    """On a fake tensor the autograd engine's and the foreach grouping's device checks dispatch
+    `prim.device` (C++ asks a Python tensor its device); no kernel runs for them. Costed as
+    reading the tensor, they were about half the bytes of a small Llama's step."""
+    with FakeTensorMode():
+        x = torch.empty(256, 1024, requires_grad=True)  # traces run on the CPU, as plans do
+        mode = StepCostMode(Roofline(GPU_CATALOGUE["A100-80GB"], "fp32"), lambda: "backward")
+        with mode:
+            (x * 2.0).sum().backward()
+            torch._C._group_tensors_by_device_and_dtype([[x, x.grad]], False)
+        seen = [op.name for op in mode.cost.ops]
+    assert "device" not in seen
+    assert {"mul", "sum"} <= set(seen)  # the kernels still count
+
+
 def test_math_modes_follow_pytorch_defaults() -> None:
     a100 = GPU_CATALOGUE["A100-80GB"]
     fp32 = Roofline(a100, "fp32")

@@ -5,7 +5,6 @@ lines job_submit.lua reads)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,9 +34,9 @@ def outcome_of(plan_id: str, status: str | None, result: Any, error: Any) -> Out
             503,
         )
     if not isinstance(result, dict):
-        detail = (error or {}).get("detail", "") if isinstance(error, dict) else ""
-        code = int((error or {}).get("status", 422)) if isinstance(error, dict) else 422
-        return Outcome("failed", plan_id, f"trainplan: plan {plan_id} {status}: {detail}", code)
+        error = error if isinstance(error, dict) else {}
+        message = f"trainplan: plan {plan_id} {status}: {error.get('detail', '')}"
+        return Outcome("failed", plan_id, message, int(error.get("status", 422)))
     if not result.get("feasible", True):
         reasons = "; ".join(result.get("suggestions") or []) or "no micro-batch fits"
         message = f"trainplan: plan {plan_id} does not fit: {reasons}"
@@ -55,8 +54,8 @@ def plan_env(plan_id: str, result: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def node_layout(result: dict[str, Any], gpus_per_node: int) -> tuple[int, int]:
-    """(nodes, GPUs per node) of the plan's world: whole nodes once it outgrows one."""
-    world = int(result.get("world_size") or 1)
-    per_node = min(gpus_per_node, world)
-    return math.ceil(world / per_node), per_node
+def node_layout(result: dict[str, Any]) -> tuple[int, int]:
+    """(nodes, GPUs per node) as the plan's own launch specs lay its world out
+    (`configs.launch`, the engine's `layout`): one rule for every scheduler."""
+    launch = result["configs"]["launch"]
+    return int(launch["nodes"]), int(launch["gpus_per_node"])

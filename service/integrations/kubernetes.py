@@ -96,9 +96,7 @@ def answer(uid: str, verdict: Verdict) -> dict[str, Any]:
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
-def patch_for(
-    review: Review, plan_id: str, result: dict[str, Any], gpus_per_node: int
-) -> list[dict[str, Any]]:
+def patch_for(review: Review, plan_id: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     """JSONPatch operations that give the workload the plan's numbers."""
     env = plan_env(plan_id, result)
     ops = _annotation(review.obj, PLAN_ANNOTATION, plan_id)
@@ -109,7 +107,7 @@ def patch_for(
             ops.append({"op": "add", "path": "/spec/trainer", "value": {}})
             trainer = {}
         ops += _env_ops("/spec/trainer", trainer, env)
-        nodes, _ = node_layout(result, gpus_per_node)
+        nodes, _ = node_layout(result)
         ops.append({"op": "add", "path": "/spec/trainer/numNodes", "value": nodes})
         return ops
     for path, containers in _container_lists(review.kind, spec):

@@ -68,12 +68,10 @@ def encode(task: dict[str, Any], config: str) -> str:
     return json.dumps(json.dumps(inner))
 
 
-def mutated(
-    task: dict[str, Any], plan_id: str, result: dict[str, Any], gpus_per_node: int
-) -> dict[str, Any]:
+def mutated(task: dict[str, Any], plan_id: str, result: dict[str, Any]) -> dict[str, Any]:
     """The task with the plan's layout, numbers and (where it has none) launch command; the
     plan's own SkyPilot task (`configs.launch.skypilot`) gives the run line and the card."""
-    nodes, per_node = node_layout(result, gpus_per_node)
+    nodes, per_node = node_layout(result)
     rendered = ((result.get("configs") or {}).get("launch") or {}).get("skypilot") or {}
     planned = (rendered.get("resources") or {}).get("accelerators")
     accelerator = planned.split(":")[0] if isinstance(planned, str) else None

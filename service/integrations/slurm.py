@@ -17,11 +17,11 @@ from __future__ import annotations
 from service.integrations.hooks import Outcome, node_layout, plan_env
 
 
-def lines(outcome: Outcome, gpus_per_node: int) -> str:
+def lines(outcome: Outcome) -> str:
     fields: dict[str, str] = {"plan_id": outcome.plan_id}
     if outcome.kind == "planned":
         assert outcome.result is not None
-        nodes, per_node = node_layout(outcome.result, gpus_per_node)
+        nodes, per_node = node_layout(outcome.result)
         fields |= {"decision": "accept", "nodes": str(nodes), "gpus_per_node": str(per_node)}
         fields |= plan_env(outcome.plan_id, outcome.result)
     else:

@@ -49,12 +49,11 @@ class Hook:
     checks: ModelChecks
     reads: PlanReads
 
-    async def plan(self, text: str, where: str) -> Refusal | tuple[PlanSpec, Outcome]:
+    async def plan(self, text: str, where: str) -> Refusal | Outcome:
         """Submit the spec `text` (found at `where`, for messages) and wait for its plan."""
-        submitted = await run_in_threadpool(self._submit, text, where)
-        if isinstance(submitted, Refusal):
-            return submitted
-        spec, plan_id = submitted
+        plan_id = await run_in_threadpool(self._submit, text, where)
+        if isinstance(plan_id, Refusal):
+            return plan_id
         try:
             async with self.reads.feed.watch(plan_id) as followed:
                 await followed.wait_until(
@@ -62,9 +61,10 @@ class Hook:
                 )
         except ProblemException:  # the store is away: as if the plan were not done in time
             pass
-        return spec, await run_in_threadpool(self._outcome, plan_id)
+        return await run_in_threadpool(self._outcome, plan_id)
 
-    def _submit(self, text: str, where: str) -> Refusal | tuple[PlanSpec, str]:
+    def _submit(self, text: str, where: str) -> Refusal | str:
+        """The id of the plan the spec submitted (queued or reused), or why it was refused."""
         try:
             spec = PlanSpec.model_validate_json(text)
         except ValidationError as exc:
@@ -81,7 +81,7 @@ class Hook:
             errors = body.get("errors") or []
             detail = "; ".join(f"{e.get('field')}: {e.get('msg')}" for e in errors)
             return Refusal(int(body.get("status", 422)), str(detail or body.get("detail")))
-        return spec, submitted_plan_id(answer, response)
+        return submitted_plan_id(answer, response)
 
     def _outcome(self, plan_id: str) -> Outcome:
         self.session.expire_all()
@@ -122,15 +122,13 @@ async def kubernetes_mutate(request: Request, hook: HookDep) -> JSONResponse:
     text = review.annotations.get(kubernetes.SPEC_ANNOTATION)
     if text is None:  # not ours: admitted as it is
         return JSONResponse(kubernetes.answer(review.uid, kubernetes.Verdict(True)))
-    planned = await hook.plan(text, kubernetes.SPEC_ANNOTATION)
-    if isinstance(planned, Refusal):
-        verdict = kubernetes.Verdict(False, code=planned.code, message=planned.message)
+    outcome = await hook.plan(text, kubernetes.SPEC_ANNOTATION)
+    if isinstance(outcome, Refusal):
+        verdict = kubernetes.Verdict(False, code=outcome.code, message=outcome.message)
         return JSONResponse(kubernetes.answer(review.uid, verdict))
-    spec, outcome = planned
-    per_node = spec.training.parallelism.gpus_per_node
     if outcome.kind == "planned":
         assert outcome.result is not None
-        patch = kubernetes.patch_for(review, outcome.plan_id, outcome.result, per_node)
+        patch = kubernetes.patch_for(review, outcome.plan_id, outcome.result)
         verdict = kubernetes.Verdict(True, patch=patch)
     elif outcome.kind == "pending" and hook.settings.admission_on_timeout == "allow":
         verdict = kubernetes.Verdict(True, warnings=[outcome.message])
@@ -178,16 +176,14 @@ async def skypilot_policy(request: Request, hook: HookDep) -> Response:
     text = skypilot.spec_text(task)
     if text is None:
         return Response(skypilot.encode(task, config), media_type="application/json")
-    planned = await hook.plan(text, f"envs.{skypilot.SPEC_ENV}")
-    if isinstance(planned, Refusal):
-        return PlainTextResponse(f"trainplan: {planned.message}", status_code=400)
-    spec, outcome = planned
+    outcome = await hook.plan(text, f"envs.{skypilot.SPEC_ENV}")
+    if isinstance(outcome, Refusal):
+        return PlainTextResponse(f"trainplan: {outcome.message}", status_code=400)
     if outcome.kind != "planned":
         hint = " (retry in a minute)" if outcome.kind == "pending" else ""
         return PlainTextResponse(outcome.message + hint, status_code=400)
     assert outcome.result is not None
-    per_node = spec.training.parallelism.gpus_per_node
-    changed = skypilot.mutated(task, outcome.plan_id, outcome.result, per_node)
+    changed = skypilot.mutated(task, outcome.plan_id, outcome.result)
     return Response(skypilot.encode(changed, config), media_type="application/json")
 
 
@@ -220,9 +216,8 @@ async def slurm_submit(request: Request, hook: HookDep) -> PlainTextResponse:
     except UnicodeDecodeError:
         refused = slurm.refused("trainplan: the spec is not UTF-8 text")
         return PlainTextResponse(refused, status_code=422)
-    planned = await hook.plan(text, "#TRAINPLAN")
-    if isinstance(planned, Refusal):  # the hook reads the lines whatever the status
-        refused = slurm.refused(f"trainplan: {planned.message}")
-        return PlainTextResponse(refused, status_code=planned.code)
-    spec, outcome = planned
-    return PlainTextResponse(slurm.lines(outcome, spec.training.parallelism.gpus_per_node))
+    outcome = await hook.plan(text, "#TRAINPLAN")
+    if isinstance(outcome, Refusal):  # the hook reads the lines whatever the status
+        refused = slurm.refused(f"trainplan: {outcome.message}")
+        return PlainTextResponse(refused, status_code=outcome.code)
+    return PlainTextResponse(slurm.lines(outcome))

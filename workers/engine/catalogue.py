@@ -155,6 +155,11 @@ GPU_CATALOGUE: dict[str, GpuModel] = {
 ALIASES = {"H100-SXM": "H100-80GB", "H100": "H100-80GB", "A100": "A100-80GB"}
 
 
+def canonical_name(name: str) -> str:
+    """The catalogue's name for a card a spec names (a common spelling resolved)."""
+    return ALIASES.get(name, name)
+
+
 def custom_gpu(memory_gib: float, base: GpuModel | None = None) -> GpuModel:
     """A card of `memory_gib` GiB: a catalogued card capped (`base`), or one nobody catalogued,
     whose compute figures borrow an A100's."""

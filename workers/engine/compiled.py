@@ -21,7 +21,7 @@ from service.schemas.spec import (
     SearchSpec,
     TrainingSpec,
 )
-from workers.engine.catalogue import ALIASES
+from workers.engine.catalogue import canonical_name
 from workers.engine.configs.job import LaunchJob, launch_job
 from workers.engine.models.hf import row_layout
 from workers.engine.optimizers import OptimizerChoice, choose
@@ -89,7 +89,7 @@ def _compile(
     search: SearchSpec,
 ) -> CompiledJob:
     gpu = getattr(device, "gpu", None)  # the simulated card: what the launch specs ask for
-    launch = launch_job(model, data, training, ALIASES.get(gpu, gpu) if gpu else None)
+    launch = launch_job(model, data, training, canonical_name(gpu) if gpu else None)
     attention = launch.attn_implementation  # transformers models only
     rows: RowLayout = "whole" if attention is None else row_layout(attention, data)
     return CompiledJob(

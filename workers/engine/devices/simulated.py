@@ -30,7 +30,7 @@ from workers.engine.allocator import (
     round_size,
 )
 from workers.engine.autocast_policy import CudaAutocastPolicy, cuda_autocast_on_cpu
-from workers.engine.catalogue import ALIASES, GPU_CATALOGUE, MIB, GpuModel, custom_gpu
+from workers.engine.catalogue import GPU_CATALOGUE, MIB, GpuModel, canonical_name, custom_gpu
 from workers.engine.communication import link_gbs
 from workers.engine.cuda_kernels import cuda_kernel_rules
 from workers.engine.cudnn import nchw_transform_workspace
@@ -92,7 +92,7 @@ class SimulatedDevice(ProbeDevice):
     @classmethod
     def from_spec(cls, spec: SimulatedSpec) -> SimulatedDevice:
         if spec.gpu is not None:
-            name = ALIASES.get(spec.gpu, spec.gpu)
+            name = canonical_name(spec.gpu)
             if name not in GPU_CATALOGUE:
                 raise SpecError(
                     ("device", "gpu"),

@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
+from service.config import Settings
 from service.schemas.examples import MLP_MODEL, TINY_LLAMA, TINY_MLP_MODEL
 from service.schemas.spec import PlanSpec
 from service.store import plans
@@ -370,3 +371,29 @@ def served(settings: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# SkyPilot's client lives in a venv of its own (`make install`): it pins click and uvicorn
+# below the service's.
+SKY_PYTHON = Path(__file__).resolve().parents[1] / ".venv-sky" / "bin" / "python"
+
+
+def hook_settings(db_url: str, token: str) -> Settings:
+    """A service for a scheduler's hook to call: keys required (the shared-token mode), no
+    embedded worker (a test runs the plan when it wants it done), a short admission wait."""
+    return Settings(
+        database_url=db_url,
+        embedded_worker=False,
+        admission_wait_seconds=0.2,
+        auth_mode="token",
+        api_tokens=[token],
+    )
+
+
+def run_queued_plan(settings: Settings) -> None:
+    """Run the one plan queued in the settings' store to its end, on a worker in this process."""
+    from service.store.db import make_engine, make_session_factory
+    from workers.loop import PlanWorker
+
+    factory = make_session_factory(make_engine(settings.database_url))
+    assert PlanWorker(settings, factory, "w-test").run_once() == 1

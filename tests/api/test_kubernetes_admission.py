@@ -15,8 +15,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.config import Settings
-from service.store.db import make_engine, make_session_factory
-from workers.loop import PlanWorker
+from tests.helpers import run_queued_plan
 
 ROUTE = "/v1/integrations/kubernetes/mutate"
 
@@ -74,8 +73,7 @@ def api(db_url: str) -> Iterator[tuple[TestClient, Settings]]:
 def planned(client: TestClient, settings: Settings, spec: dict[str, Any]) -> dict[str, Any]:
     """Submit the spec and run it to the end on a worker (the webhook then reuses the plan)."""
     plan_id = client.post("/v1/plans", json=spec).json()["id"]
-    factory = make_session_factory(make_engine(settings.database_url))
-    assert PlanWorker(settings, factory, "w-admission").run_once() == 1
+    run_queued_plan(settings)
     body = client.get(f"/v1/plans/{plan_id}").json()
     assert body["status"] == "succeeded"
     return body

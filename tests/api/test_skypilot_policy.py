@@ -9,7 +9,6 @@ import json
 import subprocess
 from collections.abc import Iterator
 from copy import deepcopy
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,12 +18,9 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.config import Settings
 from service.integrations.hooks import outcome_of
-from service.store.db import make_engine, make_session_factory
-from tests.helpers import served
-from workers.loop import PlanWorker
+from tests.helpers import SKY_PYTHON, hook_settings, run_queued_plan, served
 
 ROUTE = "/v1/integrations/skypilot/policy"
-SKY_PYTHON = Path(__file__).resolve().parents[2] / ".venv-sky" / "bin" / "python"
 
 
 def user_request(task: dict[str, Any], config: dict[str, Any] | None = None) -> str:
@@ -69,11 +65,6 @@ def api(db_url: str) -> Iterator[tuple[TestClient, Settings]]:
         yield client, settings
 
 
-def run_worker(settings: Settings) -> None:
-    factory = make_session_factory(make_engine(settings.database_url))
-    assert PlanWorker(settings, factory, "w-skypilot").run_once() == 1
-
-
 def test_a_task_without_a_spec_passes_unchanged(api: tuple[TestClient, Settings]) -> None:
     client, _ = api
     task = task_with(None, resources={"accelerators": "A100:2"}, run="python x.py")
@@ -111,7 +102,7 @@ def test_a_plan_not_done_is_rejected_with_a_retry_hint_then_reused(
     task = task_with(h100_spec(small_spec), resources={"accelerators": {"H100": 1}})
     first = client.post(ROUTE, content=user_request(task))
     assert first.status_code == 400 and "not done yet" in first.text and "retry" in first.text
-    run_worker(settings)  # the plan the first request queued
+    run_queued_plan(settings)  # the plan the first request queued
     plans = client.get("/v1/plans").json()["items"]
     assert len(plans) == 1 and plans[0]["status"] == "succeeded"
     second = client.post(ROUTE, content=user_request(task))
@@ -138,7 +129,7 @@ def test_candidate_resources_each_get_the_plan_s_count(
     client, settings = api
     spec = h100_spec(small_spec)
     client.post("/v1/plans", json=spec)
-    run_worker(settings)
+    run_queued_plan(settings)
     resources = {"any_of": [{"accelerators": "H100:1"}, {"accelerators": ["A100-80GB", "H200"]}]}
     task = task_with(spec, resources=resources, run="python my_train.py")
     out, _ = decoded(client.post(ROUTE, content=user_request(task)))
@@ -191,13 +182,7 @@ else:
 @pytest.fixture
 def live_api(db_url: str) -> Iterator[tuple[str, Settings]]:
     """The service on a free loopback port, keys required (the shared-token mode)."""
-    settings = Settings(
-        database_url=db_url,
-        embedded_worker=False,
-        admission_wait_seconds=0.2,
-        auth_mode="token",
-        api_tokens=["sky-secret"],
-    )
+    settings = hook_settings(db_url, "sky-secret")
     with served(settings) as host:
         yield host, settings
 
@@ -223,7 +208,7 @@ def test_skypilot_s_own_client_gets_the_plan_and_its_rejections(
 
     headers = {"Authorization": "Bearer sky-secret"}
     plan_id = httpx.post(f"http://{host}/v1/plans", json=spec, headers=headers).json()["id"]
-    run_worker(settings)
+    run_queued_plan(settings)
     url = f"http://sky:sky-secret@{host}{ROUTE}"  # the key rides in the URL, as Basic
     task = task_with(spec, resources={"accelerators": "H100:1"})
     out = sky_client(url, task)["task"]

@@ -16,9 +16,7 @@ from typing import Any
 import pytest
 
 from service.config import Settings
-from service.store.db import make_engine, make_session_factory
-from tests.helpers import served
-from workers.loop import PlanWorker
+from tests.helpers import hook_settings, run_queued_plan, served
 
 HOOK = Path(__file__).resolve().parents[2] / "deploy" / "slurm" / "job_submit.lua"
 LUA = shutil.which("lua5.4")
@@ -82,22 +80,11 @@ def submit(tmp_path: Path, script: str, **env: str) -> tuple[dict[str, str], str
 @pytest.fixture
 def service(db_url: str, tmp_path: Path) -> Iterator[tuple[dict[str, str], Settings]]:
     """The service (keys required) and the hook's environment pointing at it."""
-    settings = Settings(
-        database_url=db_url,
-        embedded_worker=False,
-        admission_wait_seconds=0.2,
-        auth_mode="token",
-        api_tokens=["slurm-secret"],
-    )
+    settings = hook_settings(db_url, "slurm-secret")
     key = tmp_path / "trainplan.key"
     key.write_text("slurm-secret\n")
     with served(settings) as host:
         yield {"TRAINPLAN_URL": f"http://{host}", "TRAINPLAN_KEY_FILE": str(key)}, settings
-
-
-def run_worker(settings: Settings) -> None:
-    factory = make_session_factory(make_engine(settings.database_url))
-    assert PlanWorker(settings, factory, "w-slurm").run_once() == 1
 
 
 def multi_node(small_spec: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +112,7 @@ def test_a_pending_plan_admits_unchanged_then_the_next_submit_gets_it(
     assert printed["tres_per_node"] == "gres/gpu:1" and script == job_script(spec)
     denied, _ = submit(tmp_path, job_script(spec), **env, TRAINPLAN_ON_TIMEOUT="deny")
     assert denied["rc"] == "-1" and "not done yet" in denied["message"]
-    run_worker(settings)  # the one plan both submissions share
+    run_queued_plan(settings)  # the one plan both submissions share
     printed, script = submit(tmp_path, job_script(spec), **env)
     assert printed["rc"] == "0" and printed["message"] == ""
     assert (printed["min_nodes"], printed["max_nodes"]) == ("2", "2")

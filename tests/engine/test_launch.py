@@ -19,7 +19,7 @@ import pytest
 from torch.distributed.run import get_args_parser
 
 from service.schemas.spec import SimulatedDeviceSpec
-from tests.helpers import configs_of, tensor_spec
+from tests.helpers import SKY_PYTHON, configs_of, tensor_spec
 
 
 def launch(world_size: int, gpus_per_node: int = 8) -> dict:
@@ -118,7 +118,6 @@ def test_the_trainjob_is_a_kubeflow_trainjob_carrying_the_loop(tmp_path: Path) -
     assert (tmp_path / "torchrun.args").read_text().split() == ["train.py"]
 
 
-SKY_PYTHON = Path(__file__).resolve().parents[2] / ".venv-sky" / "bin" / "python"
 SKY_TASK = """
 import json, sys
 import sky

@@ -55,12 +55,12 @@ end
 -- and a reason when it gave none (a 401's problem details, a refused connection ...).
 local function ask(spec)
 	local body = write_private(spec)
-	local headers = write_private("Content-Type: application/json\n")
+	local header = "Content-Type: application/json\n"
 	local key = read_key()
 	if key ~= nil then
-		os.remove(headers)
-		headers = write_private("Content-Type: application/json\nAuthorization: Bearer " .. key .. "\n")
+		header = header .. "Authorization: Bearer " .. key .. "\n"
 	end
+	local headers = write_private(header)
 	local command = string.format(
 		"curl -sS --max-time %d -X POST -H @%s --data-binary @%s '%s/v1/integrations/slurm/submit' 2>&1",
 		CURL_SECONDS,

@@ -337,6 +337,7 @@ def timm_fidelity(folder: Path, every: int, out: Path) -> None:
         "rows": published.serialisable(rows),
     }
     out.write_text(json.dumps(payload, indent=2, default=str))
+    published.save_costs(rows, out.stem)
 
 
 def timm_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -350,7 +351,7 @@ def timm_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "held": verdicts.count("ok"),
             "over": verdicts.count("OVER"),
             "under": verdicts.count("under"),
-            "over_at_default_headroom": sum(r["verdict_h5"] == "OVER" for r in group),
+            "over_at_5_percent": sum(r["verdict_h5"] == "OVER" for r in group),
             "ratio_median": statistics.median(ratios),
             "ratio_p10": ratios[len(ratios) // 10],
             "ratio_p90": ratios[min(len(ratios) - 1, (9 * len(ratios)) // 10)],
@@ -406,6 +407,7 @@ def main() -> None:
             print(f"fitted efficiencies: {fitted}")
             print(published.report(rows, fitted))
         out = results / "fidelity_published.json"
+        published.save_costs(rows, out.stem)
         out.write_text(
             json.dumps(
                 {"header": header(), "rows": published.serialisable(rows)}, indent=2, default=str

@@ -5,8 +5,9 @@
 Each case of `bench/data/published.json` (or PATH, same format) is planned as its spec
 says, on the software stack its notes name (PyTorch/CUDA versions set the CUDA context and
 zero_grad's default), and compared with what was measured:
-- max batch: the plan's answer at headroom 0 and at the default 5% against the measured bracket
-  (`fits` ran, `fails` ran out of memory): consistent when fits <= answer < fails;
+- max batch: the plan's answer at headroom 0 and at 5% (the default until session 15) against
+  the bracket (`fits` ran, `fails` ran out of memory): consistent when fits <= answer < fails
+  (`bench.calibrate` judges the default headroom, with the chance of an OOM between the two);
 - throughput: roofline samples/s at the measured batch against the measured samples/s;
 - memory: the simulated reserved memory + overhead (what nvidia-smi shows) against the measured.
 `--fit` refits the three roofline efficiencies (matmul, conv, memory-bound) to the geometric mean
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import statistics
 import time
@@ -78,11 +80,17 @@ def verdict(answer: int, bracket: dict[str, Any] | None) -> str:
     return "ok"
 
 
-def probe_at(spec: PlanSpec, batch: int) -> tuple[Any, StepCost | None]:
+def probes_at(
+    spec: PlanSpec, batches: list[int], cost_at: int | None = None
+) -> dict[int, tuple[Any, StepCost | None]]:
+    """Each batch probed in one session (one trace); the roofline cost at `cost_at`."""
     job = compile_job(spec)
     device = open_device(job)
     with open_session(device, job) as session:
-        return session.probe(batch), session.step_cost(batch)
+        return {
+            b: (session.probe(b), session.step_cost(b) if b == cost_at else None)
+            for b in dict.fromkeys(batches)
+        }
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +98,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     spec0 = case_spec(case, headroom=0.0)
     plan0 = engine.plan(spec0)
-    plan_default = engine.plan(case_spec(case, headroom=0.05))
+    plan_default = engine.plan(case_spec(case, headroom=0.05))  # a fixed reference point
     row: dict[str, Any] = {
         "id": case["id"],
         "stack": stack_of(case),
@@ -101,16 +109,25 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     }
     row["verdict_h0"] = verdict(row["max_h0"], row["bracket"])
     row["verdict_h5"] = verdict(row["max_h5"], row["bracket"])
-    throughput = measured.get("throughput")
+    throughput, memory = measured.get("throughput"), measured.get("memory")
+    bracket = row["bracket"] or {}
+    wanted = [b for b in (bracket.get("fits"), bracket.get("fails")) if b is not None]
+    wanted += [m["batch"] for m in (throughput, memory) if m]
+    probed = probes_at(spec0, wanted, cost_at=throughput["batch"] if throughput else None)
+    # The predicted peak (reserved + overhead, what the search holds against the capacity) at
+    # each end of the bracket: the interval the real-over-predicted memory ratio lies in (risk).
+    row["capacity_bytes"] = plan0.device.memory_bytes
+    for end in ("fits", "fails"):
+        if bracket.get(end) is not None:
+            row[f"peak_{end}"] = probed[bracket[end]][0].peak_bytes
     if throughput:
-        _, cost = probe_at(spec0, throughput["batch"])
+        cost = probed[throughput["batch"]][1]
         assert cost is not None
         row["measured_sps"] = throughput["samples_per_s"]
         row["batch"] = throughput["batch"]
         row["cost"] = cost
-    memory = measured.get("memory")
     if memory:
-        outcome, _ = probe_at(spec0, memory["batch"])
+        outcome = probed[memory["batch"]][0]
         row["measured_used_mib"] = memory["used_mib"]
         row["sim_used_mib"] = (outcome.reserved_bytes or outcome.peak_bytes) / MIB
         row["sim_context_mib"] = outcome.breakdown.get("cuda_context", 0) / MIB
@@ -178,11 +195,28 @@ def report(rows: list[dict[str, Any]], efficiency: dict[str, float] | None = Non
         within = sum(1 / 1.3 <= x <= 1.3 for x in ratios)
         lines.append(
             f"max batch: {held}/{len(judged)} brackets hold at headroom 0 ({over} over-predicted; "
-            f"{over5} over at the default 5%); throughput sim/measured: geometric mean "
+            f"{over5} over at 5%); throughput sim/measured: geometric mean "
             f"{geo:.3f}, range {min(ratios):.2f}-{max(ratios):.2f}, {within}/{len(ratios)} within "
             f"x1.3; memory sim/measured: " + ", ".join(f"{x:.3f}" for x in mem_ratios)
         )
     return "\n".join(lines)
+
+
+# Each row's costed ops, beside its JSON result: what bench.calibrate refits the efficiencies on
+# without planning again. Our own bench output, never a request's; not committed (megabytes).
+COSTS_DIR = Path(__file__).resolve().parent / "results" / "costs"
+
+
+def save_costs(rows: list[dict[str, Any]], name: str) -> Path:
+    COSTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = COSTS_DIR / f"{name}.pkl"
+    path.write_bytes(pickle.dumps({r["id"]: r["cost"] for r in rows if "cost" in r}))
+    return path
+
+
+def load_costs(name: str) -> dict[str, StepCost]:
+    path = COSTS_DIR / f"{name}.pkl"
+    return pickle.loads(path.read_bytes()) if path.exists() else {}
 
 
 def serialisable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

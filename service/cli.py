@@ -404,6 +404,32 @@ def _plan_remote(
             ) from None
 
 
+def _estimate_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Throughput with its band, and the chance of running out of memory (simulated plans)."""
+    rows = []
+    t = result.get("throughput")
+    if t:
+        text = f"{t['samples_per_second']:,.4g} samples/s"
+        band = t.get("samples_per_second_band")
+        if not t["measured"]:
+            text += (
+                f" (estimate; {t['band_coverage']:.0%} band {band[0]:,.4g}-{band[1]:,.4g})"
+                if band and t.get("band_coverage")
+                else " (estimate)"
+            )
+        rows.append(("throughput", text))
+    risk = result.get("risk")
+    if risk:
+        rows.append(
+            (
+                "out-of-memory risk",
+                f"{risk['oom_probability']:.2%} at micro-batch {result['micro_batch_size']}, "
+                f"{risk['max_micro_batch_oom_probability']:.2%} at the max",
+            )
+        )
+    return rows
+
+
 def _long_context_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """The plan's evaluation, token batching, experts, checkpointing choice, activation
     offload, context parallelism, depth folding and cost, where it has them."""
@@ -558,6 +584,7 @@ def _print_plan(body: dict[str, Any]) -> None:
                 f"(step {sequence['granularity']}{bound})",
             ),
         )
+    rows += _estimate_rows(result)
     rows += _long_context_rows(result)
     for key, value in rows:
         summary.add_row(key, value)

@@ -26,7 +26,7 @@ RESNET50_A100: dict[str, Any] = {
         "world_size": 1,
     },
     "device": {"kind": "simulated", "gpu": "A100-80GB"},
-    "search": {"max_batch_size": 65536, "headroom": 0.05, "micro_batch": "power_of_two"},
+    "search": {"max_batch_size": 65536, "headroom": 0.09, "micro_batch": "power_of_two"},
 }
 
 SMALL_GRAYSCALE_CNN: dict[str, Any] = {

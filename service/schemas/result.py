@@ -151,8 +151,35 @@ class Throughput(BaseModel):
     split: StepSplit | None = None
     samples_per_second_band: tuple[float, float] | None = Field(
         default=None,
-        description="Low and high samples/s: the estimate's spread on published measurements.",
+        description="Low and high samples/s: the estimate times the 10th and 90th percentiles "
+        "of measured / estimated samples/s on the calibration rows (`band_coverage` of them "
+        "inside).",
     )
+    band_coverage: float | None = Field(
+        default=None, description="Share of calibration rows whose measurement fell in the band."
+    )
+
+
+class Risk(BaseModel):
+    """How likely the simulated plan is to be wrong on the real card, from the simulator's
+    errors on published GPU measurements (ln(real / simulated peak) fitted as a normal)."""
+
+    oom_probability: float = Field(
+        description="Chance that the recommended micro-batch runs out of memory on the card."
+    )
+    max_micro_batch_oom_probability: float = Field(
+        description="The same at the largest micro-batch the search found."
+    )
+    peak_fraction: float = Field(
+        description="Simulated peak at the recommended micro-batch over the card's capacity."
+    )
+    headroom_for_one_percent: float = Field(
+        description="The search.headroom below which a plan at its limit runs out of memory "
+        "more than 1% of the time."
+    )
+    log_ratio_mean: float = Field(description="mu of ln(real / simulated peak).")
+    log_ratio_sd: float = Field(description="sigma of ln(real / simulated peak).")
+    calibration: str = Field(description="The measurements the distribution was fitted on.")
 
 
 class Trial(BaseModel):
@@ -394,6 +421,11 @@ class Prediction(BaseModel):
     predicted_max_micro_batch_size: int
     real_max_micro_batch_size: int
     relative_error: float = Field(description="(predicted - real) / real; > 0: over-predicted.")
+    peak_ratio: float | None = Field(
+        default=None,
+        description="Real peak over the simulated one at the real answer (the twin's probes "
+        "interpolated in batch): one draw of the error plans' `risk` is fitted on.",
+    )
     simulated_trials: int
     simulated_wall_s: float
 
@@ -473,6 +505,10 @@ class PlanResult(BaseModel):
     optimizer_adjustment: OptimizerAdjustment | None = None
     memory: MemoryBreakdown
     throughput: Throughput | None = None
+    risk: Risk | None = Field(
+        default=None,
+        description="Simulated devices, feasible plans: the chance of running out of memory.",
+    )
     trials: list[Trial]
     search_bound_reached: bool = False
     warnings: list[PlanWarning] = Field(default_factory=list)

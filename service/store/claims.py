@@ -9,6 +9,7 @@ so the API and the worker loop never commit (or half-commit) on the store's beha
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -156,6 +157,7 @@ def finish(
             device_name=result.device.name if result is not None else None,
             predicted_max=prediction.predicted_max_micro_batch_size if prediction else None,
             real_max=prediction.real_max_micro_batch_size if prediction else None,
+            log_peak_ratio=_log_ratio(prediction.peak_ratio if prediction else None),
             max_micro_batch_size=result.max_micro_batch_size if result is not None else None,
             **({"versions": versions, "reuse_key": made_with} if versions else {}),
         )
@@ -163,3 +165,7 @@ def finish(
     ok = rows_changed(session, stmt=stmt) == 1
     session.commit()
     return ok
+
+
+def _log_ratio(ratio: float | None) -> float | None:
+    return math.log(ratio) if ratio is not None and ratio > 0 else None

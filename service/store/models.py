@@ -59,6 +59,7 @@ class Plan(Base):
     device_name: Mapped[str | None] = mapped_column(String(200))
     predicted_max: Mapped[int | None] = mapped_column(Integer)
     real_max: Mapped[int | None] = mapped_column(Integer)
+    log_peak_ratio: Mapped[float | None] = mapped_column(Float)  # ln(real / simulated peak)
     # Copied out of the result, so the list reads it without the result's JSON.
     max_micro_batch_size: Mapped[int | None] = mapped_column(Integer)
     # A finished plan's response, serialised once; `body_schema` names the API shape it was

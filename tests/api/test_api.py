@@ -210,7 +210,7 @@ def test_system_routes(client: TestClient) -> None:
     assert len(gpus) >= 12 and {"A100-80GB", "H100-80GB", "T4"} <= {g["name"] for g in gpus}
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["status"] == "ready" and ready["schema"] == "0010"  # the newest migration
+    assert ready["status"] == "ready" and ready["schema"] == "0011"  # the newest migration
     metrics = client.get("/metrics").text
     assert 'trainplan_plans{status="queued"}' in metrics
     assert client.get("/v1/workers").json() == {"items": []}

@@ -295,7 +295,16 @@ def test_sign_in_submit_from_the_form_and_watch_the_plan_live(
     close_up = page.evaluate("trainplanCharts.answer.data.datasets.map(d => d.data.map(p => p.x))")
     assert close_up[:2] == [[best], [best + 1]]
     expect(page.locator("#answer-note")).to_have_text(f"{best:,} fits, {best + 1:,} does not")
-    assert page.locator("#s-speed").inner_text().endswith(("samples/s", "samples/s est."))
+    speed = page.locator("#s-speed").inner_text()
+    band = (result.get("throughput") or {}).get("samples_per_second_band")
+    assert speed.endswith("samples/s") or ("% band " in speed) == bool(band), speed
+    risk = result.get("risk")
+    assert page.locator("#c-risk").is_visible() == bool(risk)
+    if risk:  # the chance at the recommended micro-batch, then at the max
+        shown = page.locator("#s-risk").inner_text()
+        chance = risk["oom_probability"]
+        assert shown.startswith("<0.1%" if chance < 0.001 else f"{100 * chance:.1f}%"), shown
+        assert "at the max" in shown
     # no empty band under the title: the summary follows the heading
     gap = page.evaluate(
         "document.querySelector('#summary').getBoundingClientRect().top"

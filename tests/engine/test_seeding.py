@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +41,14 @@ def test_a_cpu_plan_confirms_its_twins_answer_in_two_real_trials(optimizer: str)
     assert p is not None and p.real_max_micro_batch_size == answer
     assert p.relative_error == (p.predicted_max_micro_batch_size - answer) / answer
     assert p.simulated_trials >= 2
+    # The real peak at the answer over the twin's there (probed apart, in a fresh session).
+    real_peak = next(t.peak_bytes for t in search if t.batch_size == answer)
+    job = compile_job(spec)
+    twin = twin_of(open_device(job))
+    assert twin is not None
+    with open_session(twin, job) as session:
+        simulated_peak = session.probe(answer).peak_bytes
+    assert p.peak_ratio == pytest.approx(real_peak / simulated_peak, rel=0.02)
 
 
 def test_seeding_changes_the_trials_not_the_answer() -> None:
@@ -79,7 +88,9 @@ def client(db_url: str) -> Iterator[TestClient]:
         yield c
 
 
-def _finish(db_url: str, spec: dict[str, Any], predicted: int, real: int) -> None:
+def _finish(
+    db_url: str, spec: dict[str, Any], predicted: int, real: int, ratio: float | None = None
+) -> None:
     factory = make_session_factory(make_engine(db_url))
     parsed = PlanSpec.model_validate(spec)
     with factory() as s:
@@ -93,6 +104,7 @@ def _finish(db_url: str, spec: dict[str, Any], predicted: int, real: int) -> Non
                 "predicted_max_micro_batch_size": predicted,
                 "real_max_micro_batch_size": real,
                 "relative_error": (predicted - real) / real,
+                "peak_ratio": ratio,
                 "simulated_trials": 4,
                 "simulated_wall_s": 0.5,
             },
@@ -106,12 +118,17 @@ def test_fidelity_aggregates_predictions_by_model_and_device(
     client: TestClient, db_url: str
 ) -> None:
     assert client.get("/v1/fidelity").json() == {"items": []}
-    _finish(db_url, cpu_spec() | {"training": {"epochs": 1}}, predicted=110, real=100)
-    _finish(db_url, cpu_spec() | {"training": {"epochs": 2}}, predicted=95, real=100)
+    _finish(db_url, cpu_spec() | {"training": {"epochs": 1}}, predicted=110, real=100, ratio=1.1)
+    _finish(db_url, cpu_spec() | {"training": {"epochs": 2}}, predicted=95, real=100, ratio=0.9)
+    _finish(db_url, cpu_spec() | {"training": {"epochs": 3}}, predicted=100, real=100)
     body = client.get("/v1/fidelity")
     assert body.status_code == 200
     (row,) = body.json()["items"]
     assert row["device_kind"] == "cpu" and row["device"] == "cpu-budget-0.05GiB"
-    assert row["plans"] == 2 and row["over_predicted"] == 1
-    assert row["mean_abs_relative_error"] == pytest.approx(0.075)
+    assert row["plans"] == 3 and row["over_predicted"] == 1
+    assert row["mean_abs_relative_error"] == pytest.approx(0.05)
     assert row["max_abs_relative_error"] == pytest.approx(0.10)
+    # ln(real / simulated peak) over the two plans that knew both peaks
+    assert row["peak_ratio_plans"] == 2
+    assert row["log_peak_ratio_mean"] == pytest.approx((math.log(1.1) + math.log(0.9)) / 2)
+    assert row["log_peak_ratio_sd"] == pytest.approx((math.log(1.1) - math.log(0.9)) / 2)

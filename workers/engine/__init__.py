@@ -66,7 +66,10 @@ __all__ = [
 # traffic under TP; evaluation settings in the trl_sft and axolotl renderings
 # 23: metadata ops (prim.device) cost no time and the efficiencies are refitted (every
 # plan's throughput moves); launch specs for SkyPilot, Kubeflow's TrainJob and Ray Train
-ENGINE_REVISION = 23
+# 24: result.risk (the chance of running out of memory, calibrated), the throughput band from
+# the calibration rows' percentiles (band_coverage), prediction.peak_ratio, the default
+# search.headroom from the calibrated OOM rate
+ENGINE_REVISION = 24
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from service.schemas.result import (
     PlanResult,
     PlanWarning,
     Prediction,
+    Risk,
     ScaleOut,
     SequenceLength,
     SequenceLengthCheck,
@@ -33,7 +34,7 @@ from service.schemas.result import (
     WorldSizeCheck,
 )
 from service.schemas.spec import SHARDED, DataSpec, TrainingSpec
-from workers.engine import checkpoint_policy, layout_search, planner, recipe, token_batching
+from workers.engine import checkpoint_policy, layout_search, planner, recipe, risk, token_batching
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.compiled import CompiledJob
 from workers.engine.configs import PlanNumbers, build_configs, configs_with_evaluation
@@ -48,7 +49,8 @@ from workers.engine.fit_search import changes_text, first_fit
 from workers.engine.job import counting_steps
 from workers.engine.models import build_model, moe
 from workers.engine.plan_warnings import Facts, plan_warnings
-from workers.engine.roofline import UNCERTAINTY, StepCost
+from workers.engine.risk import THROUGHPUT_SPREAD
+from workers.engine.roofline import StepCost
 from workers.engine.scale_out import fewest_gpus
 from workers.engine.schedule import Schedule
 from workers.engine.schedule import resolve as resolve_schedule
@@ -290,8 +292,17 @@ def _fit_text(fit: FitSuggestion) -> str:
     )
 
 
-def simulate_twin(job: CompiledJob, device: ProbeDevice) -> tuple[int, int, float] | None:
-    """The simulated twin's answer for a real device: (max micro-batch, trials, wall s)."""
+@dataclass(frozen=True)
+class Twin:
+    """A real device's simulated twin: its answer, its probes and what they cost."""
+
+    max_batch: int
+    trials: list[TrialOutcome]
+    wall_s: float
+
+
+def simulate_twin(job: CompiledJob, device: ProbeDevice) -> Twin | None:
+    """The simulated twin's search for a real device (`search.seed_from_simulation`)."""
     twin = twin_of(device)
     if twin is None or not job.search.seed_from_simulation:
         return None
@@ -300,7 +311,7 @@ def simulate_twin(job: CompiledJob, device: ProbeDevice) -> tuple[int, int, floa
         search = find_max_batch(
             session.probe, session.limit_bytes, job.search.max_batch_size, session.predict_fits
         )
-    return search.max_batch, len(search.trials), time.perf_counter() - start
+    return Twin(search.max_batch, search.trials, time.perf_counter() - start)
 
 
 @dataclass
@@ -328,7 +339,7 @@ def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanRes
             session.limit_bytes,
             job.search.max_batch_size,
             session.predict_fits,
-            seed=twin[0] if twin else None,
+            seed=twin.max_batch if twin else None,
         )
         measured = Measured(search, recorder.trials, built.notes)
         measured.has_batchnorm = session.has_batchnorm()
@@ -354,7 +365,7 @@ def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanRes
         result = _infeasible(job, device, measured)
     else:
         result = _feasible(job, device, measured)
-    result.prediction = _prediction(twin, search.max_batch)
+    result.prediction = _prediction(twin, search)
     if measured.folding is not None:
         result.depth_folding = _folding_out(measured.folding)
     if built.moe is not None:
@@ -396,17 +407,20 @@ def undefined_batch_warning(search: SearchResult) -> list[PlanWarning]:
     ]
 
 
-def _prediction(twin: tuple[int, int, float] | None, real: int) -> Prediction | None:
+def _prediction(twin: Twin | None, search: SearchResult) -> Prediction | None:
     if twin is None:
         return None
-    predicted, trials, wall = twin
+    predicted, real = twin.max_batch, search.max_batch
     error = (predicted - real) / real if real else float(predicted > 0)
+    at_real = search.outcome_at(real) if real else None
+    simulated = risk.simulated_peak_at(twin.trials, real) if at_real is not None else None
     return Prediction(
         predicted_max_micro_batch_size=predicted,
         real_max_micro_batch_size=real,
         relative_error=error,
-        simulated_trials=trials,
-        simulated_wall_s=round(wall, 3),
+        peak_ratio=at_real.peak_bytes / simulated if at_real is not None and simulated else None,
+        simulated_trials=len(twin.trials),
+        simulated_wall_s=round(twin.wall_s, 3),
     )
 
 
@@ -508,6 +522,7 @@ def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> Plan
         optimizer_adjustment=_adjustment_out(adjustment),
         memory=_memory(at_micro, device.memory_bytes, measured.host_bytes + offloaded),
         throughput=throughput,
+        risk=_risk(device, search, at_micro),
         trials=measured.trials,
         search_bound_reached=search.bound_reached,
         warnings=warnings,
@@ -519,6 +534,14 @@ def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> Plan
         strategy=training.strategy,
         configs=build_configs(job.launch, numbers),
     )
+
+
+def _risk(device: ProbeDevice, search: SearchResult, at_micro: TrialOutcome) -> Risk | None:
+    """Simulated devices only: on a real one the answer ran."""
+    if device.backend != "simulated":
+        return None
+    at_max = search.outcome_at(search.max_batch) or at_micro
+    return risk.assess(at_micro.peak_bytes, at_max.peak_bytes, device.memory_bytes)
 
 
 def _recipe(
@@ -673,9 +696,11 @@ def estimate_throughput(
             tensor_parallel_bytes=cost.tensor_parallel_bytes * k,
         ),
     )
-    rate = estimate.samples_per_second
     return estimate.model_copy(
-        update={"samples_per_second_band": (rate / UNCERTAINTY, rate * UNCERTAINTY)}
+        update={
+            "samples_per_second_band": THROUGHPUT_SPREAD.band(estimate.samples_per_second),
+            "band_coverage": THROUGHPUT_SPREAD.coverage,
+        }
     )
 
 

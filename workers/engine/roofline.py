@@ -81,9 +81,6 @@ NO_TRAFFIC = {
 # queries were costed as reading their tensors (about half the bytes counted): the fit had
 # absorbed that artifact.
 EFFICIENCY = {"matmul": 1.0, "conv": 0.736, "memory": 0.484}
-# Largest measured / predicted step-time ratio over the calibration set (0.87-1.18 after the
-# fit): the band the plan reports around its estimate.
-UNCERTAINTY = 1.25
 
 
 def _median_ratio(index: int, datasheet: Callable[[GpuModel], float | None]) -> float:

@@ -48,6 +48,15 @@ class FidelityRow(BaseModel):
     over_predicted: int = Field(description="Plans whose simulated answer was above the real one.")
     mean_abs_relative_error: float | None
     max_abs_relative_error: float | None
+    peak_ratio_plans: int = Field(
+        default=0, description="Plans whose real and simulated peaks were both known."
+    )
+    log_peak_ratio_mean: float | None = Field(
+        default=None, description="Mean of ln(real / simulated peak) at the real answer."
+    )
+    log_peak_ratio_sd: float | None = Field(
+        default=None, description="Its standard deviation (population)."
+    )
 
 
 class FidelityOut(BaseModel):

@@ -150,6 +150,7 @@
 
   // -- summary, breakdown, what-if, warnings, configs, spec -----------------------------------
   function card(id, ...content) { $(id).replaceChildren(...content); }
+  function percent(p) { return p < 0.001 ? "<0.1%" : `${(100 * p).toFixed(1)}%`; }
 
   function summary(result) {
     card("#s-max", int(result.max_micro_batch_size), result.search_bound_reached ? " (bound)" : "");
@@ -160,7 +161,16 @@
     card("#s-lr", el("span", { title: `${scaling.rule} rule from ${scaling.base_lr} at batch ${scaling.base_batch_size}, ${reference}` }, num(result.learning_rate)));
     card("#s-peak", bytes(result.memory.peak), el("span", { class: "muted small" }, ` of ${bytesText(result.memory.capacity)}`));
     const t = result.throughput;
-    card("#s-speed", t ? `${num(t.samples_per_second)} samples/s` : "—", t && !t.measured ? el("span", { class: "muted small" }, " est.") : "");
+    const band = t?.samples_per_second_band;
+    const estimate = band ? ` est. (${Math.round(100 * t.band_coverage)}% band ${num(band[0])}–${num(band[1])})` : " est.";
+    card("#s-speed", t ? `${num(t.samples_per_second)} samples/s` : "—", t && !t.measured ? el("span", { class: "muted small" }, estimate) : "");
+    const risk = result.risk;
+    $("#c-risk").hidden = !risk;
+    if (risk) {
+      const why = `Chance that micro-batch ${result.micro_batch_size} runs out of memory on the real card: ln(real / simulated peak) ~ N(${num(risk.log_ratio_mean)}, ${num(risk.log_ratio_sd)}), fitted on ${risk.calibration}`;
+      card("#s-risk", el("span", { title: why }, percent(risk.oom_probability)),
+        el("span", { class: "muted small" }, ` (${percent(risk.max_micro_batch_oom_probability)} at the max)`));
+    }
     card("#s-steps", int(result.total_optimizer_steps), el("span", { class: "muted small" }, ` (${int(result.optimizer_steps_per_epoch)}/epoch)`));
     card("#s-device", `${result.device.name}`, el("span", { class: "muted small" }, ` ${result.device.backend}`));
   }

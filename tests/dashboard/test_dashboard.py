@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from service.schemas.examples import SMALL_GRAYSCALE_CNN, TINY_LLAMA
+from service.schemas.spec import SearchSpec
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright  # noqa: E402
@@ -270,7 +271,7 @@ def test_sign_in_submit_from_the_form_and_watch_the_plan_live(
     assert len(sets["out of memory"]) == sum(not t["fits"] for t in trials)
     assert len(sets["fits"]) + len(sets["out of memory"]) == len(trials)
     assert [p["y"] for p in sets["capacity"]] == [memory["capacity"] / GiB] * 2
-    headroom = _spec().get("search", {}).get("headroom", 0.05)
+    headroom = _spec().get("search", {}).get("headroom", SearchSpec().headroom)
     assert sets["headroom limit"][0]["y"] == pytest.approx(
         memory["capacity"] * (1 - headroom) / GiB
     )

@@ -33,7 +33,7 @@ def spec(cp: int, world: int = 4, seq: int = 256, **changes: Any) -> PlanSpec:
             "parallelism": {"strategy": "fsdp", "context_parallel": cp},
         },
         "device": {"kind": "simulated", "gpu": "T4", "memory_gib": 1},
-        "search": {"what_if": False},
+        "search": {"what_if": False, "headroom": 0.05},  # 1 GiB: sized at the old default
     }
     return PlanSpec.model_validate(with_changes(raw, **changes))
 

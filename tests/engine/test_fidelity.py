@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,6 +17,7 @@ from tests.helpers import session_of
 from workers import engine
 from workers.engine.catalogue import GIB, GPU_CATALOGUE, MIB
 from workers.engine.compiled import compile_job
+from workers.engine.cudnn import grouped_convolutions
 from workers.engine.devices import open_device
 from workers.engine.errors import SpecError
 from workers.engine.roofline import Roofline, StepCostMode
@@ -222,3 +224,49 @@ def test_memory_cap_on_a_catalogued_card_keeps_its_compute() -> None:
     assert device.memory_bytes == 8 * GIB
     assert device.name == "RTX-3090@8GiB" and device.supports_tf32
     assert device.overhead_bytes > 200 * MIB
+
+
+def test_channels_last_grouped_convolutions_warn_on_stacks_before_cudnn_8_5() -> None:
+    """A fixed-group-width net (RegNetY) in channels_last on torch 1.12 warns that its time is
+    optimistic; channels_first, or a stack from torch 1.13 on, does not."""
+
+    def warned(layout: str, torch_version: str) -> list[str]:
+        spec = {
+            "model": {"source": "torchvision", "name": "regnet_y_400mf", "kwargs": {}},
+            "data": {
+                "kind": "image",
+                "channels": 3,
+                "height": 32,
+                "width": 32,
+                "num_classes": 1000,
+                "layout": layout,
+            },
+            "training": {"optimizer": "sgd_momentum", "precision": "fp16-mixed"},
+            "device": {
+                "kind": "simulated",
+                "gpu": "RTX-3090",
+                "runtime": {"torch": torch_version, "cuda": "11.3"},
+            },
+            "search": {"what_if": False, "max_batch_size": 64},
+        }
+        result = engine.plan(PlanSpec.model_validate(spec))
+        return [
+            w.message for w in result.warnings if w.code == "channels_last_grouped_convolutions"
+        ]
+
+    grouped = grouped_convolutions(torchvision.models.regnet_y_400mf())  # 4M parameters
+    assert grouped == 16  # one 3x3 grouped convolution per block, 16 blocks
+    (message,) = warned("channels_last", "1.12")
+    assert message.startswith(f"{grouped} grouped convolutions in channels_last on torch 1.12")
+    assert warned("channels_first", "1.12") == []
+    assert warned("channels_last", "1.13") == []
+
+
+def test_depthwise_and_dense_convolutions_are_not_grouped_ones() -> None:
+    convs = torch.nn.Sequential(
+        torch.nn.Conv2d(32, 32, 3, groups=32),  # depthwise
+        torch.nn.Conv2d(32, 64, 1),  # dense
+        torch.nn.Conv2d(64, 64, 3, groups=4),  # grouped: 16 channels a group
+        torch.nn.Conv1d(64, 64, 3, groups=2),
+    )
+    assert grouped_convolutions(convs) == 2

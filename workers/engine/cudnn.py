@@ -53,3 +53,24 @@ def nchw_transform_workspace(sm: int) -> Callable[[Any, Any, Any], int]:
         return 0
 
     return workspace
+
+
+# Before cuDNN 8.5 (the torch < 1.13 wheels: 1.11 ships 8.2, 1.12 8.3.2) many channels_last
+# grouped convolutions ran cuDNN's direct kernels (`conv2d_grouped_direct_kernel`,
+# `wgrad2d_grouped_direct_kernel`; pytorch/pytorch#34977) rather than Tensor Core ones:
+# "generally unusable for quite a range of group sizes", NFNet and RegNet above all, which keep
+# a fixed group width (pytorch/pytorch#70954, AMP on an RTX 3090); grouped convolution was
+# "optimized once after the 8500 version" (pytorch/pytorch#95604). timm's RTX 3090 benchmark
+# shows it: NHWC ran 0.30-0.56x of NCHW for RegNetY, NFNet and ResNeSt, while ResNeXt (32
+# groups) ran faster in NHWC. Which shapes fall to the direct kernels is cuDNN's heuristic, not
+# a rule the roofline can state: plans warn rather than cost it.
+GROUPED_NHWC_FIXED = (1, 13)
+
+
+def grouped_convolutions(module: torch.nn.Module) -> int:
+    """Convolutions with groups that are not depthwise (1 < groups < input channels)."""
+    return sum(
+        1
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels
+    )

@@ -13,6 +13,7 @@ from service.schemas.result import PlanWarning
 from workers.engine import planner
 from workers.engine.compiled import CompiledJob
 from workers.engine.configs import deepspeed_takes_recipe, hf_native_schedule
+from workers.engine.cudnn import GROUPED_NHWC_FIXED
 from workers.engine.devices import ProbeDevice
 from workers.engine.recipe import Adjustment
 from workers.engine.schedule import Schedule
@@ -31,6 +32,7 @@ class Facts:
     has_batchnorm: bool
     schedule: Schedule | None = None
     adjustment: Adjustment | None = None
+    grouped_convolutions: int = 0  # grouped, not depthwise (cudnn.grouped_convolutions)
 
 
 Rule = Callable[[Facts], PlanWarning | None]
@@ -239,6 +241,28 @@ def sdpa_square_mask(facts: Facts) -> PlanWarning | None:
     )
 
 
+def channels_last_grouped_convolutions(facts: Facts) -> PlanWarning | None:
+    """cuDNN before 8.5 ran many channels_last grouped convolutions on slow direct kernels."""
+    runtime = getattr(facts.device, "runtime", None)
+    data = facts.job.data
+    if (
+        runtime is None
+        or runtime.torch >= GROUPED_NHWC_FIXED
+        or facts.grouped_convolutions == 0
+        or getattr(data, "layout", None) != "channels_last"
+    ):
+        return None
+    return PlanWarning(
+        code="channels_last_grouped_convolutions",
+        message=f"{facts.grouped_convolutions} grouped convolutions in channels_last on torch "
+        f"{runtime.torch[0]}.{runtime.torch[1]} (cuDNN before 8.5): cuDNN ran many such shapes "
+        "on direct kernels, not Tensor Cores (pytorch/pytorch#70954); on timm's RTX 3090 "
+        "benchmark RegNetY, NFNet and ResNeSt trained 2-3x slower in NHWC than NCHW, and the "
+        "estimate was 1.8-4.4x too fast for them. The memory plan holds; for the time, prefer "
+        "channels_first on this stack, or torch 1.13 or later",
+    )
+
+
 RULES: tuple[Rule, ...] = (
     batchnorm_small_micro_batch,
     global_batch_adjusted,
@@ -253,6 +277,7 @@ RULES: tuple[Rule, ...] = (
     framework_fallback,
     sde_rule_out_of_range,
     sdpa_square_mask,
+    channels_last_grouped_convolutions,
 )
 
 

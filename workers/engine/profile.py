@@ -38,6 +38,7 @@ from workers.engine import checkpoint_policy, layout_search, planner, recipe, ri
 from workers.engine.communication import StepTraffic, exposed, step_traffic
 from workers.engine.compiled import CompiledJob
 from workers.engine.configs import PlanNumbers, build_configs, configs_with_evaluation
+from workers.engine.cudnn import grouped_convolutions
 from workers.engine.data import sample_bytes
 from workers.engine.depth_fold import Folding
 from workers.engine.devices import ProbeDevice, TrialOutcome, open_device, open_session, twin_of
@@ -322,6 +323,7 @@ class Measured:
     trials: list[Trial]
     notes: list[str]
     has_batchnorm: bool = False
+    grouped_convolutions: int = 0  # grouped, not depthwise: cuDNN's layouts matter (cudnn.py)
     counts: tuple[int, int] = (0, 0)  # parameters, trainable parameters
     batches: planner.BatchPlan | None = None
     at_micro: TrialOutcome | None = None
@@ -343,6 +345,7 @@ def _plan(job: CompiledJob, device: ProbeDevice, recorder: _Recorder) -> PlanRes
         )
         measured = Measured(search, recorder.trials, built.notes)
         measured.has_batchnorm = session.has_batchnorm()
+        measured.grouped_convolutions = grouped_convolutions(built.module)
         measured.counts = session.parameter_count()
         measured.host_bytes = session.host_bytes()
         if search.max_batch > 0:
@@ -471,7 +474,17 @@ def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> Plan
     )
     schedule, adjustment = _recipe(job.training, lr, batches, epochs)
     warnings = plan_warnings(
-        Facts(job, device, search, batches, lr, measured.has_batchnorm, schedule, adjustment)
+        Facts(
+            job,
+            device,
+            search,
+            batches,
+            lr,
+            measured.has_batchnorm,
+            schedule,
+            adjustment,
+            measured.grouped_convolutions,
+        )
     )
     throughput = _measured_throughput(job.training, batches, epochs, at_micro)
     if throughput is None and measured.cost is not None:

@@ -9,9 +9,11 @@ bench/results/costs/) and prints:
 - memory: ln(real / simulated peak) fitted as a normal by maximum likelihood over the brackets
   (interval-censored: the batch that ran and the one that ran out of memory bound it) and the
   published nvidia-smi readings (points), with `--fidelity` a saved `GET /v1/fidelity` body (the
-  store's real-device plans: ln(real / simulated peak) per model and device); the OOM rate
-  those rows show at each headroom and the headroom the fit gives for a 1% rate:
-  `workers/engine/risk.py`'s PEAK_SPREAD and the default `search.headroom` are set from it;
+  store's real-device plans: ln(real / simulated peak) per model and device); at each headroom,
+  the rows whose plan reaches the batch that ran out of memory (certain OOMs) and the rows'
+  expected OOM rate (between a row's two batches, the fit conditioned on its bracket); the
+  default headroom is the smallest half-percent step whose expected rate is at most 1%, checked
+  by family fold: `workers/engine/risk.py`'s PEAK_SPREAD and `search.headroom` are set from it;
 - throughput: measured / predicted samples/s, its 10th and 90th percentiles (the plan's band,
   THROUGHPUT_SPREAD) and how many rows fall inside, overall and per source;
 - the roofline's three efficiencies fitted on every row, and cross-validated by family: the

@@ -31,7 +31,7 @@ def spec(memory_gib: float, global_batch: int, checkpointing: Any = None) -> Pla
             "data": {"kind": "tokens", "seq_len": 2048, "vocab_size": 1000, "num_samples": 512},
             "training": training,
             "device": {"kind": "simulated", "memory_gib": memory_gib},
-            "search": {"what_if": False},
+            "search": {"what_if": False, "headroom": 0.05},  # sized at the old default
         }
     )
 

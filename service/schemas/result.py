@@ -164,6 +164,10 @@ class Risk(BaseModel):
     """How likely the simulated plan is to be wrong on the real card, from the simulator's
     errors on published GPU measurements (ln(real / simulated peak) fitted as a normal)."""
 
+    headroom: float = Field(
+        description="The headroom the search kept (search.headroom, or the one that gives "
+        "search.max_oom_probability)."
+    )
     oom_probability: float = Field(
         description="Chance that the recommended micro-batch runs out of memory on the card."
     )

@@ -1035,6 +1035,15 @@ class SearchSpec(StrictModel):
         "plans of the calibration set (timm's and published GPU measurements) run out of memory "
         "at most 1% of the time: the simulator's peak is on average 2% under the real one.",
     )
+    max_oom_probability: float | None = Field(
+        default=None,
+        gt=0,
+        lt=0.5,
+        description="Instead of a headroom: the chance, at most, that the largest micro-batch "
+        "runs out of memory on the real card, by the simulator's calibrated error (result.risk); "
+        "the plan keeps the headroom that gives it (1e-3: about 11%), and `headroom` is not "
+        "read. Simulated devices only.",
+    )
     micro_batch: Literal["power_of_two", "max", "divisor"] = "power_of_two"
     seed_from_simulation: bool = Field(
         default=True,

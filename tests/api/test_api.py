@@ -114,6 +114,15 @@ def _unknown_torch_release(spec: dict[str, Any]) -> None:
     spec["device"]["runtime"] = {"torch": "latest"}
 
 
+def _a_risk_of_one_half(spec: dict[str, Any]) -> None:
+    spec.setdefault("search", {})["max_oom_probability"] = 0.5
+
+
+def _a_risk_target_on_a_real_device(spec: dict[str, Any]) -> None:
+    spec["device"] = {"kind": "cpu", "memory_gib": 1}
+    spec.setdefault("search", {})["max_oom_probability"] = 0.01
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
@@ -130,6 +139,8 @@ def _unknown_torch_release(spec: dict[str, Any]) -> None:
             "device.allocator.roundup_power2_divisions",
         ),
         (_unknown_torch_release, "device.runtime.torch"),
+        (_a_risk_of_one_half, "search.max_oom_probability"),
+        (_a_risk_target_on_a_real_device, "search.max_oom_probability"),
     ],
     ids=lambda case: case.__name__.strip("_") if callable(case) else None,
 )

@@ -13,6 +13,7 @@ from bench.calibrate import expected_oom_rate, load, observations, oom_rate
 from service.schemas.spec import PlanSpec, SearchSpec
 from workers import engine
 from workers.engine.devices.base import TrialOutcome
+from workers.engine.errors import SpecError
 from workers.engine.risk import (
     PEAK_SPREAD,
     TARGET_OOM_RATE,
@@ -178,3 +179,35 @@ def test_a_row_s_plan_runs_out_of_memory_by_its_bracket_then_by_the_fit() -> Non
     ran, below = dist.cdf(math.log(1000 / 600)), dist.cdf(math.log(1000 / 1100))
     assert chance == pytest.approx((ran - dist.cdf(math.log(1000 / 900))) / (ran - below))
     assert 0 < chance < expected_oom_rate([row], spread, 0.05) < 1
+
+
+def test_a_plan_can_ask_for_a_risk_instead_of_a_headroom() -> None:
+    """search.max_oom_probability: the plan keeps the headroom that gives that chance at its
+    largest micro-batch; the same job at the default headroom takes more of the card."""
+    spec = {
+        "model": {"source": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}},
+        "data": {"kind": "image", "channels": 3, "height": 64, "width": 64, "num_classes": 10},
+        "training": {"optimizer": "sgd_momentum", "global_batch_size": 96},
+        "device": {"kind": "simulated", "memory_gib": 2},
+        "search": {"what_if": False, "micro_batch": "max", "max_oom_probability": 1e-4},
+    }
+    careful = engine.plan(PlanSpec.model_validate(spec))
+    spec["search"].pop("max_oom_probability")
+    default = engine.plan(PlanSpec.model_validate(spec))
+    assert careful.risk is not None and default.risk is not None
+    assert careful.risk.headroom == pytest.approx(PEAK_SPREAD.headroom_for(1e-4))
+    assert careful.risk.headroom > default.risk.headroom == SearchSpec().headroom
+    assert careful.risk.max_micro_batch_oom_probability <= 1e-4
+    assert careful.max_micro_batch_size < default.max_micro_batch_size
+
+
+def test_a_real_device_refuses_a_risk_target_at_its_field() -> None:
+    spec = {
+        "model": {"source": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}},
+        "data": {"kind": "image", "channels": 3, "height": 32, "width": 32, "num_classes": 10},
+        "device": {"kind": "cpu", "memory_gib": 1},
+        "search": {"max_oom_probability": 0.01},
+    }
+    with pytest.raises(SpecError) as refused:
+        engine.check(PlanSpec.model_validate(spec))
+    assert refused.value.loc == ("search", "max_oom_probability")

@@ -121,7 +121,14 @@ def check(spec: PlanSpec, facts: ModelFacts | None = None) -> None:
 
 
 def _check_one_process(spec: PlanSpec) -> None:
-    """A real device probes one process: a strategy or a layout is a 422 at its field."""
+    """A real device probes one process: a strategy or a layout is a 422 at its field; it
+    measures its peaks, so the simulator's calibrated risk does not set its headroom."""
+    if spec.search.max_oom_probability is not None:
+        raise SpecError(
+            ("search", "max_oom_probability"),
+            "the calibrated risk is the simulated device's (device.kind 'simulated'); a real "
+            "device measures its peaks: give search.headroom",
+        )
     parallelism = spec.training.parallelism
     asked = {
         "strategy": parallelism.strategy not in (None, "none"),

@@ -25,6 +25,7 @@ from workers.engine.catalogue import canonical_name
 from workers.engine.configs.job import LaunchJob, launch_job
 from workers.engine.models.hf import row_layout
 from workers.engine.optimizers import OptimizerChoice, choose
+from workers.engine.risk import PEAK_SPREAD
 from workers.engine.trace import RowLayout, TraceJob
 
 
@@ -88,6 +89,9 @@ def _compile(
     device: DeviceSpec,
     search: SearchSpec,
 ) -> CompiledJob:
+    if search.max_oom_probability is not None:  # a risk asked for: the headroom that gives it
+        headroom = PEAK_SPREAD.headroom_for(search.max_oom_probability)
+        search = search.model_copy(update={"headroom": headroom})
     gpu = getattr(device, "gpu", None)  # the simulated card: what the launch specs ask for
     launch = launch_job(model, data, training, canonical_name(gpu) if gpu else None)
     attention = launch.attn_implementation  # transformers models only

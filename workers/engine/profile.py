@@ -535,7 +535,7 @@ def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> Plan
         optimizer_adjustment=_adjustment_out(adjustment),
         memory=_memory(at_micro, device.memory_bytes, measured.host_bytes + offloaded),
         throughput=throughput,
-        risk=_risk(device, search, at_micro),
+        risk=_risk(device, search, at_micro, job.search.headroom),
         trials=measured.trials,
         search_bound_reached=search.bound_reached,
         warnings=warnings,
@@ -549,12 +549,14 @@ def _feasible(job: CompiledJob, device: ProbeDevice, measured: Measured) -> Plan
     )
 
 
-def _risk(device: ProbeDevice, search: SearchResult, at_micro: TrialOutcome) -> Risk | None:
+def _risk(
+    device: ProbeDevice, search: SearchResult, at_micro: TrialOutcome, headroom: float
+) -> Risk | None:
     """Simulated devices only: on a real one the answer ran."""
     if device.backend != "simulated":
         return None
     at_max = search.outcome_at(search.max_batch) or at_micro
-    return risk.assess(at_micro.peak_bytes, at_max.peak_bytes, device.memory_bytes)
+    return risk.assess(at_micro.peak_bytes, at_max.peak_bytes, device.memory_bytes, headroom)
 
 
 def _recipe(

@@ -22,9 +22,12 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
 from service.schemas.result import Risk
-from workers.engine.devices.base import TrialOutcome
+
+if TYPE_CHECKING:  # devices import the compiled job, which reads PEAK_SPREAD
+    from workers.engine.devices.base import TrialOutcome
 
 # The default search.headroom is the smallest headroom whose OOM rate on the calibration set,
 # by this model, stays at or below this (issue 29).
@@ -162,10 +165,11 @@ def simulated_peak_at(trials: Sequence[TrialOutcome], batch: int) -> float | Non
     return points[b0] + slope * (batch - b0)
 
 
-def assess(peak_bytes: int, max_peak_bytes: int, capacity_bytes: int) -> Risk:
+def assess(peak_bytes: int, max_peak_bytes: int, capacity_bytes: int, headroom: float) -> Risk:
     """The plan's risk at its recommended micro-batch (and at the largest that fits)."""
     spread = PEAK_SPREAD
     return Risk(
+        headroom=headroom,
         oom_probability=spread.oom_probability(peak_bytes, capacity_bytes),
         max_micro_batch_oom_probability=spread.oom_probability(max_peak_bytes, capacity_bytes),
         peak_fraction=peak_bytes / capacity_bytes if capacity_bytes else math.inf,

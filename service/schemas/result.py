@@ -160,6 +160,11 @@ class Throughput(BaseModel):
     )
 
 
+class RiskPoint(BaseModel):
+    micro_batch: int
+    oom_probability: float
+
+
 class Risk(BaseModel):
     """How likely the simulated plan is to be wrong on the real card, from the simulator's
     errors on published GPU measurements (ln(real / simulated peak) fitted as a normal)."""
@@ -184,6 +189,11 @@ class Risk(BaseModel):
     log_ratio_mean: float = Field(description="mu of ln(real / simulated peak).")
     log_ratio_sd: float = Field(description="sigma of ln(real / simulated peak).")
     calibration: str = Field(description="The measurements the distribution was fitted on.")
+    by_micro_batch: list[RiskPoint] = Field(
+        default_factory=list,
+        description="The chance at each micro-batch the search probed, in order: the price of "
+        "a bigger batch in risk.",
+    )
 
 
 class Trial(BaseModel):

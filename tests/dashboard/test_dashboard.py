@@ -306,6 +306,19 @@ def test_sign_in_submit_from_the_form_and_watch_the_plan_live(
         chance = risk["oom_probability"]
         assert shown.startswith("<0.1%" if chance < 0.001 else f"{100 * chance:.1f}%"), shown
         assert "at the max" in shown
+        # the chance by probed micro-batch, charted: the API's points, the recommended one marked
+        drawn = page.evaluate(
+            "trainplanCharts.risk.data.datasets.map(d => d.data.map(p => [p.x, p.p]))"
+        )
+        curve = [[q["micro_batch"], q["oom_probability"]] for q in risk["by_micro_batch"]]
+        assert drawn[0] == curve and drawn[1] == [
+            q for q in curve if q[0] == result["micro_batch_size"]
+        ]
+        assert (
+            page.locator("#risk-note")
+            .inner_text()
+            .endswith(f"(headroom {round(100 * risk['headroom'], 1):g}%)")
+        )
     # no empty band under the title: the summary follows the heading
     gap = page.evaluate(
         "document.querySelector('#summary').getBoundingClientRect().top"

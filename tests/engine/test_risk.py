@@ -211,3 +211,29 @@ def test_a_real_device_refuses_a_risk_target_at_its_field() -> None:
     with pytest.raises(SpecError) as refused:
         engine.check(PlanSpec.model_validate(spec))
     assert refused.value.loc == ("search", "max_oom_probability")
+
+
+def test_the_risk_of_each_probed_micro_batch_rises_with_its_peak() -> None:
+    spec = {
+        "model": {"source": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}},
+        "data": {"kind": "image", "channels": 3, "height": 64, "width": 64, "num_classes": 10},
+        "training": {"optimizer": "sgd_momentum", "global_batch_size": 96},
+        "device": {"kind": "simulated", "memory_gib": 2},
+        "search": {"what_if": False},
+    }
+    result = engine.plan(PlanSpec.model_validate(spec))
+    assert result.risk is not None
+    curve = [(p.micro_batch, p.oom_probability) for p in result.risk.by_micro_batch]
+    own = ("search", "breakdown")  # this job's probes, not the what-ifs'
+    probed = {t.batch_size: t.peak_bytes for t in result.trials if t.phase in own}
+    assert [b for b, _ in curve] == sorted(probed)  # every batch the search probed, in order
+    capacity = result.device.memory_bytes
+    for batch, chance in curve:
+        assert chance == pytest.approx(PEAK_SPREAD.oom_probability(probed[batch], capacity))
+    assert [c for _, c in curve] == sorted(c for _, c in curve)  # more batch, more risk
+    at = dict(curve)
+    assert at[result.max_micro_batch_size] == pytest.approx(
+        result.risk.max_micro_batch_oom_probability
+    )
+    over = [c for b, c in curve if b > result.max_micro_batch_size]
+    assert over and min(over) > result.risk.max_micro_batch_oom_probability

@@ -556,7 +556,13 @@ def _risk(
     if device.backend != "simulated":
         return None
     at_max = search.outcome_at(search.max_batch) or at_micro
-    return risk.assess(at_micro.peak_bytes, at_max.peak_bytes, device.memory_bytes, headroom)
+    return risk.assess(
+        at_micro.peak_bytes,
+        at_max.peak_bytes,
+        device.memory_bytes,
+        headroom,
+        [*search.trials, at_micro],
+    )
 
 
 def _recipe(

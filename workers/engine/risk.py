@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import TYPE_CHECKING
 
-from service.schemas.result import Risk
+from service.schemas.result import Risk, RiskPoint
 
 if TYPE_CHECKING:  # devices import the compiled job, which reads PEAK_SPREAD
     from workers.engine.devices.base import TrialOutcome
@@ -165,10 +165,24 @@ def simulated_peak_at(trials: Sequence[TrialOutcome], batch: int) -> float | Non
     return points[b0] + slope * (batch - b0)
 
 
-def assess(peak_bytes: int, max_peak_bytes: int, capacity_bytes: int, headroom: float) -> Risk:
-    """The plan's risk at its recommended micro-batch (and at the largest that fits)."""
+def assess(
+    peak_bytes: int,
+    max_peak_bytes: int,
+    capacity_bytes: int,
+    headroom: float,
+    probed: Sequence[TrialOutcome] = (),
+) -> Risk:
+    """The plan's risk at its recommended micro-batch, at the largest that fits, and at each
+    batch the search probed (a lower-bound peak says nothing exact: left out)."""
     spread = PEAK_SPREAD
+    peaks = {t.batch_size: t.peak_bytes for t in probed if not t.peak_is_lower_bound}
     return Risk(
+        by_micro_batch=[
+            RiskPoint(
+                micro_batch=b, oom_probability=spread.oom_probability(peaks[b], capacity_bytes)
+            )
+            for b in sorted(peaks)
+        ],
         headroom=headroom,
         oom_probability=spread.oom_probability(peak_bytes, capacity_bytes),
         max_micro_batch_oom_probability=spread.oom_probability(max_peak_bytes, capacity_bytes),

@@ -20,7 +20,7 @@
   ];
   const charts = (window.trainplanCharts = {}); // the browser tests read these
   window.trainplanTrialEvents = 0;
-  let plan = null, trials = new Map(), capacity = null, headroom = 0.05, stream = null;
+  let plan = null, trials = new Map(), capacity = null, headroom = 0, stream = null;
 
   Chart.defaults.font.family = getComputedStyle(document.documentElement).fontFamily;
   Chart.defaults.animation = false;
@@ -102,6 +102,33 @@
       : `${int(best)} fits (the search bound)`;
   }
 
+  // The chance each probed micro-batch runs out of memory (log axes: from one in a million).
+  const RISK_FLOOR = 1e-6;
+  function riskChart(result) {
+    const risk = result.risk;
+    $("#risk-h").hidden = $("#risk-chart-box").hidden = !risk;
+    charts.risk?.destroy();
+    charts.risk = undefined;
+    if (!risk) return;
+    const points = risk.by_micro_batch.map((q) => ({ x: q.micro_batch, y: 100 * Math.max(RISK_FLOOR, q.oom_probability), p: q.oom_probability }));
+    charts.risk = new Chart($("#risk-chart"), {
+      type: "line",
+      data: { datasets: [
+        { label: "chance of running out of memory", data: points, borderColor: COLORS.oom, backgroundColor: COLORS.oom, pointRadius: 3, tension: 0 },
+        { label: "recommended micro-batch", type: "scatter", data: points.filter((q) => q.x === result.micro_batch_size), pointStyle: "rectRot", pointRadius: 8, borderColor: COLORS.answer, backgroundColor: COLORS.fit, borderWidth: 2 },
+      ] },
+      options: {
+        maintainAspectRatio: false,
+        scales: { x: { type: "logarithmic", title: { display: true, text: "micro-batch size (log scale)" }, ticks: { callback: logTick } },
+          y: { type: "logarithmic", min: 100 * RISK_FLOOR, max: 100, title: { display: true, text: "chance" },
+            ticks: { callback: (v) => (Number.isInteger(Math.log10(v)) && Math.log10(v) % 2 === 0 ? `${v >= 1 ? v : v.toPrecision(1)}%` : "") } } },
+        plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } },
+          tooltip: { callbacks: { label: (ctx) => `batch ${int(ctx.raw.x)}: ${percent(ctx.raw.p)}` } } },
+      },
+    });
+    $("#risk-note").textContent = `${percent(risk.oom_probability)} at ${int(result.micro_batch_size)}, ${percent(risk.max_micro_batch_oom_probability)} at ${int(result.max_micro_batch_size)} (headroom ${Math.round(1000 * risk.headroom) / 10}%)`;
+  }
+
   const PROBES_ELSEWHERE = new Set(["what_if", "scale_out", "sequence_length"]); // other cards, precisions, world sizes
 
   function drawTrials() {
@@ -136,7 +163,7 @@
   // -- what the plan's device can hold (known from the spec before the result) -----------------
   async function deviceCapacity(spec) {
     const device = spec.device || {};
-    headroom = spec.search?.headroom ?? 0.05;
+    headroom = spec.search?.headroom ?? headroom;
     if (device.kind === "simulated" && device.memory_gib) return device.memory_gib * GiB;
     if (device.kind === "simulated" || !device.kind) {
       const gpu = device.gpu || "A100-80GB";
@@ -355,11 +382,14 @@
   async function show(p) {
     plan = p;
     header(p);
+    // the headroom the search kept: the result says it (max_oom_probability sets its own)
+    headroom = p.result?.risk?.headroom ?? p.spec?.search?.headroom ?? headroom;
     if (capacity === null) capacity = p.result?.memory?.capacity ?? (await deviceCapacity(p.spec));
     if (p.result) {
       capacity = p.result.memory.capacity;
       setTrials(p.result.trials);
       summary(p.result);
+      riskChart(p.result);
       breakdown(p.result.memory);
       whatIf(p.result);
       schedule(p.result);

@@ -277,7 +277,9 @@ def memory_report(
     }
 
 
-def throughput_report(rows_by_source: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def throughput_report(
+    rows_by_source: dict[str, list[dict[str, Any]]], folds: int
+) -> dict[str, Any]:
     """Measured over predicted (the band multiplies the estimate by it)."""
     every = [
         r["measured_sps"] / r["predicted_sps"]
@@ -293,7 +295,29 @@ def throughput_report(rows_by_source: dict[str, list[dict[str, Any]]]) -> dict[s
             inside = sum(low <= x <= high for x in ratios) / len(ratios)
             out["sources"][name] = {**spread(ratios), "inside_band": inside}
     out["coverage"] = sum(low <= x <= high for x in every) / len(every)
+    out["cross_validated_coverage"] = band_coverage_by_family(rows_by_source, folds)
     return out
+
+
+def band_coverage_by_family(
+    rows_by_source: dict[str, list[dict[str, Any]]], folds: int
+) -> float | None:
+    """The band's coverage out of family: each fold of timm families judged by the band that
+    the other rows (and the published cases) give."""
+    rows = [r for group in rows_by_source.values() for r in group if r.get("predicted_sps")]
+    families = sorted({r["family"] for r in rows if "family" in r})
+    fold_of = {f: i % folds for i, f in enumerate(families)}
+    inside = judged = 0
+    for k in range(folds):
+        train = [r for r in rows if fold_of.get(r.get("family", ""), -1) != k]
+        test = [r for r in rows if fold_of.get(r.get("family", ""), -1) == k]
+        if not test:
+            continue
+        ratios = [r["measured_sps"] / r["predicted_sps"] for r in train]
+        low, high = quantile(ratios, 0.1), quantile(ratios, 0.9)
+        inside += sum(low <= r["measured_sps"] / r["predicted_sps"] <= high for r in test)
+        judged += len(test)
+    return inside / judged if judged else None
 
 
 def main() -> None:
@@ -332,10 +356,11 @@ def main() -> None:
             f"({f['held_out_rows']} rows) expected OOM at the default "
             f"{f['held_out_expected_rate']:.2%}"
         )
-    throughput = throughput_report(rows)
+    throughput = throughput_report(rows, args.folds)
     print(
         f"throughput measured/predicted band p10-p90: {throughput['low']:.3f}-"
-        f"{throughput['high']:.3f} ({throughput['coverage']:.0%} of rows inside)"
+        f"{throughput['high']:.3f} ({throughput['coverage']:.0%} of rows inside; by family "
+        f"fold, each judged by the others' band, {throughput['cross_validated_coverage']:.0%})"
     )
     for name, s in throughput["sources"].items():
         print(

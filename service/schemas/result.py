@@ -152,11 +152,12 @@ class Throughput(BaseModel):
     samples_per_second_band: tuple[float, float] | None = Field(
         default=None,
         description="Low and high samples/s: the estimate times the 10th and 90th percentiles "
-        "of measured / estimated samples/s on the calibration rows (`band_coverage` of them "
-        "inside).",
+        "of measured / estimated samples/s on the calibration rows.",
     )
     band_coverage: float | None = Field(
-        default=None, description="Share of calibration rows whose measurement fell in the band."
+        default=None,
+        description="Share of calibration rows whose measurement falls in such a band, out of "
+        "family (each model family judged by the band the others give).",
     )
 
 

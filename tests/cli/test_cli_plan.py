@@ -51,7 +51,7 @@ def test_the_table_shows_evaluation_batching_and_traces(tmp_path: Path) -> None:
     assert traced is not None and int(traced.group(1)) > 0
     # a simulated plan's estimate comes with its band and its chance of running out of memory
     speed = next(line for line in lines if "throughput" in line)
-    assert "samples/s (estimate; 80% band " in speed
+    assert "samples/s (estimate; 75% band " in speed
     risk = re.search(r"out-of-memory risk\W+([\d.]+)% at micro-batch (\d+), ([\d.]+)% at", table)
     assert risk is not None and float(risk.group(1)) <= float(risk.group(3)) <= 1.0
 

@@ -9,7 +9,13 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from bench.calibrate import expected_oom_rate, load, observations, oom_rate
+from bench.calibrate import (
+    band_coverage_by_family,
+    expected_oom_rate,
+    load,
+    observations,
+    oom_rate,
+)
 from service.schemas.spec import PlanSpec, SearchSpec
 from workers import engine
 from workers.engine.devices.base import TrialOutcome
@@ -88,6 +94,10 @@ def test_the_constants_are_the_fit_of_the_committed_calibration_rows() -> None:
     ratios = [r["measured_sps"] / r["predicted_sps"] for r in rows if r.get("predicted_sps")]
     assert THROUGHPUT_SPREAD.low == pytest.approx(quantile(ratios, 0.1), abs=5e-4)
     assert THROUGHPUT_SPREAD.high == pytest.approx(quantile(ratios, 0.9), abs=5e-4)
+    by_source = {"timm": load("fidelity_timm"), "published": load("fidelity_published")}
+    coverage = band_coverage_by_family(by_source, folds=5)  # the coverage stated: out of family
+    assert coverage is not None
+    assert THROUGHPUT_SPREAD.coverage == pytest.approx(coverage, abs=0.005)
 
 
 def test_quantiles_are_numpy_s_linear_ones() -> None:

@@ -306,3 +306,22 @@ def test_a_plan_counts_its_traces_and_costs_the_step_from_the_probe_s_trace(
         fresh = session.step_cost(64)
     assert reused is not None and fresh is not None
     assert (reused.flops, reused.total_s()) == (fresh.flops, fresh.total_s())
+
+
+def test_the_engine_never_reaches_for_the_hub() -> None:
+    """Importing the engine puts the Hugging Face Hub offline (bitsandbytes' CPU backend asked
+    the Hub about a kernel on import); an operator's own setting stands."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import workers, huggingface_hub.constants as c, os; "
+        "print(os.environ['HF_HUB_OFFLINE'], c.HF_HUB_OFFLINE)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    run = lambda e: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", probe], env=e, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert run(env) == ["1", "True"]
+    assert run(env | {"HF_HUB_OFFLINE": "0"}) == ["0", "False"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,10 +99,34 @@ def problem_response(body: dict[str, Any], headers: dict[str, str] | None = None
 
 
 def _clean_errors(errors: Any, body: Any = None) -> list[dict[str, Any]]:
-    return [
-        field_error(spec_path(list(err.get("loc", ())), body), err.get("msg"), err.get("type"))
-        for err in errors
-    ]
+    out = []
+    for err in errors:
+        path, msg = spec_path(list(err.get("loc", ())), body), err.get("msg")
+        out.append(field_error(path + _named_field(path, msg, body), msg, err.get("type")))
+    return out
+
+
+# A validator across fields (world_size against parallelism's degrees) fails at the object
+# that holds them, and opens its message with the field at fault: "parallelism.tensor_parallel
+# 3 x context_parallel 1 must divide world_size 4".
+NAMED_FIELD = re.compile(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)+) ")
+
+
+def _named_field(path: list[Any], msg: Any, body: Any) -> list[Any]:
+    """The field a cross-field error's message opens with, below `path`, where the client sent
+    it: the error then names it rather than the object around it."""
+    found = NAMED_FIELD.match(msg) if isinstance(msg, str) else None
+    if found is None:
+        return []
+    node = body
+    for step in path:
+        node = node.get(step) if isinstance(node, dict) else None
+    steps = found.group(1).split(".")
+    for step in steps:
+        if not isinstance(node, dict) or step not in node:
+            return []
+        node = node[step]
+    return steps
 
 
 UNION_TAGS = ("kind", "source")  # the spec's discriminators (data.kind, model.source, ...)

@@ -114,6 +114,16 @@ def _unknown_torch_release(spec: dict[str, Any]) -> None:
     spec["device"]["runtime"] = {"torch": "latest"}
 
 
+def _tensor_parallel_not_dividing_the_world(spec: dict[str, Any]) -> None:
+    spec["training"]["world_size"] = 4
+    spec["training"]["parallelism"] = {"strategy": "fsdp", "tensor_parallel": 3}
+
+
+def _context_parallel_not_dividing_the_world(spec: dict[str, Any]) -> None:
+    spec["training"]["world_size"] = 4
+    spec["training"]["parallelism"] = {"strategy": "fsdp", "context_parallel": 3}
+
+
 def _a_risk_of_one_half(spec: dict[str, Any]) -> None:
     spec.setdefault("search", {})["max_oom_probability"] = 0.5
 
@@ -140,6 +150,9 @@ def _a_risk_target_on_a_real_device(spec: dict[str, Any]) -> None:
         ),
         (_unknown_torch_release, "device.runtime.torch"),
         (_a_risk_of_one_half, "search.max_oom_probability"),
+        # a validator across fields names the one at fault, not the object around it
+        (_tensor_parallel_not_dividing_the_world, "training.parallelism.tensor_parallel"),
+        (_context_parallel_not_dividing_the_world, "training.parallelism.context_parallel"),
         (_a_risk_target_on_a_real_device, "search.max_oom_probability"),
     ],
     ids=lambda case: case.__name__.strip("_") if callable(case) else None,

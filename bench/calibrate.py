@@ -28,10 +28,11 @@ import argparse
 import json
 import math
 import statistics
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,13 +44,13 @@ from workers.engine.risk import (
     PeakSpread,
     Readings,
     fit_log_normal,
-    quantile,
 )
 from workers.engine.roofline import EFFICIENCY, StepCost
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = ("fidelity_published", "fidelity_timm")
 KINDS = ("matmul", "conv", "memory")
+T = TypeVar("T")
 
 
 @dataclass
@@ -155,48 +156,57 @@ def expected_oom_rate(rows: list[dict[str, Any]], spread: PeakSpread, headroom: 
     return sum(row_oom_probability(r, spread, headroom) for r in judged) / len(judged)
 
 
+def deciles(values: list[float]) -> tuple[float, float]:
+    """The 10th and 90th percentiles, interpolated as numpy's default does (the band's ends)."""
+    cuts = statistics.quantiles(values, n=10, method="inclusive")
+    return cuts[0], cuts[-1]
+
+
 def spread(ratios: list[float]) -> dict[str, float]:
+    p10, p90 = deciles(ratios)
     return {
         "rows": len(ratios),
         "median": statistics.median(ratios),
-        "p10": quantile(ratios, 0.1),
-        "p90": quantile(ratios, 0.9),
+        "p10": p10,
+        "p90": p90,
         "within_1_25": sum(1 / 1.25 <= x <= 1.25 for x in ratios) / len(ratios),
     }
 
 
 def fit(timed: list[Timed]) -> dict[str, float]:
     """Least squares in log space over the rows at once (bench.published's method)."""
-    eff = dict(EFFICIENCY)
+    return published.descend(lambda eff: sum(math.log(t.ratio(eff)) ** 2 for t in timed))
 
-    def loss(candidate: dict[str, float]) -> float:
-        return sum(math.log(t.ratio(candidate)) ** 2 for t in timed)
 
-    step, best = 0.5, loss(eff)
-    while step > 0.002:
-        improved = False
-        for key in KINDS:
-            for factor in (math.exp(step), math.exp(-step)):
-                trial = {**eff, key: min(1.0, eff[key] * factor)}
-                value = loss(trial)
-                if value < best - 1e-12:
-                    eff, best, improved = trial, value, True
-        if not improved:
-            step /= 2
-    return {k: round(v, 3) for k, v in eff.items()}
+def family_folds(
+    items: list[T], family_of: Callable[[T], str | None], folds: int
+) -> Iterator[tuple[list[T], list[T]]]:
+    """(train, test) per fold: timm's families dealt round-robin by name into `folds`; an
+    item with no family (a published case) always trains. Empty folds are skipped."""
+    families = sorted({f for f in map(family_of, items) if f is not None})
+    fold_of = {f: i % folds for i, f in enumerate(families)}
+
+    def fold(item: T) -> int | None:
+        family = family_of(item)
+        return None if family is None else fold_of[family]
+
+    for k in range(folds):
+        test = [x for x in items if fold(x) == k]
+        if test:
+            yield [x for x in items if fold(x) != k], test
+
+
+def row_family(row: dict[str, Any]) -> str | None:
+    return row.get("family")
 
 
 def cross_validate(timed: list[Timed], folds: int) -> dict[str, Any]:
-    """Families dealt round-robin (by name) into folds; the published cases always train."""
-    families = sorted({t.group for t in timed if t.group != "published"})
-    fold_of = {f: i % folds for i, f in enumerate(families)}
+    """Each fold of families predicted with efficiencies fitted on the rest."""
     held: list[float] = []
     fits = []
-    for k in range(folds):
-        train = [t for t in timed if t.group == "published" or fold_of[t.group] != k]
-        test = [t for t in timed if t.group != "published" and fold_of[t.group] == k]
-        if not test:
-            continue
+    for train, test in family_folds(
+        timed, lambda t: None if t.group == "published" else t.group, folds
+    ):
         eff = fit(train)
         fits.append(eff)
         held += [t.ratio(eff) for t in test]
@@ -221,14 +231,8 @@ def memory_folds(
 ) -> list[dict[str, Any]]:
     """The fit on all but one fold of timm families (and everything else), and the held-out
     families' expected OOM rate at `headroom` under it: does the default hold out of family?"""
-    families = sorted({r["family"] for r in rows if "family" in r})
-    fold_of = {f: i % folds for i, f in enumerate(families)}
     out = []
-    for k in range(folds):
-        train = [r for r in rows if fold_of.get(r.get("family", ""), -1) != k]
-        test = [r for r in rows if fold_of.get(r.get("family", ""), -1) == k]
-        if not test:
-            continue
+    for train, test in family_folds(rows, row_family, folds):
         fitted = fit_log_normal(observations(train), readings)
         out.append(
             {
@@ -287,7 +291,7 @@ def throughput_report(
         for r in rows
         if r.get("predicted_sps")
     ]
-    low, high = quantile(every, 0.1), quantile(every, 0.9)
+    low, high = deciles(every)
     out: dict[str, Any] = {"low": low, "high": high, "sources": {}}
     for name, rows in rows_by_source.items():
         ratios = [r["measured_sps"] / r["predicted_sps"] for r in rows if r.get("predicted_sps")]
@@ -305,16 +309,9 @@ def band_coverage_by_family(
     """The band's coverage out of family: each fold of timm families judged by the band that
     the other rows (and the published cases) give."""
     rows = [r for group in rows_by_source.values() for r in group if r.get("predicted_sps")]
-    families = sorted({r["family"] for r in rows if "family" in r})
-    fold_of = {f: i % folds for i, f in enumerate(families)}
     inside = judged = 0
-    for k in range(folds):
-        train = [r for r in rows if fold_of.get(r.get("family", ""), -1) != k]
-        test = [r for r in rows if fold_of.get(r.get("family", ""), -1) == k]
-        if not test:
-            continue
-        ratios = [r["measured_sps"] / r["predicted_sps"] for r in train]
-        low, high = quantile(ratios, 0.1), quantile(ratios, 0.9)
+    for train, test in family_folds(rows, row_family, folds):
+        low, high = deciles([r["measured_sps"] / r["predicted_sps"] for r in train])
         inside += sum(low <= r["measured_sps"] / r["predicted_sps"] <= high for r in test)
         judged += len(test)
     return inside / judged if judged else None

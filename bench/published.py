@@ -22,6 +22,7 @@ import pickle
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,22 +142,26 @@ def predicted_sps(row: dict[str, Any], efficiency: dict[str, float] | None = Non
 
 
 def fit_efficiency(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The three efficiencies minimising the squared log error over every case at once
-    (coordinate descent over a log grid; each must stay in (0, 1])."""
+    """The three efficiencies minimising the squared log error over every case at once."""
     timed = [r for r in rows if "cost" in r]
+    return descend(
+        lambda eff: sum(math.log(predicted_sps(r, eff) / r["measured_sps"]) ** 2 for r in timed)
+    )
+
+
+def descend(loss: Callable[[dict[str, float]], float]) -> dict[str, float]:
+    """Coordinate descent over a log grid from today's efficiencies, each kept in (0, 1]:
+    the fit both `--fit` and bench.calibrate run, whatever their rows."""
     eff = dict(EFFICIENCY)
-
-    def loss(candidate: dict[str, float]) -> float:
-        return sum(math.log(predicted_sps(r, candidate) / r["measured_sps"]) ** 2 for r in timed)
-
-    step = 0.5
+    step, best = 0.5, loss(eff)
     while step > 0.002:
         improved = False
         for key in eff:
             for factor in (math.exp(step), math.exp(-step)):
                 trial = {**eff, key: min(1.0, eff[key] * factor)}
-                if loss(trial) < loss(eff) - 1e-12:
-                    eff, improved = trial, True
+                value = loss(trial)
+                if value < best - 1e-12:
+                    eff, best, improved = trial, value, True
         if not improved:
             step /= 2
     return {k: round(v, 3) for k, v in eff.items()}

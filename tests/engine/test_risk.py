@@ -11,6 +11,7 @@ import pytest
 
 from bench.calibrate import (
     band_coverage_by_family,
+    deciles,
     expected_oom_rate,
     load,
     observations,
@@ -28,7 +29,6 @@ from workers.engine.risk import (
     PeakSpread,
     Readings,
     fit_log_normal,
-    quantile,
     simulated_peak_at,
 )
 
@@ -92,18 +92,14 @@ def test_the_constants_are_the_fit_of_the_committed_calibration_rows() -> None:
     assert expected_oom_rate(rows, PEAK_SPREAD, default) <= TARGET_OOM_RATE
     assert expected_oom_rate(rows, PEAK_SPREAD, default - 0.005) > TARGET_OOM_RATE
     ratios = [r["measured_sps"] / r["predicted_sps"] for r in rows if r.get("predicted_sps")]
-    assert THROUGHPUT_SPREAD.low == pytest.approx(quantile(ratios, 0.1), abs=5e-4)
-    assert THROUGHPUT_SPREAD.high == pytest.approx(quantile(ratios, 0.9), abs=5e-4)
+    # the band's ends: numpy's linear-interpolated 10th and 90th percentiles of those ratios
+    assert deciles(ratios) == pytest.approx(tuple(np.quantile(ratios, [0.1, 0.9])))
+    assert THROUGHPUT_SPREAD.low == pytest.approx(deciles(ratios)[0], abs=5e-4)
+    assert THROUGHPUT_SPREAD.high == pytest.approx(deciles(ratios)[1], abs=5e-4)
     by_source = {"timm": load("fidelity_timm"), "published": load("fidelity_published")}
     coverage = band_coverage_by_family(by_source, folds=5)  # the coverage stated: out of family
     assert coverage is not None
     assert THROUGHPUT_SPREAD.coverage == pytest.approx(coverage, abs=0.005)
-
-
-def test_quantiles_are_numpy_s_linear_ones() -> None:
-    values = [random.Random(3).lognormvariate(0, 0.3) for _ in range(37)]
-    for q in (0.1, 0.5, 0.9):
-        assert quantile(values, q) == pytest.approx(float(np.quantile(values, q)))
 
 
 def test_a_bracket_row_bounds_the_ratio_between_its_two_batches() -> None:

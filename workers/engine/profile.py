@@ -555,13 +555,12 @@ def _risk(
     """Simulated devices only: on a real one the answer ran."""
     if device.backend != "simulated":
         return None
-    at_max = search.outcome_at(search.max_batch) or at_micro
     return risk.assess(
-        at_micro.peak_bytes,
-        at_max.peak_bytes,
+        [*search.trials, at_micro],
+        at_micro.batch_size,
+        search.max_batch,
         device.memory_bytes,
         headroom,
-        [*search.trials, at_micro],
     )
 
 

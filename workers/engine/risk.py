@@ -141,22 +141,11 @@ def fit_log_normal(
     return PeakSpread(mu=mu, sigma=math.exp(log_sigma))
 
 
-def quantile(values: list[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default), for the throughput band."""
-    ordered = sorted(values)
-    if not ordered:
-        raise ValueError("no values")
-    position = q * (len(ordered) - 1)
-    lower = math.floor(position)
-    upper = min(lower + 1, len(ordered) - 1)
-    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
-
-
 def simulated_peak_at(trials: Sequence[TrialOutcome], batch: int) -> float | None:
     """The simulator's peak at `batch` from its probes: the probe itself, or the line through
     the two probes nearest to it (the simulated peak is affine in the batch between probes;
     the allocator's rounding is what bends it). None with fewer than two usable probes."""
-    points = {t.batch_size: t.peak_bytes for t in trials if not t.peak_is_lower_bound}
+    points = exact_peaks(trials)
     if batch in points:
         return float(points[batch])
     nearest = sorted(points, key=lambda b: (abs(b - batch), b))[:2]
@@ -167,28 +156,30 @@ def simulated_peak_at(trials: Sequence[TrialOutcome], batch: int) -> float | Non
     return points[b0] + slope * (batch - b0)
 
 
+def exact_peaks(trials: Sequence[TrialOutcome]) -> dict[int, int]:
+    """Each probed batch's peak, where the probe measured it (a lower bound says nothing
+    exact: left out)."""
+    return {t.batch_size: t.peak_bytes for t in trials if not t.peak_is_lower_bound}
+
+
 def assess(
-    peak_bytes: int,
-    max_peak_bytes: int,
+    probed: Sequence[TrialOutcome],
+    micro_batch: int,
+    max_batch: int,
     capacity_bytes: int,
     headroom: float,
-    probed: Sequence[TrialOutcome] = (),
 ) -> Risk:
     """The plan's risk at its recommended micro-batch, at the largest that fits, and at each
-    batch the search probed (a lower-bound peak says nothing exact: left out)."""
+    batch the search probed (`probed` holds both)."""
     spread = PEAK_SPREAD
-    peaks = {t.batch_size: t.peak_bytes for t in probed if not t.peak_is_lower_bound}
+    peaks = exact_peaks(probed)
+    chance = {b: spread.oom_probability(peak, capacity_bytes) for b, peak in peaks.items()}
     return Risk(
-        by_micro_batch=[
-            RiskPoint(
-                micro_batch=b, oom_probability=spread.oom_probability(peaks[b], capacity_bytes)
-            )
-            for b in sorted(peaks)
-        ],
+        by_micro_batch=[RiskPoint(micro_batch=b, oom_probability=chance[b]) for b in sorted(peaks)],
         headroom=headroom,
-        oom_probability=spread.oom_probability(peak_bytes, capacity_bytes),
-        max_micro_batch_oom_probability=spread.oom_probability(max_peak_bytes, capacity_bytes),
-        peak_fraction=peak_bytes / capacity_bytes if capacity_bytes else math.inf,
+        oom_probability=chance[micro_batch],
+        max_micro_batch_oom_probability=chance[max_batch],
+        peak_fraction=peaks[micro_batch] / capacity_bytes if capacity_bytes else math.inf,
         headroom_for_one_percent=spread.headroom_for(TARGET_OOM_RATE),
         log_ratio_mean=spread.mu,
         log_ratio_sd=spread.sigma,
